@@ -1,0 +1,3 @@
+"""vpipe: offline video feature extraction and dataset preprocessing."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,52 @@
+"""The Typer application and the options every stage shares. Commands live beside this file,
+one module per group of stages; each only parses options and calls library functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline import __version__
+
+app = typer.Typer(
+    name="vpipe",
+    help=(
+        "Offline video feature extraction and dataset preprocessing:\n\n"
+        "subclip -> extract-frames -> features -> train (or all of it: vpipe run WORKFLOW.toml)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """vpipe: clips, frames, audio, ResNet/VGGish features in HDF5 shards, LSTM training."""
+
+
+# Options shared by the stages (same names and help everywhere).
+OutDir = Annotated[Path, typer.Option("-o", "--out", help="Output folder.", show_default=False)]
+Workers = Annotated[
+    int, typer.Option("--workers", min=1, help="Parallel worker processes (CPU work).")
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary line.")]
+Overwrite = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Redo an output folder made with other parameters."),
+]

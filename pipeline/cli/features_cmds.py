@@ -1,0 +1,3 @@
+"""(placeholder: commands of this group are added by their stage's work)"""
+
+from pipeline.cli.app import app  # noqa: F401

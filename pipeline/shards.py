@@ -1,0 +1,369 @@
+"""The feature store: HDF5 shards in a ragged layout, their index, and the reader API.
+
+One shard holds many clips. Per modality, the rows of all clips are concatenated in one 2-D
+dataset and ``offsets`` (n+1, int64) says where each clip's rows start and end, so a shard with
+thousands of clips is a handful of HDF5 objects (see README "HDF5 schema")::
+
+    /clip_ids (n,) utf-8      /source (n,) utf-8      /start (n,) /end (n,) float64
+    /image/features (F, D)    /image/timestamps (F,)  /image/offsets (n+1,)
+    /audio/features (A, 128)  /audio/timestamps (A,)  /audio/offsets (n+1,)
+
+A shard is written under a temporary name and renamed when complete. ``index.jsonl`` maps each
+clip id to its shard and row; it is rebuilt from the complete shards, so it never disagrees with
+them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline import __version__
+from pipeline.records import atomic_write_text, now_iso, temp_name
+
+SCHEMA_VERSION = 1
+INDEX = "index.jsonl"
+SHARD_RE = re.compile(r"^shard-(\d{5})\.h5$")
+MODALITIES = ("image", "audio")
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.h5"
+
+
+@dataclass
+class ClipFeatures:
+    """The features of one clip; a modality with no rows has shape (0, dim)."""
+
+    clip_id: str
+    source: str
+    start: float
+    end: float
+    image: np.ndarray
+    image_timestamps: np.ndarray
+    audio: np.ndarray
+    audio_timestamps: np.ndarray
+
+    def n(self, modality: str) -> int:
+        return int(getattr(self, modality).shape[0])
+
+
+def _attr_value(v: Any) -> Any:
+    """HDF5 attributes hold scalars and strings: dicts and lists are stored as JSON text."""
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, sort_keys=True)
+    if v is None:
+        return "none"
+    return v
+
+
+def _read_attrs(obj: h5py.HLObject) -> dict[str, Any]:
+    out = {}
+    for k, v in obj.attrs.items():
+        if isinstance(v, bytes):
+            v = v.decode()
+        if isinstance(v, str) and v[:1] in "{[":
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError:
+                pass
+        elif isinstance(v, np.generic):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+class ShardWriter:
+    """Append clips to one shard; ``close()`` renames the finished file into place.
+
+    ``attrs`` maps a modality ("image", "audio") to its attributes (model, weights, dim, …);
+    both groups are always created (a modality not computed has dim 0 and no rows).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        image_dim: int,
+        audio_dim: int = 128,
+        attrs: dict[str, dict[str, Any]] | None = None,
+        root_attrs: dict[str, Any] | None = None,
+        dtype: str = "float32",
+        compression: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.tmp = temp_name(self.path)
+        self.dtype = np.dtype(dtype)
+        self.dims = {"image": int(image_dim), "audio": int(audio_dim)}
+        self.clips: list[ClipFeatures | None] = []
+        self._meta: list[tuple[str, str, float, float]] = []
+        self._rows = {m: 0 for m in MODALITIES}
+        self._offsets: dict[str, list[int]] = {m: [0] for m in MODALITIES}
+        self.tmp.unlink(missing_ok=True)
+        self._f = h5py.File(self.tmp, "w")
+        self._f.attrs.update(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "vpipe_version": __version__,
+                "created": now_iso(),
+                **{k: _attr_value(v) for k, v in (root_attrs or {}).items()},
+            }
+        )
+        opts = {"compression": compression} if compression else {}
+        for m in MODALITIES:
+            g = self._f.create_group(m)
+            dim = self.dims[m]
+            g.create_dataset(
+                "features",
+                shape=(0, dim),
+                maxshape=(None, dim),
+                dtype=self.dtype,
+                chunks=(256, max(dim, 1)),
+                **opts,
+            )
+            g.create_dataset("timestamps", shape=(0,), maxshape=(None,), dtype="f8", chunks=(4096,))
+            for k, v in {"dim": dim, **(attrs or {}).get(m, {})}.items():
+                g.attrs[k] = _attr_value(v)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    @property
+    def n_rows(self) -> int:
+        return sum(self._rows.values())
+
+    def add(self, clip: ClipFeatures) -> int:
+        """Write one clip's rows; returns its row number in the shard."""
+        for m in MODALITIES:
+            feats = np.asarray(getattr(clip, m), dtype=self.dtype)
+            ts = np.asarray(getattr(clip, f"{m}_timestamps"), dtype="f8")
+            n = feats.shape[0]
+            if n and feats.shape[1] != self.dims[m]:
+                raise ValueError(f"{clip.clip_id}: {m} dim {feats.shape[1]} != {self.dims[m]}")
+            if ts.shape[0] != n:
+                raise ValueError(f"{clip.clip_id}: {n} {m} rows but {ts.shape[0]} timestamps")
+            if n:
+                g = self._f[m]
+                a = self._rows[m]
+                g["features"].resize(a + n, axis=0)
+                g["features"][a : a + n] = feats
+                g["timestamps"].resize(a + n, axis=0)
+                g["timestamps"][a : a + n] = ts
+            self._rows[m] += n
+            self._offsets[m].append(self._rows[m])
+        self._meta.append((clip.clip_id, clip.source, float(clip.start), float(clip.end)))
+        return len(self._meta) - 1
+
+    def close(self) -> list[dict]:
+        """Finish the shard, rename it into place; returns its index rows."""
+        f = self._f
+        s = h5py.string_dtype("utf-8")
+        ids = [m[0] for m in self._meta]
+        f.create_dataset("clip_ids", data=np.array(ids, dtype=object), dtype=s)
+        f.create_dataset("source", data=np.array([m[1] for m in self._meta], dtype=object), dtype=s)
+        f.create_dataset("start", data=np.array([m[2] for m in self._meta], dtype="f8"))
+        f.create_dataset("end", data=np.array([m[3] for m in self._meta], dtype="f8"))
+        for m in MODALITIES:
+            f[m].create_dataset("offsets", data=np.array(self._offsets[m], dtype="i8"))
+        f.close()
+        os.replace(self.tmp, self.path)
+        return _index_rows(self.path)
+
+    def abort(self) -> None:
+        """Drop the unfinished shard (nothing half-written is left behind)."""
+        try:
+            self._f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _index_rows(path: Path) -> list[dict]:
+    with h5py.File(path, "r") as f:
+        ids = f["clip_ids"].asstr()[:]
+        src = f["source"].asstr()[:]
+        off = {m: f[m]["offsets"][:] for m in MODALITIES}
+    return [
+        {
+            "clip_id": cid,
+            "source": src[i],
+            "shard": path.name,
+            "row": i,
+            "n_frames": int(off["image"][i + 1] - off["image"][i]),
+            "n_audio": int(off["audio"][i + 1] - off["audio"][i]),
+        }
+        for i, cid in enumerate(ids)
+    ]
+
+
+def shard_paths(folder: str | os.PathLike) -> list[Path]:
+    """The complete shards of a feature folder, in order (temp files are never matched)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if SHARD_RE.match(p.name)) if folder.is_dir() else []
+
+
+def next_shard_number(folder: str | os.PathLike) -> int:
+    nums = [int(SHARD_RE.match(p.name).group(1)) for p in shard_paths(folder)]
+    return max(nums) + 1 if nums else 0
+
+
+def rebuild_index(folder: str | os.PathLike) -> list[dict]:
+    """Rewrite ``index.jsonl`` from the complete shards; returns its rows."""
+    rows = [r for p in shard_paths(folder) for r in _index_rows(p)]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write_text(Path(folder) / INDEX, text)
+    return rows
+
+
+def read_index(folder: str | os.PathLike) -> list[dict]:
+    path = Path(folder) / INDEX
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+# --------------------------------------------------------------------------- reader
+
+
+@dataclass
+class _Shard:
+    path: Path
+    file: h5py.File | None = None
+    offsets: dict[str, np.ndarray] = field(default_factory=dict)
+    start: np.ndarray | None = None
+    end: np.ndarray | None = None
+
+    def open(self) -> h5py.File:
+        if self.file is None:
+            self.file = h5py.File(self.path, "r")
+            for m in MODALITIES:
+                self.offsets[m] = self.file[m]["offsets"][:]
+            self.start = self.file["start"][:]
+            self.end = self.file["end"][:]
+        return self.file
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class FeatureStore:
+    """Read access to a feature folder: ``store[clip_id]``, iteration, sources, selection.
+
+    Only the index is read on open; a shard file is opened on first use and then kept open,
+    and a clip read is one slice per dataset.
+    """
+
+    def __init__(self, folder: str | os.PathLike, rows: Sequence[dict] | None = None) -> None:
+        self.folder = Path(folder)
+        if rows is None:
+            rows = read_index(self.folder)
+            if not rows and shard_paths(self.folder):
+                rows = [r for p in shard_paths(self.folder) for r in _index_rows(p)]
+        self._rows = {r["clip_id"]: r for r in rows}
+        self._shards: dict[str, _Shard] = {}
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    @property
+    def clip_ids(self) -> list[str]:
+        return list(self._rows)
+
+    def info(self, clip_id: str) -> dict:
+        """The index row of a clip: shard, row, source, n_frames, n_audio."""
+        return self._rows[clip_id]
+
+    def sources(self) -> dict[str, list[str]]:
+        """Source id → its clip ids, in index order."""
+        out: dict[str, list[str]] = {}
+        for cid, r in self._rows.items():
+            out.setdefault(r["source"], []).append(cid)
+        return out
+
+    def attrs(self, modality: str | None = None) -> dict[str, Any]:
+        """Attributes of the first shard's root (``None``) or of a modality group."""
+        if not self._rows:
+            return {}
+        f = self._shard(next(iter(self._rows.values()))["shard"]).open()
+        return _read_attrs(f if modality is None else f[modality])
+
+    def dim(self, modality: str) -> int:
+        return int(self.attrs(modality).get("dim", 0))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, clip_id: object) -> bool:
+        return clip_id in self._rows
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def _shard(self, name: str) -> _Shard:
+        if name not in self._shards:
+            self._shards[name] = _Shard(self.folder / name)
+        return self._shards[name]
+
+    def __getitem__(self, clip_id: str) -> ClipFeatures:
+        r = self._rows[clip_id]
+        sh = self._shard(r["shard"])
+        f = sh.open()
+        i = r["row"]
+        arrays = {}
+        for m in MODALITIES:
+            a, b = int(sh.offsets[m][i]), int(sh.offsets[m][i + 1])
+            arrays[m] = f[m]["features"][a:b]
+            arrays[f"{m}_timestamps"] = f[m]["timestamps"][a:b]
+        return ClipFeatures(
+            clip_id, r["source"], float(sh.start[i]), float(sh.end[i]), **arrays
+        )
+
+    def __iter__(self) -> Iterator[ClipFeatures]:
+        """All clips, shard by shard; each shard's datasets are read whole, once."""
+        by_shard: dict[str, list[dict]] = {}
+        for r in self._rows.values():
+            by_shard.setdefault(r["shard"], []).append(r)
+        for name, rows in by_shard.items():
+            sh = self._shard(name)
+            f = sh.open()
+            data = {m: f[m]["features"][:] for m in MODALITIES}
+            ts = {m: f[m]["timestamps"][:] for m in MODALITIES}
+            for r in sorted(rows, key=lambda r: r["row"]):
+                i = r["row"]
+                arrays = {}
+                for m in MODALITIES:
+                    a, b = int(sh.offsets[m][i]), int(sh.offsets[m][i + 1])
+                    arrays[m] = data[m][a:b]
+                    arrays[f"{m}_timestamps"] = ts[m][a:b]
+                yield ClipFeatures(
+                    r["clip_id"], r["source"], float(sh.start[i]), float(sh.end[i]), **arrays
+                )
+
+    def select(self, clip_ids: Iterable[str]) -> FeatureStore:
+        """A view on some clips (unknown ids raise KeyError)."""
+        return FeatureStore(self.folder, [self._rows[c] for c in clip_ids])
+
+    def close(self) -> None:
+        for sh in self._shards.values():
+            sh.close()
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_features(folder: str | os.PathLike) -> FeatureStore:
+    """Open the feature folder written by ``vpipe features``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such feature folder")
+    return FeatureStore(folder)
