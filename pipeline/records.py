@@ -32,6 +32,9 @@ from pipeline.errors import ParamsChanged, Skip, VpipeError
 MANIFEST = "manifest.jsonl"
 RUN_INFO = "vpipe.json"
 OK, SKIPPED, FAILED = "ok", "skipped", "failed"
+# A manifest line with this status withdraws an earlier record of the same id: written when an
+# item is redone and no longer produces that id (e.g. a failed source that now yields clips).
+SUPERSEDED = "superseded"
 
 
 def now_iso() -> str:
@@ -125,6 +128,9 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash: that item is simply redone
+            if rec.get("status") == SUPERSEDED:
+                records.pop(rec["id"], None)
+                continue
             records[rec["id"]] = rec
     return records
 
@@ -199,6 +205,7 @@ class Run:
                     )
                 (self.out_dir / MANIFEST).unlink(missing_ok=True)
         clean_temp_files(self.out_dir)
+        _end_torn_line(self.out_dir / MANIFEST)
         self.previous = read_manifest(self.out_dir)
         self._started = time.time()
         self._write_info({"started": now_iso(), "ended": None, "params": params})
@@ -229,20 +236,47 @@ class Run:
 
     def record(self, rec: dict) -> None:
         """Append one manifest line (already-written outputs are renamed into place first)."""
-        rec = {"id": rec["id"], "status": rec.get("status", OK), "error": rec.get("error"), **rec}
-        line = json.dumps(rec, ensure_ascii=False, default=_json_default)
-        with (self.out_dir / MANIFEST).open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-        self.previous[rec["id"]] = rec
-        self._order.append(rec["id"])
-        status = rec["status"]
-        if status == OK:
-            self.summary.done += 1
-        elif status == SKIPPED:
-            self.summary.skipped += 1
-        else:
-            self.summary.failed += 1
+        self._append([rec])
+
+    def record_item(self, item_id: str, recs: Sequence[dict]) -> None:
+        """Record all outcomes of one work item in a single append, replacing its old records.
+
+        One write keeps an item's records together (a crash cannot leave 2 of its 3 clips
+        recorded, which would look finished); ids the item no longer produces are withdrawn.
+        """
+        new_ids = {r["id"] for r in recs}
+        stale = [
+            {"id": r["id"], "item": item_id, "status": SUPERSEDED}
+            for r in self.previous_records(item_id)
+            if r["id"] not in new_ids
+        ]
+        for t in stale:
+            self.previous.pop(t["id"], None)
+        self._append(list(recs), withdrawn=stale)
+
+    def _append(self, recs: list[dict], withdrawn: Sequence[dict] = ()) -> None:
+        recs = [
+            {"id": r["id"], "status": r.get("status", OK), "error": r.get("error"), **r}
+            for r in recs
+        ]
+        text = "".join(
+            json.dumps(r, ensure_ascii=False, default=_json_default) + "\n"
+            for r in [*withdrawn, *recs]
+        )
+        # One unbuffered O_APPEND write: a kill leaves the group whole or (at worst) a torn
+        # last line, which read_manifest ignores.
+        with (self.out_dir / MANIFEST).open("ab", buffering=0) as f:
+            f.write(text.encode("utf-8"))
+        for rec in recs:
+            self.previous[rec["id"]] = json.loads(json.dumps(rec, default=_json_default))
+            self._order.append(rec["id"])
+            status = rec["status"]
+            if status == OK:
+                self.summary.done += 1
+            elif status == SKIPPED:
+                self.summary.skipped += 1
+            else:
+                self.summary.failed += 1
 
     def close(self, item_order: Iterable[str] | None = None) -> Summary:
         """Rewrite the manifest compactly (one line per id) and stamp the end time."""
@@ -264,6 +298,16 @@ class Run:
             }
         )
         return self.summary
+
+
+def _end_torn_line(path: Path) -> None:
+    """Terminate a line cut by a crash, so the next record does not join (and spoil) it."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
 
 
 def _json_default(o: Any) -> Any:
@@ -308,7 +352,9 @@ def progress(iterable=None, *, total: int | None = None, desc: str = "", quiet: 
 
 
 def report_error(stage: str, label: str, message: str) -> None:
-    print(f"vpipe {stage}: {label}: {message}", file=sys.stderr)
+    # Media errors already name their file; do not print the path twice.
+    where = "" if message.startswith(label) else f"{label}: "
+    print(f"vpipe {stage}: {where}{message}", file=sys.stderr)
 
 
 def _call(work: Callable[[Item], list[dict] | dict], item: Item) -> list[dict]:
@@ -355,7 +401,8 @@ def run_items(
     def handle(it: Item, recs: list[dict]) -> None:
         for r in recs:
             r.setdefault("label", it.label)
-            run.record(r)
+        run.record_item(it.id, recs)
+        for r in recs:
             if r["status"] != OK and r.get("error"):
                 report_error(run.stage, it.label, r["error"])
         bar.update(1)

@@ -1,3 +1,186 @@
-"""(placeholder: commands of this group are added by their stage's work)"""
+"""``vpipe subclip``, ``vpipe extract-frames``, ``vpipe extract-audio``: parse options, call the
+stage functions in pipeline.subclip / pipeline.frames, exit with their status."""
 
-from pipeline.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli.app import OutDir, Overwrite, Quiet, app
+from pipeline.errors import UsageError
+
+Inputs = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Video files and/or folders (searched recursively; non-videos are skipped).",
+        show_default=False,
+    ),
+]
+Clips = Annotated[
+    list[Path],
+    typer.Argument(
+        help="A `vpipe subclip` output folder (its clips are read from its manifest), "
+        "or video files and/or folders.",
+        show_default=False,
+    ),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        "--workers", min=1, show_default=False,
+        help="Parallel worker processes, one video or clip each. [default: CPU cores, at most 4]",
+    ),
+]
+SampleRate = Annotated[
+    int, typer.Option("--sample-rate", min=1000, help="Audio sample rate in Hz (mono, s16 wav).")
+]
+
+
+def _default_workers() -> int:
+    from pipeline.records import default_workers
+
+    return default_workers()
+
+
+@app.command("subclip")
+def subclip(
+    inputs: Inputs,
+    out: OutDir,
+    count: Annotated[int, typer.Option("--count", min=1, help="Subclips per video.")] = 3,
+    duration: Annotated[
+        float, typer.Option("--duration", help="Length of each subclip in seconds.")
+    ] = 30.0,
+    start: Annotated[
+        float, typer.Option("--start", help="Where the first subclip starts, in seconds.")
+    ] = 10.0,
+    gap: Annotated[float, typer.Option("--gap", help="Seconds left out between subclips.")] = 0.0,
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            help="exact: frame-accurate cuts (re-encoded with x264); keyframe: stream copy, "
+            "boundaries snapped to keyframes (fast, clips still never overlap).",
+        ),
+    ] = "exact",
+    min_fraction: Annotated[
+        float,
+        typer.Option(
+            "--min-fraction",
+            help="Drop a subclip at or under this fraction of --duration (the video ended).",
+        ),
+    ] = 0.5,
+    crf: Annotated[
+        int,
+        typer.Option("--crf", min=0, max=51, help="x264 quality in exact mode (lower: better)."),
+    ] = 18,
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--preset",
+            help="x264 speed preset in exact mode (slower presets: smaller files, slower cuts).",
+        ),
+    ] = "ultrafast",
+    workers: Workers = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Cut each video into non-overlapping subclips: OUT/<source_id>/<source_id>_<k>.mp4.
+
+    Every subclip starts at timestamp 0, keeps the audio, and is recorded in OUT/manifest.jsonl
+    with its true start/end in the source. Re-running resumes; exit 1 if a video failed.
+    """
+    from pipeline.subclip import SubclipOptions, subclip_videos
+
+    opts = SubclipOptions(
+        count=count, duration_s=duration, start_s=start, gap_s=gap, mode=mode,
+        min_fraction=min_fraction, crf=crf, preset=preset,
+    )
+    summary = subclip_videos(
+        inputs, out, opts, workers=workers or _default_workers(), overwrite=overwrite,
+        quiet=quiet,
+    )
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command("extract-frames")
+def extract_frames(
+    clips: Clips,
+    out: OutDir,
+    fps: Annotated[
+        float | None,
+        typer.Option(
+            "--fps",
+            help="Frames per second, by time: the frame on screen at t = k/fps (from the "
+            "stream's timestamps, right for variable frame rates). [default: 1.0]",
+            show_default=False,
+        ),
+    ] = None,
+    every: Annotated[
+        int | None,
+        typer.Option(
+            "--every", min=1, help="Instead of --fps: every Nth decoded frame (0, N, 2N...).",
+            show_default=False,
+        ),
+    ] = None,
+    size: Annotated[
+        int, typer.Option("--size", min=0, help="Short side in pixels, aspect kept (0: original).")
+    ] = 256,
+    image_format: Annotated[
+        str, typer.Option("--format", help="Image format: jpg or png.")
+    ] = "jpg",
+    quality: Annotated[
+        int, typer.Option("--quality", min=1, max=100, help="JPEG quality (1-100).")
+    ] = 90,
+    sample_rate: SampleRate = 16000,
+    no_audio: Annotated[
+        bool, typer.Option("--no-audio", help="Frames only: do not write audio.wav.")
+    ] = False,
+    workers: Workers = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Sample frames (and pull PCM audio) from each clip in one decoding pass.
+
+    Writes OUT/<clip_id>/frames/000000.jpg... and OUT/<clip_id>/audio.wav (16 kHz mono s16),
+    and per clip a manifest record with the frames' timestamps. Re-running resumes.
+    """
+    from pipeline.frames import FrameOptions
+    from pipeline.frames import extract_frames as run_stage
+
+    if fps is not None and every is not None:
+        raise UsageError("give --fps or --every, not both")
+    opts = FrameOptions(
+        fps=None if every is not None else (1.0 if fps is None else fps),
+        every=every, size=size, format=image_format, quality=quality,
+        sample_rate_hz=sample_rate, audio=not no_audio,
+    )
+    summary = run_stage(
+        clips, out, opts, workers=workers or _default_workers(), overwrite=overwrite,
+        quiet=quiet,
+    )
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command("extract-audio")
+def extract_audio(
+    clips: Clips,
+    out: OutDir,
+    sample_rate: SampleRate = 16000,
+    workers: Workers = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Pull the audio of each clip as PCM: OUT/<clip_id>/audio.wav (16 kHz mono s16).
+
+    Same layout and manifest fields as extract-frames, frames/ left empty (n_frames 0). A clip
+    without an audio track is recorded with has_audio false.
+    """
+    from pipeline.frames import extract_audio as run_stage
+
+    summary = run_stage(
+        clips, out, sample_rate_hz=sample_rate, workers=workers or _default_workers(),
+        overwrite=overwrite, quiet=quiet,
+    )
+    raise typer.Exit(summary.exit_code)

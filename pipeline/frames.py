@@ -1,0 +1,232 @@
+"""``vpipe extract-frames`` and ``vpipe extract-audio``: sampled frames and PCM audio per clip.
+
+Inputs are a ``vpipe subclip`` output folder (its manifest gives the clips with their source
+and times) or any videos/folders. Each clip is decoded once (media.decode): the sampled frames
+are written as images, the audio as a 16 kHz mono s16 wav, into ``OUT/<clip_id>/`` under a temp
+name that is renamed when the clip is complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import wave
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline import media
+from pipeline.errors import MediaError, UsageError
+from pipeline.records import (
+    Item,
+    Run,
+    Summary,
+    atomic_path,
+    ok_records,
+    read_run_info,
+    run_items,
+)
+
+FORMATS = ("jpg", "png")
+
+
+@dataclass(frozen=True)
+class FrameOptions:
+    """What to extract: frames by time (``fps``) or count (``every``), and/or audio."""
+
+    fps: float | None = 1.0
+    every: int | None = None
+    size: int = 256  # short side in pixels; 0 keeps the original size
+    format: str = "jpg"
+    quality: int = 90  # jpg quality 1..100 (png is lossless)
+    sample_rate_hz: int = 16000
+    frames: bool = True
+    audio: bool = True
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise UsageError(f"--format must be jpg or png (got {self.format!r})")
+        if not 1 <= self.quality <= 100:
+            raise UsageError(f"--quality must be within 1..100 (got {self.quality})")
+        if self.size < 0:
+            raise UsageError(f"--size must be >= 0 (got {self.size})")
+        if self.audio and self.sample_rate_hz < 1000:
+            raise UsageError(f"--sample-rate must be >= 1000 Hz (got {self.sample_rate_hz})")
+        if self.frames:
+            self.sampler()  # validates fps/every
+        elif not self.audio:
+            raise UsageError("nothing to extract (no frames and --no-audio)")
+
+    def sampler(self) -> media.FrameSampler:
+        return media.FrameSampler(fps=self.fps, every=self.every, size=self.size or None)
+
+    def params(self) -> dict:
+        """The parameters recorded in vpipe.json (only those that shape the outputs)."""
+        p = asdict(self)
+        if not self.frames:
+            for k in ("fps", "every", "size", "format", "quality"):
+                p.pop(k)
+        if not self.audio:
+            p.pop("sample_rate_hz")
+        return p
+
+
+@dataclass(frozen=True)
+class ClipRef:
+    """One clip to extract: its file, and where it sits in its source."""
+
+    path: Path
+    clip_id: str
+    source: str
+    start_s: float | None  # None: unknown until probed (the whole video: 0 .. duration)
+    end_s: float | None
+    source_ref: media.SourceRef | None = None  # set for plain videos (carries probe problems)
+
+
+def find_clips(inputs: Sequence[str | os.PathLike]) -> list[ClipRef]:
+    """Clips from subclip output folders (by their manifest) and from any other videos."""
+    clips: list[ClipRef] = []
+    others: list[Path] = []
+    for p in map(Path, inputs):
+        info = read_run_info(p) if p.is_dir() else None
+        if info is not None and info.get("stage") == "subclip":
+            for rec in ok_records(p):
+                rel = rec.get("path") or f"{rec['source']}/{rec['id']}.mp4"
+                clips.append(
+                    ClipRef(p / rel, rec["id"], rec["source"], rec["start"], rec["end"])
+                )
+        elif info is not None:
+            raise UsageError(
+                f"{p}: this is the output of `vpipe {info.get('stage')}`; give videos or a "
+                "`vpipe subclip` output folder"
+            )
+        elif not p.exists():
+            raise UsageError(f"{p}: no such file or folder")
+        else:
+            others.append(p)
+    used = {c.clip_id for c in clips}
+    for s in media.scan_sources(others) if others else []:
+        cid, n = s.source_id, 1
+        while cid in used:  # a plain video named like a subclip: keep ids unique
+            n += 1
+            cid = f"{s.source_id}-{n}"
+        used.add(cid)
+        clips.append(ClipRef(s.path, cid, cid, None, None, s))
+    return clips
+
+
+def extract_frames(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    opts: FrameOptions,
+    *,
+    workers: int = 1,
+    overwrite: bool = False,
+    quiet: bool = False,
+    stage: str = "extract-frames",
+) -> Summary:
+    """The stage: frames (and audio) of every clip in ``inputs`` into ``out_dir``."""
+    clips = find_clips(inputs)
+    run = Run(
+        Path(out_dir), stage, opts.params(), overwrite=overwrite,
+        versions=media.media_versions(),
+    ).open()
+    for c in clips:
+        # A clip re-cut since (subclip rerun with --overwrite) is not finished: redo it.
+        old = run.previous.get(c.clip_id)
+        if old and c.start_s is not None and (old.get("start"), old.get("end")) != (
+            round(c.start_s, 6), round(c.end_s, 6)
+        ):
+            del run.previous[c.clip_id]
+    items = [Item(c.clip_id, str(c.path), c) for c in clips]
+    work = functools.partial(extract_clip, out_dir=Path(out_dir), opts=opts)
+    return run_items(run, items, work, workers=workers, quiet=quiet)
+
+
+def extract_audio(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    sample_rate_hz: int = 16000,
+    workers: int = 1,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Summary:
+    """The audio half alone: ``OUT/<clip_id>/audio.wav`` per clip (n_frames 0)."""
+    opts = FrameOptions(fps=None, frames=False, audio=True, sample_rate_hz=sample_rate_hz)
+    return extract_frames(
+        inputs, out_dir, opts, workers=workers, overwrite=overwrite, quiet=quiet,
+        stage="extract-audio",
+    )
+
+
+def extract_clip(item: Item, *, out_dir: Path, opts: FrameOptions) -> dict:
+    """Work for one clip: decode once, write frames and audio.wav, return its record."""
+    clip: ClipRef = item.data
+    if clip.source_ref is not None:
+        clip.source_ref.raise_problem()
+        info = clip.source_ref.info
+    else:
+        if not clip.path.exists():
+            raise MediaError(f"{clip.path}: subclip file missing (was its folder moved?)")
+        info = media.probe(clip.path)
+    start = clip.start_s if clip.start_s is not None else 0.0
+    end = clip.end_s if clip.end_s is not None else info.duration_s
+    want_audio = opts.audio and info.has_audio
+    ext = opts.format
+    timestamps: list[float] = []
+    n_samples = 0
+    with atomic_path(out_dir / clip.clip_id) as tmp:
+        frames_dir = tmp / "frames"  # empty for extract-audio: one layout for readers
+        frames_dir.mkdir(parents=True)
+        wav = _open_wav(tmp / "audio.wav", opts.sample_rate_hz) if want_audio else None
+        try:
+            for kind, t, data in media.decode(
+                clip.path,
+                sampler=opts.sampler() if opts.frames else None,
+                audio_rate_hz=opts.sample_rate_hz if want_audio else None,
+            ):
+                if kind == "frame":
+                    _save_image(data, frames_dir / f"{len(timestamps):06d}.{ext}", opts)
+                    timestamps.append(t)
+                else:
+                    wav.writeframesraw(data.tobytes())
+                    n_samples += len(data)
+        finally:
+            if wav is not None:
+                wav.close()  # fixes the header's length fields
+        if opts.frames and not timestamps:
+            raise MediaError(f"{clip.path}: no frames decoded")
+    return {
+        "id": clip.clip_id,
+        "item": clip.clip_id,
+        "source": clip.source,
+        "start": round(start, 6),
+        "end": round(end, 6),
+        "n_frames": len(timestamps),
+        "timestamps": timestamps,
+        "frames_dir": f"{clip.clip_id}/frames",
+        "frame_format": ext if opts.frames else None,
+        "has_audio": want_audio,
+        "audio": f"{clip.clip_id}/audio.wav" if want_audio else None,
+        "sample_rate": opts.sample_rate_hz if opts.audio else None,
+        "n_samples": n_samples,
+    }
+
+
+def _open_wav(path: Path, rate: int) -> wave.Wave_write:
+    w = wave.open(str(path), "wb")
+    w.setnchannels(1)
+    w.setsampwidth(2)
+    w.setframerate(rate)
+    return w
+
+
+def _save_image(rgb, path: Path, opts: FrameOptions) -> None:
+    from PIL import Image
+
+    img = Image.fromarray(rgb)
+    if opts.format == "jpg":
+        img.save(path, format="JPEG", quality=opts.quality)
+    else:
+        img.save(path, format="PNG", compress_level=3)  # level 3: near-best size, much faster

@@ -1,0 +1,227 @@
+"""``vpipe subclip``: cut each source video into non-overlapping subclips.
+
+Per source: probe it, list its frame times (demux only), plan the clips on that frame grid
+(exact mode) or keyframe grid (keyframe mode), cut them all in one ffmpeg process, then measure
+each written clip. Clips land in ``OUT/<source_id>/<clip_id>.mp4``; the source folder is
+written under a temp name and renamed, so a source is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import media
+from pipeline.errors import MediaError, TooShort, UsageError
+from pipeline.records import Item, Run, Summary, atomic_path, run_items
+
+MODES = ("exact", "keyframe")
+# Codecs an mp4 can hold as they are (keyframe mode copies streams; others are re-encoded).
+_MP4_VIDEO = {"h264", "hevc", "mpeg4", "av1", "libdav1d", "vp9", "mpeg2video", "mjpeg"}
+_MP4_AUDIO = {"aac", "mp3", "mp3float", "opus", "flac", "ac3", "alac"}
+# Exact mode re-encodes this many clips per ffmpeg process (each input decodes only its span).
+_CLIPS_PER_PROCESS = 4
+
+
+@dataclass(frozen=True)
+class SubclipOptions:
+    """What to cut: ``count`` clips of ``duration_s`` from ``start_s``, ``gap_s`` apart."""
+
+    count: int = 3
+    duration_s: float = 30.0
+    start_s: float = 10.0
+    gap_s: float = 0.0
+    mode: str = "exact"
+    min_fraction: float = 0.5
+    crf: int = 18
+    preset: str = "ultrafast"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(f"--mode must be one of {', '.join(MODES)} (got {self.mode!r})")
+        if self.count < 1 or not self.duration_s > 0:
+            raise UsageError("--count must be >= 1 and --duration > 0")
+        if self.start_s < 0 or self.gap_s < 0:
+            raise UsageError("--start and --gap must be >= 0")
+        if not 0 <= self.min_fraction <= 1:
+            raise UsageError("--min-fraction must be between 0 and 1")
+
+
+@dataclass(frozen=True)
+class Subclip:
+    """One planned clip: times in the source (seconds from its start) on its frame grid."""
+
+    clip_id: str
+    start_s: float
+    end_s: float
+
+
+def plan_subclips(
+    frames: media.FrameTimes, opts: SubclipOptions, source_id: str
+) -> list[Subclip]:
+    """Place the clips on the source's frame grid (exact) or keyframe grid (keyframe).
+
+    Boundaries snap to a frame at or after the requested time (exact) or to the nearest
+    keyframe (keyframe); both snaps are monotone, so clip k ends where clip k+1 may start at
+    the earliest: clips never overlap. A clip at or under ``min_fraction`` of the requested
+    duration (the source's end cut it short) is dropped, as in the seed.
+    """
+    end = frames.end_s
+    grid = frames.times if opts.mode == "exact" else frames.keyframe_times
+    grid = np.append(grid, end)
+
+    def snap(t: float) -> float:
+        if opts.mode == "exact":
+            i = int(np.searchsorted(grid, t - 1e-6, side="left"))
+            return float(grid[min(i, len(grid) - 1)])
+        return float(grid[int(np.argmin(np.abs(grid - t)))])
+
+    clips: list[Subclip] = []
+    for k in range(opts.count):
+        want = opts.start_s + k * (opts.duration_s + opts.gap_s)
+        if want >= end:
+            break
+        s, e = snap(want), min(snap(want + opts.duration_s), end)
+        if e - s <= opts.min_fraction * opts.duration_s or e <= s:
+            continue
+        clips.append(Subclip(f"{source_id}_{len(clips)}", s, e))
+    return clips
+
+
+def subclip_videos(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    opts: SubclipOptions,
+    *,
+    workers: int = 1,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Summary:
+    """The stage: every video found in ``inputs`` → subclips in ``out_dir`` (resumable)."""
+    sources = media.scan_sources(inputs)
+    run = Run(
+        Path(out_dir), "subclip", asdict(opts), overwrite=overwrite,
+        versions=media.media_versions(),
+    ).open()
+    items = [Item(s.source_id, str(s.path), s) for s in sources]
+    work = functools.partial(cut_source, out_dir=Path(out_dir), opts=opts)
+    return run_items(run, items, work, workers=workers, quiet=quiet)
+
+
+def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions) -> list[dict]:
+    """Work for one source: write its folder of clips, return one manifest record per clip."""
+    src: media.SourceRef = item.data
+    src.raise_problem()
+    info = src.info
+    frames = media.frame_times(src.path)
+    if frames.end_s < info.duration_s - max(1.0, 0.05 * info.duration_s):
+        raise MediaError(
+            f"{src.path}: truncated (media data ends at {frames.end_s:.2f}s of the "
+            f"{info.duration_s:.2f}s declared)"
+        )
+    if opts.mode == "keyframe" and info.video_codec not in _MP4_VIDEO:
+        opts = replace(opts, mode="exact")  # cannot be stream-copied into mp4: re-encode
+    clips = plan_subclips(frames, opts, src.source_id)
+    if not clips:
+        need = opts.start_s + opts.min_fraction * opts.duration_s
+        raise TooShort(
+            f"{src.path}: too short ({frames.end_s:.2f}s): the first subclip from "
+            f"{opts.start_s:g}s needs more than {need:g}s of video"
+        )
+    mode = opts.mode
+    folder = out_dir / src.source_id
+    records = []
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True)
+        if mode == "exact":
+            _cut_exact(src.path, info, clips, tmp, opts)
+        else:
+            _cut_keyframe(src.path, info, frames, clips, tmp)
+        for clip in clips:
+            records.append(_measure(tmp / f"{clip.clip_id}.mp4", clip, src, mode))
+    return records
+
+
+def _measure(path: Path, clip: Subclip, src: media.SourceRef, mode: str) -> dict:
+    """The clip's manifest record, its duration measured from the written file."""
+    written = media.frame_times(path)
+    probed = media.probe(path)
+    if abs(written.times[0]) > 1e-3:
+        raise MediaError(f"{path.name}: written clip starts at {written.times[0]:.3f}s, not 0")
+    duration = written.end_s - written.times[0]
+    return {
+        "id": clip.clip_id,
+        "item": src.source_id,
+        "source": src.source_id,
+        "source_path": str(src.path),
+        "path": f"{src.source_id}/{path.name}",
+        "start": round(clip.start_s, 6),
+        "end": round(clip.start_s + duration, 6),
+        "duration": round(duration, 6),
+        "mode": mode,
+        "n_frames": int(len(written.times)),
+        "fps": round(probed.fps, 6),
+        "width": probed.width,
+        "height": probed.height,
+        "has_audio": probed.has_audio,
+    }
+
+
+def _cut_exact(
+    src: Path, info: media.MediaInfo, clips: list[Subclip], out: Path, opts: SubclipOptions
+) -> None:
+    """Re-encode each clip frame-accurately; one ffmpeg process per group of clips, each
+    clip an input seeked to its first frame so only its own span is decoded."""
+    for g in range(0, len(clips), _CLIPS_PER_PROCESS):
+        group = clips[g : g + _CLIPS_PER_PROCESS]
+        args: list[str] = []
+        for c in group:
+            # The start is an exact frame time floored to the microsecond: that frame is kept
+            # and becomes t=0; the duration ends just before the next clip's first frame.
+            args += ["-ss", media.snap_down_us(c.start_s)]
+            args += ["-t", media.snap_down_us(c.end_s - c.start_s), "-i", str(src)]
+        for i, c in enumerate(group):
+            args += ["-map", f"{i}:v:0", "-map", f"{i}:a:0?", "-sn", "-dn"]
+            if info.width % 2 or info.height % 2:  # yuv420p needs even sizes
+                args += ["-vf", "crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0"]
+            args += ["-c:v", "libx264", "-preset", opts.preset, "-crf", str(opts.crf)]
+            args += ["-pix_fmt", "yuv420p", "-fps_mode", "passthrough"]
+            args += ["-c:a", "aac", "-b:a", "128k", "-movflags", "+faststart"]
+            args += ["-f", "mp4", str(out / f"{c.clip_id}.mp4")]
+        media.run_ffmpeg(args, what=f"{src}: cutting subclips")
+
+
+def _cut_keyframe(
+    src: Path, info: media.MediaInfo, frames: media.FrameTimes, clips: list[Subclip], out: Path
+) -> None:
+    """Stream-copy the whole source once through the segment muxer, split at the clips'
+    keyframe boundaries, and keep the segments that are clips (the rest is deleted)."""
+    bounds = sorted({t for c in clips for t in (c.start_s, c.end_s)} - {0.0, frames.end_s})
+    bounds = [b for b in bounds if 0 < b < frames.end_s]
+    half_frame = 0.5 / info.fps if info.fps else 0.01
+    # Read no further than a second past the last clip: the rest would only be discarded.
+    read_s = max(c.end_s for c in clips) + 1.0
+    args = ["-t", f"{read_s:.6f}", "-i", str(src), "-map", "0:v:0", "-map", "0:a:0?"]
+    args += ["-sn", "-dn", "-c:v", "copy"]
+    args += ["-c:a", "copy" if info.audio_codec in _MP4_AUDIO else "aac"]
+    args += ["-f", "segment", "-segment_format", "mp4", "-reset_timestamps", "1"]
+    args += ["-segment_time_delta", f"{half_frame:.6f}"]
+    if bounds:
+        args += ["-segment_times", ",".join(f"{b:.6f}" for b in bounds)]
+    else:
+        args += ["-segment_time", "1e9"]  # one segment: the clip is the whole video
+    args += [str(out / ".seg%05d.mp4")]
+    media.run_ffmpeg(args, what=f"{src}: cutting subclips")
+    for c in clips:
+        seg = out / f".seg{bisect_right(bounds, c.start_s):05d}.mp4"
+        if not seg.exists():
+            raise MediaError(f"{src}: the segment for {c.clip_id} was not written")
+        seg.rename(out / f"{c.clip_id}.mp4")
+    for leftover in out.glob(".seg*.mp4"):
+        leftover.unlink()

@@ -1,0 +1,186 @@
+"""vpipe extract-frames / extract-audio: exact frame sampling, audio, the manifest contract."""
+
+from __future__ import annotations
+
+import json
+import wave
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import synth
+from PIL import Image
+
+from pipeline import media
+from pipeline.cli import main
+from pipeline.errors import UsageError
+from pipeline.frames import FrameOptions
+
+CONTRACT = {
+    "id", "status", "error", "item", "source", "start", "end", "n_frames", "timestamps",
+    "frames_dir", "frame_format", "has_audio", "audio", "sample_rate", "n_samples",
+}
+
+
+def make_vfr_video(path: Path, times: list[float], size=(160, 120)) -> Path:
+    """A frame-numbered video whose frame i is shown from ``times[i]`` (variable rate)."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
+        s.time_base = s.codec_context.time_base = Fraction(1, 1000)
+        s.options = {"crf": "18", "preset": "veryfast"}
+        for i, t in enumerate(times):
+            f = av.VideoFrame.from_ndarray(synth.numbered_frame(i, size), format="rgb24")
+            f.pts, f.time_base = round(t * 1000), Fraction(1, 1000)
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def manifest(out: Path) -> dict[str, dict]:
+    lines = (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+    return {r["id"]: r for r in map(json.loads, lines)}
+
+
+def frame_indices(out: Path, rec: dict) -> list[int]:
+    files = sorted((out / rec["frames_dir"]).iterdir())
+    assert [f.name for f in files] == [
+        f"{i:06d}.{rec['frame_format']}" for i in range(rec["n_frames"])
+    ]
+    return [synth.frame_index(np.asarray(Image.open(f).convert("RGB"))) for f in files]
+
+
+def wav_samples(path: Path) -> tuple[np.ndarray, int, int, int]:
+    with wave.open(str(path)) as w:
+        x = np.frombuffer(w.readframes(w.getnframes()), np.int16)
+        return x, w.getframerate(), w.getnchannels(), w.getsampwidth()
+
+
+def beep_onsets(x: np.ndarray, rate: int) -> list[float]:
+    """Start times of the beeps: loud samples after more than 50 ms of quiet."""
+    loud = np.flatnonzero(np.abs(x.astype(np.int32)) > 2000)
+    gaps = np.flatnonzero(np.diff(loud) > rate // 20) + 1
+    return [loud[i] / rate for i in [0, *gaps]] if len(loud) else []
+
+
+def test_fps_2_frames_are_those_at_k_over_2(numbered_video: Path, tmp_path: Path) -> None:
+    out = tmp_path / "media"
+    code = main(["extract-frames", str(numbered_video), "-o", str(out), "--fps", "2",
+                 "--size", "0", "--workers", "1", "-q"])
+    assert code == 0
+    rec = manifest(out)["numbered"]
+    assert CONTRACT <= set(rec)
+    assert rec["timestamps"] == [k / 2 for k in range(16)]
+    assert frame_indices(out, rec) == [int(k * 25 / 2) for k in range(16)]
+    assert Image.open(out / "numbered/frames/000000.jpg").size == (160, 120)
+    assert (rec["source"], rec["start"], rec["end"]) == ("numbered", 0.0, 8.0)
+    assert (rec["frames_dir"], rec["frame_format"]) == ("numbered/frames", "jpg")
+
+
+def test_every_45_keeps_frames_0_45_90(numbered_video: Path, tmp_path: Path) -> None:
+    out = tmp_path / "media"
+    assert main(["extract-frames", str(numbered_video), "-o", str(out), "--every", "45",
+                 "--size", "60", "--format", "png", "--no-audio", "-q"]) == 0
+    rec = manifest(out)["numbered"]
+    assert frame_indices(out, rec) == [0, 45, 90, 135, 180]
+    assert rec["timestamps"] == pytest.approx([0, 1.8, 3.6, 5.4, 7.2])
+    assert Image.open(out / "numbered/frames/000000.png").size == (80, 60)
+    assert rec["has_audio"] is False and rec["audio"] is None and rec["n_samples"] == 0
+    assert not (out / "numbered" / "audio.wav").exists()
+
+
+def test_audio_wav_has_the_expected_length_and_beeps(numbered_video: Path, tmp_path: Path):
+    out = tmp_path / "media"
+    main(["extract-frames", str(numbered_video), "-o", str(out), "--fps", "1", "-q"])
+    rec = manifest(out)["numbered"]
+    assert rec["has_audio"] and rec["audio"] == "numbered/audio.wav"
+    assert (rec["sample_rate"], rec["n_samples"]) == (16000, 8 * 16000)
+    x, rate, channels, width = wav_samples(out / rec["audio"])
+    assert (len(x), rate, channels, width) == (8 * 16000, 16000, 1, 2)
+    assert beep_onsets(x, 16000) == pytest.approx([1.0, 5.0], abs=0.002)
+
+
+def test_sample_rate_option(numbered_video: Path, tmp_path: Path) -> None:
+    out = tmp_path / "a"
+    assert main(["extract-audio", str(numbered_video), "-o", str(out), "--sample-rate",
+                 "8000", "-q"]) == 0
+    rec = manifest(out)["numbered"]
+    assert CONTRACT <= set(rec)
+    assert (rec["n_frames"], rec["timestamps"], rec["n_samples"]) == (0, [], 8 * 8000)
+    assert rec["frames_dir"] == "numbered/frames" and rec["frame_format"] is None
+    assert list((out / "numbered" / "frames").iterdir()) == []  # same layout, no frames
+    assert wav_samples(out / rec["audio"])[1] == 8000
+
+
+def test_from_a_subclip_folder_keeps_source_and_times(numbered_video: Path, tmp_path: Path):
+    clips = tmp_path / "clips"
+    assert main(["subclip", str(numbered_video), "-o", str(clips), "--count", "2",
+                 "--duration", "3", "--start", "1", "-q"]) == 0
+    out = tmp_path / "media"
+    assert main(["extract-frames", str(clips), "-o", str(out), "--fps", "2", "-q"]) == 0
+    recs = manifest(out)
+    assert list(recs) == ["numbered_0", "numbered_1"]
+    for k, rec in enumerate(recs.values()):
+        start = 1 + 3 * k
+        assert (rec["source"], rec["start"], rec["end"]) == ("numbered", start, start + 3)
+        assert rec["timestamps"] == [i / 2 for i in range(6)]
+        # frame on screen at t seconds into the clip = source frame 25 * (start + t)
+        assert frame_indices(out, rec) == [int(25 * (start + i / 2)) for i in range(6)]
+        assert rec["n_samples"] == pytest.approx(3 * 16000, abs=16)
+
+
+def test_variable_frame_rate_uses_the_stream_timestamps(tmp_path: Path) -> None:
+    times = [i * 0.1 for i in range(20)] + [2 + i / 30 for i in range(60)]  # 10 fps, 30 fps
+    vfr = make_vfr_video(tmp_path / "vfr.mp4", times)
+    got = list(media.iter_frames(vfr, fps=4))
+    ticks = [k / 4 for k in range(16)]
+    assert [t for t, _ in got] == ticks
+    on_screen = [max(i for i, t0 in enumerate(times) if t0 <= t + 1e-9) for t in ticks]
+    assert [synth.frame_index(x) for _, x in got] == on_screen
+
+
+def test_no_audio_clip_is_not_an_error(tmp_path: Path) -> None:
+    src = synth.make_video(tmp_path / "silent.mp4", duration_s=2.0, audio=False)
+    out = tmp_path / "m"
+    assert main(["extract-frames", str(src), "-o", str(out), "-q"]) == 0
+    rec = manifest(out)["silent"]
+    assert rec["status"] == "ok" and rec["n_frames"] == 2
+    assert (rec["has_audio"], rec["audio"], rec["n_samples"]) == (False, None, 0)
+
+
+def test_bad_inputs_fail_with_one_line_each(numbered_video: Path, tmp_path: Path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    synth.make_truncated(numbered_video, d / "cut.mp4")
+    (d / "notes.txt").write_text("hello")
+    (d / "zero.mkv").write_bytes(b"")
+    out = tmp_path / "m"
+    assert main(["extract-frames", str(d), "-o", str(out), "--workers", "2"]) == 1
+    recs = manifest(out)
+    assert {k: r["status"] for k, r in recs.items()} == {
+        "cut": "failed", "notes": "skipped", "zero": "failed"
+    }
+    err = capsys.readouterr().err.splitlines()
+    assert sum("cut.mp4: truncated or corrupt" in ln for ln in err) == 1
+    assert sum("zero.mkv: empty file" in ln for ln in err) == 1
+
+
+def test_options_are_checked(numbered_video: Path, tmp_path: Path) -> None:
+    out = str(tmp_path / "m")
+    assert main(["extract-frames", str(numbered_video), "-o", out, "--fps", "1",
+                 "--every", "2"]) == 2
+    assert main(["extract-frames", str(numbered_video), "-o", out, "--format", "gif"]) == 2
+    assert main(["extract-frames", str(numbered_video), "-o", out, "--quality", "0"]) == 2
+    with pytest.raises(UsageError):
+        FrameOptions(fps=None, every=None)
+
+
+def test_a_frames_folder_is_not_taken_for_videos(numbered_video: Path, tmp_path: Path, capsys):
+    out = tmp_path / "m"
+    assert main(["extract-frames", str(numbered_video), "-o", str(out), "-q"]) == 0
+    assert main(["extract-frames", str(out), "-o", str(tmp_path / "m2"), "-q"]) == 2
+    assert "this is the output of `vpipe extract-frames`" in capsys.readouterr().err

@@ -1,0 +1,206 @@
+"""pipeline.media: probing, "is it a video", frame/keyframe times, one-pass decoding."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import synth
+
+from pipeline import media
+from pipeline.errors import MediaError, NotAVideo, Skip, UsageError
+
+
+@pytest.fixture(scope="module")
+def gop_video(media_dir: Path) -> Path:
+    """6 s at 25 fps with a keyframe every 25 frames exactly (no scene-cut keyframes)."""
+    return synth.make_video(
+        media_dir / "gop25.mp4", duration_s=6.0, gop=25, extra=["-sc_threshold", "0"]
+    )
+
+
+@pytest.fixture(scope="module")
+def flv_video(media_dir: Path) -> Path:
+    return synth.make_video(
+        media_dir / "clip.flv", duration_s=4.0, vcodec="flv", acodec="libmp3lame",
+        beeps_at=(1.0,),
+    )
+
+
+@pytest.fixture(scope="module")
+def junk(media_dir: Path, numbered_video: Path) -> dict[str, Path]:
+    """Files that are not (usable) videos, one per kind of problem."""
+    d = media_dir / "junk"
+    d.mkdir(exist_ok=True)
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "notes.txt").write_text("not a video\n" * 20)
+    (d / "labels.csv").write_text("id,label\nnumbered,3.5\n")
+    from PIL import Image
+
+    Image.fromarray(synth.numbered_frame(7, (64, 48))).save(d / "poster.jpg")
+    synth.make_truncated(numbered_video, d / "cut.mp4", keep=0.4)
+    wav = d / "tone.wav"
+    subprocess.run(
+        [synth.ffmpeg_exe(), "-y", "-v", "error", "-f", "lavfi", "-i", "sine=d=1", str(wav)],
+        check=True,
+    )
+    return {p.stem: p for p in d.iterdir()}
+
+
+def test_ffmpeg_exe_and_version() -> None:
+    assert Path(media.ffmpeg_exe()).exists()
+    assert media.ffmpeg_version()
+    assert set(media.media_versions()) == {"ffmpeg", "pyav"}
+
+
+def test_probe_reads_streams_and_timing(numbered_video: Path) -> None:
+    info = media.probe(numbered_video)
+    assert (info.width, info.height, info.fps) == (160, 120, 25.0)
+    assert info.duration_s == pytest.approx(8.0, abs=0.03)
+    assert info.n_frames == 200
+    assert info.video_codec == "h264" and info.container.startswith("mov,mp4")
+    assert info.has_audio and info.audio_codec == "aac"
+    assert (info.audio_sample_rate_hz, info.audio_channels) == (44100, 1)
+
+
+def test_probe_flv_is_a_video(flv_video: Path) -> None:
+    info = media.probe(flv_video)
+    assert info.container == "flv" and info.video_codec == "flv" and info.has_audio
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "words"),
+    [
+        ("empty", MediaError, "empty file"),
+        ("cut", MediaError, "truncated or corrupt"),
+        ("notes", NotAVideo, "not a video"),
+        ("labels", NotAVideo, "not a video"),
+        ("poster", NotAVideo, "still image"),
+        ("tone", NotAVideo, "no video stream"),
+    ],
+)
+def test_probe_names_the_file_and_the_cause(junk, name, kind, words) -> None:
+    with pytest.raises(kind) as e:
+        media.probe(junk[name])
+    msg = str(e.value)
+    assert msg.startswith(str(junk[name])) and words in msg and "\n" not in msg
+
+
+def test_frame_times_and_keyframes(gop_video: Path) -> None:
+    ft = media.frame_times(gop_video)
+    np.testing.assert_allclose(ft.times, np.arange(150) / 25, atol=1e-9)
+    assert ft.end_s == pytest.approx(6.0)
+    assert media.keyframe_times(gop_video) == pytest.approx([0, 1, 2, 3, 4, 5])
+
+
+def test_find_videos_recursive_without_hidden_records_or_outputs(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    rels = ["x.mp4", "a/y.mkv", "a/b/z.txt", ".hidden.mp4", "a/.tmp/w.mp4", "manifest.jsonl",
+            "clips/vpipe.json", "clips/x/x_0.mp4"]  # clips/: a vpipe output under the input
+    for rel in rels:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"0")
+    found = media.find_videos([tmp_path, tmp_path / "x.mp4"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/b/z.txt", "a/y.mkv", "x.mp4"]
+    with pytest.raises(UsageError):
+        media.find_videos([tmp_path / "missing"])
+
+
+def test_scan_sources_gives_videos_their_stem_first(tmp_path: Path, numbered_video: Path) -> None:
+    shutil.copy(numbered_video, tmp_path / "a.mp4")
+    (tmp_path / "a.jpg").write_text("a poster that is not even an image")
+    (tmp_path / "sub").mkdir()
+    shutil.copy(numbered_video, tmp_path / "sub" / "a.mp4")
+    refs = {r.path.relative_to(tmp_path).as_posix(): r for r in media.scan_sources([tmp_path])}
+    assert refs["a.mp4"].source_id == "a" and refs["a.mp4"].info is not None
+    assert refs["sub/a.mp4"].source_id == "a-2"
+    assert refs["a.jpg"].source_id == "a-3" and refs["a.jpg"].problem == "skip"
+    with pytest.raises(Skip):
+        refs["a.jpg"].raise_problem()
+    # Named on the command line, a non-video is a failure, not a skip.
+    (explicit,) = media.scan_sources([tmp_path / "a.jpg"])
+    assert explicit.problem == "fail"
+
+
+def test_iter_frames_fps_2_picks_the_frame_on_screen_at_k_over_2(numbered_video: Path) -> None:
+    got = list(media.iter_frames(numbered_video, fps=2))
+    assert [t for t, _ in got] == [k / 2 for k in range(16)]
+    # 25 fps: the frame on screen at t = k/2 is frame floor(12.5 k).
+    assert [synth.frame_index(x) for _, x in got] == [int(12.5 * k) for k in range(16)]
+    assert got[0][1].shape == (120, 160, 3) and got[0][1].dtype == np.uint8
+
+
+def test_iter_frames_every_45_keeps_frames_0_45_90(numbered_video: Path) -> None:
+    got = list(media.iter_frames(numbered_video, every=45, size=60))
+    assert [synth.frame_index(x) for _, x in got] == [0, 45, 90, 135, 180]
+    assert [t for t, _ in got] == pytest.approx([0, 1.8, 3.6, 5.4, 7.2])
+    assert got[0][1].shape == (60, 80, 3)  # short side 60, 4:3 kept
+
+
+def test_iter_frames_rejects_bad_sampling(numbered_video: Path) -> None:
+    with pytest.raises(UsageError):
+        list(media.iter_frames(numbered_video, fps=1, every=2))
+    with pytest.raises(UsageError):
+        list(media.iter_frames(numbered_video, fps=0))
+
+
+def test_scaled_size_short_side() -> None:
+    assert media.scaled_size(1280, 720, 256) == (455, 256)
+    assert media.scaled_size(720, 1280, 256) == (256, 455)
+    assert media.scaled_size(160, 120, 0) == (160, 120)
+
+
+def _audio(path: Path, rate: int = 16000) -> np.ndarray:
+    chunks = [d for _, _, d in media.decode(path, sampler=None, audio_rate_hz=rate)]
+    return np.concatenate(chunks)
+
+
+def _beeps(x: np.ndarray, rate: int) -> list[float]:
+    """Start times of the beeps: loud samples after more than 50 ms of quiet."""
+    loud = np.flatnonzero(np.abs(x.astype(np.int32)) > 2000)
+    gaps = np.flatnonzero(np.diff(loud) > rate // 20) + 1
+    return [loud[i] / rate for i in [0, *gaps]] if len(loud) else []
+
+
+def test_decode_audio_length_and_beeps(numbered_video: Path) -> None:
+    x = _audio(numbered_video)
+    assert x.dtype == np.int16 and len(x) == 8 * 16000
+    assert _beeps(x, 16000) == pytest.approx([1.0, 5.0], abs=0.002)
+
+
+def test_decode_flv_audio_is_aligned_with_the_video(flv_video: Path) -> None:
+    # The flv's video starts 25 ms after its audio: sample 0 is the first frame's time.
+    x = _audio(flv_video, 8000)
+    assert _beeps(x, 8000) == pytest.approx([1.0], abs=0.003)
+
+
+def test_decoding_a_truncated_flv_fails_clearly(media_dir: Path, flv_video: Path) -> None:
+    cut = synth.make_truncated(flv_video, media_dir / "cut.flv", keep=0.4)
+    with pytest.raises(MediaError, match="truncated"):
+        list(media.iter_frames(cut, fps=1))
+
+
+@pytest.mark.parametrize("kind", ["ts", "h264"])
+def test_sampling_is_the_same_for_mpegts_and_raw_h264(kind, numbered_video, media_dir) -> None:
+    # .ts: timestamps start at 1.4 s (counted from the first frame); raw .h264: no timestamps
+    # at all (frames are counted in decoding order).
+    out = media_dir / f"numbered.{kind}"
+    extra = ["-c", "copy"] if kind == "ts" else ["-an", "-c:v", "copy", "-bsf:v",
+                                                  "h264_mp4toannexb"]
+    subprocess.run([media.ffmpeg_exe(), "-y", "-v", "error", "-i", str(numbered_video), *extra,
+                    str(out)], check=True)
+    got = list(media.iter_frames(out, fps=2))
+    assert [t for t, _ in got] == [k / 2 for k in range(16)]
+    assert [synth.frame_index(x) for _, x in got] == [int(12.5 * k) for k in range(16)]
+    got = list(media.iter_frames(out, every=45))
+    assert [synth.frame_index(x) for _, x in got] == [0, 45, 90, 135, 180]
+
+
+def test_fps_above_the_frame_rate_repeats_frames(numbered_video: Path) -> None:
+    got = list(media.iter_frames(numbered_video, fps=50, size=24))
+    assert len(got) == 400 and [t for t, _ in got[:3]] == [0.0, 0.02, 0.04]
+    assert [synth.frame_index(x) for _, x in got] == [k // 2 for k in range(400)]
+    assert got[0][1] is not got[1][1]  # repeats are copies, safe to modify

@@ -1,0 +1,201 @@
+"""Run records through the media stages: resume, refusal on changed parameters, --overwrite,
+atomic outputs, and a run killed part-way that a second run completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import synth
+
+from pipeline.cli import main
+from pipeline.records import (
+    Item,
+    Run,
+    atomic_path,
+    ok_records,
+    read_manifest,
+    read_run_info,
+    run_items,
+)
+
+SUBCLIP = ["--count", "2", "--duration", "2", "--start", "0.5", "--workers", "1", "-q"]
+VPIPE = [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())"]
+
+
+@pytest.fixture(scope="module")
+def trailers(media_dir: Path) -> Path:
+    """Four small sources: enough items for a run to be caught half-way."""
+    d = media_dir / "trailers"
+    for i in range(4):
+        synth.make_video(d / f"t{i}.mp4", duration_s=5.0, color=(60 * i, 100, 150))
+    return d
+
+
+def lines(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def fingerprint(out: Path) -> dict[str, tuple]:
+    """What must be equal between an interrupted+resumed run and an uninterrupted one."""
+    return {
+        r["id"]: (r["status"], r["start"], r["end"], r["n_frames"], (out / r["path"]).is_file())
+        for r in read_manifest(out).values()
+    }
+
+
+def test_second_run_resumes_and_does_nothing(trailers: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "clips"
+    assert main(["subclip", str(trailers), "-o", str(out), *SUBCLIP]) == 0
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.mp4")}
+    assert main(["subclip", str(trailers), "-o", str(out), "--count", "2", "--duration", "2",
+                 "--start", "0.5", "--workers", "2"]) == 0
+    assert "0 done, 4 already done, 0 skipped, 0 failed" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.mp4")} == mtimes
+    assert len(lines(out)) == 8  # compacted: one line per clip
+    info = read_run_info(out)
+    assert info["stage"] == "subclip" and info["params"]["count"] == 2
+    assert info["versions"]["ffmpeg"] and info["ended"] and info["counts"]["already_done"] == 4
+
+
+def test_changed_parameters_are_refused_unless_overwrite(trailers: Path, tmp_path: Path,
+                                                         capsys) -> None:
+    out = tmp_path / "clips"
+    assert main(["subclip", str(trailers), "-o", str(out), *SUBCLIP]) == 0
+    before = fingerprint(out)
+    capsys.readouterr()
+    changed = ["--count", "1", "--duration", "2", "--start", "0.5", "-q"]
+    assert main(["subclip", str(trailers), "-o", str(out), *changed]) == 2
+    err = capsys.readouterr().err
+    assert "other parameters (count: 2 -> 1)" in err and "--overwrite" in err
+    assert fingerprint(out) == before  # nothing touched
+    assert main(["subclip", str(trailers), "-o", str(out), *changed, "--overwrite"]) == 0
+    assert sorted(fingerprint(out)) == ["t0_0", "t1_0", "t2_0", "t3_0"]
+    assert read_run_info(out)["params"]["count"] == 1
+    # A folder made by another stage is refused too.
+    assert main(["extract-frames", str(trailers), "-o", str(out), "-q"]) == 2
+
+
+def test_a_lost_item_is_redone_and_only_that_one(trailers: Path, tmp_path: Path) -> None:
+    out = tmp_path / "clips"
+    assert main(["subclip", str(trailers), "-o", str(out), *SUBCLIP]) == 0
+    expected = fingerprint(out)
+    # Simulate a crash while t2 was being written: its records are missing, a temp folder
+    # and a torn manifest line are left behind.
+    kept = [r for r in lines(out) if r["item"] != "t2"]
+    text = "".join(json.dumps(r) + "\n" for r in kept) + '{"id": "t2_0", "sta'
+    (out / "manifest.jsonl").write_text(text)
+    shutil.rmtree(out / "t2")
+    (out / ".t2.tmp-999").mkdir()
+    (out / ".t2.tmp-999" / "t2_0.mp4").write_bytes(b"half")
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.rglob("*.mp4")}
+    assert main(["subclip", str(trailers), "-o", str(out), *SUBCLIP]) == 0
+    assert fingerprint(out) == expected
+    assert not (out / ".t2.tmp-999").exists()
+    redone = {p.name for p in out.rglob("*.mp4") if p.stat().st_mtime_ns != mtimes.get(p.name)}
+    assert redone == {"t2_0.mp4", "t2_1.mp4"}
+
+
+def test_a_killed_run_resumed_equals_an_uninterrupted_run(trailers: Path, tmp_path: Path):
+    fresh, killed = tmp_path / "fresh", tmp_path / "killed"
+    assert main(["subclip", str(trailers), "-o", str(fresh), *SUBCLIP]) == 0
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([*VPIPE, "subclip", str(trailers), "-o", str(killed), *SUBCLIP],
+                            env=env, start_new_session=True)
+    deadline = time.time() + 60
+    manifest = killed / "manifest.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.exists() and manifest.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: ffmpeg children too
+    proc.wait()
+    assert main(["subclip", str(trailers), "-o", str(killed), *SUBCLIP]) == 0
+    assert fingerprint(killed) == fingerprint(fresh)
+    assert not [p for p in killed.rglob(".*") if ".tmp-" in p.name]
+
+
+def test_extract_frames_resumes_per_clip(trailers: Path, tmp_path: Path) -> None:
+    out = tmp_path / "media"
+    args = ["extract-frames", str(trailers), "-o", str(out), "--fps", "2", "--size", "32", "-q"]
+    assert main(args) == 0
+    first = read_manifest(out)
+    shutil.rmtree(out / "t1")
+    recs = [r for r in lines(out) if r["id"] != "t1"]
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(args) == 0
+    again = read_manifest(out)
+    assert again == first and len(list((out / "t1" / "frames").iterdir())) == 10
+
+
+def test_a_failed_source_fixed_later_leaves_no_stale_record(tmp_path: Path) -> None:
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "late.mp4").write_bytes(b"")  # still downloading: empty
+    out = tmp_path / "clips"
+    assert main(["subclip", str(d), "-o", str(out), *SUBCLIP]) == 1
+    assert read_manifest(out)["late"]["status"] == "failed"
+    synth.make_video(d / "late.mp4", duration_s=5.0)
+    assert main(["subclip", str(d), "-o", str(out), *SUBCLIP]) == 0
+    assert sorted(read_manifest(out)) == ["late_0", "late_1"]
+    assert [r["id"] for r in lines(out)] == ["late_0", "late_1"]
+
+
+def test_superseded_records_are_dropped_even_without_close(tmp_path: Path) -> None:
+    run = Run(tmp_path, "demo", {"a": 1}).open()
+    run.record_item("src", [{"id": "src", "item": "src", "status": "failed", "error": "x"}])
+    run.record_item("src", [{"id": "src_0", "item": "src"}, {"id": "src_1", "item": "src"}])
+    # no close(): as after a crash
+    assert sorted(read_manifest(tmp_path)) == ["src_0", "src_1"]
+    reopened = Run(tmp_path, "demo", {"a": 1}).open()
+    assert reopened.finished("src")
+
+
+def test_run_items_records_errors_and_exit_code(tmp_path: Path) -> None:
+    from pipeline.errors import MediaError, Skip
+
+    def work(item: Item) -> dict:
+        if item.id == "bad":
+            raise MediaError("bad.mp4: truncated")
+        if item.id == "odd":
+            raise Skip("odd.txt: not a video")
+        return {"value": 1}
+
+    run = Run(tmp_path, "demo", {}).open()
+    items = [Item(i, f"{i}.mp4") for i in ("a", "bad", "odd")]
+    summary = run_items(run, items, work, quiet=True)
+    assert (summary.done, summary.failed, summary.skipped, summary.exit_code) == (1, 1, 1, 1)
+    assert [r["id"] for r in ok_records(tmp_path)] == ["a"]
+
+
+def test_atomic_path_leaves_nothing_when_the_block_fails(tmp_path: Path) -> None:
+    target = tmp_path / "clip"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "000000.jpg").write_bytes(b"x")
+        raise RuntimeError("killed half-way")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "000000.jpg").write_bytes(b"x")
+    assert [p.name for p in target.iterdir()] == ["000000.jpg"]
+
+
+def test_frames_of_clips_cut_again_are_redone(trailers: Path, tmp_path: Path) -> None:
+    clips, out = tmp_path / "clips", tmp_path / "media"
+    one = trailers / "t0.mp4"
+    assert main(["subclip", str(one), "-o", str(clips), *SUBCLIP]) == 0
+    assert main(["extract-frames", str(clips), "-o", str(out), "--fps", "1", "-q"]) == 0
+    assert read_manifest(out)["t0_1"]["start"] == 2.52
+    later = ["--count", "2", "--duration", "2", "--start", "1", "-q", "--overwrite"]
+    assert main(["subclip", str(one), "-o", str(clips), *later]) == 0
+    assert main(["extract-frames", str(clips), "-o", str(out), "--fps", "1", "-q"]) == 0
+    assert [(r["start"], r["end"]) for r in read_manifest(out).values()] == [(1, 3), (3, 5)]

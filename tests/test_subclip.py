@@ -1,0 +1,252 @@
+"""vpipe subclip: planning on the frame/keyframe grid, exact and keyframe cuts, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+import synth
+
+from pipeline import media
+from pipeline.cli import main
+from pipeline.errors import UsageError
+from pipeline.subclip import SubclipOptions, plan_subclips
+
+FPS = 25
+
+
+@pytest.fixture(scope="module")
+def source(media_dir: Path) -> Path:
+    """14 s, frame-numbered, keyframes exactly every 2 s, beeps at 2.5 s and 7.0 s."""
+    return synth.make_video(
+        media_dir / "source.mp4", duration_s=14.0, gop=50, extra=["-sc_threshold", "0"],
+        beeps_at=(2.5, 7.0),
+    )
+
+
+def grid(n: int, fps: float = FPS, key_every: int = 50) -> media.FrameTimes:
+    t = np.arange(n) / fps
+    return media.FrameTimes(times=t, keyframe=np.arange(n) % key_every == 0, end_s=n / fps)
+
+
+def spans(clips) -> list[tuple[float, float]]:
+    return [(round(c.start_s, 6), round(c.end_s, 6)) for c in clips]
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def read_cv2(path: Path) -> list[int]:
+    cap = cv2.VideoCapture(str(path))
+    idx = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        idx.append(synth.frame_index(frame))
+    cap.release()
+    return idx
+
+
+def read_av(path: Path) -> tuple[list[int], list[float]]:
+    with av.open(str(path)) as c:
+        frames = [(synth.frame_index(f.to_ndarray(format="rgb24")), f.time)
+                  for f in c.decode(video=0)]
+    return [i for i, _ in frames], [t for _, t in frames]
+
+
+def beep_onsets(path: Path, rate: int = 16000) -> tuple[list[float], int]:
+    """Beep start times in a clip's audio (loud after 50 ms of quiet), and its sample count."""
+    x = np.concatenate([d for _, _, d in media.decode(path, sampler=None, audio_rate_hz=rate)])
+    loud = np.flatnonzero(np.abs(x.astype(np.int32)) > 2000)
+    gaps = np.flatnonzero(np.diff(loud) > rate // 20) + 1
+    return ([loud[i] / rate for i in [0, *gaps]] if len(loud) else []), len(x)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def test_plan_exact_snaps_to_the_next_frame_and_drops_a_short_last_clip() -> None:
+    opts = SubclipOptions(count=3, duration_s=4, start_s=1.01)
+    # 10 s: [1.04, 5.04), [5.04, 9.04), then 0.96 s left <= half of 4 s: dropped.
+    assert spans(plan_subclips(grid(250), opts, "v")) == [(1.04, 5.04), (5.04, 9.04)]
+    clips = plan_subclips(grid(250), SubclipOptions(count=3, duration_s=4, start_s=1), "v")
+    assert [c.clip_id for c in clips] == ["v_0", "v_1"]
+
+
+def test_plan_keeps_a_last_clip_over_the_min_fraction() -> None:
+    opts = SubclipOptions(count=3, duration_s=4, start_s=1, min_fraction=0.2)
+    assert spans(plan_subclips(grid(250), opts, "v"))[-1] == (9.0, 10.0)
+
+
+def test_plan_with_gap_leaves_the_gap_out() -> None:
+    opts = SubclipOptions(count=3, duration_s=2, start_s=0, gap_s=1)
+    assert spans(plan_subclips(grid(250), opts, "v")) == [(0, 2), (3, 5), (6, 8)]
+
+
+def test_plan_keyframe_snaps_to_nearest_keyframes_without_overlap() -> None:
+    opts = SubclipOptions(count=3, duration_s=3, start_s=1.5, mode="keyframe")
+    # keyframes every 2 s: 1.5 -> 2, 4.5 -> 4, 7.5 -> 8, 10.5 -> 10
+    assert spans(plan_subclips(grid(350), opts, "v")) == [(2, 4), (4, 8), (8, 10)]
+
+
+def test_options_are_checked() -> None:
+    for bad in ({"mode": "fast"}, {"count": 0}, {"min_fraction": 2}, {"start_s": -1}):
+        with pytest.raises(UsageError):
+            SubclipOptions(**bad)
+
+
+# --------------------------------------------------------------------------- cutting
+
+
+def test_exact_clips_start_at_0_are_frame_accurate_and_decode_fully(
+    source: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "clips"
+    code = main(["subclip", str(source), "-o", str(out), "--count", "3", "--duration", "4",
+                 "--start", "1.01", "--workers", "1", "--quiet"])
+    assert code == 0
+    recs = manifest(out)
+    assert [r["id"] for r in recs] == ["source_0", "source_1", "source_2"]
+    assert [(r["start"], r["end"], r["duration"]) for r in recs] == [
+        (1.04, 5.04, 4.0), (5.04, 9.04, 4.0), (9.04, 13.04, 4.0)
+    ]
+    for r in recs:
+        assert r["status"] == "ok" and r["mode"] == "exact" and r["item"] == "source"
+        assert r["source"] == "source" and r["source_path"] == str(source)
+        assert r["n_frames"] == 100 and r["has_audio"]
+        clip = out / r["path"]
+        assert clip == out / "source" / f"{r['id']}.mp4"
+        first = round(r["start"] * FPS)
+        expected = list(range(first, first + 100))
+        assert read_cv2(clip) == expected  # OpenCV reads every frame, in order
+        idx, times = read_av(clip)
+        assert idx == expected and times[0] == 0.0
+        assert media.probe(clip).has_audio
+
+
+def test_exact_clips_keep_the_audio_in_sync(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "clips"
+    main(["subclip", str(source), "-o", str(out), "--count", "2", "--duration", "4",
+          "--start", "1", "--workers", "1", "--quiet"])
+    # beeps at 2.5 s and 7.0 s of the source -> 1.5 s into clip 0, 2.0 s into clip 1
+    for r, beep in zip(manifest(out), (1.5, 2.0), strict=True):
+        onsets, n = beep_onsets(out / r["path"])
+        assert n == pytest.approx(4 * 16000, abs=16)
+        assert onsets == pytest.approx([beep], abs=0.005)
+
+
+def test_keyframe_mode_cuts_on_keyframes_without_overlap(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "kf"
+    code = main(["subclip", str(source), "-o", str(out), "--count", "3", "--duration", "3",
+                 "--start", "1.5", "--mode", "keyframe", "--workers", "1", "--quiet"])
+    assert code == 0
+    recs = manifest(out)
+    assert [(r["start"], r["end"]) for r in recs] == [(2, 4), (4, 8), (8, 10)]
+    previous_last = None
+    for r in recs:
+        assert r["mode"] == "keyframe"
+        idx = read_cv2(out / r["path"])
+        assert idx == list(range(round(r["start"] * FPS), round(r["end"] * FPS)))
+        av_idx, times = read_av(out / r["path"])
+        assert av_idx == idx and times[0] == 0.0
+        if previous_last is not None:
+            assert idx[0] == previous_last + 1  # no overlap, nothing lost between clips
+        previous_last = idx[-1]
+    # the audio is copied in sync: source beeps at 2.5 s and 7.0 s
+    assert [beep_onsets(out / r["path"])[0] for r in recs] == [
+        pytest.approx([0.5], abs=0.03), pytest.approx([3.0], abs=0.03), []
+    ]
+    assert not list((out / "source").glob(".seg*"))  # the unused segments are gone
+
+
+def test_flv_and_unicode_names_with_spaces(media_dir: Path, tmp_path: Path) -> None:
+    src_dir = tmp_path / "in put"
+    flv = synth.make_video(src_dir / "my trailer é.flv", duration_s=5.0, vcodec="flv",
+                           acodec="libmp3lame")
+    out = tmp_path / "out dir"
+    for mode in ("exact", "keyframe"):
+        code = main(["subclip", str(src_dir), "-o", str(out / mode), "--count", "2",
+                     "--duration", "2", "--start", "0.5", "--mode", mode, "--workers", "1",
+                     "-q"])
+        assert code == 0
+        recs = manifest(out / mode)
+        assert [r["id"] for r in recs] == ["my-trailer-é_0", "my-trailer-é_1"]
+        assert all(r["source_path"] == str(flv) and r["has_audio"] for r in recs)
+        for r in recs:
+            # flv video cannot be stream-copied into mp4: keyframe mode re-encodes it
+            assert r["mode"] == "exact"
+            assert len(read_cv2(out / mode / r["path"])) == r["n_frames"] == 50
+
+
+def test_no_audio_source_gives_clips_without_audio(tmp_path: Path) -> None:
+    src = synth.make_video(tmp_path / "silent.mp4", duration_s=4.0, audio=False)
+    out = tmp_path / "o"
+    assert main(["subclip", str(src), "-o", str(out), "--count", "1", "--duration", "2",
+                 "--start", "1", "-q"]) == 0
+    (r,) = manifest(out)
+    assert r["has_audio"] is False and not media.probe(out / r["path"]).has_audio
+
+
+def test_bad_inputs_are_recorded_and_the_rest_is_done(
+    source: Path, tmp_path: Path, capsys
+) -> None:
+    d = tmp_path / "trailers"
+    d.mkdir()
+    shutil.copy(source, d / "good.mp4")
+    (d / "readme.txt").write_text("these are trailers\n")
+    (d / "empty.mp4").write_bytes(b"")
+    synth.make_truncated(source, d / "cut.mp4")
+    synth.make_video(d / "short.mp4", duration_s=2.0)
+    out = tmp_path / "clips"
+    code = main(["subclip", str(d), "-o", str(out), "--count", "2", "--duration", "3",
+                 "--start", "1", "--workers", "2"])
+    assert code == 1
+    recs = {r["id"]: r for r in manifest(out)}
+    assert recs["good_0"]["status"] == recs["good_1"]["status"] == "ok"
+    assert recs["readme"]["status"] == "skipped" and "not a video" in recs["readme"]["error"]
+    assert recs["empty"]["status"] == "failed" and "empty file" in recs["empty"]["error"]
+    assert recs["cut"]["status"] == "failed" and "truncated" in recs["cut"]["error"]
+    assert recs["short"]["status"] == "failed" and "too short" in recs["short"]["error"]
+    err = capsys.readouterr().err
+    for name in ("readme.txt", "empty.mp4", "cut.mp4", "short.mp4"):
+        (line,) = [ln for ln in err.splitlines() if name in ln]
+        assert line.startswith("vpipe subclip: ") and line.count(name) == 1
+    assert "2 done, 0 already done, 1 skipped, 3 failed" in err
+    assert not list(out.glob(".*"))  # no temp folders left by the failed sources
+
+
+def test_only_skipped_inputs_exit_0(source: Path, tmp_path: Path) -> None:
+    d = tmp_path / "trailers"
+    d.mkdir()
+    shutil.copy(source, d / "good.mp4")
+    (d / "good.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    code = main(["subclip", str(d), "-o", str(tmp_path / "o"), "--count", "1", "--duration",
+                 "2", "--start", "0", "-q"])
+    assert code == 0
+    recs = {r["id"]: r["status"] for r in manifest(tmp_path / "o")}
+    assert recs == {"good_0": "ok", "good-2": "skipped"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--mode", "fast"],
+        ["--min-fraction", "1.5"],
+        ["--count", "0"],
+        ["--no-such-option"],
+    ],
+)
+def test_usage_errors_exit_2(source: Path, tmp_path: Path, args) -> None:
+    assert main(["subclip", str(source), "-o", str(tmp_path / "o"), *args]) == 2
+
+
+def test_missing_input_exits_2(tmp_path: Path, capsys) -> None:
+    assert main(["subclip", str(tmp_path / "nope.mp4"), "-o", str(tmp_path / "o")]) == 2
+    assert "nope.mp4: no such file or folder" in capsys.readouterr().err
