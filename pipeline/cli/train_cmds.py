@@ -1,3 +1,241 @@
-"""(placeholder: commands of this group are added by their stage's work)"""
+"""``vpipe train``, ``vpipe evaluate``, ``vpipe predict``: sequence models on cached features.
 
-from pipeline.cli.app import app  # noqa: F401
+Only option parsing lives here; the work is in :mod:`pipeline.train` (imported lazily, so that
+``vpipe --help`` does not load torch).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.cli.app import OutDir, Overwrite, Quiet, app
+
+Features = Annotated[
+    Path, typer.Argument(help="Feature folder written by `vpipe features` (shards + index).")
+]
+RunDir = Annotated[Path, typer.Argument(help="Run folder written by `vpipe train`.")]
+Labels = Annotated[
+    Path,
+    typer.Option(
+        "--labels",
+        help="CSV with columns id,label[,split]; id is a clip id or a source id (its clips "
+        "inherit the label). Multilabel: names separated by '|' or ',' (quoted).",
+        show_default=False,
+    ),
+]
+Checkpoint = Annotated[
+    str, typer.Option("--checkpoint", help="Which checkpoint of the run: best or last.")
+]
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")]
+
+
+def _checkpoint(name: str) -> str:
+    from pipeline.errors import UsageError
+
+    if name not in ("best", "last"):
+        raise UsageError(f"--checkpoint {name!r}: use best or last")
+    return name
+
+
+@app.command()
+def train(
+    features: Features,
+    labels: Labels,
+    out: OutDir,
+    task: Annotated[
+        Optional[str],  # noqa: UP045  (typer needs Optional on 3.10)
+        typer.Option(
+            "--task",
+            help="regression, classification or multilabel (default: inferred from the labels).",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="lstm (LRCN: LSTM, head on the last step) or attention (per-modality LSTM "
+            "with attention pooling, as in multimodal tagging).",
+        ),
+    ] = "lstm",
+    pool: Annotated[
+        str, typer.Option("--pool", help="lstm model: head on the last valid step or the mean.")
+    ] = "last",
+    modalities: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--modalities",
+            help="Comma-separated: image, audio (default: every modality in the shards).",
+            show_default=False,
+        ),
+    ] = None,
+    hidden: Annotated[int, typer.Option("--hidden", help="LSTM hidden size.")] = 128,
+    layers: Annotated[int, typer.Option("--layers", help="Stacked LSTM layers.")] = 1,
+    dropout: Annotated[float, typer.Option("--dropout", help="Dropout before the head.")] = 0.2,
+    bidirectional: Annotated[
+        bool, typer.Option("--bidirectional", help="Bidirectional LSTMs.")
+    ] = False,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (LRCN used 3e-4).")] = 3e-4,
+    weight_decay: Annotated[
+        float, typer.Option("--weight-decay", help="AdamW weight decay.")
+    ] = 0.01,
+    epochs: Annotated[int, typer.Option("--epochs", help="Most epochs to train.")] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per batch.")] = 16,
+    clip_grad: Annotated[
+        float, typer.Option("--clip-grad", help="Gradient norm clipping threshold.")
+    ] = 1.0,
+    patience: Annotated[
+        int,
+        typer.Option("--patience", help="Stop after this many epochs without a better val metric."),
+    ] = 5,
+    val_fraction: Annotated[
+        float,
+        typer.Option("--val-fraction", help="Share of source videos held out for validation."),
+    ] = 0.15,
+    test_fraction: Annotated[
+        float, typer.Option("--test-fraction", help="Share of source videos held out for test.")
+    ] = 0.15,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the split, init and batch order.")
+    ] = 0,
+    max_frames: Annotated[
+        int,
+        typer.Option(
+            "--max-frames", help="Sample longer sequences uniformly to this many steps (0: all)."
+        ),
+    ] = 0,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="Multilabel: a tag is predicted at this score.")
+    ] = 0.5,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classification: k of top-k accuracy.")] = 5,
+    device: Device = "auto",
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="Read features from the shards per batch (sets that do not fit in RAM).",
+        ),
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")
+    ] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train an LSTM model on cached feature shards; writes the run folder --out."""
+    from pipeline.train import TrainConfig
+    from pipeline.train import train as train_run
+
+    cfg = TrainConfig(
+        task=task,
+        model=model,
+        pool=pool,
+        modalities=[m.strip() for m in modalities.split(",") if m.strip()] if modalities else None,
+        hidden=hidden,
+        layers=layers,
+        dropout=dropout,
+        bidirectional=bidirectional,
+        lr=lr,
+        weight_decay=weight_decay,
+        epochs=epochs,
+        batch_size=batch_size,
+        clip_grad=clip_grad,
+        patience=patience,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        max_frames=max_frames,
+        threshold=threshold,
+        top_k=top_k,
+        device=device,
+        stream=stream,
+    )
+    s = train_run(features, labels, out, cfg, resume=resume, overwrite=overwrite, quiet=quiet)
+    if not quiet:
+        name = s["main_metric"]
+        side = "test" if s["test"] else "val" if s["val"] else "train"
+        got = s[side].get(name)
+        base = s["baseline"].get(side, {}).get(name)
+        print(
+            f"vpipe train: best epoch {s['best_epoch']} of {s['epochs_run']}, {side} {name} "
+            f"{got if got is None else round(got, 4)} (trivial baseline "
+            f"{base if base is None else round(base, 4)}), "
+            f"{s['seconds_per_epoch']}s/epoch -> {out}",
+            file=sys.stderr,
+        )
+
+
+@app.command()
+def evaluate(
+    run: RunDir,
+    features: Features,
+    labels: Labels,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "-o", "--out", help="Also write the metrics JSON to this file.", show_default=False
+        ),
+    ] = None,
+    checkpoint: Checkpoint = "best",
+    split: Annotated[
+        str,
+        typer.Option(
+            "--split", help="all labelled clips, or only the run's train, val or test split."
+        ),
+    ] = "all",
+    device: Device = "auto",
+) -> None:
+    """Metrics of a trained run on labelled clips, as JSON on stdout."""
+    from pipeline.errors import UsageError
+    from pipeline.records import atomic_write_text
+    from pipeline.train import evaluate_run
+
+    if split not in ("all", "train", "val", "test"):
+        raise UsageError(f"--split {split!r}: use all, train, val or test")
+    result = evaluate_run(
+        run,
+        features,
+        labels,
+        checkpoint=_checkpoint(checkpoint),
+        split=None if split == "all" else split,
+        device=device,
+    )
+    text = json.dumps(result, indent=2) + "\n"
+    if out is not None:
+        atomic_write_text(out, text)
+    sys.stdout.write(text)
+
+
+@app.command()
+def predict(
+    run: RunDir,
+    features: Features,
+    out: Annotated[
+        Path,
+        typer.Option("-o", "--out", help="Predictions file (JSON lines).", show_default=False),
+    ],
+    checkpoint: Checkpoint = "best",
+    threshold: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            "--threshold", help="Multilabel tag threshold (default: the run's).", show_default=False
+        ),
+    ] = None,
+    device: Device = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Predict every clip of a feature folder, plus the mean per source video, as JSON lines."""
+    from pipeline.train import predict_run
+
+    r = predict_run(
+        run, features, out, checkpoint=_checkpoint(checkpoint), threshold=threshold, device=device
+    )
+    if not quiet:
+        print(
+            f"vpipe predict: {r['clips']} clips, {r['sources']} sources -> {out}", file=sys.stderr
+        )

@@ -1,0 +1,369 @@
+"""Labels, splits and batches for the trainer.
+
+A labels CSV (``id,label`` and optionally ``split``) is joined to the clips of a feature folder:
+an id is a clip id or a source id whose clips inherit the label. Clips are split by source, so
+the subclips of one video never sit on both sides. Batches pad each modality's sequence to the
+longest clip in the batch and carry the true lengths (the mask).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UsageError
+from pipeline.shards import MODALITIES, FeatureStore
+
+TASKS = ("regression", "classification", "multilabel")
+SPLITS = ("train", "val", "test")
+_TAG_SEP = re.compile(r"[|,]")
+
+
+# --------------------------------------------------------------------------- labels CSV
+
+
+@dataclass
+class LabelRow:
+    id: str
+    label: str
+    split: str | None
+    line: int
+
+
+def read_labels(path: str | Path) -> dict[str, LabelRow]:
+    """Read ``id,label[,split]`` rows; a bad file raises UsageError naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such labels file")
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in ("id", "label") if c not in cols]
+        if missing:
+            raise UsageError(
+                f"{path}: labels CSV needs the columns id,label (missing {','.join(missing)}; "
+                f"found: {','.join(cols) or 'nothing'})"
+            )
+        reader.fieldnames = cols
+        rows: dict[str, LabelRow] = {}
+        for n, rec in enumerate(reader, start=2):
+            cid = (rec.get("id") or "").strip()
+            if not cid:
+                raise UsageError(f"{path}:{n}: empty id")
+            label = (rec.get("label") or "").strip()
+            split = (rec.get("split") or "").strip().lower() or None
+            if split is not None and split not in SPLITS:
+                raise UsageError(f"{path}:{n}: split {split!r} is not one of train, val, test")
+            if cid in rows and rows[cid].label != label:
+                raise UsageError(
+                    f"{path}:{n}: id {cid!r} has two labels ({rows[cid].label!r} on line "
+                    f"{rows[cid].line}, {label!r} here)"
+                )
+            rows[cid] = LabelRow(cid, label, split, n)
+    if not rows:
+        raise UsageError(f"{path}: no label rows")
+    return rows
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def infer_task(labels: Sequence[str]) -> tuple[str, str]:
+    """Guess the task from the label values; returns (task, the reason, said to the user)."""
+    values = [v for v in labels if v]
+    if values and all(_is_number(v) for v in values):
+        return "regression", "every label is a number (use --task classification for class numbers)"
+    if any(_TAG_SEP.search(v) for v in values):
+        return "multilabel", "some labels hold several names separated by '|' or ','"
+    return "classification", "one name per label"
+
+
+def split_tags(label: str) -> list[str]:
+    return sorted({t.strip() for t in _TAG_SEP.split(label) if t.strip()})
+
+
+@dataclass
+class LabelSpace:
+    """The task and its vocabulary: encodes a label string into the model's target."""
+
+    task: str
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def n_outputs(self) -> int:
+        return 1 if self.task == "regression" else len(self.classes)
+
+    def encode(self, label: str) -> np.ndarray:
+        if self.task == "regression":
+            return np.array(float(label), np.float32)
+        if self.task == "classification":
+            return np.array(self.classes.index(label), np.int64)
+        y = np.zeros(len(self.classes), np.float32)
+        for t in split_tags(label):
+            y[self.classes.index(t)] = 1.0
+        return y
+
+    @classmethod
+    def build(cls, task: str, labels: dict[str, str]) -> LabelSpace:
+        """Check the labels for ``task`` (numbers, NaN, one class) and collect the vocabulary."""
+        where = ", ".join(list(labels)[:3])
+        if task == "regression":
+            bad = [i for i, v in labels.items() if not _is_number(v)]
+            if bad:
+                raise UsageError(
+                    f"regression needs numeric labels: {len(bad)} are not "
+                    f"(e.g. {bad[0]}={labels[bad[0]]!r})"
+                )
+            nan = [i for i, v in labels.items() if not math.isfinite(float(v))]
+            if nan:
+                raise UsageError(
+                    f"{len(nan)} regression targets are NaN or infinite (e.g. {', '.join(nan[:3])})"
+                )
+            if len({float(v) for v in labels.values()}) < 2:
+                raise UsageError(f"every regression target is the same value ({where} …)")
+            return cls(task)
+        if task == "classification":
+            empty = [i for i, v in labels.items() if not v]
+            if empty:
+                raise UsageError(
+                    f"{len(empty)} labels are empty (e.g. {', '.join(empty[:3])}); "
+                    "use --task multilabel for clips without tags"
+                )
+            classes = sorted(set(labels.values()))
+        else:
+            classes = sorted({t for v in labels.values() for t in split_tags(v)})
+        if len(classes) < 2:
+            raise UsageError(
+                f"{task} needs at least two classes; the labelled clips only have "
+                f"{classes[0] if classes else 'none'!r}"
+            )
+        return cls(task, classes)
+
+
+# --------------------------------------------------------------------------- joining to clips
+
+
+@dataclass
+class LabelledClips:
+    """Clip id → label string (and CSV split), with what did not match reported."""
+
+    labels: dict[str, str]
+    splits: dict[str, str | None]
+    unlabeled: list[str]
+    unknown: list[str]
+
+    def report(self, n_clips: int, prefix: str = "vpipe train") -> None:
+        """One stderr line each for clips without a label and labels without clips."""
+        if self.unlabeled:
+            print(
+                f"{prefix}: {len(self.unlabeled)} of {n_clips} clips have no label, left out "
+                f"(e.g. {', '.join(self.unlabeled[:3])})",
+                file=sys.stderr,
+            )
+        if self.unknown:
+            print(
+                f"{prefix}: {len(self.unknown)} label ids match no clip or source "
+                f"(e.g. {', '.join(self.unknown[:3])})",
+                file=sys.stderr,
+            )
+
+
+def join_labels(store: FeatureStore, rows: dict[str, LabelRow]) -> LabelledClips:
+    """Give each clip its own label, else its source's; list the leftovers on both sides."""
+    labels: dict[str, str] = {}
+    splits: dict[str, str | None] = {}
+    unlabeled = []
+    known: set[str] = set()
+    for cid in store.clip_ids:
+        src = store.info(cid)["source"]
+        known.update((cid, src))
+        row = rows.get(cid) or rows.get(src)  # a clip's own label beats its video's
+        if row is None:
+            unlabeled.append(cid)
+            continue
+        labels[cid] = row.label
+        splits[cid] = row.split
+    unknown = [i for i in rows if i not in known]
+    if not labels:
+        raise UsageError(
+            f"no label id matches a clip or source id in {store.folder} "
+            f"(labels e.g. {', '.join(list(rows)[:3])}; clips e.g. "
+            f"{', '.join(store.clip_ids[:3]) or 'none'})"
+        )
+    return LabelledClips(labels, splits, unlabeled, unknown)
+
+
+def split_by_source(
+    clip_sources: dict[str, str],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    fixed: dict[str, str | None] | None = None,
+) -> dict[str, str]:
+    """Clip id → train|val|test; whole sources go to one side (or the CSV's ``split`` column)."""
+    if fixed and any(v is not None for v in fixed.values()):
+        missing = [c for c, v in fixed.items() if v is None]
+        if missing:
+            raise UsageError(
+                f"the labels CSV has a split column but {len(missing)} labelled clips have "
+                f"no split (e.g. {', '.join(missing[:3])})"
+            )
+        sides: dict[str, set] = {}
+        for c, src in clip_sources.items():
+            sides.setdefault(src, set()).add(fixed[c])
+        mixed = sorted(src for src, v in sides.items() if len(v) > 1)
+        if mixed:  # the user's choice, but subclips of one video on two sides inflate scores
+            print(
+                f"vpipe train: warning: the split column puts clips of {len(mixed)} source "
+                f"videos on two sides (e.g. {', '.join(mixed[:3])})",
+                file=sys.stderr,
+            )
+        return {c: str(fixed[c]) for c in clip_sources}
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UsageError("--val-fraction and --test-fraction must be in [0, 1) and sum below 1")
+    sources = sorted(set(clip_sources.values()))
+    random.Random(seed).shuffle(sources)
+    n = len(sources)
+
+    def count(frac: float) -> int:
+        return max(1, round(n * frac)) if frac > 0 else 0
+
+    n_val, n_test = count(val_fraction), count(test_fraction)
+    if n - n_val - n_test < 1:
+        raise UsageError(
+            f"{n} source videos are too few for --val-fraction {val_fraction} and "
+            f"--test-fraction {test_fraction} (each split needs one whole video)"
+        )
+    side = {s: "val" for s in sources[:n_val]}
+    side.update({s: "test" for s in sources[n_val : n_val + n_test]})
+    return {c: side.get(s, "train") for c, s in clip_sources.items()}
+
+
+# --------------------------------------------------------------------------- features
+
+
+def present_modalities(store: FeatureStore) -> list[str]:
+    """The modalities that have a dimension and at least one row in the folder."""
+    key = {"image": "n_frames", "audio": "n_audio"}
+    return [
+        m
+        for m in MODALITIES
+        if store.dim(m) > 0 and any(store.info(c)[key[m]] > 0 for c in store.clip_ids)
+    ]
+
+
+def sample_uniform(n: int, max_frames: int) -> np.ndarray:
+    """Indices of ``max_frames`` steps spread evenly over ``n`` (all of them when n is small)."""
+    if max_frames <= 0 or n <= max_frames:
+        return np.arange(n)
+    return ((np.arange(max_frames) + 0.5) * n / max_frames).astype(np.int64)
+
+
+class ClipSequences:
+    """The sequences of some clips, per modality: held in RAM, or read per use (``stream``)."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        clip_ids: Sequence[str],
+        modalities: Sequence[str],
+        max_frames: int = 0,
+        stream: bool = False,
+        dims: dict[str, int] | None = None,
+    ) -> None:
+        self.clip_ids = list(clip_ids)
+        self.modalities = list(modalities)
+        self.max_frames = max_frames
+        self.store = store
+        # A clip without rows gets an empty (0, dim) sequence of the model's width.
+        self.dims = dims or {m: store.dim(m) for m in self.modalities}
+        self._ram: dict[str, dict[str, np.ndarray]] | None = None
+        if not stream:
+            # One pass shard by shard: each shard's datasets are read whole, once.
+            self._ram = {c.clip_id: self._cut(c) for c in store.select(self.clip_ids)}
+
+    def subset(self, clip_ids: Sequence[str]) -> ClipSequences:
+        """The same sequences for some of the clips, sharing what is already in RAM."""
+        sub = ClipSequences(
+            self.store, [], self.modalities, self.max_frames, stream=True, dims=self.dims
+        )
+        sub.clip_ids = list(clip_ids)
+        sub._ram = self._ram
+        return sub
+
+    def _cut(self, clip) -> dict[str, np.ndarray]:
+        out = {}
+        for m in self.modalities:
+            a = getattr(clip, m)
+            if a.shape[0] == 0:
+                out[m] = np.zeros((0, self.dims[m]), np.float32)
+                continue
+            out[m] = np.asarray(a[sample_uniform(a.shape[0], self.max_frames)], np.float32)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.clip_ids)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        cid = self.clip_ids[i]
+        return self._ram[cid] if self._ram is not None else self._cut(self.store[cid])
+
+    def frame_stats(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std over all frames (for input normalisation; std floored)."""
+        dim = self.store.dim(modality)
+        total, sq, n = np.zeros(dim), np.zeros(dim), 0
+        for i in range(len(self)):
+            a = self[i][modality].astype(np.float64)
+            total += a.sum(0)
+            sq += (a * a).sum(0)
+            n += a.shape[0]
+        mean = total / max(n, 1)
+        std = np.sqrt(np.maximum(sq / max(n, 1) - mean * mean, 0.0))
+        return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+
+
+def collate(items: Sequence[dict[str, np.ndarray]], modalities: Sequence[str]) -> dict:
+    """Pad each modality to the batch's longest clip: {m: (x (B,T,D), lengths (B,))}."""
+    import torch
+
+    out = {}
+    for m in modalities:
+        seqs = [it[m] for it in items]
+        dim = seqs[0].shape[1] if seqs[0].ndim == 2 else 0
+        t = max(1, max(s.shape[0] for s in seqs))  # a batch of empty sequences still has T=1
+        x = np.zeros((len(seqs), t, dim), np.float32)
+        for i, s in enumerate(seqs):
+            x[i, : s.shape[0]] = s
+        lengths = torch.tensor([s.shape[0] for s in seqs], dtype=torch.int64)
+        out[m] = (torch.from_numpy(x), lengths)
+    return out
+
+
+def batches(
+    data: ClipSequences,
+    targets: np.ndarray | None,
+    batch_size: int,
+    order: Sequence[int] | None = None,
+) -> Iterator[tuple[dict, object]]:
+    """Yield (inputs, targets) batches in ``order`` (default: as stored)."""
+    import torch
+
+    idx = list(range(len(data))) if order is None else list(order)
+    for a in range(0, len(idx), batch_size):
+        part = idx[a : a + batch_size]
+        x = collate([data[i] for i in part], data.modalities)
+        y = None if targets is None else torch.from_numpy(np.stack([targets[i] for i in part]))
+        yield x, y

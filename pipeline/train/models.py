@@ -1,0 +1,188 @@
+"""The two sequence models over cached features.
+
+``lstm`` is the LRCN setup: an LSTM over the frame-feature sequence and a linear head on its last
+valid step (or the mean of its steps). ``attention`` is the multimodal tagging setup: each
+modality gets its own (bi)LSTM whose outputs are pooled over time by learned attention, and the
+pooled vectors are concatenated before a small classifier. Both take, per modality, a padded batch
+``(B, T, D)`` and the true lengths; inputs are normalised with training statistics kept as
+buffers, so a checkpoint carries everything predict needs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from pipeline.errors import UsageError
+from pipeline.train.data import ClipSequences, batches
+
+MODELS = ("lstm", "attention")
+POOLS = ("last", "mean", "attention")
+
+
+class Branch(nn.Module):
+    """One modality: normalise, run the LSTM over the valid steps, pool to one vector."""
+
+    def __init__(
+        self, dim: int, hidden: int, layers: int, dropout: float, bidirectional: bool, pool: str
+    ) -> None:
+        super().__init__()
+        self.pool = pool
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.lstm = nn.LSTM(
+            dim,
+            hidden,
+            num_layers=layers,
+            batch_first=True,
+            dropout=dropout if layers > 1 else 0.0,
+            bidirectional=bidirectional,
+        )
+        self.out_dim = hidden * (2 if bidirectional else 1)
+        if pool == "attention":
+            self.score = nn.Sequential(
+                nn.Linear(self.out_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1)
+            )
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        steps = torch.arange(t, device=x.device)
+        mask = steps[None, :] < lengths.to(x.device)[:, None]  # (B, T) valid steps
+        x = (x - self.mean) / self.std * mask[..., None]
+        # A clip without rows in this modality (no audio) runs one zero step, zeroed below.
+        packed = pack_padded_sequence(
+            x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+        )
+        out, (h, _) = self.lstm(packed)
+        has = (lengths > 0).to(x.device, x.dtype)[:, None]
+        if self.pool == "last":
+            # h holds the state at each clip's own last step (forward) and first (backward).
+            dirs = 2 if self.lstm.bidirectional else 1
+            return torch.cat(list(h[-dirs:]), dim=1) * has
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=t)
+        m = mask.to(out.dtype)[..., None]
+        if self.pool == "mean":
+            return (out * m).sum(1) / m.sum(1).clamp(min=1.0)
+        scores = self.score(out).squeeze(-1).masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask.any(1, keepdim=True), 0.0)  # no valid step: no NaN
+        weights = torch.softmax(scores.float(), dim=1).to(out.dtype)
+        return (weights[..., None] * out).sum(1) * has
+
+
+class SequenceModel(nn.Module):
+    """Per-modality branches, concatenated, then a head with ``n_outputs`` logits/values."""
+
+    def __init__(
+        self,
+        dims: dict[str, int],
+        n_outputs: int,
+        *,
+        model: str = "lstm",
+        pool: str = "last",
+        hidden: int = 128,
+        layers: int = 1,
+        dropout: float = 0.2,
+        bidirectional: bool = False,
+    ) -> None:
+        super().__init__()
+        pool = "attention" if model == "attention" else pool
+        self.modalities = list(dims)
+        self.branches = nn.ModuleDict(
+            {m: Branch(d, hidden, layers, dropout, bidirectional, pool) for m, d in dims.items()}
+        )
+        width = sum(b.out_dim for b in self.branches.values())
+        if model == "attention":
+            # The tagging model puts a fully connected layer between fusion and the classifier.
+            self.head = nn.Sequential(
+                nn.Dropout(dropout),
+                nn.Linear(width, hidden),
+                nn.ReLU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, n_outputs),
+            )
+        else:
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, n_outputs))
+
+    def set_normalisation(self, stats: dict[str, tuple]) -> None:
+        """Store per-modality feature mean/std (from the training frames) in the buffers."""
+        for m, (mean, std) in stats.items():
+            self.branches[m].mean.copy_(torch.as_tensor(mean))
+            self.branches[m].std.copy_(torch.as_tensor(std))
+
+    def forward(self, inputs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        pooled = [self.branches[m](*inputs[m]) for m in self.modalities]
+        return self.head(torch.cat(pooled, dim=1))
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; asking for CUDA without one is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device here")
+    return torch.device(name)
+
+
+def build_model(meta: dict) -> SequenceModel:
+    """The model a checkpoint's ``meta`` describes (weights not loaded)."""
+    c = meta["config"]
+    n_out = 1 if meta["task"] == "regression" else len(meta["classes"])
+    return SequenceModel(
+        meta["dims"],
+        n_out,
+        model=c["model"],
+        pool=c["pool"],
+        hidden=c["hidden"],
+        layers=c["layers"],
+        dropout=c["dropout"],
+        bidirectional=c["bidirectional"],
+    )
+
+
+def to_device(x: dict, device: torch.device) -> dict:
+    """Move a batch's padded sequences (lengths stay on the CPU, where packing wants them)."""
+    return {m: (a.to(device, non_blocking=True), n) for m, (a, n) in x.items()}
+
+
+def loss_of(task: str, out: torch.Tensor, y: torch.Tensor, meta: dict) -> torch.Tensor:
+    """MSE on standardised targets, cross-entropy, or BCE on tag logits."""
+    out = out.float()
+    if task == "regression":
+        mu, sd = meta["target_norm"]
+        return F.mse_loss(out[:, 0], (y.float() - mu) / sd)
+    if task == "classification":
+        return F.cross_entropy(out, y)
+    return F.binary_cross_entropy_with_logits(out, y.float())
+
+
+def decode(task: str, out: torch.Tensor, meta: dict) -> np.ndarray:
+    """Model outputs → values (regression), class or tag probabilities."""
+    out = out.float()
+    if task == "regression":
+        mu, sd = meta["target_norm"]
+        return (out[:, 0] * sd + mu).cpu().numpy()
+    if task == "classification":
+        return torch.softmax(out, 1).cpu().numpy()
+    return torch.sigmoid(out).cpu().numpy()
+
+
+@torch.no_grad()
+def run_model(model, data: ClipSequences, targets, meta: dict, device, batch_size: int = 64):
+    """Outputs for every clip of ``data`` (decoded) and the mean loss when targets are given."""
+    model.eval()
+    outs, total = [], 0.0
+    amp = device.type == "cuda"
+    for x, y in batches(data, targets, batch_size):
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            out = model(to_device(x, device))
+        if y is not None:
+            total += float(loss_of(meta["task"], out, y.to(device), meta)) * len(y)
+        outs.append(decode(meta["task"], out, meta))
+    loss = total / len(data) if targets is not None and len(data) else None
+    return (np.concatenate(outs) if outs else np.zeros((0,))), loss

@@ -1,0 +1,214 @@
+"""Using a trained run: ``evaluate_run`` (metrics on labelled clips) and ``predict_run``
+(per-clip predictions and the mean over each source video's clips, as JSON lines)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UsageError
+from pipeline.records import atomic_write_text
+from pipeline.shards import FeatureStore, open_features
+from pipeline.train.data import (
+    ClipSequences,
+    join_labels,
+    present_modalities,
+    read_labels,
+    split_tags,
+)
+from pipeline.train.metrics import task_metrics
+from pipeline.train.models import pick_device, run_model
+from pipeline.train.runs import load_run
+
+# Feature attributes that must agree between training and use for the numbers to mean anything.
+IDENTITY = (
+    "model",
+    "weights",
+    "layer",
+    "dim",
+    "preprocessing",
+    "sampling",
+    "window_s",
+    "hop_s",
+    "postprocess",
+)
+
+
+def open_checked(features: str | Path, meta: dict, prog: str) -> FeatureStore:
+    """Open a feature folder and check it against what the run was trained on."""
+    try:
+        store = open_features(features)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    if len(store) == 0:
+        raise UsageError(f"{features}: no clips in this feature folder")
+    present = present_modalities(store)
+    for m, dim in meta["dims"].items():
+        if m not in present:
+            print(
+                f"{prog}: warning: no {m} features in {features}; the run's {m} branch sees "
+                "empty sequences",
+                file=sys.stderr,
+            )
+        elif store.dim(m) != dim:
+            raise UsageError(
+                f"{features}: {m} features have dim {store.dim(m)}, the run was trained on {dim}"
+            )
+        trained, now = meta["feature_attrs"].get(m, {}), store.attrs(m)
+        diff = [k for k in IDENTITY if k in trained and trained.get(k) != now.get(k)]
+        if diff:
+            k = diff[0]
+            print(
+                f"{prog}: warning: {m} features differ from the training ones "
+                f"({k}: {trained.get(k)!r} there, {now.get(k)!r} here)",
+                file=sys.stderr,
+            )
+    return store
+
+
+def _encode(meta: dict, labels: dict[str, str], prog: str) -> tuple[list[str], np.ndarray]:
+    """Targets of the clips whose label the run knows; the others are reported and left out."""
+    task, classes = meta["task"], meta["classes"]
+    keep, ys, bad = [], [], []
+    for cid, v in labels.items():
+        if task == "regression":
+            try:
+                y = float(v)
+            except ValueError:
+                y = math.nan
+            if not math.isfinite(y):
+                bad.append(cid)
+                continue
+            ys.append(np.float32(y))
+        elif task == "classification":
+            if v not in classes:
+                bad.append(cid)
+                continue
+            ys.append(np.int64(classes.index(v)))
+        else:
+            y = np.zeros(len(classes), np.float32)
+            tags = split_tags(v)
+            if any(t not in classes for t in tags):
+                bad.append(cid)
+            for t in tags:
+                if t in classes:
+                    y[classes.index(t)] = 1.0
+            ys.append(y)
+        keep.append(cid)
+    if bad:
+        what = "are not numbers" if task == "regression" else "name classes the run never saw"
+        left = " (left out)" if task != "multilabel" else " (unknown tags ignored)"
+        print(
+            f"{prog}: {len(bad)} labels {what}{left} (e.g. {', '.join(bad[:3])})", file=sys.stderr
+        )
+    if not keep:
+        raise UsageError("no labelled clip can be evaluated")
+    return keep, np.stack(ys)
+
+
+def evaluate_run(
+    run: str | Path,
+    features: str | Path,
+    labels_csv: str | Path,
+    *,
+    checkpoint: str = "best",
+    split: str | None = None,
+    device: str = "auto",
+) -> dict:
+    """Metrics of a run on the labelled clips of ``features`` (or on one split of the run)."""
+    prog = "vpipe evaluate"
+    model, meta = load_run(run, checkpoint)
+    store = open_checked(features, meta, prog)
+    joined = join_labels(store, read_labels(labels_csv))
+    joined.report(len(store), prog)
+    labels = joined.labels
+    if split is not None:
+        ids = set(json.loads((Path(run) / "splits.json").read_text(encoding="utf-8"))[split])
+        labels = {c: v for c, v in labels.items() if c in ids}
+        if not labels:
+            raise UsageError(f"no labelled clip of the run's {split} split is in {features}")
+    ids, targets = _encode(meta, labels, prog)
+    dev = pick_device(device)
+    model.to(dev)
+    data = ClipSequences(
+        store, ids, meta["modalities"], meta["config"]["max_frames"], dims=meta["dims"]
+    )
+    out, loss = run_model(model, data, targets, meta, dev)
+    c = meta["config"]
+    metrics = task_metrics(
+        meta["task"],
+        out,
+        targets,
+        train_mean=meta["target_norm"][0],
+        top_k=c["top_k"],
+        threshold=c["threshold"],
+    )
+    store.close()
+    return {
+        "run": str(run),
+        "checkpoint": checkpoint,
+        "features": str(features),
+        "split": split or "all",
+        "task": meta["task"],
+        "n_clips": len(ids),
+        "metrics": {"loss": loss, **metrics},
+    }
+
+
+def _describe(meta: dict, out: np.ndarray, threshold: float) -> dict:
+    """One prediction as JSON fields: a value, a class with scores, or tags over threshold."""
+    task, classes = meta["task"], meta["classes"]
+    if task == "regression":
+        return {"prediction": float(out)}
+    scores = {c: round(float(s), 6) for c, s in zip(classes, out, strict=True)}
+    if task == "classification":
+        k = int(np.argmax(out))
+        return {"prediction": classes[k], "score": scores[classes[k]], "scores": scores}
+    tags = sorted(((c, s) for c, s in scores.items() if s >= threshold), key=lambda t: -t[1])
+    return {"tags": [{"tag": c, "score": s} for c, s in tags], "scores": scores}
+
+
+def predict_run(
+    run: str | Path,
+    features: str | Path,
+    out_path: str | Path,
+    *,
+    checkpoint: str = "best",
+    threshold: float | None = None,
+    device: str = "auto",
+) -> dict:
+    """Write one JSON line per clip, then one per source video (mean over its clips)."""
+    prog = "vpipe predict"
+    model, meta = load_run(run, checkpoint)
+    store = open_checked(features, meta, prog)
+    thr = meta["config"]["threshold"] if threshold is None else threshold
+    dev = pick_device(device)
+    model.to(dev)
+    ids = store.clip_ids
+    data = ClipSequences(
+        store, ids, meta["modalities"], meta["config"]["max_frames"], dims=meta["dims"]
+    )
+    outs, _ = run_model(model, data, None, meta, dev)
+    lines, by_source = [], {}
+    for cid, o in zip(ids, outs, strict=True):
+        info = store.info(cid)
+        by_source.setdefault(info["source"], []).append(o)
+        lines.append(
+            {"level": "clip", "id": cid, "source": info["source"], **_describe(meta, o, thr)}
+        )
+    for src, os_ in by_source.items():
+        lines.append(
+            {
+                "level": "source",
+                "id": src,
+                "n_clips": len(os_),
+                **_describe(meta, np.mean(np.stack(os_), axis=0), thr),
+            }
+        )
+    atomic_write_text(out_path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    store.close()
+    return {"clips": len(ids), "sources": len(by_source), "out": str(out_path)}

@@ -1,0 +1,736 @@
+"""Training on synthetic features whose labels are a known function of the sequences, the run
+folder, resume, bad input, and the train → evaluate → predict commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.train import TrainConfig, evaluate_run, predict_run, train
+from pipeline.train.data import collate
+from pipeline.train.models import SequenceModel
+from pipeline.train.synthetic import make_feature_set, write_labels
+
+# Small and fast: ~100 clips of 6-14 steps, D=16; a few seconds of CPU per run.
+FAST = dict(
+    hidden=32, lr=3e-3, epochs=25, patience=25, batch_size=16, val_fraction=0.2, test_fraction=0.2
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny LSTMs gain nothing from threads, and lose a lot when other tests share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """One feature folder + labels CSV per task (multilabel with audio: tag c is in the audio)."""
+    root = tmp_path_factory.mktemp("train-sets")
+    out = {}
+    for task in ("regression", "classification", "multilabel"):
+        folder = root / task
+        csv_path, labels = make_feature_set(
+            folder, task, n_sources=50, audio_dim=8 if task == "multilabel" else 0, seed=1
+        )
+        out[task] = (folder, csv_path, labels)
+    return out
+
+
+def beats(summary: dict, margin: float) -> tuple[float, float]:
+    """(model, baseline) on the test split for the task's main metric, asserting the margin."""
+    name = summary["main_metric"]
+    got, base = summary["test"][name], summary["baseline"]["test"][name]
+    if name == "mse":
+        assert got < margin * base, (got, base)
+    else:
+        assert got > base + margin, (got, base)
+    return got, base
+
+
+@pytest.mark.parametrize(
+    "task,model,pool,margin",
+    [
+        ("regression", "lstm", "mean", 0.3),  # MSE under 30 % of the training-mean MSE
+        ("regression", "attention", "last", 0.3),
+        ("classification", "lstm", "last", 0.3),  # accuracy 30 points over the majority class
+        ("classification", "attention", "last", 0.3),
+        ("multilabel", "lstm", "last", 0.15),  # GAP 15 points over the tag-frequency prior
+        ("multilabel", "attention", "last", 0.15),
+    ],
+)
+def test_model_beats_the_trivial_baseline(sets, tmp_path, task, model, pool, margin):
+    folder, csv_path, _ = sets[task]
+    s = train(
+        folder, csv_path, tmp_path / "run", TrainConfig(model=model, pool=pool, **FAST), quiet=True
+    )
+    beats(s, margin)
+    assert s["task"] == task and s["task_source"].startswith(
+        {"regression": "every label", "classification": "one name", "multilabel": "some"}[task]
+    )
+    if task == "multilabel":
+        assert s["modalities"] == ["image", "audio"]
+
+
+@pytest.mark.parametrize(
+    "model,pool,bidirectional",
+    [
+        ("lstm", "last", False),
+        ("lstm", "last", True),
+        ("lstm", "mean", False),
+        ("attention", "last", True),
+    ],
+)
+def test_padding_and_missing_audio_do_not_change_a_clips_output(model, pool, bidirectional):
+    torch.manual_seed(0)
+    net = SequenceModel(
+        {"image": 4, "audio": 3},
+        2,
+        model=model,
+        pool=pool,
+        hidden=8,
+        layers=2,
+        bidirectional=bidirectional,
+    ).eval()
+    rng = np.random.default_rng(0)
+    short = {"image": rng.random((5, 4), np.float32), "audio": rng.random((2, 3), np.float32)}
+    silent = {"image": rng.random((9, 4), np.float32), "audio": np.zeros((0, 3), np.float32)}
+    mods = ["image", "audio"]
+    with torch.no_grad():
+        both = net(collate([short, silent], mods))
+        assert torch.isfinite(both).all()
+        assert torch.allclose(net(collate([short], mods))[0], both[0], atol=1e-6)
+        assert torch.allclose(net(collate([silent], mods))[0], both[1], atol=1e-6)
+
+
+def test_shuffled_labels_do_not_beat_the_baseline(sets, tmp_path):
+    folder, _, labels = sets["regression"]
+    values = list(labels.values())
+    random.Random(0).shuffle(values)
+    csv_path = write_labels(tmp_path / "shuffled.csv", dict(zip(labels, values, strict=True)))
+    s = train(folder, csv_path, tmp_path / "run", TrainConfig(pool="mean", **FAST), quiet=True)
+    assert s["test"]["mse"] > 0.8 * s["baseline"]["test"]["mse"]
+
+
+def test_run_folder_holds_the_contract_files(sets, tmp_path):
+    folder, csv_path, _ = sets["classification"]
+    run = tmp_path / "run"
+    cfg = TrainConfig(**{**FAST, "epochs": 3})
+    s = train(folder, csv_path, run, cfg, quiet=True)
+    names = sorted(p.name for p in run.iterdir())
+    assert names == [
+        "best.pt",
+        "config.json",
+        "curves.png",
+        "last.pt",
+        "metrics.jsonl",
+        "splits.json",
+        "summary.json",
+    ]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert {"train_loss", "val_loss", "val_accuracy", "test_macro_f1", "seconds"} <= set(lines[0])
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((run / "config.json").read_text())
+    assert config["task"] == "classification" and config["classes"] == ["bump", "down", "up"]
+    assert config["config"]["lr"] == 3e-3 and config["dims"] == {"image": 16}
+    assert json.loads((run / "summary.json").read_text()) == s
+    ck = torch.load(run / "best.pt", weights_only=True)
+    assert ck["meta"]["feature_attrs"]["image"]["model"] == "synthetic"
+
+
+def test_split_by_source_has_no_leakage(sets, tmp_path):
+    folder, csv_path, _ = sets["regression"]
+    run = tmp_path / "run"
+    train(folder, csv_path, run, TrainConfig(**{**FAST, "epochs": 1}), quiet=True)
+    splits = json.loads((run / "splits.json").read_text())
+    sources = {k: {c.rsplit("_", 1)[0] for c in v} for k, v in splits.items()}
+    assert not sources["train"] & sources["val"]
+    assert not sources["train"] & sources["test"]
+    assert not sources["val"] & sources["test"]
+    assert {k: len(v) for k, v in sources.items()} == {"train": 30, "val": 10, "test": 10}
+
+
+def test_a_split_column_in_the_labels_decides_the_splits(sets, tmp_path):
+    folder, _, labels = sets["classification"]
+    # by source id: clips inherit the label and the split of their video
+    by_source = {cid.rsplit("_", 1)[0]: v for cid, v in labels.items() if cid.endswith("_0")}
+    splits = {
+        src: ("test" if i < 5 else "val" if i < 12 else "train") for i, src in enumerate(by_source)
+    }
+    csv_path = write_labels(tmp_path / "l.csv", by_source, splits)
+    run = tmp_path / "run"
+    s = train(folder, csv_path, run, TrainConfig(**{**FAST, "epochs": 1}), quiet=True)
+    assert s["n_clips"] == {"train": 76, "val": 14, "test": 10}
+    got = json.loads((run / "splits.json").read_text())
+    assert sorted(got["test"]) == sorted(f"video00{i}_{k}" for i in range(5) for k in (0, 1))
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(sets, tmp_path):
+    folder, csv_path, _ = sets["multilabel"]
+    cfg = dict(FAST, model="attention", dropout=0.3, epochs=4)
+    train(folder, csv_path, tmp_path / "whole", TrainConfig(**cfg), quiet=True)
+    train(folder, csv_path, tmp_path / "cut", TrainConfig(**{**cfg, "epochs": 2}), quiet=True)
+    s = train(folder, csv_path, tmp_path / "cut", TrainConfig(**cfg), resume=True, quiet=True)
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert b["epoch"] == 4 and s["epochs_run"] == 4
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    whole = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in whole]
+    assert strip == [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in cut]
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_weights(sets, tmp_path):
+    """SIGKILL a real `vpipe train` process after a few epochs, then --resume it."""
+    folder, csv_path, _ = sets["classification"]
+    args = [
+        str(folder),
+        "--labels",
+        str(csv_path),
+        "-q",
+        "--epochs",
+        "60",
+        "--patience",
+        "60",
+        "--hidden",
+        "16",
+        "--device",
+        "cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", *args, "-o", str(cut)], env=env
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        m = cut / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len((cut / "metrics.jsonl").read_text().splitlines())
+    assert 3 <= done < 30, "the run should have been killed part way"
+    assert main(["train", *args, "-o", str(cut), "--resume"]) == 0
+    assert main(["train", *args, "-o", str(tmp_path / "whole")]) == 0
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
+    b = torch.load(cut / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert not [p.name for p in cut.iterdir() if ".tmp-" in p.name]
+
+
+def test_stream_mode_trains_the_same_model(sets, tmp_path):
+    folder, csv_path, _ = sets["regression"]
+    cfg = dict(FAST, epochs=2, max_frames=8)
+    train(folder, csv_path, tmp_path / "ram", TrainConfig(**cfg), quiet=True)
+    train(folder, csv_path, tmp_path / "disk", TrainConfig(**cfg, stream=True), quiet=True)
+    a = torch.load(tmp_path / "ram" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "disk" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_evaluate_on_the_test_split_repeats_the_summary(sets, tmp_path):
+    folder, csv_path, _ = sets["regression"]
+    run = tmp_path / "run"
+    s = train(folder, csv_path, run, TrainConfig(pool="mean", **{**FAST, "epochs": 5}), quiet=True)
+    e = evaluate_run(run, folder, csv_path, split="test", device="cpu")
+    assert e["n_clips"] == s["n_clips"]["test"] == 20
+    for k in ("mse", "mae", "pearson_r", "baseline_mse"):
+        assert e["metrics"][k] == pytest.approx(s["test"][k], rel=1e-5)
+
+
+def test_predict_writes_clips_then_source_means(sets, tmp_path):
+    folder, csv_path, labels = sets["multilabel"]
+    run = tmp_path / "run"
+    train(
+        folder, csv_path, run, TrainConfig(model="attention", **{**FAST, "epochs": 3}), quiet=True
+    )
+    preds = tmp_path / "preds.jsonl"
+    r = predict_run(run, folder, preds, threshold=0.3, device="cpu")
+    assert r == {"clips": 100, "sources": 50, "out": str(preds)}
+    lines = [json.loads(x) for x in preds.read_text().splitlines()]
+    clips = {x["id"]: x for x in lines if x["level"] == "clip"}
+    sources = {x["id"]: x for x in lines if x["level"] == "source"}
+    assert set(clips) == set(labels) and len(sources) == 50
+    c = clips["video007_1"]
+    assert c["source"] == "video007" and set(c["scores"]) == {"a", "b", "c"}
+    assert [t["tag"] for t in c["tags"]] == sorted(
+        (k for k, v in c["scores"].items() if v >= 0.3), key=lambda k: -c["scores"][k]
+    )
+    mean_a = (clips["video007_0"]["scores"]["a"] + clips["video007_1"]["scores"]["a"]) / 2
+    assert sources["video007"]["scores"]["a"] == pytest.approx(mean_a, abs=2e-6)
+    assert sources["video007"]["n_clips"] == 2
+
+
+def test_predict_on_features_without_audio_warns_and_runs(sets, tmp_path, capsys):
+    folder, csv_path, _ = sets["multilabel"]
+    run = tmp_path / "run"
+    train(
+        folder, csv_path, run, TrainConfig(model="attention", **{**FAST, "epochs": 1}), quiet=True
+    )
+    mute = tmp_path / "mute"
+    make_feature_set(mute, "multilabel", n_sources=3, audio_dim=0)  # 128 wide, no rows
+    r = predict_run(run, mute, tmp_path / "p.jsonl", device="cpu")
+    assert r["clips"] == 6
+    assert "no audio features in" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_train_evaluate_predict(sets, tmp_path, capsys):
+    folder, csv_path, _ = sets["classification"]
+    run = tmp_path / "run"
+    args = [
+        "train",
+        str(folder),
+        "--labels",
+        str(csv_path),
+        "-o",
+        str(run),
+        "--epochs",
+        "3",
+        "--hidden",
+        "16",
+        "--lr",
+        "3e-3",
+    ]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "vpipe train: task classification (inferred: one name per label)" in err
+    epochs = [x for x in err.splitlines() if x.startswith("epoch ")]
+    num = r"\d\.\d{4}"
+    line = rf"epoch (\d)/3  train_loss {num}  val_loss {num}  val_accuracy {num}  \d+\.\d\ds"
+    assert [re.match(line, x).group(1) for x in epochs] == ["1", "2", "3"]
+    assert "vpipe train: best epoch" in err and "trivial baseline" in err
+
+    assert main(args) == 2  # a run is there: refused without --resume/--overwrite
+    assert "use --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert main(args + ["--resume", "--epochs", "4"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+
+    m = tmp_path / "m.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                str(run),
+                str(folder),
+                "--labels",
+                str(csv_path),
+                "-o",
+                str(m),
+                "--split",
+                "val",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out == json.loads(m.read_text())
+    assert out["split"] == "val" and out["n_clips"] == 16  # round(50 * 0.15) sources
+    assert {"loss", "accuracy", "top3_accuracy", "macro_f1"} == set(out["metrics"])
+
+    preds = tmp_path / "p.jsonl"
+    assert main(["predict", str(run), str(folder), "-o", str(preds)]) == 0
+    assert "vpipe predict: 100 clips, 50 sources" in capsys.readouterr().err
+    first = json.loads(preds.read_text().splitlines()[0])
+    assert first["prediction"] in ("bump", "down", "up")
+    assert first["score"] == max(first["scores"].values())
+
+
+def test_cli_regression_prediction_is_a_number_and_source_mean(sets, tmp_path, capsys):
+    folder, csv_path, _ = sets["regression"]
+    run, preds = tmp_path / "run", tmp_path / "p.jsonl"
+    assert (
+        main(
+            [
+                "train",
+                str(folder),
+                "--labels",
+                str(csv_path),
+                "-o",
+                str(run),
+                "-q",
+                "--epochs",
+                "2",
+                "--model",
+                "attention",
+                "--bidirectional",
+                "--layers",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert main(["predict", str(run), str(folder), "-o", str(preds), "-q"]) == 0
+    lines = [json.loads(x) for x in preds.read_text().splitlines()]
+    clip = {x["id"]: x["prediction"] for x in lines if x["level"] == "clip"}
+    src = {x["id"]: x["prediction"] for x in lines if x["level"] == "source"}
+    assert src["video003"] == pytest.approx((clip["video003_0"] + clip["video003_1"]) / 2)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad(tmp_path, capsys, folder, text, *extra):
+    csv_path = tmp_path / "bad.csv"
+    csv_path.write_text(text)
+    run = tmp_path / "run"
+    code = main(["train", str(folder), "--labels", str(csv_path), "-o", str(run), "-q", *extra])
+    err = capsys.readouterr().err.strip()
+    assert not run.exists(), "a failed run must leave no run folder"
+    return code, err
+
+
+def test_bad_labels_are_one_line_and_leave_no_run(sets, tmp_path, capsys):
+    folder = sets["regression"][0]
+    cases = [
+        ("id,rating\nvideo000,1\n", (), "needs the columns id,label"),
+        ("id,label\nnobody,1\nnoone,2\n", (), "no label id matches a clip or source"),
+        ("id,label\nvideo000,cat\nvideo001,cat\n", (), "needs at least two classes"),
+        ("id,label\nvideo000,1\nvideo001,nan\n", (), "regression targets are NaN"),
+        ("id,label\nvideo000,1\nvideo001,x\n", ("--task", "regression"), "numeric labels"),
+        ("id,label\nvideo000,1\nvideo001,2\n", ("--modalities", "audio"), "no audio features"),
+        ("id,label\nvideo000,1\nvideo001,2\n", ("--model", "gru"), "--model 'gru'"),
+    ]
+    for text, extra, message in cases:
+        code, err = _bad(tmp_path, capsys, folder, text, *extra)
+        assert code == 2, (message, err)
+        assert len(err.splitlines()) == 1 and err.startswith("vpipe: error: ")
+        assert message in err, err
+
+
+def test_empty_feature_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err = _bad(tmp_path, capsys, tmp_path / "empty", "id,label\na,1\nb,2\n")
+    assert code == 2 and "no clips in this feature folder" in err
+    code, err = _bad(tmp_path, capsys, tmp_path / "absent", "id,label\na,1\nb,2\n")
+    assert code == 2 and "no such feature folder" in err
+
+
+def test_partial_labels_are_reported_and_training_goes_on(sets, tmp_path, capsys):
+    folder, _, labels = sets["classification"]
+    some = dict(list(labels.items())[:80])
+    some["ghost_0"] = "up"
+    csv_path = write_labels(tmp_path / "l.csv", some)
+    s = train(folder, csv_path, tmp_path / "run", TrainConfig(**{**FAST, "epochs": 1}))
+    err = capsys.readouterr().err
+    assert "20 of 100 clips have no label, left out (e.g. video040_0" in err
+    assert "1 label ids match no clip or source (e.g. ghost_0)" in err
+    assert s["unlabeled_clips"] == 20 and sum(s["n_clips"].values()) == 80
+
+
+def test_evaluate_warns_when_the_features_come_from_another_model(sets, tmp_path, capsys):
+    folder, csv_path, labels = sets["regression"]
+    run = tmp_path / "run"
+    train(folder, csv_path, run, TrainConfig(**{**FAST, "epochs": 1}), quiet=True)
+    other = tmp_path / "other"
+    make_feature_set(other, "regression", n_sources=3, seed=5)
+    torch.serialization  # noqa: B018  (keeps torch imported for the checkpoint edit below)
+    ck = torch.load(run / "best.pt", weights_only=True)
+    ck["meta"]["feature_attrs"]["image"]["model"] = "resnet50"
+    torch.save(ck, run / "best.pt")
+    e = evaluate_run(run, other, other.parent / "other-labels.csv", device="cpu")
+    assert e["n_clips"] == 6
+    assert (
+        "image features differ from the training ones (model: 'resnet50' there, "
+        "'synthetic' here)" in capsys.readouterr().err
+    )
+    assert np.isfinite(e["metrics"]["mse"])
+
+
+def test_resume_refuses_other_options_or_other_labels(sets, tmp_path, capsys):
+    folder, csv_path, labels = sets["regression"]
+    run = tmp_path / "run"
+    base = [
+        "train",
+        str(folder),
+        "--labels",
+        str(csv_path),
+        "-o",
+        str(run),
+        "-q",
+        "--epochs",
+        "1",
+        "--hidden",
+        "8",
+    ]
+    assert main(base) == 0
+    before = (run / "last.pt").read_bytes()
+    assert main(base + ["--resume", "--hidden", "16"]) == 2
+    assert "--resume with other options (hidden: 8 -> 16)" in capsys.readouterr().err
+    fewer = write_labels(tmp_path / "fewer.csv", dict(list(labels.items())[:60]))
+    assert (
+        main(
+            [
+                "train",
+                str(folder),
+                "--labels",
+                str(fewer),
+                "-o",
+                str(run),
+                "-q",
+                "--epochs",
+                "1",
+                "--hidden",
+                "8",
+                "--resume",
+            ]
+        )
+        == 2
+    )
+    assert "other labelled clips or splits" in capsys.readouterr().err
+    assert (run / "last.pt").read_bytes() == before  # refused runs touch nothing
+    assert main(base + ["--overwrite", "--hidden", "16"]) == 0
+    assert json.loads((run / "config.json").read_text())["config"]["hidden"] == 16
+
+
+def test_a_folder_that_is_not_a_run_is_never_overwritten(sets, tmp_path, capsys):
+    folder, csv_path, _ = sets["regression"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert (
+        main(
+            ["train", str(folder), "--labels", str(csv_path), "-o", str(mine), "-q", "--overwrite"]
+        )
+        == 2
+    )
+    assert "is not a vpipe train run" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_predict_refuses_features_of_another_dimension(sets, tmp_path, capsys):
+    folder, csv_path, _ = sets["regression"]
+    run = tmp_path / "run"
+    train(folder, csv_path, run, TrainConfig(**{**FAST, "epochs": 1}), quiet=True)
+    other = tmp_path / "other"
+    make_feature_set(other, "regression", n_sources=2, dim=8)
+    assert main(["predict", str(run), str(other), "-o", str(tmp_path / "p.jsonl")]) == 2
+    assert "image features have dim 8, the run was trained on 16" in capsys.readouterr().err
+    assert not (tmp_path / "p.jsonl").exists()
+    assert (
+        main(
+            [
+                "predict",
+                str(run),
+                str(folder),
+                "-o",
+                str(tmp_path / "p.jsonl"),
+                "--checkpoint",
+                "last",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert main(["predict", str(tmp_path), str(folder), "-o", str(tmp_path / "q.jsonl")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+COLOURS = {
+    "red": ((200, 40, 40), 440),
+    "green": ((40, 190, 60), 1000),
+    "blue": ((40, 60, 210), 2500),
+}
+
+
+@pytest.mark.slow
+def test_end_to_end_on_shards_made_by_the_pipeline(tmp_path, capsys):
+    """18 generated videos: colour family + tone decide the class, brightness the rating;
+    subclip → extract-frames → features (resnet18 and VGGish, random init) → train → evaluate
+    → predict, labels given per source video and inherited by its two subclips."""
+    import synth
+
+    rng = random.Random(0)
+    classes, ratings = {}, {}
+    for i in range(18):
+        name = list(COLOURS)[i % 3]
+        rgb, hz = COLOURS[name]
+        shift = rng.randint(-30, 30)
+        colour = tuple(max(0, min(255, c + shift)) for c in rgb)
+        synth.make_video(
+            tmp_path / "videos" / f"v{i:02d}.mp4",
+            duration_s=5,
+            fps=10,
+            size=(64, 48),
+            color=colour,
+            tone_hz=hz,
+        )
+        classes[f"v{i:02d}"], ratings[f"v{i:02d}"] = name, str(shift)
+    w = tmp_path
+    assert (
+        main(
+            [
+                "subclip",
+                str(w / "videos"),
+                "-o",
+                str(w / "clips"),
+                "--count",
+                "2",
+                "--duration",
+                "2",
+                "--start",
+                "0.5",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "extract-frames",
+                str(w / "clips"),
+                "-o",
+                str(w / "media"),
+                "--fps",
+                "2",
+                "--size",
+                "64",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "features",
+                str(w / "media"),
+                "-o",
+                str(w / "feats"),
+                "--image-model",
+                "resnet18",
+                "--image-weights",
+                "none",
+                "--audio-weights",
+                "none",
+                "--no-audio-postprocess",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    feats = str(w / "feats")
+    common = [
+        "--hidden",
+        "32",
+        "--lr",
+        "3e-3",
+        "--val-fraction",
+        "0.2",
+        "--test-fraction",
+        "0.3",
+        "--device",
+        "cpu",
+    ]
+
+    labels = write_labels(w / "colour.csv", classes)
+    assert (
+        main(
+            [
+                "train",
+                feats,
+                "--labels",
+                str(labels),
+                "-o",
+                str(w / "run"),
+                "--model",
+                "attention",
+                "--epochs",
+                "30",
+                "--patience",
+                "30",
+                *common,
+            ]
+        )
+        == 0
+    )
+    s = json.loads((w / "run" / "summary.json").read_text())
+    assert s["modalities"] == ["image", "audio"] and s["n_clips"] == {
+        "train": 18,
+        "val": 8,
+        "test": 10,
+    }
+    got, base = beats(s, 0.5)  # accuracy over the majority class by 50 points
+    capsys.readouterr()
+    assert (
+        main(["evaluate", str(w / "run"), feats, "--labels", str(labels), "--split", "test"]) == 0
+    )
+    e = json.loads(capsys.readouterr().out)
+    assert e["metrics"]["accuracy"] == pytest.approx(got)
+    assert main(["predict", str(w / "run"), feats, "-o", str(w / "p.jsonl"), "-q"]) == 0
+    lines = [json.loads(x) for x in (w / "p.jsonl").read_text().splitlines()]
+    assert sum(x["level"] == "clip" for x in lines) == 36
+    src = {x["id"]: x["prediction"] for x in lines if x["level"] == "source"}
+    assert len(src) == 18
+
+    rating = write_labels(w / "rating.csv", ratings)
+    assert (
+        main(
+            [
+                "train",
+                feats,
+                "--labels",
+                str(rating),
+                "-o",
+                str(w / "run-r"),
+                "--pool",
+                "mean",
+                "--epochs",
+                "40",
+                "--patience",
+                "40",
+                "-q",
+                *common,
+            ]
+        )
+        == 0
+    )
+    r = json.loads((w / "run-r" / "summary.json").read_text())
+    beats(r, 0.8)  # MSE under 80 % of predicting the training mean
+    print(
+        "\nend to end:",
+        json.dumps(
+            {
+                "colour": {
+                    "test": s["test"],
+                    "baseline": s["baseline"]["test"],
+                    "s_per_epoch": s["seconds_per_epoch"],
+                },
+                "rating": {
+                    "test": r["test"],
+                    "baseline": r["baseline"]["test"],
+                    "s_per_epoch": r["seconds_per_epoch"],
+                },
+            }
+        ),
+    )
