@@ -1,3 +1,147 @@
-"""(placeholder: commands of this group are added by their stage's work)"""
+"""``vpipe features`` (ResNet + VGGish into HDF5 shards) and ``vpipe inspect`` (check a store)."""
 
-from pipeline.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli.app import OutDir, Overwrite, Quiet, app
+
+
+@app.command("features")
+def features(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="Output folder(s) of `vpipe extract-frames`.", show_default=False),
+    ],
+    out: OutDir,
+    image_model: Annotated[
+        str, typer.Option("--image-model", help="resnet18|34|50|101|152.")
+    ] = "resnet50",
+    image_weights: Annotated[
+        str,
+        typer.Option(
+            "--image-weights",
+            help="imagenet (torchvision IMAGENET1K_V1, from the torch hub "
+            "cache), imagenet-v2, none (seeded random init), or a state-dict file.",
+        ),
+    ] = "imagenet",
+    audio_model: Annotated[
+        str, typer.Option("--audio-model", help="vggish or none (no audio).")
+    ] = ("vggish"),
+    audio_weights: Annotated[
+        str,
+        typer.Option(
+            "--audio-weights",
+            help="release (torchvggish's, from the torch hub cache), none "
+            "(seeded random init), or a state-dict file.",
+        ),
+    ] = "release",
+    audio_postprocess: Annotated[
+        bool,
+        typer.Option(
+            "--audio-postprocess/--no-audio-postprocess",
+            help="Apply the AudioSet release's PCA + 8-bit quantisation to VGGish embeddings.",
+        ),
+    ] = True,
+    audio_pca: Annotated[
+        str, typer.Option("--audio-pca", help="PCA parameters: release (hub cache) or a .pth file.")
+    ] = "release",
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Frames per model call (mixing clips).")
+    ] = 32,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=0,
+            help="Frame decoding processes (0: in the model's process). "
+            "[default: cores - 1, at least 1]",
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="auto (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), fp32, fp16, bf16.",
+        ),
+    ] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Stored features: float32 or float16.")] = (
+        "float32"
+    ),
+    compression: Annotated[
+        str, typer.Option("--compression", help="HDF5 compression: none, gzip or lzf.")
+    ] = "none",
+    shard_size: Annotated[
+        int,
+        typer.Option("--shard-size", min=1, help="Clips per shard (a shard also closes at ~1 GB)."),
+    ] = 256,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Frame features (ResNet, global average pool) and audio features (VGGish) into shards.
+
+    Writes OUT/shard-00000.h5 ... and OUT/index.jsonl; re-running skips clips already in
+    complete shards. Published weights (imagenet, release) come from the torch hub cache
+    ($TORCH_HOME/hub/checkpoints), downloaded there on first use when online; offline, put
+    the files there or give state-dict files.
+    """
+    from pipeline.features import FeatureOptions, default_workers, extract_features
+
+    opts = FeatureOptions(
+        image_model=image_model,
+        image_weights=image_weights,
+        audio_model=audio_model,
+        audio_weights=audio_weights,
+        audio_postprocess=audio_postprocess,
+        audio_pca=audio_pca,
+        dtype=dtype,
+        compression=compression,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        workers=default_workers() if workers is None else workers,
+        device=device,
+        precision=precision,
+    )
+    summary = extract_features(inputs, out, opts, overwrite=overwrite, quiet=quiet)
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command("inspect")
+def inspect(
+    folder: Annotated[Path, typer.Argument(help="Output folder of `vpipe features`.")],
+) -> None:
+    """Summarise a feature folder and check every shard against index.jsonl (exit 1 if not)."""
+    from pipeline.shards import validate
+
+    if not folder.is_dir():
+        typer.echo(f"vpipe: error: {folder}: no such folder", err=True)
+        raise typer.Exit(1)
+    summary, problems = validate(folder)
+    dims = summary["dims"]
+    models = summary["models"]
+    img = summary.get("image_attrs", {})
+    aud = summary.get("audio_attrs", {})
+    lines = [
+        f"{folder}: {summary['shards']} shards, {summary['clips']} clips, "
+        f"{summary['bytes'] / 1e6:.1f} MB",
+        f"  image: {summary['frames']} frames x {dims.get('image', 0)} "
+        f"({models.get('image')}, weights {_weights_name(img.get('weights'))})",
+        f"  audio: {summary['audio_rows']} rows x {dims.get('audio', 0)} "
+        f"({models.get('audio')}, weights {_weights_name(aud.get('weights'))})",
+    ]
+    typer.echo("\n".join(lines))
+    for p in problems:
+        typer.echo(f"invalid: {p}", err=True)
+    typer.echo("ok" if not problems else f"{len(problems)} problem(s)")
+    raise typer.Exit(1 if problems else 0)
+
+
+def _weights_name(w: object) -> str:
+    if isinstance(w, dict):
+        return str(w.get("file") or w.get("name")) if w.get("kind") == "file" else str(w["name"])
+    return str(w)

@@ -1,0 +1,144 @@
+"""pipeline.models: weights resolution, preprocessing split, BN folding, precision, VGGish input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchvision
+from PIL import Image
+
+from pipeline import models
+from pipeline.errors import UsageError, WeightsUnavailable
+
+
+@pytest.fixture()
+def frame(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8))
+    path = tmp_path / "000000.jpg"
+    small.resize((90, 50), Image.BILINEAR).save(path)
+    return path
+
+
+def test_uint8_part_then_batched_normalise_equals_the_preset(frame: Path) -> None:
+    pre = models.Preprocessing()
+    preset = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()
+    u8 = pre.load_uint8(frame)
+    assert u8.dtype == torch.uint8 and u8.shape == (3, 224, 224)
+    ours = pre.normalize(torch.stack([u8, u8]))[1]
+    ref = preset(Image.open(frame).convert("RGB"))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_imagenet_v2_preprocessing_comes_from_its_weights() -> None:
+    _, w = models.resolve_image_weights("resnet50", "none")
+    assert w.transforms().resize_size == [256]
+    with pytest.raises(UsageError, match="resnet18 has no IMAGENET1K_V2"):
+        models.resolve_image_weights("resnet18", "imagenet-v2")
+
+
+def test_folded_batchnorm_keeps_the_features() -> None:
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18()
+    plain.fc = torch.nn.Identity()
+    plain.eval()
+    for m in plain.modules():  # non-trivial running statistics, as trained weights have
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    folded = torchvision.models.resnet18()
+    folded.fc = torch.nn.Identity()
+    folded.load_state_dict(plain.state_dict())
+    models.fuse_batchnorm(folded.eval())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = plain(x), folded(x)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
+def test_weights_file_is_recorded_with_its_sha256(tmp_path: Path) -> None:
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    enc = models.load_image_encoder("resnet18", str(path))
+    assert enc.dim == 512
+    assert enc.weights.kind == "file" and enc.weights.sha256 == models.sha256_of(path)
+    assert enc.attrs()["preprocessing"]["crop_size"] == 224
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(WeightsUnavailable, match="does not fit resnet34"):
+        models.load_image_encoder("resnet34", str(path))
+
+
+def test_unknown_model_or_missing_file_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="choose one of resnet18"):
+        models.resolve_image_weights("vgg16", "none")
+    with pytest.raises(UsageError, match="nor an existing file"):
+        models.resolve_image_weights("resnet18", str(tmp_path / "nope.pth"))
+
+
+def test_random_weights_are_seeded_so_reruns_agree() -> None:
+    a = models.load_image_encoder("resnet18", "none")
+    b = models.load_image_encoder("resnet18", "none")
+    assert a.weights.attrs() == {"kind": "random", "name": "random", "seed": 0}
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_cpu_bf16_detection_follows_cpuinfo_flags() -> None:
+    flags = Path("/proc/cpuinfo").read_text().split()
+    assert models.cpu_has_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_precision_rules() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert models.pick_precision("auto", cuda) == "fp16"
+    assert models.pick_precision("auto", cpu) == ("bf16" if models.cpu_has_bf16() else "fp32")
+    assert models.pick_precision("fp32", cpu) == "fp32"
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
+        models.pick_precision("fp16", cpu)
+    with pytest.raises(UsageError):
+        models.pick_device("tpu")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "rate", "expected"),
+    [(0.5, 16000, 0), (0.9749, 16000, 0), (0.975, 16000, 1), (2.9, 16000, 3), (3.0, 44100, 3)],
+)
+def test_audio_examples_count_and_start_times(tmp_path: Path, seconds, rate, expected) -> None:
+    wav = tmp_path / "a.wav"
+    n = int(round(seconds * rate))
+    data = (np.sin(np.arange(n) * 0.05) * 10000).astype(np.int16)
+    sf.write(wav, data, rate, subtype="PCM_16")
+    ex, ts = models.audio_examples(wav)
+    assert ex.shape == (expected, 1, 96, 64)
+    np.testing.assert_allclose(ts, np.arange(expected) * 0.96)
+
+
+def test_postprocess_matches_torchvggish_postprocessor() -> None:
+    from torchvggish.torchvggish import Postprocessor
+
+    g = torch.Generator().manual_seed(0)
+    matrix, means = torch.randn(128, 128, generator=g) * 0.1, torch.randn(128, 1, generator=g)
+    emb = torch.rand(5, 128, generator=g) * 3
+    pp = Postprocessor.__new__(Postprocessor)  # its __init__ downloads the PCA parameters
+    pp._pca_matrix, pp._pca_means = matrix, means
+    torch.testing.assert_close(models.postprocess(emb, matrix, means), pp.postprocess(emb))
+
+
+def test_offline_download_names_the_cache_file(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    with pytest.raises(WeightsUnavailable) as e:
+        models.load_audio_encoder("release", postprocess_on=False)
+    msg = str(e.value)
+    assert "--audio-weights PATH" in msg and "vggish-10086976.pth" in msg
+    assert not list((tmp_path / "hub" / "checkpoints").iterdir())  # no partial file left

@@ -1,0 +1,117 @@
+"""pipeline.shards: the ragged HDF5 layout, atomic shards, the index, the reader, validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import shards
+from pipeline.shards import ClipFeatures, ShardWriter, open_features, rebuild_index, validate
+
+
+def clip(cid: str, n_img: int, n_aud: int, dim: int = 4, source: str = "s") -> ClipFeatures:
+    base = float(sum(map(ord, cid)))
+    return ClipFeatures(
+        cid, source, 1.0, 2.0,
+        image=np.arange(n_img * dim, dtype=np.float32).reshape(n_img, dim) + base,
+        image_timestamps=np.arange(n_img) * 0.5,
+        audio=np.full((n_aud, 128), base, np.float32),
+        audio_timestamps=np.arange(n_aud) * 0.96,
+    )
+
+
+def write(folder: Path, number: int, clips: list[ClipFeatures], **kw) -> list[dict]:
+    image_attrs = {"model": "m", "weights": {"kind": "random"}, "layer": "avgpool",
+                   "preprocessing": {"crop_size": 224}, "sampling": {}}
+    w = ShardWriter(folder / shards.shard_name(number), image_dim=4,
+                    attrs={"image": image_attrs}, **kw)
+    for c in clips:
+        w.add(c)
+    return w.close()
+
+
+def test_ragged_rows_and_offsets_round_trip(tmp_path: Path) -> None:
+    rows = write(tmp_path, 0, [clip("a", 3, 2), clip("b", 0, 0), clip("c", 2, 1, source="t")])
+    assert [(r["clip_id"], r["row"], r["n_frames"], r["n_audio"]) for r in rows] == [
+        ("a", 0, 3, 2), ("b", 1, 0, 0), ("c", 2, 2, 1)]
+    with h5py.File(tmp_path / "shard-00000.h5") as f:
+        assert list(f["image"]["offsets"][:]) == [0, 3, 3, 5]
+        assert list(f["audio"]["offsets"][:]) == [0, 2, 2, 3]
+        assert f["image"]["features"].shape == (5, 4)
+        assert json.loads(f["image"].attrs["weights"]) == {"kind": "random"}
+    rebuild_index(tmp_path)
+    with open_features(tmp_path) as store:
+        for c in (clip("a", 3, 2), clip("b", 0, 0), clip("c", 2, 1, source="t")):
+            got = store[c.clip_id]
+            np.testing.assert_array_equal(got.image, c.image)
+            np.testing.assert_array_equal(got.audio, c.audio)
+            np.testing.assert_array_equal(got.image_timestamps, c.image_timestamps)
+        assert store.sources() == {"s": ["a", "b"], "t": ["c"]}
+        assert [c.clip_id for c in store] == ["a", "b", "c"]
+        assert store.select(["c"]).clip_ids == ["c"]
+
+
+def test_a_shard_appears_only_when_closed(tmp_path: Path) -> None:
+    w = ShardWriter(tmp_path / "shard-00000.h5", image_dim=4)
+    w.add(clip("a", 1, 0))
+    assert shards.shard_paths(tmp_path) == [] and w.tmp.exists()
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_float16_and_compression(tmp_path: Path) -> None:
+    write(tmp_path, 0, [clip("a", 3, 1)], dtype="float16", compression="gzip")
+    with h5py.File(tmp_path / "shard-00000.h5") as f:
+        assert f["image"]["features"].dtype == np.float16
+        assert f["image"]["features"].compression == "gzip"
+
+
+def test_no_audio_modality_has_dim_zero(tmp_path: Path) -> None:
+    w = ShardWriter(tmp_path / "shard-00000.h5", image_dim=4, audio_dim=0)
+    c = clip("a", 2, 0)
+    c.audio = np.zeros((0, 0), np.float32)
+    w.add(c)
+    w.close()
+    with h5py.File(tmp_path / "shard-00000.h5") as f:
+        assert f["audio"]["features"].shape == (0, 0)
+        assert list(f["audio"]["offsets"][:]) == [0, 0]
+
+
+def test_wrong_dim_is_refused(tmp_path: Path) -> None:
+    w = ShardWriter(tmp_path / "shard-00000.h5", image_dim=4)
+    with pytest.raises(ValueError, match="image dim 5 != 4"):
+        w.add(clip("a", 1, 0, dim=5))
+    w.abort()
+
+
+def test_index_spans_shards_and_next_number(tmp_path: Path) -> None:
+    write(tmp_path, 0, [clip("a", 1, 0)])
+    write(tmp_path, 3, [clip("b", 2, 1)])
+    rows = rebuild_index(tmp_path)
+    assert [(r["clip_id"], r["shard"]) for r in rows] == [("a", "shard-00000.h5"),
+                                                         ("b", "shard-00003.h5")]
+    assert shards.next_shard_number(tmp_path) == 4
+
+
+def test_validate_accepts_a_good_store_and_reports_damage(tmp_path: Path) -> None:
+    write(tmp_path, 0, [clip("a", 3, 2), clip("b", 1, 0)])
+    rebuild_index(tmp_path)
+    summary, problems = validate(tmp_path)
+    assert problems == []
+    assert (summary["clips"], summary["frames"], summary["audio_rows"]) == (2, 4, 2)
+    assert summary["dims"] == {"image": 4, "audio": 128}
+    with h5py.File(tmp_path / "shard-00000.h5", "r+") as f:
+        f["image"]["offsets"][1] = 7  # not monotone any more
+    _, problems = validate(tmp_path)
+    assert "shard-00000.h5: /image/offsets not monotone from 0" in problems
+    with h5py.File(tmp_path / "shard-00000.h5", "r+") as f:
+        del f["image"].attrs["layer"]
+    _, problems = validate(tmp_path)
+    assert "shard-00000.h5: /image attribute 'layer' missing" in problems
+    (tmp_path / "shard-00000.h5").unlink()
+    _, problems = validate(tmp_path)
+    assert "shard-00000.h5: in index.jsonl but not on disk" in problems
