@@ -1,3 +1,115 @@
-"""(placeholder: commands of this group are added by their stage's work)"""
+"""``vpipe run WORKFLOW.toml``: the stages of a workflow file, in order, as ``vpipe`` commands."""
 
-from pipeline.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli.app import Quiet, app
+
+
+@app.command("run")
+def run(
+    workflow_file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="WORKFLOW.toml",
+            help="Workflow file (TOML), e.g. workflows/trailer-rating.toml.",
+        ),
+    ],
+    start: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            metavar="STAGE",
+            help="Start at this stage (earlier outputs must exist).",
+            show_default=False,
+        ),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option("--until", metavar="STAGE", help="Stop after this stage.", show_default=False),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the equivalent vpipe commands; run nothing."),
+    ] = False,
+    inputs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input",
+            "-i",
+            metavar="PATH",
+            help="Input file or folder of the first stage, instead of "
+            "the file's inputs (repeat for several).",
+            show_default=False,
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels",
+            metavar="CSV",
+            help="Labels CSV, instead of the file's labels.",
+            show_default=False,
+        ),
+    ] = None,
+    work_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--work-dir",
+            metavar="DIR",
+            help="Folder of the stages' outputs, instead of the file's work_dir.",
+            show_default=False,
+        ),
+    ] = None,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="STAGE.OPTION=VALUE",
+            help="Change one option of one stage, e.g. --set features.image-model=resnet18 "
+            "(repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Pass --overwrite to every stage (redo outputs made with other parameters).",
+        ),
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Run the stages a workflow file lists, each feeding the next; resumable.
+
+    Each stage writes WORK_DIR/<stage>. Finished items are skipped through each stage's
+    manifest, and a stage already finished with the same options is reported "up to date".
+    Relative paths in the file are taken from the current directory.
+    """
+    import typer.main
+
+    from pipeline import workflow as wfl
+    from pipeline.cli import main
+
+    wf = wfl.load_workflow(
+        workflow_file, inputs=inputs, labels=labels, work_dir=work_dir, sets=sets or ()
+    )
+    commands = typer.main.get_command(app).commands  # the CLI's own commands, nothing else
+    steps = wfl.select(wfl.plan(wf, commands, quiet=quiet, overwrite=overwrite), start, until)
+    if dry_run:
+        for step in steps:
+            typer.echo(step.command())
+        return
+    t0 = time.time()
+    log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    code, results = wfl.run_plan(steps, main, log=log)
+    for line in wfl.summary_lines(wf.name, results, code, time.time() - t0):
+        log(line)
+    if code:
+        raise typer.Exit(code)

@@ -1,0 +1,548 @@
+"""Workflows: a TOML file that lists stages and their options, run in order as ``vpipe`` commands.
+
+A workflow is data. :func:`load_workflow` reads it, :func:`plan` checks every stage and option
+against the CLI's own commands (so a typo is reported with its line before anything runs) and
+turns each stage into the argument list of the equivalent ``vpipe`` command, wired so that each
+stage reads the output folder of the one before. :func:`run_plan` runs those argument lists
+through a caller-given function (the CLI passes its own entry point), so a workflow and the
+commands a user types cannot drift apart. Relative paths are taken from the current directory,
+exactly as the printed commands would take them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UsageError
+from pipeline.records import read_run_info
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How a command is wired: the kinds of folder its positional arguments take (in order),
+    the kind it makes, and where its output goes: ``dir`` (``work_dir/<stage>``), a file name
+    inside the folder of the first kind it reads (a run's predictions go in the run), or
+    ``None`` (no output)."""
+
+    needs: tuple[str, ...]
+    makes: str | None
+    out: str | None = "dir"
+    labels: bool = False
+    # A stage that is one unit of work (no per-item manifest): (its resume flag, the file that
+    # says a run was started in its folder, the file that says it finished).
+    unit: tuple[str, str, str] | None = None
+
+
+# The commands a workflow may list. Kinds: "videos" (files/folders of videos, or subclips),
+# "media" (frames + audio), "features" (HDF5 shards), "run" (a trained model's folder).
+STAGES: dict[str, StageSpec] = {
+    "subclip": StageSpec(("videos",), "videos"),
+    "extract-frames": StageSpec(("videos",), "media"),
+    "extract-audio": StageSpec(("videos",), "media"),
+    "features": StageSpec(("media",), "features"),
+    "inspect": StageSpec(("features",), None, None),
+    "train": StageSpec(
+        ("features",), "run", labels=True, unit=("--resume", "config.json", "summary.json")
+    ),
+    "evaluate": StageSpec(("run", "features"), "metrics", "evaluation.json", labels=True),
+    "predict": StageSpec(("run", "features"), "predictions", "predictions.jsonl"),
+}
+TOP_LEVEL_KEYS = {"name", "description", "inputs", "work_dir", "labels"}
+# Options that change how a stage runs but not what it writes (ignored by "up to date").
+NON_SEMANTIC = {"--quiet", "-q", "--overwrite", "--workers"}
+
+
+@dataclass
+class Stage:
+    name: str
+    options: dict[str, Any]
+    line: int
+
+
+@dataclass
+class Workflow:
+    """A parsed workflow file (nothing checked against the commands yet)."""
+
+    path: Path
+    name: str
+    inputs: list[str]
+    work_dir: str
+    labels: str | None
+    stages: list[Stage]
+    lines: dict[tuple[str, str | None], int] = field(default_factory=dict)
+    overrides: set[tuple[str, str | None]] = field(default_factory=set)
+
+    def line(self, table: str, key: str | None = None) -> int:
+        """Line number of ``key`` in ``[table]`` (or of the table header), 0 if unknown."""
+        return self.lines.get((table, key), self.lines.get((table, None), 0))
+
+    def error(self, table: str, key: str | None, message: str) -> UsageError:
+        if (table, key) in self.overrides:
+            return UsageError(f"--set {table}.{key}: {message}")
+        return UsageError(f"{self.path}:{self.line(table, key)}: {message}")
+
+
+@dataclass
+class Step:
+    """One planned stage: the ``vpipe`` argument list that runs it and where its output goes."""
+
+    name: str
+    args: list[str]
+    out: Path | None
+
+    def command(self) -> str:
+        """The equivalent shell command line."""
+        return shlex.join(["vpipe", *self.args])
+
+
+# --------------------------------------------------------------------------- reading
+
+
+_HEADER = re.compile(r"^\s*\[\s*(\"?)([^\"\[\]]+?)\1\s*\]\s*(#.*)?$")
+_KEY = re.compile(r"^\s*(\"?)([A-Za-z0-9_-]+)\1\s*=")
+
+
+def _key_lines(text: str) -> dict[tuple[str, str | None], int]:
+    """Where each table header and key sits in the file (TOML parsers do not say)."""
+    lines: dict[tuple[str, str | None], int] = {}
+    table = ""
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if m := _HEADER.match(raw):
+            table = m.group(2).strip()
+            lines.setdefault((table, None), n)
+        elif m := _KEY.match(raw):
+            lines.setdefault((table, m.group(2)), n)
+    return lines
+
+
+def load_workflow(
+    path: str | Path,
+    *,
+    inputs: Sequence[str] | None = None,
+    labels: str | None = None,
+    work_dir: str | None = None,
+    sets: Sequence[str] = (),
+) -> Workflow:
+    """Read a workflow file; ``inputs``/``labels``/``work_dir`` override the file's values and
+    each of ``sets`` (``"stage.option=value"``, value in TOML syntax or a bare word) one option."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read the workflow file ({e.strerror})") from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: not valid TOML: {e}") from e
+    wf = Workflow(path, str(data.get("name", path.stem)), [], "", None, [], _key_lines(text))
+
+    stages = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            stages.append(Stage(key, value, wf.line(key)))
+        elif key not in TOP_LEVEL_KEYS:
+            known = ", ".join(sorted(TOP_LEVEL_KEYS))
+            raise wf.error("", key, f"unknown setting {key!r} (known: {known}; stages are tables)")
+    if not stages:
+        raise UsageError(f"{path}: no stages (add tables such as [subclip], [features])")
+    wf.stages = stages
+    for item in sets:
+        stage_name, key, value = _parse_set(item)
+        stage = next((st for st in stages if st.name == stage_name), None)
+        if stage is None:
+            raise UsageError(f"--set {item}: no stage [{stage_name}] in {path}")
+        stage.options[key] = value
+        wf.overrides.add((stage_name, key))
+
+    file_inputs = data.get("inputs", [])
+    if isinstance(file_inputs, str):
+        file_inputs = [file_inputs]
+    if not isinstance(file_inputs, list) or not all(isinstance(x, str) for x in file_inputs):
+        raise wf.error("", "inputs", "inputs must be a path or a list of paths")
+    wf.inputs = list(inputs) if inputs else file_inputs
+    if not wf.inputs:
+        raise UsageError(f"{path}: no inputs (set inputs = [...] in the file, or --input PATH)")
+    for key in ("work_dir", "labels"):
+        if key in data and not isinstance(data[key], str):
+            raise wf.error("", key, f"{key} must be a path (a string)")
+    wf.work_dir = work_dir or data.get("work_dir") or f"work/{path.stem}"
+    wf.labels = labels or data.get("labels")
+    return wf
+
+
+def _parse_set(item: str) -> tuple[str, str, Any]:
+    """``"features.image-weights=none"`` -> ("features", "image-weights", "none")."""
+    name, sep, raw = item.partition("=")
+    stage, dot, key = name.strip().partition(".")
+    if not sep or not dot or not stage or not key:
+        raise UsageError(f"--set {item}: write STAGE.OPTION=VALUE, e.g. --set subclip.count=2")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as none or resnet18
+    return stage, key.strip(), value
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _long(opts: Sequence[str]) -> str:
+    return next((o for o in opts if o.startswith("--")), opts[0])
+
+
+def _option_args(wf: Workflow, stage: Stage, param: Any, key: str, value: Any) -> list[str]:
+    """The command-line words for one ``key = value`` of a stage table."""
+    flag = "--" + key.replace("_", "-")
+    inverted = flag in param.secondary_opts
+    if param.is_flag:
+        if not isinstance(value, bool):
+            raise wf.error(stage.name, key, f"{key} is a switch: write {key} = true or false")
+        on = value != inverted
+        if param.secondary_opts:
+            return [_long(param.opts) if on else _long(param.secondary_opts)]
+        return [_long(param.opts)] if on else []
+    values = value if isinstance(value, list) and param.multiple else [value]
+    words = []
+    for v in values:
+        if isinstance(v, bool) or isinstance(v, dict):
+            raise wf.error(stage.name, key, f"{key} takes a value, not {v!r}")
+        if isinstance(v, list):  # an option that takes a comma-separated list
+            v = ",".join(str(x) for x in v)
+        words += [_long(param.opts), str(v)]
+    return words
+
+
+def _find_param(command: Any, key: str) -> Any | None:
+    flag = "--" + key.replace("_", "-")
+    for p in command.params:
+        if (
+            flag in p.opts
+            or flag in p.secondary_opts
+            or (not p.opts[0].startswith("-") and p.name == key.replace("-", "_"))
+        ):
+            return p
+    return None
+
+
+def plan(
+    wf: Workflow,
+    commands: Mapping[str, Any],
+    *,
+    quiet: bool = False,
+    overwrite: bool = False,
+) -> list[Step]:
+    """Check the workflow against the CLI's commands and return all its steps, in order.
+
+    ``commands`` maps a command name to its click command (``vpipe``'s own). Every error
+    names the file and line; nothing runs before the whole file is known to be valid.
+    """
+    names = [s.name for s in wf.stages]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise wf.error(dup, None, f"stage [{dup}] appears twice")
+
+    made: dict[str, Any] = {}  # kind -> the latest folder (or file) of that kind
+    earlier: set[str] = set()  # outputs of the stages before this one
+    steps: list[Step] = []
+    for i, stage in enumerate(wf.stages):
+        spec = STAGES.get(stage.name)
+        if spec is None or stage.name not in commands:
+            known = ", ".join(s for s in STAGES if s in commands)
+            raise wf.error(stage.name, None, f"unknown stage [{stage.name}] (known: {known})")
+        command = commands[stage.name]
+        if i == 0:  # the workflow's inputs feed the first stage, whatever kind it reads
+            made[spec.needs[0]] = wf.inputs
+        positional: list[str] = []
+        for kind in spec.needs:
+            if kind not in made:
+                msg = f"[{stage.name}] needs a {kind} folder: list a stage that makes one before it"
+                raise wf.error(stage.name, None, msg)
+            got = made[kind]
+            positional += got if isinstance(got, list) else [got]
+
+        out = str(Path(wf.work_dir) / stage.name) if spec.out == "dir" else None
+        if spec.out not in (None, "dir"):
+            out = str(Path(positional[0]) / spec.out)
+        labels = wf.labels if spec.labels else None
+        option_words: list[str] = []
+        for key, value in stage.options.items():
+            param = _find_param(command, key)
+            if param is None or param.name in ("help", "version"):
+                msg = f"unknown option {key!r} for [{stage.name}] (see: vpipe {stage.name} --help)"
+                raise wf.error(stage.name, key, msg)
+            if not param.opts[0].startswith("-"):
+                msg = f"{key!r} is set by the workflow (the previous stage's output or the inputs)"
+                raise wf.error(stage.name, key, msg)
+            if param.name == "out":
+                out = str(value)
+            elif param.name == "labels":
+                labels = str(value)
+            else:
+                option_words += _option_args(wf, stage, param, key, value)
+        takes_labels = _find_param(command, "labels") is not None
+        if spec.labels and labels is None and takes_labels:
+            msg = f'[{stage.name}] needs labels: set labels = "labels.csv" (or --labels CSV)'
+            raise wf.error(stage.name, None, msg)
+        args = [stage.name, *positional]
+        if labels is not None and takes_labels:
+            args += ["--labels", labels]
+        if out is not None:
+            args += ["-o", out]
+        args += option_words
+        if quiet and _find_param(command, "quiet") is not None and "--quiet" not in args:
+            args.append("--quiet")
+        if overwrite and _find_param(command, "overwrite") is not None:
+            args.append("--overwrite")
+        # Folders made by earlier stages need not exist yet: parse with "." in their place.
+        trial = [
+            "." if i <= len(positional) and i > 0 and a in earlier else a
+            for i, a in enumerate(args)
+        ]
+        _check_args(wf, stage, command, trial[1:])
+        steps.append(Step(stage.name, args, Path(out) if out is not None else None))
+        if spec.makes is not None and out is not None:
+            made[spec.makes] = out
+            earlier.add(out)
+    return steps
+
+
+def select(steps: Sequence[Step], start: str | None, until: str | None) -> list[Step]:
+    """The steps from ``start`` to ``until`` (names of stages); with ``start``, the folders that
+    stage reads from earlier stages must exist already."""
+    names = [s.name for s in steps]
+    for opt, name in (("--from", start), ("--until", until)):
+        if name is not None and name not in names:
+            raise UsageError(f"{opt} {name}: not a stage of this workflow ({', '.join(names)})")
+    first = names.index(start) if start else 0
+    last = names.index(until) if until else len(names) - 1
+    if last < first:
+        raise UsageError(f"--until {until} comes before --from {start} in the workflow")
+    outs = {str(s.out): s.name for s in steps[:first] if s.out is not None}
+    for word in steps[first].args[1:]:
+        if word in outs and not Path(word).exists():
+            raise UsageError(
+                f"--from {start}: {word} (the output of {outs[word]}) does not "
+                f"exist yet; run the workflow from {outs[word]} or earlier"
+            )
+    return list(steps[first : last + 1])
+
+
+def _check_args(wf: Workflow, stage: Stage, command: Any, args: list[str]) -> None:
+    """Let the command parse its argument list (types, ranges, choices) without running it."""
+    from typer._click.exceptions import BadParameter
+    from typer._click.exceptions import UsageError as ClickUsageError
+
+    try:
+        command.make_context(stage.name, list(args), resilient_parsing=False)
+    except BadParameter as e:
+        param = getattr(e, "param", None)
+        key = _key_of(stage, param)
+        if key is None and getattr(param, "name", None) == "labels":
+            key = "labels"  # the labels path came from the top of the file
+            if "labels" not in stage.options:
+                raise wf.error("", "labels", f"[{stage.name}] {e.format_message()}") from None
+        raise wf.error(stage.name, key, f"[{stage.name}] {e.format_message()}") from None
+    except ClickUsageError as e:
+        raise wf.error(stage.name, None, f"[{stage.name}] {e.format_message()}") from None
+
+
+def _key_of(stage: Stage, param: Any) -> str | None:
+    if param is None:
+        return None
+    for key in stage.options:
+        flag = "--" + key.replace("_", "-")
+        if flag in param.opts or flag in param.secondary_opts:
+            return key
+    return None
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class StepResult:
+    name: str
+    status: str  # "ok", "up to date", "some items failed", "stopped", "not run"
+    exit_code: int
+    seconds: float
+    out: Path | None
+
+
+def _semantic(args: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in NON_SEMANTIC:
+            skip = a == "--workers"
+        elif not a.startswith("--workers="):
+            out.append(a)
+    return out
+
+
+def up_to_date(step: Step) -> bool:
+    """True when the step's output folder says it finished this same command with no failure."""
+    if step.out is None or not step.out.is_dir():
+        return False
+    try:
+        info = read_run_info(step.out)
+    except (OSError, json.JSONDecodeError):
+        return False
+    if not info or not info.get("ended") or info.get("stage") != step.name:
+        return False
+    if (info.get("counts") or {}).get("failed", 1) != 0:
+        return False
+    return _semantic(info.get("command", [])[1:]) == _semantic(step.args)
+
+
+def _changed(step: Step) -> bool:
+    """Did the step write anything new (so the stages after it must run again)?"""
+    info = read_run_info(step.out) if step.out is not None and step.out.is_dir() else None
+    counts = (info or {}).get("counts")
+    return counts is None or counts.get("done", 1) > 0
+
+
+def _run_info(step: Step) -> dict:
+    info = read_run_info(step.out) if step.out is not None and step.out.is_dir() else None
+    return info or {}
+
+
+def _redone(step: Step, args: list[str], before: dict) -> bool:
+    """Did the step redo its items rather than add to them (other options, or new defaults,
+    under ``--overwrite``)? Then what the stages after it made from them is stale."""
+    old = before.get("command")
+    if "--overwrite" in args and old and _semantic(old[1:]) != _semantic(args):
+        return True
+    counts, after = before.get("counts") or {}, _run_info(step).get("counts") or {}
+    had = counts.get("done", 0) + counts.get("already_done", 0)
+    return had > 0 and after.get("already_done", 0) == 0 and after.get("done", 0) > 0
+
+
+def _is_item_stage_folder(step: Step) -> bool:
+    spec = STAGES.get(step.name)
+    return (
+        spec is not None
+        and spec.unit is None
+        and step.out is not None
+        and (step.out / "vpipe.json").is_file()
+    )
+
+
+def _stamp(step: Step) -> Path:
+    """Where the runner notes the command a one-unit stage last finished (beside its folder:
+    the stage owns what is inside)."""
+    assert step.out is not None
+    return step.out.parent / f".{step.out.name}.vpipe-run.json"
+
+
+def _unit_args(step: Step, upstream_changed: bool) -> list[str] | None:
+    """The arguments for a one-unit stage (train); ``None`` when it is up to date.
+
+    A run found in its folder is trained again (``--overwrite``) when the features changed in
+    this run or the options changed under ``vpipe run --overwrite``; is up to date when it
+    finished this same command; and is otherwise continued (``--resume``), which the stage
+    itself refuses when its options changed.
+    """
+    spec = STAGES[step.name]
+    assert spec.unit is not None and step.out is not None
+    flag, started, finished = spec.unit
+    base = [a for a in step.args if a != "--overwrite"]
+    if not (step.out / started).exists():
+        return base
+    try:
+        stamp = json.loads(_stamp(step).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        stamp = {}
+    same = _semantic(stamp.get("args", [])) == _semantic(base)
+    if upstream_changed or ("--overwrite" in step.args and not same):
+        return [*base, "--overwrite"]
+    if same and stamp.get("exit") == 0 and (step.out / finished).exists():
+        return None
+    return [*base, flag]
+
+
+def _args_for(step: Step, first: bool, upstream_changed: bool) -> list[str] | None:
+    """The arguments to run ``step`` with now, or ``None`` when it is up to date."""
+    spec = STAGES.get(step.name)
+    if spec is not None and spec.unit is not None and step.out is not None:
+        return _unit_args(step, upstream_changed)
+    # The first step always runs: its inputs lie outside the workflow and may have grown.
+    if not first and not upstream_changed and up_to_date(step):
+        return None
+    return list(step.args)
+
+
+def run_plan(
+    steps: Sequence[Step],
+    call: Callable[[list[str]], int],
+    *,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> tuple[int, list[StepResult]]:
+    """Run the steps in order through ``call(args) -> exit code``; returns the run's exit code.
+
+    A stage that exits 2 stops the run; one that exits 1 (some items failed) lets the next
+    stages work on the items that succeeded, and the run then exits 1. A stage already
+    finished with the same command is reported "up to date" unless an earlier one changed.
+    """
+    results: list[StepResult] = []
+    code = 0
+    upstream_changed = upstream_redone = False
+    for n, step in enumerate(steps, start=1):
+        head = f"vpipe run [{n}/{len(steps)}] {step.name}"
+        args = _args_for(step, n == 1, upstream_changed)
+        if args is None:
+            log(f"{head}: up to date ({step.out})")
+            results.append(StepResult(step.name, "up to date", 0, 0.0, step.out))
+            continue
+        if upstream_redone and _is_item_stage_folder(step):
+            # Its finished items were made from outputs that are gone: resuming would keep them.
+            log(f"{head}: removing {step.out} (made from the previous outputs of earlier stages)")
+            shutil.rmtree(step.out)
+        before = _run_info(step)
+        unit = STAGES.get(step.name, StageSpec((), None)).unit is not None and step.out is not None
+        if unit:
+            _stamp(step).unlink(missing_ok=True)  # a killed run must not look finished
+        log(f"{head}: {shlex.join(['vpipe', *args])}")
+        t0 = time.time()
+        saved = sys.argv
+        sys.argv = ["vpipe", *args]  # what the stage records as its command in vpipe.json
+        try:
+            rc = call(args)
+        finally:
+            sys.argv = saved
+        seconds = time.time() - t0
+        if unit and rc in (0, 1):
+            base = [a for a in args if a not in ("--overwrite", STAGES[step.name].unit[0])]
+            stamp = {"args": base, "exit": rc, "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            _stamp(step).write_text(json.dumps(stamp) + "\n", encoding="utf-8")
+        upstream_changed = upstream_changed or _changed(step)
+        upstream_redone = upstream_redone or (rc in (0, 1) and _redone(step, args, before))
+        status = {0: "ok", 1: "some items failed"}.get(rc, "stopped")
+        results.append(StepResult(step.name, status, rc, seconds, step.out))
+        if rc not in (0, 1):
+            code = rc
+            for later in steps[n:]:
+                results.append(StepResult(later.name, "not run", 0, 0.0, later.out))
+            break
+        code = max(code, rc)
+    return code, results
+
+
+def summary_lines(name: str, results: Sequence[StepResult], code: int, seconds: float) -> list[str]:
+    """A short table of what each stage did and where its output is."""
+    lines = [f"vpipe run {name}: exit {code} in {seconds:.1f}s"]
+    width = max((len(r.name) for r in results), default=5)
+    for r in results:
+        out = str(r.out) if r.out is not None else "-"
+        lines.append(f"  {r.name:<{width}}  {r.status:<17} {r.seconds:7.1f}s  {out}")
+    return lines

@@ -1,0 +1,376 @@
+"""`vpipe run`: workflow files checked against the real commands, run end to end, resumed after a
+kill, and equal to the commands `--dry-run` prints.
+
+The media are four 2 s frame-numbered videos (64x48, 25 fps); the workflow cuts two 0.8 s subclips
+from each (20 frames), keeps every 5th frame (4 per clip), runs resnet18 with its seeded random
+initialisation and trains a small LSTM for 3 epochs, so one full run takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import synth
+
+from pipeline.cli import main
+from pipeline.records import read_manifest
+from pipeline.shards import open_features
+
+REPO = Path(__file__).resolve().parent.parent
+VPIPE = str(Path(sys.executable).parent / "vpipe")
+SOURCES = {"dark": (30, 30, 30), "red": (200, 40, 40), "green": (40, 200, 40), "light": (220,) * 3}
+
+TINY = """\
+# a tiny workflow for the tests
+name = "tiny"
+inputs = ["videos"]
+labels = "labels.csv"
+work_dir = "work"
+
+[subclip]
+count = 2
+duration = 0.8
+start = 0.2
+
+[extract-frames]
+every = 5
+size = 64
+no-audio = true
+
+[features]
+image-model = "resnet18"
+image-weights = "none"
+audio-model = "none"
+batch-size = 8
+workers = 0
+
+[train]
+task = "regression"
+epochs = 3
+hidden = 16
+val-fraction = 0.25
+test-fraction = 0.25
+device = "cpu"
+
+[predict]
+"""
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with videos/, labels.csv (rating = brightness rank) and tiny.toml."""
+    root = tmp_path_factory.mktemp("project")
+    for name, rgb in SOURCES.items():
+        synth.make_video(
+            root / "videos" / f"{name}.mp4", duration_s=2.0, size=(64, 48), color=rgb, audio=False
+        )
+    ratings = {"dark": 1.0, "red": 2.0, "green": 3.0, "light": 4.0}
+    (root / "labels.csv").write_text(
+        "id,label\n" + "".join(f"{k},{v}\n" for k, v in ratings.items()), encoding="utf-8"
+    )
+    (root / "tiny.toml").write_text(TINY, encoding="utf-8")
+    return root
+
+
+def vpipe_run(project: Path, *args: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.chdir(project)
+    return main(["run", "tiny.toml", *args])
+
+
+def outputs(work: Path) -> dict:
+    """The parts of a run's outputs that must not depend on how the run got there."""
+    clips = {
+        i: (r["status"], r["start"], r["end"]) for i, r in read_manifest(work / "subclip").items()
+    }
+    frames = {
+        i: (r["n_frames"], r["timestamps"])
+        for i, r in read_manifest(work / "extract-frames").items()
+    }
+    with open_features(work / "features") as store:
+        feats = {c.clip_id: c.image for c in store}
+    preds = [json.loads(x) for x in (work / "train" / "predictions.jsonl").read_text().splitlines()]
+    return {
+        "clips": clips,
+        "frames": frames,
+        "features": feats,
+        "predictions": {(p["level"], p["id"]): p["prediction"] for p in preds},
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["clips"] == b["clips"]
+    assert a["frames"] == b["frames"]
+    assert sorted(a["features"]) == sorted(b["features"])
+    for cid, x in a["features"].items():
+        np.testing.assert_allclose(x, b["features"][cid], rtol=1e-4, atol=1e-5)
+    assert sorted(a["predictions"]) == sorted(b["predictions"])
+    for k, v in a["predictions"].items():
+        assert v == pytest.approx(b["predictions"][k], rel=1e-4, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def first_run(project: Path) -> dict:
+    """One uninterrupted run of tiny.toml into project/work (the reference outputs)."""
+    mp = pytest.MonkeyPatch()
+    try:
+        assert vpipe_run(project, "--quiet", monkeypatch=mp) == 0
+    finally:
+        mp.undo()
+    return outputs(project / "work")
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@pytest.mark.parametrize("name", ["trailer-rating", "video-tagging", "demo"])
+def test_shipped_workflows_match_the_real_commands(name: str, capsys: pytest.CaptureFixture):
+    assert main(["run", str(REPO / "workflows" / f"{name}.toml"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(x.startswith("vpipe ") for x in lines)
+    assert [shlex.split(x)[1] for x in lines][-2:] == ["train", "predict"]
+
+
+def test_trailer_rating_dry_run_is_the_lrcn_setup(capsys: pytest.CaptureFixture):
+    wf = REPO / "workflows" / "trailer-rating.toml"
+    assert main(["run", str(wf), "--dry-run", "--input", "my trailers", "--work-dir", "w"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        "vpipe subclip 'my trailers' -o w/subclip --count 3 --duration 30 "
+        "--start 10 --min-fraction 0.5 --mode exact"
+    )
+    assert lines[1] == "vpipe extract-frames w/subclip -o w/extract-frames --every 45 --no-audio"
+    assert lines[2].startswith(
+        "vpipe features w/extract-frames -o w/features --image-model resnet50"
+    )
+    assert "--labels ratings.csv -o w/train --task regression --model lstm" in lines[3]
+    assert lines[4] == "vpipe predict w/train w/features -o w/train/predictions.jsonl"
+
+
+def test_set_from_until_and_lists(
+    project: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    rc = vpipe_run(
+        project,
+        "--dry-run",
+        "--from",
+        "extract-frames",
+        "--until",
+        "train",
+        "--set",
+        'train.modalities=["image"]',
+        "--set",
+        "train.bidirectional=true",
+        "--set",
+        "features.image-model=resnet34",
+        "--work-dir",
+        "elsewhere",
+        monkeypatch=monkeypatch,
+    )
+    # --from needs the outputs of the stages before it: elsewhere/subclip does not exist.
+    assert rc == 2
+    assert (
+        "--from extract-frames: elsewhere/subclip (the output of subclip) does not exist"
+        in capsys.readouterr().err
+    )
+    rc = vpipe_run(
+        project,
+        "--dry-run",
+        "--until",
+        "train",
+        "--set",
+        'train.modalities=["image"]',
+        "--set",
+        "train.bidirectional=true",
+        "--set",
+        "features.image-model=resnet34",
+        monkeypatch=monkeypatch,
+    )
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [shlex.split(x)[1] for x in lines] == ["subclip", "extract-frames", "features", "train"]
+    assert "--image-model resnet34" in lines[2]
+    assert lines[3].endswith("--modalities image --bidirectional")
+
+
+BAD = [
+    ("[subclip]\ncount = 2\n\n[extract-frame]\nevery = 3\n", 8, "unknown stage [extract-frame]"),
+    ("[subclip]\ncount = 2\ncuont = 3\n", 7, "unknown option 'cuont' for [subclip]"),
+    ("[subclip]\ncount = 0\n", 6, "Invalid value for '--count'"),
+    ('[subclip]\ncount = "three"\n', 6, "Invalid value for '--count'"),
+    ('[subclip]\n[features]\nimage-model = "resnet18"\n', 6, "[features] needs a media folder"),
+    ('[subclip]\ninputs = "x"\n', 6, "'inputs' is set by the workflow"),
+    ('[extract-frames]\nno-audio = "yes"\n', 6, "no-audio is a switch"),
+    ("bogus = 1\n[subclip]\n", 5, "unknown setting 'bogus'"),
+]
+
+
+@pytest.mark.parametrize(("body", "line", "message"), BAD)
+def test_invalid_workflow_fails_before_any_stage_runs(
+    tmp_path: Path,
+    body: str,
+    line: int,
+    message: str,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    (tmp_path / "videos").mkdir()
+    head = 'inputs = ["videos"]\nwork_dir = "work"\n\n# stages\n'
+    (tmp_path / "bad.toml").write_text(head + body, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "bad.toml"]) == 2
+    err = capsys.readouterr().err
+    assert f"bad.toml:{line}: " in err and message in err
+    assert not (tmp_path / "work").exists()
+
+
+def test_not_toml_and_bad_set_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture):
+    wf = tmp_path / "wf.toml"
+    wf.write_text('inputs = "v"\n[subclip\n', encoding="utf-8")
+    assert main(["run", str(wf)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    wf.write_text('inputs = "v"\n[subclip]\n', encoding="utf-8")
+    assert main(["run", str(wf), "--set", "subclip.colour=3", "--dry-run"]) == 2
+    assert "--set subclip.colour: unknown option 'colour'" in capsys.readouterr().err
+    assert main(["run", str(wf), "--set", "features.x=3"]) == 2
+    assert "no stage [features]" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- running
+
+
+@pytest.mark.slow
+def test_run_reaches_the_end_and_rerun_is_up_to_date(
+    project: Path,
+    first_run: dict,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    work = project / "work"
+    # 4 videos x 2 subclips of 0.8 s = 20 frames, every 5th: frames 0, 5, 10, 15.
+    assert len(first_run["clips"]) == 8
+    assert all(s == "ok" for s, _, _ in first_run["clips"].values())
+    assert {n for n, _ in first_run["frames"].values()} == {4}
+    assert {x.shape for x in first_run["features"].values()} == {(4, 512)}
+    assert len(first_run["predictions"]) == 8 + 4  # per clip and per source
+    # Each stage recorded the equivalent command, as --dry-run prints it.
+    info = json.loads((work / "features" / "vpipe.json").read_text())
+    assert info["command"][:4] == ["vpipe", "features", "work/extract-frames", "-o"]
+
+    capsys.readouterr()
+    assert vpipe_run(project, monkeypatch=monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert "[2/5] extract-frames: up to date" in err
+    assert "[3/5] features: up to date" in err
+    assert "[4/5] train: up to date" in err  # its finished run was made by the same command
+    assert_same(outputs(work), first_run)
+
+
+@pytest.mark.slow
+def test_dry_run_commands_run_by_hand_give_the_same_outputs(
+    project: Path,
+    first_run: dict,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    assert vpipe_run(project, "--dry-run", "--work-dir", "by-hand", monkeypatch=monkeypatch) == 0
+    commands = capsys.readouterr().out.splitlines()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for cmd in commands:
+        words = shlex.split(cmd)
+        subprocess.run([VPIPE, *words[1:], "--quiet"], cwd=project, env=env, check=True)
+    assert_same(outputs(project / "by-hand"), first_run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("marker", ["subclip/manifest.jsonl", "train/config.json"])
+def test_killed_in_a_stage_then_rerun_gives_the_same_outputs(
+    project: Path, first_run: dict, marker: str
+):
+    work = f"killed-{marker.split('/')[0]}"
+    cmd = [VPIPE, "run", "tiny.toml", "--work-dir", work, "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=project, env=env)
+    target = project / work / marker
+    deadline = time.time() + 120
+    while not (target.exists() and target.stat().st_size) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (project / work / "train" / "predictions.jsonl").exists()
+
+    rerun = subprocess.run(
+        cmd[:-1], cwd=project, env=env, check=True, stderr=subprocess.PIPE, text=True
+    )
+    if marker.startswith("train"):  # the earlier stages are done; train continues its run
+        assert "extract-frames: up to date" in rerun.stderr
+        assert f"-o {work}/train" in rerun.stderr and "--resume" in rerun.stderr
+    assert_same(outputs(project / work), first_run)
+
+
+@pytest.mark.slow
+def test_a_stage_with_failed_items_lets_the_next_stages_go_on(
+    project: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    broken = project / "more"
+    broken.mkdir(exist_ok=True)
+    synth.make_truncated(project / "videos" / "red.mp4", broken / "cut.mp4", keep=0.3)
+    rc = vpipe_run(
+        project,
+        "--input",
+        "videos",
+        "--input",
+        "more",
+        "--work-dir",
+        "partial",
+        "--until",
+        "extract-frames",
+        monkeypatch=monkeypatch,
+    )
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "cut.mp4" in err
+    assert [x.split()[:2] for x in err.splitlines() if x.startswith("  ")] == [
+        ["subclip", "some"],
+        ["extract-frames", "ok"],
+    ]
+    frames = read_manifest(project / "partial" / "extract-frames")
+    assert len([r for r in frames.values() if r["status"] == "ok"]) == 8
+    assert not (project / "partial" / "features").exists()
+
+
+@pytest.mark.slow
+def test_overwrite_with_changed_options_redoes_the_stages_after_it(
+    project: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    args = ("--work-dir", "redo", "--until", "features", "--quiet")
+    assert vpipe_run(project, *args, monkeypatch=monkeypatch) == 0
+    assert (
+        vpipe_run(project, *args, "--set", "extract-frames.every=10", monkeypatch=monkeypatch) == 2
+    )  # other options: refused without --overwrite
+    assert "use --overwrite" in capsys.readouterr().err
+    rc = vpipe_run(
+        project,
+        "--work-dir",
+        "redo",
+        "--until",
+        "features",
+        "--overwrite",
+        "--set",
+        "extract-frames.every=10",
+        monkeypatch=monkeypatch,
+    )
+    assert rc == 0
+    assert "features: removing redo/features" in capsys.readouterr().err
+    with open_features(project / "redo" / "features") as store:
+        # 20 frames per clip, every 10th: frames 0 and 10, not the 4 frames of before.
+        assert len(store) == 8 and {c.image.shape[0] for c in store} == {2}
