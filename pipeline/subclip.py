@@ -2,14 +2,17 @@
 
 Per source: probe it, list its frame times (demux only), plan the clips on that frame grid
 (exact mode) or keyframe grid (keyframe mode), cut them all in one ffmpeg process, then measure
-each written clip. Clips land in ``OUT/<source_id>/<clip_id>.mp4``; the source folder is
-written under a temp name and renamed, so a source is either complete or absent.
+each written clip. Keyframe mode falls back to exact mode, with a note on stderr and in the
+records, for a source whose keyframes cannot place the clips (e.g. a single keyframe). Clips
+land in ``OUT/<source_id>/<clip_id>.mp4``; the source folder is written under a temp name and
+renamed, so a source is either complete or absent.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -127,6 +130,12 @@ def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions) -> list[dict]
         )
     if opts.mode == "keyframe" and info.video_codec not in _MP4_VIDEO:
         opts = replace(opts, mode="exact")  # cannot be stream-copied into mp4: re-encode
+    note = None
+    if opts.mode == "keyframe":
+        note = keyframe_fallback(frames, opts, src.source_id)
+        if note:
+            opts = replace(opts, mode="exact")
+            report_note("subclip", str(src.path), note)
     clips = plan_subclips(frames, opts, src.source_id)
     if not clips:
         need = opts.start_s + opts.min_fraction * opts.duration_s
@@ -145,7 +154,39 @@ def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions) -> list[dict]
             _cut_keyframe(src.path, info, frames, clips, tmp)
         for clip in clips:
             records.append(_measure(tmp / f"{clip.clip_id}.mp4", clip, src, mode))
+            if note:
+                records[-1]["note"] = note
     return records
+
+
+def keyframe_fallback(frames: media.FrameTimes, opts: SubclipOptions, source_id: str) -> str | None:
+    """Why keyframe mode cannot cut this source as asked (None: it can).
+
+    Clips can only start at keyframes: with a single keyframe the only stream-copied clip
+    would be the whole video, whatever ``--start``/``--duration`` say; and keyframes may be
+    too sparse to place any clip at all. Either way the source is cut in exact mode instead,
+    provided exact mode can place a clip (else the usual "too short" applies).
+    """
+    keys = frames.keyframe_times
+    exact = replace(opts, mode="exact")
+    if not plan_subclips(frames, exact, source_id):
+        return None
+    if len(keys) < 2:
+        why = f"a single keyframe (at {keys[0]:.2f}s)" if len(keys) else "no keyframe"
+    elif not plan_subclips(frames, opts, source_id):
+        shown = ", ".join(f"{t:g}" for t in keys[:8]) + (", ..." if len(keys) > 8 else "")
+        why = f"no subclip fits between its keyframes (at {shown} s)"
+    else:
+        return None
+    return (
+        f"keyframe mode cannot cut this video: {why}; "
+        "cut in exact mode (re-encoded) instead"
+    )
+
+
+def report_note(stage: str, label: str, message: str) -> None:
+    """One stderr line that is not an error (the run goes on as decided), like report_error's."""
+    print(f"vpipe {stage}: {label}: note: {message}", file=sys.stderr)
 
 
 def _measure(path: Path, clip: Subclip, src: media.SourceRef, mode: str) -> dict:
@@ -202,24 +243,34 @@ def _cut_keyframe(
 ) -> None:
     """Stream-copy the whole source once through the segment muxer, split at the clips'
     keyframe boundaries, and keep the segments that are clips (the rest is deleted)."""
-    bounds = sorted({t for c in clips for t in (c.start_s, c.end_s)} - {0.0, frames.end_s})
-    bounds = [b for b in bounds if 0 < b < frames.end_s]
+    # Times as the segment muxer sees them: ffmpeg counts from the container start, and the
+    # offset below moves the first video frame to 0 (a source whose audio starts first).
+    t0 = float(frames.times[0])
+    bounds = sorted({t for c in clips for t in (c.start_s, c.end_s)})
+    bounds = [b - t0 for b in bounds if t0 < b < frames.end_s]
     half_frame = 0.5 / info.fps if info.fps else 0.01
     # Read no further than a second past the last clip: the rest would only be discarded.
     read_s = max(c.end_s for c in clips) + 1.0
     args = ["-t", f"{read_s:.6f}", "-i", str(src), "-map", "0:v:0", "-map", "0:a:0?"]
     args += ["-sn", "-dn", "-c:v", "copy"]
     args += ["-c:a", "copy" if info.audio_codec in _MP4_AUDIO else "aac"]
-    args += ["-f", "segment", "-segment_format", "mp4", "-reset_timestamps", "1"]
-    args += ["-segment_time_delta", f"{half_frame:.6f}"]
+    if t0 > 0:
+        args += ["-output_ts_offset", f"{-t0:.6f}"]
+    # Each segment's timestamps restart at its first keyframe (-reset_timestamps). Audio that
+    # precedes that keyframe (AAC priming, packets interleaved before a B-frame keyframe) keeps
+    # its negative time: mp4 stores it behind an edit list, so the clip still starts at 0 with
+    # the audio in sync. The default (shift everything to non-negative) would move the video
+    # start instead: "written clip starts at 0.023s".
+    args += ["-f", "segment", "-avoid_negative_ts", "disabled", "-segment_format", "mp4"]
+    args += ["-reset_timestamps", "1", "-segment_time_delta", f"{half_frame:.6f}"]
     if bounds:
         args += ["-segment_times", ",".join(f"{b:.6f}" for b in bounds)]
-    else:
-        args += ["-segment_time", "1e9"]  # one segment: the clip is the whole video
+    else:  # one segment: the clip is the whole video (a time ffmpeg parses as a duration)
+        args += ["-segment_time", f"{read_s + 1.0:.6f}"]
     args += [str(out / ".seg%05d.mp4")]
     media.run_ffmpeg(args, what=f"{src}: cutting subclips")
     for c in clips:
-        seg = out / f".seg{bisect_right(bounds, c.start_s):05d}.mp4"
+        seg = out / f".seg{bisect_right(bounds, c.start_s - t0):05d}.mp4"
         if not seg.exists():
             raise MediaError(f"{src}: the segment for {c.clip_id} was not written")
         seg.rename(out / f"{c.clip_id}.mp4")

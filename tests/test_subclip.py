@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import av
@@ -15,7 +16,7 @@ import synth
 from pipeline import media
 from pipeline.cli import main
 from pipeline.errors import UsageError
-from pipeline.subclip import SubclipOptions, plan_subclips
+from pipeline.subclip import SubclipOptions, keyframe_fallback, plan_subclips
 
 FPS = 25
 
@@ -250,3 +251,133 @@ def test_usage_errors_exit_2(source: Path, tmp_path: Path, args) -> None:
 def test_missing_input_exits_2(tmp_path: Path, capsys) -> None:
     assert main(["subclip", str(tmp_path / "nope.mp4"), "-o", str(tmp_path / "o")]) == 2
     assert "nope.mp4: no such file or folder" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- keyframe edge cases
+
+
+def first_audio_pts(path: Path) -> int:
+    with av.open(str(path)) as c:
+        return next(p.pts for p in c.demux(audio=0) if p.size)
+
+
+# Audio samples (16 kHz) of the two keyframe clips [0, 2) and [2, 4) s. The segment muxer cuts
+# the packet stream (ordered by dts) at each keyframe, so a clip holds the 1024-sample AAC
+# packets (44.1 kHz, priming packet at -1024) that start before the next keyframe's dts:
+# without B-frames that is 2.0 s (88200): packets up to 88064 -> audio [0, 89088) in clip 0,
+# [89088 - 88200 = 888 (silence before it), 177152 - 88200) in clip 1. With B-frames the
+# keyframe's dts is 2 frames (0.08 s) before its pts: 84672 -> packets up to 83968, audio
+# [0, 84992) in clip 0; clip 1 from 88200 (earlier samples hidden by an edit list) to 173056.
+AUDIO_SAMPLES = {
+    "ultrafast": [round(89088 / 44100 * 16000), round((177152 - 88200) / 44100 * 16000)],
+    "veryfast": [round(84992 / 44100 * 16000), round((173056 - 88200) / 44100 * 16000)],
+}
+
+
+@pytest.mark.parametrize("preset", ["ultrafast", "veryfast"])  # without / with B-frames
+def test_keyframe_clip_from_the_first_frame_of_an_aac_source_starts_at_0_in_sync(
+    media_dir: Path, tmp_path: Path, preset: str
+) -> None:
+    # AAC priming: the source's first audio packet lies 1024 samples before the video.
+    src = synth.make_video(
+        media_dir / f"primed-{preset}.mp4", duration_s=6.0, gop=25, beeps_at=(0.5, 2.5),
+        extra=["-sc_threshold", "0", "-preset", preset],
+    )
+    assert first_audio_pts(src) == -1024
+    out = tmp_path / "kf"
+    code = main(["subclip", str(src), "-o", str(out), "--mode", "keyframe", "--count", "2",
+                 "--duration", "2", "--start", "0", "--workers", "1", "-q"])
+    assert code == 0
+    recs = manifest(out)
+    assert [(r["start"], r["end"], r["n_frames"], r["mode"]) for r in recs] == [
+        (0.0, 2.0, 50, "keyframe"), (2.0, 4.0, 50, "keyframe")
+    ]
+    for r, first, samples in zip(recs, (0, 50), AUDIO_SAMPLES[preset], strict=True):
+        clip = out / r["path"]
+        assert read_cv2(clip) == list(range(first, first + 50))
+        idx, times = read_av(clip)
+        assert idx == list(range(first, first + 50)) and times[0] == 0.0
+        # beeps at 0.5 s and 2.5 s of the source: 0.5 s into each clip
+        onsets, n = beep_onsets(clip)
+        assert onsets == pytest.approx([0.5], abs=0.005)
+        assert n == samples
+
+
+def test_keyframe_mode_on_a_source_whose_video_starts_after_its_audio(
+    media_dir: Path, tmp_path: Path
+) -> None:
+    base = synth.make_video(media_dir / "late-base.mp4", duration_s=6.0, gop=25,
+                            beeps_at=(0.5, 2.5), extra=["-sc_threshold", "0"])
+    src = tmp_path / "late.mp4"  # the same streams, the video delayed by 0.2 s
+    subprocess.run([synth.ffmpeg_exe(), "-v", "error", "-itsoffset", "0.2", "-i", str(base),
+                    "-i", str(base), "-map", "0:v", "-map", "1:a", "-c", "copy", str(src)],
+                   check=True)
+    assert media.frame_times(src).times[0] == pytest.approx(0.2)
+    out = tmp_path / "kf"
+    assert main(["subclip", str(src), "-o", str(out), "--mode", "keyframe", "--count", "2",
+                 "--duration", "2", "--start", "0", "-q"]) == 0
+    recs = manifest(out)
+    assert [(r["start"], r["end"], r["n_frames"]) for r in recs] == [(0.2, 2.2, 50), (2.2, 4.2, 50)]
+    # the beep at 0.5 s of the audio is 0.3 s after the first video frame
+    assert [beep_onsets(out / r["path"])[0] for r in recs] == [
+        pytest.approx([0.3], abs=0.005), pytest.approx([0.3], abs=0.005)
+    ]
+    for r, first in zip(recs, (0, 50), strict=True):
+        idx, times = read_av(out / r["path"])
+        assert idx == list(range(first, first + 50)) and times[0] == 0.0
+
+
+def test_keyframe_clip_that_is_the_whole_video(source: Path, tmp_path: Path) -> None:
+    # one clip over the whole 14 s source: no split point for the segment muxer
+    out = tmp_path / "kf"
+    assert main(["subclip", str(source), "-o", str(out), "--mode", "keyframe", "--count", "1",
+                 "--duration", "14", "--start", "0", "-q"]) == 0
+    (r,) = manifest(out)
+    assert (r["start"], r["end"], r["n_frames"], r["mode"]) == (0.0, 14.0, 350, "keyframe")
+    assert read_cv2(out / r["path"]) == list(range(350))
+
+
+def test_keyframe_fallback_reasons() -> None:
+    kf = SubclipOptions(count=1, duration_s=2, start_s=1, mode="keyframe")
+    assert keyframe_fallback(grid(250, key_every=50), kf, "v") is None
+    assert keyframe_fallback(grid(250, key_every=1000), kf, "v") == (
+        "keyframe mode cannot cut this video: a single keyframe (at 0.00s); "
+        "cut in exact mode (re-encoded) instead"
+    )
+    # keyframes at 0 s and 4 s of 10 s: a clip from 8 s snaps to the end; exact mode can cut it
+    late = SubclipOptions(count=1, duration_s=1, start_s=8, mode="keyframe")
+    assert keyframe_fallback(sparse(), late, "v") == (
+        "keyframe mode cannot cut this video: no subclip fits between its keyframes "
+        "(at 0, 4 s); cut in exact mode (re-encoded) instead"
+    )
+    # nothing fits in exact mode either: no fallback, the usual "too short" follows
+    assert keyframe_fallback(grid(25, key_every=1000), kf, "v") is None
+
+
+def sparse() -> media.FrameTimes:
+    t = np.arange(250) / FPS
+    return media.FrameTimes(times=t, keyframe=np.isin(np.arange(250), [0, 100]), end_s=10.0)
+
+
+def test_keyframe_mode_on_a_single_keyframe_source_cuts_exactly_with_a_note(
+    media_dir: Path, tmp_path: Path, capsys
+) -> None:
+    src = synth.make_video(media_dir / "onekey.mp4", duration_s=6.0, gop=1000,
+                           beeps_at=(2.5,), extra=["-sc_threshold", "0"])
+    assert len(media.frame_times(src).keyframe_times) == 1
+    out = tmp_path / "kf"
+    code = main(["subclip", str(src), "-o", str(out), "--mode", "keyframe", "--count", "2",
+                 "--duration", "2", "--start", "1", "--workers", "1"])
+    assert code == 0
+    recs = manifest(out)
+    note = ("keyframe mode cannot cut this video: a single keyframe (at 0.00s); "
+            "cut in exact mode (re-encoded) instead")
+    assert [(r["start"], r["end"], r["n_frames"], r["mode"], r["note"]) for r in recs] == [
+        (1.0, 3.0, 50, "exact", note), (3.0, 5.0, 50, "exact", note)
+    ]
+    for r, first in zip(recs, (25, 75), strict=True):
+        assert read_cv2(out / r["path"]) == list(range(first, first + 50))
+    assert beep_onsets(out / recs[0]["path"])[0] == pytest.approx([1.5], abs=0.005)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"vpipe subclip: {src}: note: {note}"
+    assert "2 done, 0 already done, 0 skipped, 0 failed" in err[-1]

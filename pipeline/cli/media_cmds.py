@@ -61,7 +61,9 @@ def subclip(
         typer.Option(
             "--mode",
             help="exact: frame-accurate cuts (re-encoded with x264); keyframe: stream copy, "
-            "boundaries snapped to keyframes (fast, clips still never overlap).",
+            "boundaries snapped to keyframes (fast, clips still never overlap). A video whose "
+            "keyframes cannot place a clip (e.g. a single keyframe) is cut in exact mode instead, "
+            "with a note on stderr and mode: exact in its records.",
         ),
     ] = "exact",
     min_fraction: Annotated[
