@@ -3,6 +3,8 @@ folder, resume, bad input, and the train → evaluate → predict commands."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -140,6 +142,7 @@ def test_run_folder_holds_the_contract_files(sets, tmp_path):
         "metrics.jsonl",
         "splits.json",
         "summary.json",
+        "vpipe.json",
     ]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3]
@@ -197,6 +200,100 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(sets, tmp_path):
     assert strip == [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in cut]
 
 
+def test_vpipe_json_records_params_versions_times_and_counts(sets, tmp_path):
+    folder, csv_path, _ = sets["regression"]
+    run = tmp_path / "run"
+    cfg = TrainConfig(**{**FAST, "epochs": 2})
+    s = train(folder, csv_path, run, cfg, quiet=True)
+    info = json.loads((run / "vpipe.json").read_text())
+    assert info["stage"] == "train"
+    assert info["params"] == {
+        **{**dataclasses.asdict(cfg), "modalities": ["image"]},
+        "features": str(folder.resolve()),
+        "labels": str(csv_path.resolve()),
+        "labels_sha256": hashlib.sha256(csv_path.read_bytes()).hexdigest(),
+        "features_fingerprint": info["params"]["features_fingerprint"],
+    }
+    assert re.fullmatch(r"[0-9a-f]{64}", info["params"]["features_fingerprint"])
+    assert {"vpipe", "python", "torch"} <= set(info["versions"])
+    assert info["versions"]["torch"] == torch.__version__
+    assert info["started"] <= info["ended"] and info["ended"].endswith("+00:00")
+    assert info["command"] == sys.argv
+    assert info["counts"] == {"done": 2, "already_done": 0, "skipped": 0, "failed": 0}
+    assert info["result"]["epochs_run"] == 2 and info["result"]["main_metric"] == "mse"
+    assert info["result"]["value"] == s["test"]["mse"]
+    # Continued with --resume: 2 more epochs done, 2 already done.
+    train(folder, csv_path, run, TrainConfig(**{**FAST, "epochs": 4}), resume=True, quiet=True)
+    info = json.loads((run / "vpipe.json").read_text())
+    assert info["counts"] == {"done": 2, "already_done": 2, "skipped": 0, "failed": 0}
+    assert info["params"]["epochs"] == 4
+
+
+def test_resume_of_a_finished_run_says_it_is_complete(sets, tmp_path, capsys):
+    folder, csv_path, _ = sets["classification"]
+    run = tmp_path / "run"
+    args = ["train", str(folder), "--labels", str(csv_path), "-o", str(run)]
+    args += ["--task", "classification", "--epochs", "2", "--hidden", "8", "--device", "cpu"]
+    assert main(args) == 0
+    capsys.readouterr()
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "vpipe.json"}
+    best = json.loads((run / "summary.json").read_text())["best_epoch"]
+    for extra in (["--resume"], [], ["--device", "auto"]):  # device never changes the result
+        assert main(args + extra) == 0
+        err = capsys.readouterr().err
+        assert err == (
+            f"vpipe train: {run} is already complete (2 epochs, best epoch {best}); nothing to "
+            "train (--resume --epochs N trains longer, --overwrite starts again)\n"
+        )
+        assert "s/epoch" not in err and "epoch 1/2" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != "vpipe.json"} == files
+    info = json.loads((run / "vpipe.json").read_text())
+    assert info["counts"] == {"done": 0, "already_done": 2, "skipped": 0, "failed": 0}
+    assert info["ended"] is not None
+
+
+def test_an_early_stopped_run_is_complete_unless_given_more_patience(sets, tmp_path, capsys):
+    folder, _, labels = sets["regression"]
+    values = list(labels.values())
+    random.Random(0).shuffle(values)  # shuffled targets: the val MSE soon stops improving
+    csv_path = write_labels(tmp_path / "shuffled.csv", dict(zip(labels, values, strict=True)))
+    run = tmp_path / "run"
+    cfg = dict(FAST, epochs=30, patience=1, hidden=8)
+    s = train(folder, csv_path, run, TrainConfig(**cfg), quiet=True)
+    assert s["stopped_early"] and s["epochs_run"] < 30
+    again = train(folder, csv_path, run, TrainConfig(**cfg))
+    assert again["already_complete"] and again["epochs_run"] == s["epochs_run"]
+    assert f"already complete ({s['epochs_run']} epochs, stopped early after 1 epochs" in (
+        capsys.readouterr().err
+    )
+    more = train(folder, csv_path, run, TrainConfig(**{**cfg, "patience": 30}), resume=True)
+    assert "already_complete" not in more and more["epochs_run"] == 30
+    assert f"resuming {run} after epoch {s['epochs_run']}" in capsys.readouterr().err
+
+
+def test_the_same_command_continues_an_interrupted_run(sets, tmp_path, capsys):
+    """What a kill after epoch 2 of 4 leaves (config for 4 epochs, last.pt at 2, no summary)
+    is continued by the same command, without --resume, to the uninterrupted weights."""
+    folder, csv_path, _ = sets["regression"]
+    cfg = dict(FAST, epochs=4, hidden=8)
+    train(folder, csv_path, tmp_path / "whole", TrainConfig(**cfg), quiet=True)
+    cut = tmp_path / "cut"
+    train(folder, csv_path, cut, TrainConfig(**{**cfg, "epochs": 2}), quiet=True)
+    for name, key in (("config.json", "config"), ("vpipe.json", "params")):
+        d = json.loads((cut / name).read_text())
+        d[key]["epochs"] = 4
+        (cut / name).write_text(json.dumps(d))
+    (cut / "summary.json").unlink()
+    s = train(folder, csv_path, cut, TrainConfig(**cfg))
+    assert f"resuming {cut} after epoch 2 (an unfinished run with the same options)" in (
+        capsys.readouterr().err
+    )
+    assert s["epochs_run"] == 4
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
+    b = torch.load(cut / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
 def test_a_run_killed_mid_training_resumes_to_the_same_weights(sets, tmp_path):
     """SIGKILL a real `vpipe train` process after a few epochs, then --resume it."""
     folder, csv_path, _ = sets["classification"]
@@ -229,7 +326,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(sets, tmp_path):
     proc.wait()
     done = len((cut / "metrics.jsonl").read_text().splitlines())
     assert 3 <= done < 30, "the run should have been killed part way"
-    assert main(["train", *args, "-o", str(cut), "--resume"]) == 0
+    assert main(["train", *args, "-o", str(cut)]) == 0  # the same command continues it
     assert main(["train", *args, "-o", str(tmp_path / "whole")]) == 0
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
     b = torch.load(cut / "last.pt", weights_only=True)["model"]
@@ -322,8 +419,10 @@ def test_cli_train_evaluate_predict(sets, tmp_path, capsys):
     assert [re.match(line, x).group(1) for x in epochs] == ["1", "2", "3"]
     assert "vpipe train: best epoch" in err and "trivial baseline" in err
 
-    assert main(args) == 2  # a run is there: refused without --resume/--overwrite
-    assert "use --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert main(args) == 0  # the same command again: the finished run is left as it is
+    assert "is already complete (3 epochs, best epoch" in capsys.readouterr().err
+    assert main(args + ["--epochs", "4"]) == 2  # training longer takes --resume
+    assert "use --resume to continue it with these" in capsys.readouterr().err
     assert main(args + ["--resume", "--epochs", "4"]) == 0
     assert "resuming" in capsys.readouterr().err
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
@@ -348,6 +447,7 @@ def test_cli_train_evaluate_predict(sets, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out == json.loads(m.read_text())
     assert out["split"] == "val" and out["n_clips"] == 16  # round(50 * 0.15) sources
+    assert out["labels_sha256"] == hashlib.sha256(csv_path.read_bytes()).hexdigest()
     assert {"loss", "accuracy", "top3_accuracy", "macro_f1"} == set(out["metrics"])
 
     preds = tmp_path / "p.jsonl"
@@ -500,6 +600,15 @@ def test_resume_refuses_other_options_or_other_labels(sets, tmp_path, capsys):
         == 2
     )
     assert "other labelled clips or splits" in capsys.readouterr().err
+    # Same clip ids, other label values: the CSV's sha256 tells.
+    shifted = {k: str(float(v) + 1) for k, v in labels.items()}
+    shifted_csv = write_labels(tmp_path / "shifted.csv", shifted)
+    assert main([*base[:3], str(shifted_csv), *base[4:]]) == 2
+    assert "was trained on other labels (same clip ids, other content)" in (capsys.readouterr().err)
+    assert main(base + ["--hidden", "16"]) == 2  # without --resume: the same message family
+    err = capsys.readouterr().err
+    assert "a run with other options is there (hidden: 8 -> 16)" in err
+    assert "use --overwrite to start again, or choose another --out" in err
     assert (run / "last.pt").read_bytes() == before  # refused runs touch nothing
     assert main(base + ["--overwrite", "--hidden", "16"]) == 0
     assert json.loads((run / "config.json").read_text())["config"]["hidden"] == 16

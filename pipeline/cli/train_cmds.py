@@ -122,12 +122,23 @@ def train(
         ),
     ] = False,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out from its last.pt, also with another --epochs or "
+            "--patience (train longer). Without it, the same options continue an unfinished "
+            "run and leave a finished one as it is.",
+        ),
     ] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Train an LSTM model on cached feature shards; writes the run folder --out."""
+    """Train an LSTM model on cached feature shards; writes the run folder --out.
+
+    The same command again is safe: a finished run is reported complete (nothing retrained),
+    an interrupted one continues from its last epoch. Other options, labels or features into
+    the same --out are refused (exit 2) unless --overwrite, which starts the run again.
+    """
     from pipeline.train import TrainConfig
     from pipeline.train import train as train_run
 
@@ -156,7 +167,7 @@ def train(
         stream=stream,
     )
     s = train_run(features, labels, out, cfg, resume=resume, overwrite=overwrite, quiet=quiet)
-    if not quiet:
+    if not quiet and not s.get("already_complete"):  # that case was reported already
         name = s["main_metric"]
         side = "test" if s["test"] else "val" if s["val"] else "train"
         got = s[side].get(name)

@@ -5,6 +5,8 @@ is created, so a bad labels file never leaves a half-written run behind. Each ep
 the training clips in an order drawn from (seed, epoch), evaluates val and test, rewrites
 ``metrics.jsonl`` and ``curves.png``, and saves ``last.pt`` (with optimizer and RNG states, so
 ``--resume`` continues exactly) and ``best.pt`` when the validation metric improves.
+``vpipe.json`` is written when training starts and stamped with the end time and the counts
+(in epochs) when the summary is written, as every stage does.
 """
 
 from __future__ import annotations
@@ -45,7 +47,19 @@ from pipeline.train.models import (
     run_model,
     to_device,
 )
-from pipeline.train.runs import flat_record, open_run_folder, save_checkpoint, write_curves
+from pipeline.train.runs import (
+    epoch_counts,
+    features_fingerprint,
+    flat_record,
+    is_complete,
+    open_run_folder,
+    outcome,
+    report_complete,
+    run_params,
+    save_checkpoint,
+    write_curves,
+    write_run_info,
+)
 
 
 @dataclass
@@ -223,7 +237,13 @@ def train(
     p = prepare(Path(features), Path(labels_csv), cfg, quiet)
     cfgd = asdict(cfg)
     cfgd["modalities"] = p.modalities
-    state = open_run_folder(out, cfgd, p.split_ids, resume, overwrite)
+    fingerprint = features_fingerprint(p.store, list(p.joined.labels), p.store_attrs, p.dims)
+    params = run_params(cfgd, Path(features), Path(labels_csv), fingerprint)
+    state = open_run_folder(out, cfgd, params, p.split_ids, resume, overwrite)
+    started = now_iso()
+    if state is not None and is_complete(out, state, cfg.epochs, cfg.patience):
+        p.store.close()
+        return report_complete(out, state, cfg.epochs, cfg.patience, started, quiet)
     device = pick_device(cfg.device)
     task = p.space.task
     t_train = p.targets["train"]
@@ -261,6 +281,8 @@ def train(
     }
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     atomic_write_text(out / "splits.json", json.dumps(p.split_ids, indent=1) + "\n")
+    # "result" of an earlier call would describe weights this call is about to change.
+    write_run_info(out, {"started": started, "ended": None, "params": params, "result": None})
 
     torch.manual_seed(cfg.seed)
     model = SequenceModel(
@@ -288,9 +310,11 @@ def train(
         if state.get("cuda_rng") is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"])
         history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
-        start, stopped = state["epoch"], state["stopped"]
+        # Recomputed, so that a --resume with a larger --patience goes on after an early stop.
+        start, stopped = state["epoch"], state["bad_epochs"] >= cfg.patience
         if not quiet:
-            print(f"vpipe train: resuming {out} after epoch {start}", file=sys.stderr)
+            how = "" if resume else " (an unfinished run with the same options)"
+            print(f"vpipe train: resuming {out} after epoch {start}{how}", file=sys.stderr)
 
     has_val = len(p.split_ids["val"]) > 0
     name = MAIN_METRIC[task][0]
@@ -411,5 +435,13 @@ def train(
         "device": str(device),
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_run_info(
+        out,
+        {
+            "ended": now_iso(),
+            "counts": epoch_counts(len(history) - start, start),
+            "result": outcome(summary),
+        },
+    )
     p.store.close()
     return summary

@@ -22,7 +22,7 @@ from pipeline.train.data import (
 )
 from pipeline.train.metrics import task_metrics
 from pipeline.train.models import pick_device, run_model
-from pipeline.train.runs import load_run
+from pipeline.train.runs import file_sha256, load_run
 
 # Feature attributes that must agree between training and use for the numbers to mean anything.
 IDENTITY = (
@@ -152,6 +152,8 @@ def evaluate_run(
         "run": str(run),
         "checkpoint": checkpoint,
         "features": str(features),
+        "labels": str(labels_csv),
+        "labels_sha256": file_sha256(labels_csv),
         "split": split or "all",
         "task": meta["task"],
         "n_clips": len(ids),

@@ -2,24 +2,91 @@
 
 ``RUN/config.json`` (options, task, classes, feature dims and identity), ``metrics.jsonl`` (one
 line per epoch), ``best.pt`` (model + what predict needs), ``last.pt`` (also optimizer, RNG state
-and history, for ``--resume``), ``summary.json``, ``curves.png``; each written atomically.
+and history, for ``--resume``), ``summary.json``, ``curves.png``, and ``vpipe.json`` (the run
+record every stage writes: parameters, versions, start/end, command, counts); each written
+atomically.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 
-from pipeline.errors import UsageError
-from pipeline.records import atomic_path, clean_temp_files
+from pipeline.errors import ParamsChanged, UsageError
+from pipeline.records import (
+    RUN_INFO,
+    atomic_path,
+    atomic_write_text,
+    base_versions,
+    clean_temp_files,
+    now_iso,
+    read_run_info,
+)
 from pipeline.train.metrics import MAIN_METRIC
 from pipeline.train.models import build_model
 
-# Options that may change between a run and its --resume (they do not change what is learned).
-RESUMABLE = {"epochs", "patience", "device", "stream"}
+# Options that never change what is learned: they may differ whenever a run is continued.
+NON_SEMANTIC = {"device", "stream"}
+# Options that may also change with an explicit --resume (train longer, be more patient).
+RESUMABLE = NON_SEMANTIC | {"epochs", "patience"}
+# Parameters (besides the options) that say what a run learns from; "features"/"labels" paths
+# are recorded but not compared, so a moved folder or CSV with the same content still resumes.
+IDENTITY = ("labels_sha256", "features_fingerprint")
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (the labels CSV is small)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def features_fingerprint(store, clip_ids: list[str], attrs: dict, dims: dict) -> str:
+    """sha256 of what the run sees of a feature folder: each labelled clip's id and sequence
+    lengths, and the feature identity (model, weights, sampling...) per modality."""
+    rows = [
+        [c, store.info(c).get("n_frames"), store.info(c).get("n_audio")] for c in sorted(clip_ids)
+    ]
+    text = json.dumps([rows, attrs, dims], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def run_params(cfg: dict, features: Path, labels: Path, fingerprint: str) -> dict:
+    """The ``params`` of ``vpipe.json``: every option plus the inputs and their identity."""
+    return {
+        **cfg,
+        "features": str(Path(features).resolve()),
+        "labels": str(Path(labels).resolve()),
+        "labels_sha256": file_sha256(labels),
+        "features_fingerprint": fingerprint,
+    }
+
+
+def train_versions() -> dict[str, str]:
+    import h5py
+    import numpy
+
+    return {
+        **base_versions(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "h5py": h5py.__version__,
+    }
+
+
+def write_run_info(out: Path, fields: dict) -> None:
+    """Update ``RUN/vpipe.json`` with ``fields`` (same layout as :class:`records.Run` writes)."""
+    info = {
+        **(read_run_info(out) or {}),
+        "stage": "train",
+        **fields,
+        "versions": train_versions(),
+        "command": sys.argv,
+    }
+    atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
@@ -62,9 +129,14 @@ def write_curves(history: list[dict], task: str, path: Path) -> None:
 
 
 def open_run_folder(
-    out: Path, cfg: dict, split_ids: dict, resume: bool, overwrite: bool
+    out: Path, cfg: dict, params: dict, split_ids: dict, resume: bool, overwrite: bool
 ) -> dict | None:
-    """Check what is already in ``out``; returns the last.pt state to resume from, if any."""
+    """Check what is already in ``out``; returns the last.pt state to continue from, if any.
+
+    ``cfg`` holds the options, ``params`` all of ``vpipe.json``'s. The same options
+    (``device``/``stream`` aside) on the same labels and features continue the run there; with
+    ``resume``, ``epochs`` and ``patience`` may change too; anything else needs ``overwrite``.
+    """
     if not out.exists() or not any(out.iterdir()):
         return None
     cfg_path = out / "config.json"
@@ -72,26 +144,36 @@ def open_run_folder(
         raise UsageError(f"{out}: exists and is not a vpipe train run; choose another --out")
     if overwrite:
         return None
-    if not resume:
-        raise UsageError(
-            f"{out}: a run is already there; use --resume to continue it or "
-            "--overwrite to start again"
-        )
     old = json.loads(cfg_path.read_text(encoding="utf-8"))["config"]
+    may_differ = RESUMABLE if resume else NON_SEMANTIC
     diff = [
-        k for k in sorted(set(old) | set(cfg)) if k not in RESUMABLE and old.get(k) != cfg.get(k)
+        k for k in sorted(set(old) | set(cfg)) if k not in may_differ and old.get(k) != cfg.get(k)
     ]
     if diff:
-        raise UsageError(
-            f"{out}: --resume with other options ("
-            + "; ".join(f"{k}: {old.get(k)!r} -> {cfg.get(k)!r}" for k in diff[:4])
-            + "); use --overwrite to start again"
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {cfg.get(k)!r}" for k in diff[:4])
+        if resume:
+            raise ParamsChanged(
+                f"{out}: --resume with other options ({shown}); use --overwrite to start again"
+            )
+        hint = (
+            "use --resume to continue it with these, or --overwrite to start again"
+            if set(diff) <= RESUMABLE
+            else "use --overwrite to start again, or choose another --out"
         )
+        raise ParamsChanged(f"{out}: a run with other options is there ({shown}); {hint}")
     splits = out / "splits.json"
     if splits.exists() and json.loads(splits.read_text(encoding="utf-8")) != split_ids:
-        raise UsageError(
-            f"{out}: --resume with other labelled clips or splits than the run started with "
+        raise ParamsChanged(
+            f"{out}: the run there started with other labelled clips or splits "
             "(labels or features changed); use --overwrite to start again"
+        )
+    before = (read_run_info(out) or {}).get("params", {})
+    changed = [k for k in IDENTITY if k in before and before[k] != params.get(k)]
+    if changed:
+        what = " and ".join("labels" if k == "labels_sha256" else "features" for k in changed)
+        raise ParamsChanged(
+            f"{out}: the run there was trained on other {what} (same clip ids, other content); "
+            "use --overwrite to start again"
         )
     clean_temp_files(out)  # a write cut by a crash; its target still holds the previous file
     last = out / "last.pt"
@@ -107,3 +189,53 @@ def load_run(run: str | Path, checkpoint: str = "best") -> tuple[torch.nn.Module
     model = build_model(ck["meta"])
     model.load_state_dict(ck["model"])
     return model, ck["meta"]
+
+
+def is_complete(out: Path, state: dict, epochs: int, patience: int) -> bool:
+    """A run with nothing left to train under these options, that wrote its summary."""
+    done = state["epoch"] >= epochs or state["bad_epochs"] >= patience
+    return done and (out / "summary.json").exists()
+
+
+def report_complete(
+    out: Path, state: dict, epochs: int, patience: int, started: str, quiet: bool
+) -> dict:
+    """Report a finished run instead of training it again; returns its summary, marked
+    ``already_complete`` (a key that is not in summary.json)."""
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    # Recorded like any stage's re-run: nothing done, every epoch already done.
+    write_run_info(
+        out, {"started": started, "ended": now_iso(), "counts": epoch_counts(0, state["epoch"])}
+    )
+    if not quiet:
+        early = state["epoch"] < epochs  # then it is complete by the patience rule
+        why = f", stopped early after {patience} epochs without a better val metric"
+        print(
+            f"vpipe train: {out} is already complete ({state['epoch']} epochs"
+            + (why if early else "")
+            + f", best epoch {summary['best_epoch']}); nothing to train "
+            "(--resume --epochs N trains longer, --overwrite starts again)",
+            file=sys.stderr,
+        )
+    return {**summary, "already_complete": True}
+
+
+def epoch_counts(done: int, already: int) -> dict:
+    """``vpipe.json`` counts, in epochs: trained by this call, and before it (resumed)."""
+    return {"done": done, "already_done": already, "skipped": 0, "failed": 0}
+
+
+def outcome(summary: dict) -> dict:
+    """The headline of summary.json, for ``vpipe.json`` readers that do not open it."""
+    name = summary["main_metric"]
+    side = "test" if summary["test"] else "val" if summary["val"] else "train"
+    return {
+        "epochs_run": summary["epochs_run"],
+        "best_epoch": summary["best_epoch"],
+        "stopped_early": summary["stopped_early"],
+        "main_metric": name,
+        "split": side,
+        "value": summary[side].get(name),
+        "baseline": summary["baseline"].get(side, {}).get(name),
+        "seconds_per_epoch": summary["seconds_per_epoch"],
+    }
