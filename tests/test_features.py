@@ -415,3 +415,192 @@ def test_bf16_precision_is_recorded_and_close_to_fp32(tmp_path: Path, media: Pat
         assert ref.attrs("image")["precision"] == "fp32"
         for cid in ref.clip_ids:
             assert_close(low[cid].image, ref[cid].image, rel=3e-2)  # bf16: 8-bit mantissa
+
+
+# --------------------------------------------------------------------------- --from-video
+
+
+@pytest.fixture(scope="session")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two small synthetic videos (160x120, 25 fps, beeps): 3.0 s and 2.0 s."""
+    import synth
+
+    d = tmp_path_factory.mktemp("videos")
+    synth.make_video(d / "va.mp4", duration_s=3.0, beeps_at=(1.0,))
+    synth.make_video(d / "vb.mp4", duration_s=2.0, beeps_at=(0.5,), color=(200, 60, 30))
+    return d
+
+
+def reference_from_frames(frames: list[np.ndarray], weights_file: Path) -> np.ndarray:
+    """The per-frame reference on decoded RGB arrays (PIL images, the weights' transforms)."""
+    model = torchvision.models.resnet18()
+    model.load_state_dict(torch.load(weights_file))
+    model.fc = torch.nn.Identity()
+    model.eval()
+    t = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    with torch.no_grad():
+        rows = [model(t(Image.fromarray(f))[None])[0].numpy() for f in frames]
+    return np.stack(rows)
+
+
+@pytest.fixture(scope="session")
+def from_video(tmp_path_factory: pytest.TempPathFactory, videos: Path, weights) -> Path:
+    """`vpipe features --from-video --fps 2` on the videos folder, through the CLI."""
+    out = tmp_path_factory.mktemp("fv") / "features"
+    assert main(args(videos, out, weights, "--from-video", "--fps", "2", "--workers", "2")) == 0
+    return out
+
+
+def test_from_video_features_equal_reference_on_iter_frames(from_video: Path, videos: Path,
+                                                            weights) -> None:
+    from pipeline.media import iter_frames
+
+    with open_features(from_video) as store:
+        assert sorted(store.clip_ids) == ["va", "vb"]
+        for cid, seconds in (("va", 3.0), ("vb", 2.0)):
+            decoded = list(iter_frames(videos / f"{cid}.mp4", fps=2))
+            c = store[cid]
+            assert c.image.shape == (len(decoded), 512) == (int(seconds * 2), 512)
+            k = np.arange(len(decoded))
+            np.testing.assert_array_equal(c.image_timestamps, k / 2)
+            np.testing.assert_array_equal(c.image_timestamps, [t for t, _ in decoded])
+            assert_close(c.image, reference_from_frames([f for _, f in decoded], weights["image"]))
+        assert c.start == 0.0 and c.end == pytest.approx(2.0, abs=0.05)
+        sampling = store.attrs("image")["sampling"]
+        assert sampling["from_video"] is True and sampling["params"]["fps"] == 2
+    info = json.loads((from_video / "vpipe.json").read_text())
+    assert info["params"]["from_video"] is True
+    assert (info["params"]["fps"], info["params"]["every"]) == (2, None)
+
+
+def test_from_video_audio_equals_the_jpeg_path(from_video: Path, videos: Path, weights,
+                                               tmp_path: Path) -> None:
+    """The same clip through extract-frames (its wav) and through --from-video: equal rows."""
+    frames = tmp_path / "frames"
+    assert main(["extract-frames", str(videos / "va.mp4"), "-o", str(frames), "--fps", "2",
+                 "-q"]) == 0
+    out = tmp_path / "jpeg"
+    assert main(args(frames, out, weights)) == 0
+    with open_features(from_video) as fv, open_features(out) as jp:
+        a, b = fv["va"], jp["va"]
+        assert a.audio.shape == (3, 128)  # 3.0 s at 16 kHz: three 0.96 s examples
+        np.testing.assert_array_equal(a.audio, b.audio)
+        np.testing.assert_array_equal(a.audio_timestamps, b.audio_timestamps)
+        np.testing.assert_array_equal(a.image_timestamps, b.image_timestamps)
+    rec = read_manifest(frames)["va"]
+    np.testing.assert_array_equal(
+        a.audio, reference_audio(frames / rec["audio"], weights, postprocess=True))
+
+
+def test_from_video_subclip_folder_every_and_resume(tmp_path: Path, videos: Path,
+                                                    weights) -> None:
+    """A subclip output folder as input, --every 10, shard size 1; a re-run resumes all."""
+    clips = tmp_path / "clips"
+    assert main(["subclip", str(videos / "va.mp4"), "-o", str(clips), "--count", "2",
+                 "--duration", "1", "--start", "0.5", "-q"]) == 0
+    recs = {r["id"]: r for r in read_manifest(clips).values() if r["status"] == "ok"}
+    assert len(recs) == 2
+    out = tmp_path / "f"
+    cmd = args(clips, out, weights, "--from-video", "--every", "10", "--shard-size", "1",
+               "--audio-model", "none", "--workers", "0")
+    assert main(cmd) == 0
+    assert len(shard_paths(out)) == 2
+    from pipeline.media import iter_frames
+
+    with open_features(out) as store:
+        for cid, r in recs.items():
+            c = store[cid]
+            decoded = list(iter_frames(clips / r["path"], every=10))
+            np.testing.assert_array_equal(c.image_timestamps, [t for t, _ in decoded])
+            assert (c.source, c.start, c.end) == ("va", r["start"], r["end"])
+            assert c.audio.shape == (0, 0)
+    before = [p.stat().st_mtime_ns for p in shard_paths(out)]
+    assert main(cmd) == 0  # all clips already in shards: nothing redone
+    assert [p.stat().st_mtime_ns for p in shard_paths(out)] == before
+    changed = [*cmd[:-4], "--audio-model", "none", "--workers", "0"]
+    changed[changed.index("--every") + 1] = "5"
+    assert main(changed) == 2  # other sampling: refused, as any changed parameter
+
+
+def test_from_video_bad_video_fails_only_its_clip(tmp_path: Path, videos: Path, weights,
+                                                 capsys) -> None:
+    import shutil
+
+    import synth
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(videos / "vb.mp4", src / "good.mp4")
+    synth.make_truncated(videos / "va.mp4", src / "cut.mp4", keep=0.5)
+    out = tmp_path / "f"
+    code = main(args(src, out, weights, "--from-video", "--fps", "2", "--audio-model", "none",
+                     "--workers", "0"))
+    assert code == 1
+    m = read_manifest(out)
+    assert m["good"]["status"] == "ok" and m["cut"]["status"] == "failed"
+    assert "cut.mp4" in m["cut"]["error"]
+    assert "vpipe features: cut" in capsys.readouterr().err
+    with open_features(out) as store:
+        assert store.clip_ids == ["good"] and store["good"].image.shape == (4, 512)
+
+
+def test_from_video_clip_failing_in_the_decoder_fails_only_itself(tmp_path: Path, videos: Path,
+                                                                  weights, capsys) -> None:
+    """A subclip-style folder whose middle clip file is damaged after it was recorded: the
+    error comes from the loader worker's decode, and only that clip fails."""
+    import shutil
+
+    import synth
+
+    clips = tmp_path / "clips"
+    run = Run(clips, "subclip", {"test": True}).open()
+    (clips / "v").mkdir()
+    for i, name in enumerate(("va", "cut", "vb")):
+        if name == "cut":
+            synth.make_truncated(videos / "va.mp4", clips / "v" / "v_1.mp4", keep=0.6)
+        else:
+            shutil.copy(videos / f"{name}.mp4", clips / "v" / f"v_{i}.mp4")
+        run.record({"id": f"v_{i}", "item": "v", "source": "v", "path": f"v/v_{i}.mp4",
+                    "start": 10.0 * i, "end": 10.0 * i + 2.0, "status": "ok"})
+    run.close()
+    out = tmp_path / "f"
+    code = main(args(clips, out, weights, "--from-video", "--fps", "2", "--shard-size", "2",
+                     "--workers", "2"))
+    assert code == 1
+    m = read_manifest(out)
+    assert [m[c]["status"] for c in ("v_0", "v_1", "v_2")] == ["ok", "failed", "ok"]
+    assert "v_1.mp4" in m["v_1"]["error"]
+    with open_features(out) as store:
+        assert sorted(store.clip_ids) == ["v_0", "v_2"]
+        assert store["v_0"].image.shape == (6, 512) and store["v_2"].image.shape == (4, 512)
+        assert (store["v_2"].start, store["v_2"].end) == (20.0, 22.0)
+
+
+def test_fps_without_from_video_is_a_usage_error(tmp_path: Path, media: Path, weights) -> None:
+    assert main(args(media, tmp_path / "f", weights, "--fps", "2")) == 2
+
+
+def test_from_video_resume_after_interrupt_equals_uninterrupted(tmp_path: Path, videos: Path,
+                                                                 weights, from_video: Path) -> None:
+    """Library call: interrupted after the first shard (1 clip each), the re-run completes
+    the other clip and the store equals the uninterrupted CLI run's."""
+    from pipeline.features import FeatureOptions, extract_features
+
+    out = tmp_path / "f"
+    opts = FeatureOptions(
+        image_model="resnet18", image_weights=str(weights["image"]),
+        audio_weights=str(weights["audio"]), audio_pca=str(weights["pca"]), precision="fp32",
+        batch_size=4, workers=1, shard_size=1, from_video=True, fps=2.0,
+    )
+
+    def interrupt(path: Path) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features([videos], out, opts, quiet=True, on_shard=interrupt)
+    assert [p.name for p in shard_paths(out)] == ["shard-00000.h5"]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    summary = extract_features([videos], out, opts, quiet=True)
+    assert (summary.resumed, summary.done, summary.failed) == (1, 1, 0)
+    assert len(shard_paths(out)) == 2
+    assert_same_features(out, from_video)

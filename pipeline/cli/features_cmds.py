@@ -14,7 +14,11 @@ from pipeline.cli.app import OutDir, Overwrite, Quiet, app
 def features(
     inputs: Annotated[
         list[Path],
-        typer.Argument(help="Output folder(s) of `vpipe extract-frames`.", show_default=False),
+        typer.Argument(
+            help="Output folder(s) of `vpipe extract-frames`; with --from-video: videos, "
+            "folders of videos or `vpipe subclip` output folders.",
+            show_default=False,
+        ),
     ],
     out: OutDir,
     image_model: Annotated[
@@ -80,6 +84,32 @@ def features(
         int,
         typer.Option("--shard-size", min=1, help="Clips per shard (a shard also closes at ~1 GB)."),
     ] = 256,
+    from_video: Annotated[
+        bool,
+        typer.Option(
+            "--from-video",
+            help="Decode the clips themselves (no extract-frames step, no JPEGs): frames "
+            "sampled by --fps/--every, audio resampled to 16 kHz mono.",
+        ),
+    ] = False,
+    fps: Annotated[
+        float | None,
+        typer.Option(
+            "--fps",
+            help="With --from-video: the frame on screen at each k/fps seconds, as "
+            "extract-frames --fps. [default: 1]",
+            show_default=False,
+        ),
+    ] = None,
+    every: Annotated[
+        int | None,
+        typer.Option(
+            "--every",
+            help="With --from-video: every Nth decoded frame (0, N, 2N...), as extract-frames "
+            "--every.",
+            show_default=False,
+        ),
+    ] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -88,7 +118,8 @@ def features(
     Writes OUT/shard-00000.h5 ... and OUT/index.jsonl; re-running skips clips already in
     complete shards. Published weights (imagenet, release) come from the torch hub cache
     ($TORCH_HOME/hub/checkpoints), downloaded there on first use when online; offline, put
-    the files there or give state-dict files.
+    the files there or give state-dict files. --from-video reads clips instead of frame
+    folders and decodes them in the loader workers.
     """
     from pipeline.features import FeatureOptions, default_workers, extract_features
 
@@ -106,6 +137,9 @@ def features(
         workers=default_workers() if workers is None else workers,
         device=device,
         precision=precision,
+        from_video=from_video,
+        fps=fps,
+        every=every,
     )
     summary = extract_features(inputs, out, opts, overwrite=overwrite, quiet=quiet)
     raise typer.Exit(summary.exit_code)
