@@ -26,6 +26,7 @@ demo: $(STAMP) ## install, generate synthetic trailers and run workflows/demo.to
 	$(PY) -m pipeline.demo
 
 bench: $(STAMP) ## the speed checks (prints figures; see benchmarks/README.md)
+	$(PY) benchmarks/media.py
 	$(PY) benchmarks/features.py
 	$(PY) benchmarks/end_to_end.py
 
