@@ -159,14 +159,22 @@ class Summary:
     skipped: int = 0
     failed: int = 0
     seconds: float = 0.0
+    # Where one work item yields several outputs (a video → its clips), the counts above are
+    # items and ``outputs`` counts the ok records, named by ``units`` ("videos", "clips").
+    outputs: int | None = None
+    units: tuple[str, str] | None = None
 
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
 
     def line(self) -> str:
+        done = f"{self.done} done"
+        if self.units is not None:
+            item, out = self.units
+            done = f"{self.done} {item} done ({self.outputs} {out})"
         return (
-            f"vpipe {self.stage}: {self.done} done, {self.resumed} already done, "
+            f"vpipe {self.stage}: {done}, {self.resumed} already done, "
             f"{self.skipped} skipped, {self.failed} failed in {self.seconds:.1f}s"
         )
 
@@ -294,6 +302,7 @@ class Run:
                     "already_done": s.resumed,
                     "skipped": s.skipped,
                     "failed": s.failed,
+                    **({} if s.units is None else {"outputs": s.outputs, "units": s.units}),
                 },
             }
         )
@@ -384,12 +393,15 @@ def run_items(
     *,
     workers: int = 1,
     quiet: bool = False,
+    units: tuple[str, str] | None = None,
 ) -> Summary:
     """Do ``work`` for every item not finished before, in ``workers`` processes; record each.
 
     ``work`` must be picklable (a module-level function or a functools.partial of one) when
     ``workers > 1``. It returns the item's manifest record(s) or raises ``Skip``/``VpipeError``.
+    With ``units`` (e.g. ``("videos", "clips")``) the summary counts items, plus their outputs.
     """
+    per_item = Summary(run.stage, outputs=0, units=units)
     todo = []
     for it in items:
         if run.finished(it.id):
@@ -402,6 +414,14 @@ def run_items(
         for r in recs:
             r.setdefault("label", it.label)
         run.record_item(it.id, recs)
+        statuses = {r["status"] for r in recs}
+        if FAILED in statuses:
+            per_item.failed += 1
+        elif statuses == {SKIPPED}:
+            per_item.skipped += 1
+        else:
+            per_item.done += 1
+        per_item.outputs += sum(r["status"] == OK for r in recs)
         for r in recs:
             if r["status"] != OK and r.get("error"):
                 report_error(run.stage, it.label, r["error"])
@@ -420,6 +440,9 @@ def run_items(
                         handle(pending.pop(fut), fut.result())
     finally:
         bar.close()
+        if units is not None:
+            for name in ("done", "skipped", "failed", "outputs", "units"):
+                setattr(run.summary, name, getattr(per_item, name))
         summary = run.close([r for it in items for r in _ids_of(run, it)])
     if not quiet:
         print(summary.line(), file=sys.stderr)

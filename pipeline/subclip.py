@@ -114,7 +114,7 @@ def subclip_videos(
     ).open()
     items = [Item(s.source_id, str(s.path), s) for s in sources]
     work = functools.partial(cut_source, out_dir=Path(out_dir), opts=opts)
-    return run_items(run, items, work, workers=workers, quiet=quiet)
+    return run_items(run, items, work, workers=workers, quiet=quiet, units=("videos", "clips"))
 
 
 def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions) -> list[dict]:

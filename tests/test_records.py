@@ -57,7 +57,7 @@ def test_second_run_resumes_and_does_nothing(trailers: Path, tmp_path: Path, cap
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.mp4")}
     assert main(["subclip", str(trailers), "-o", str(out), "--count", "2", "--duration", "2",
                  "--start", "0.5", "--workers", "2"]) == 0
-    assert "0 done, 4 already done, 0 skipped, 0 failed" in capsys.readouterr().err
+    assert "0 videos done (0 clips), 4 already done, 0 skipped, 0 failed" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.mp4")} == mtimes
     assert len(lines(out)) == 8  # compacted: one line per clip
     info = read_run_info(out)

@@ -219,7 +219,7 @@ def test_bad_inputs_are_recorded_and_the_rest_is_done(
     for name in ("readme.txt", "empty.mp4", "cut.mp4", "short.mp4"):
         (line,) = [ln for ln in err.splitlines() if name in ln]
         assert line.startswith("vpipe subclip: ") and line.count(name) == 1
-    assert "2 done, 0 already done, 1 skipped, 3 failed" in err
+    assert "1 videos done (2 clips), 0 already done, 1 skipped, 3 failed" in err
     assert not list(out.glob(".*"))  # no temp folders left by the failed sources
 
 
@@ -380,4 +380,4 @@ def test_keyframe_mode_on_a_single_keyframe_source_cuts_exactly_with_a_note(
     assert beep_onsets(out / recs[0]["path"])[0] == pytest.approx([1.5], abs=0.005)
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"vpipe subclip: {src}: note: {note}"
-    assert "2 done, 0 already done, 0 skipped, 0 failed" in err[-1]
+    assert "1 videos done (2 clips), 0 already done, 0 skipped, 0 failed" in err[-1]
