@@ -16,6 +16,7 @@ Inputs = Annotated[
     typer.Argument(
         help="Video files and/or folders (searched recursively; non-videos are skipped).",
         show_default=False,
+        metavar="INPUT",
     ),
 ]
 Clips = Annotated[
@@ -24,6 +25,7 @@ Clips = Annotated[
         help="A `vpipe subclip` output folder (its clips are read from its manifest), "
         "or video files and/or folders.",
         show_default=False,
+        metavar="CLIP",
     ),
 ]
 Workers = Annotated[
