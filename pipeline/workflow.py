@@ -38,9 +38,9 @@ class StageSpec:
     makes: str | None
     out: str | None = "dir"
     labels: bool = False
-    # A stage that is one unit of work (no per-item manifest): (its resume flag, the file that
-    # says a run was started in its folder, the file that says it finished).
-    unit: tuple[str, str, str] | None = None
+    # One unit of work (no per-item manifest): its --overwrite always starts it again, so the
+    # runner passes it only when the output is to be redone.
+    whole: bool = False
 
 
 # The commands a workflow may list. Kinds: "videos" (files/folders of videos, or subclips),
@@ -51,15 +51,13 @@ STAGES: dict[str, StageSpec] = {
     "extract-audio": StageSpec(("videos",), "media"),
     "features": StageSpec(("media",), "features"),
     "inspect": StageSpec(("features",), None, None),
-    "train": StageSpec(
-        ("features",), "run", labels=True, unit=("--resume", "config.json", "summary.json")
-    ),
+    "train": StageSpec(("features",), "run", labels=True, whole=True),
     "evaluate": StageSpec(("run", "features"), "metrics", "evaluation.json", labels=True),
     "predict": StageSpec(("run", "features"), "predictions", "predictions.jsonl"),
 }
 TOP_LEVEL_KEYS = {"name", "description", "inputs", "work_dir", "labels"}
 # Options that change how a stage runs but not what it writes (ignored by "up to date").
-NON_SEMANTIC = {"--quiet", "-q", "--overwrite", "--workers"}
+NON_SEMANTIC = {"--quiet", "-q", "--overwrite", "--resume", "--workers"}
 
 
 @dataclass
@@ -432,54 +430,31 @@ def _is_item_stage_folder(step: Step) -> bool:
     spec = STAGES.get(step.name)
     return (
         spec is not None
-        and spec.unit is None
+        and not spec.whole
         and step.out is not None
         and (step.out / "vpipe.json").is_file()
     )
 
 
-def _stamp(step: Step) -> Path:
-    """Where the runner notes the command a one-unit stage last finished (beside its folder:
-    the stage owns what is inside)."""
-    assert step.out is not None
-    return step.out.parent / f".{step.out.name}.vpipe-run.json"
-
-
-def _unit_args(step: Step, upstream_changed: bool) -> list[str] | None:
-    """The arguments for a one-unit stage (train); ``None`` when it is up to date.
-
-    A run found in its folder is trained again (``--overwrite``) when the features changed in
-    this run or the options changed under ``vpipe run --overwrite``; is up to date when it
-    finished this same command; and is otherwise continued (``--resume``), which the stage
-    itself refuses when its options changed.
-    """
-    spec = STAGES[step.name]
-    assert spec.unit is not None and step.out is not None
-    flag, started, finished = spec.unit
-    base = [a for a in step.args if a != "--overwrite"]
-    if not (step.out / started).exists():
-        return base
-    try:
-        stamp = json.loads(_stamp(step).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        stamp = {}
-    same = _semantic(stamp.get("args", [])) == _semantic(base)
-    if upstream_changed or ("--overwrite" in step.args and not same):
-        return [*base, "--overwrite"]
-    if same and stamp.get("exit") == 0 and (step.out / finished).exists():
-        return None
-    return [*base, flag]
-
-
 def _args_for(step: Step, first: bool, upstream_changed: bool) -> list[str] | None:
-    """The arguments to run ``step`` with now, or ``None`` when it is up to date."""
-    spec = STAGES.get(step.name)
-    if spec is not None and spec.unit is not None and step.out is not None:
-        return _unit_args(step, upstream_changed)
+    """The arguments to run ``step`` with now, or ``None`` when it is up to date.
+
+    A one-unit stage (train) given the same command continues an interrupted run or reports
+    a finished one itself, and refuses other options; it gets ``--overwrite`` only when an
+    earlier stage changed its input, or under ``vpipe run --overwrite`` with other options.
+    """
     # The first step always runs: its inputs lie outside the workflow and may have grown.
     if not first and not upstream_changed and up_to_date(step):
         return None
-    return list(step.args)
+    spec = STAGES.get(step.name)
+    if spec is None or not spec.whole or step.out is None:
+        return list(step.args)
+    base = [a for a in step.args if a != "--overwrite"]
+    if not (step.out.is_dir() and any(step.out.iterdir())):
+        return base
+    same = _semantic(_run_info(step).get("command", [])[1:]) == _semantic(base)
+    redo = upstream_changed or ("--overwrite" in step.args and not same)
+    return [*base, "--overwrite"] if redo else base
 
 
 def run_plan(
@@ -509,9 +484,6 @@ def run_plan(
             log(f"{head}: removing {step.out} (made from the previous outputs of earlier stages)")
             shutil.rmtree(step.out)
         before = _run_info(step)
-        unit = STAGES.get(step.name, StageSpec((), None)).unit is not None and step.out is not None
-        if unit:
-            _stamp(step).unlink(missing_ok=True)  # a killed run must not look finished
         log(f"{head}: {shlex.join(['vpipe', *args])}")
         t0 = time.time()
         saved = sys.argv
@@ -521,10 +493,6 @@ def run_plan(
         finally:
             sys.argv = saved
         seconds = time.time() - t0
-        if unit and rc in (0, 1):
-            base = [a for a in args if a not in ("--overwrite", STAGES[step.name].unit[0])]
-            stamp = {"args": base, "exit": rc, "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            _stamp(step).write_text(json.dumps(stamp) + "\n", encoding="utf-8")
         upstream_changed = upstream_changed or _changed(step)
         upstream_redone = upstream_redone or (rc in (0, 1) and _redone(step, args, before))
         status = {0: "ok", 1: "some items failed"}.get(rc, "stopped")

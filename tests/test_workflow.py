@@ -311,9 +311,17 @@ def test_killed_in_a_stage_then_rerun_gives_the_same_outputs(
     rerun = subprocess.run(
         cmd[:-1], cwd=project, env=env, check=True, stderr=subprocess.PIPE, text=True
     )
-    if marker.startswith("train"):  # the earlier stages are done; train continues its run
+    if marker.startswith("train"):
+        # The earlier stages are done; the same train command continues (or restarts) its run
+        # by itself: no --resume, no --overwrite, and the record counts the 3 epochs.
         assert "extract-frames: up to date" in rerun.stderr
-        assert f"-o {work}/train" in rerun.stderr and "--resume" in rerun.stderr
+        line = next(x for x in rerun.stderr.splitlines() if x.startswith("vpipe run [4/5] train"))
+        assert f"-o {work}/train" in line
+        assert "--resume" not in line and "--overwrite" not in line
+        info = json.loads((project / work / "train" / "vpipe.json").read_text())
+        assert info["ended"] is not None and info["stage"] == "train"
+        assert info["counts"]["done"] + info["counts"]["already_done"] == 3
+    assert not list((project / work).glob(".*.vpipe-run.json"))  # no file beside the stages
     assert_same(outputs(project / work), first_run)
 
 
@@ -374,3 +382,39 @@ def test_overwrite_with_changed_options_redoes_the_stages_after_it(
     with open_features(project / "redo" / "features") as store:
         # 20 frames per clip, every 10th: frames 0 and 10, not the 4 frames of before.
         assert len(store) == 8 and {c.image.shape[0] for c in store} == {2}
+
+
+@pytest.mark.slow
+def test_train_is_redone_only_when_its_options_or_its_features_change(
+    project: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    def run(*extra: str) -> tuple[int, str, dict]:
+        capsys.readouterr()
+        rc = vpipe_run(project, "--work-dir", "retrain", *extra, monkeypatch=monkeypatch)
+        err = capsys.readouterr().err
+        info = json.loads((project / "retrain" / "train" / "vpipe.json").read_text())
+        return rc, err, info
+
+    def train_line(err: str) -> str:
+        return next(x for x in err.splitlines() if x.startswith("vpipe run [4/5] train"))
+
+    rc, _, first = run("--quiet")
+    assert rc == 0 and first["params"]["hidden"] == 16
+    # Other train options: train itself refuses them without --overwrite (exit 2).
+    rc, err, _ = run("--set", "train.hidden=8")
+    assert rc == 2 and "hidden: 16 -> 8" in err and "use --overwrite" in err
+    rc, err, info = run("--overwrite", "--set", "train.hidden=8")
+    assert rc == 0 and "--overwrite" in train_line(err)
+    assert info["params"]["hidden"] == 8
+    assert info["counts"] == {"done": 3, "already_done": 0, "skipped": 0, "failed": 0}
+    # The same again, --overwrite or not: the finished run is up to date, nothing retrained.
+    rc, err, again = run("--overwrite", "--set", "train.hidden=8")
+    assert rc == 0 and "[4/5] train: up to date" in err
+    assert again["ended"] == info["ended"]
+    # An earlier stage redone (other frames, so other features): train starts again.
+    rc, err, redone = run(
+        "--overwrite", "--set", "train.hidden=8", "--set", "extract-frames.every=10"
+    )
+    assert rc == 0 and "--overwrite" in train_line(err)
+    assert redone["counts"]["done"] == 3 and redone["counts"]["already_done"] == 0
+    assert redone["params"]["features_fingerprint"] != info["params"]["features_fingerprint"]

@@ -81,7 +81,7 @@ def run(
         bool,
         typer.Option(
             "--overwrite",
-            help="Pass --overwrite to every stage (redo outputs made with other parameters).",
+            help="Redo the outputs made with other parameters, and the stages after them.",
         ),
     ] = False,
     quiet: Quiet = False,
@@ -89,7 +89,8 @@ def run(
     """Run the stages a workflow file lists, each feeding the next; resumable.
 
     Each stage writes WORK_DIR/<stage>. Finished items are skipped through each stage's
-    manifest, and a stage already finished with the same options is reported "up to date".
+    manifest, an interrupted train run continues from its last epoch, and a stage already
+    finished with the same options is reported "up to date".
     Relative paths in the file are taken from the current directory.
     """
     import typer.main

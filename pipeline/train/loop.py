@@ -172,21 +172,25 @@ def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = Fa
     return Prepared(store, space, reason, mods, dims, split_ids, targets, data, joined, attrs)
 
 
-def evaluate(model, data, targets, meta: dict, device) -> dict:
-    """Loss and task metrics of the model on one split."""
-    if len(data) == 0:
-        return {}
-    out, loss = run_model(model, data, targets, meta, device)
+def run_metrics(meta: dict, outputs: np.ndarray, targets: np.ndarray) -> dict:
+    """Task metrics of ``outputs``, with the run's top_k, threshold and training mean."""
     c = meta["config"]
-    m = task_metrics(
+    return task_metrics(
         meta["task"],
-        out,
+        outputs,
         targets,
         train_mean=meta["target_norm"][0],
         top_k=c["top_k"],
         threshold=c["threshold"],
     )
-    return {"loss": loss, **m}
+
+
+def evaluate(model, data, targets, meta: dict, device) -> dict:
+    """Loss and task metrics of the model on one split ({} for an empty split)."""
+    if len(data) == 0:
+        return {}
+    out, loss = run_model(model, data, targets, meta, device)
+    return {"loss": loss, **run_metrics(meta, out, targets)}
 
 
 def baseline_outputs(task: str, train_targets: np.ndarray, n: int, n_classes: int) -> np.ndarray:
@@ -402,14 +406,8 @@ def train(
     for split in ("val", "test"):
         n = len(p.split_ids[split])
         if n:
-            base[split] = task_metrics(
-                task,
-                baseline_outputs(task, t_train, n, len(p.space.classes)),
-                p.targets[split],
-                train_mean=target_norm[0],
-                top_k=cfg.top_k,
-                threshold=cfg.threshold,
-            )
+            trivial = baseline_outputs(task, t_train, n, len(p.space.classes))
+            base[split] = run_metrics(meta, trivial, p.targets[split])
     summary = {
         "task": task,
         "task_source": p.task_reason,

@@ -20,7 +20,7 @@ from pipeline.train.data import (
     read_labels,
     split_tags,
 )
-from pipeline.train.metrics import task_metrics
+from pipeline.train.loop import evaluate
 from pipeline.train.models import pick_device, run_model
 from pipeline.train.runs import file_sha256, load_run
 
@@ -68,6 +68,22 @@ def open_checked(features: str | Path, meta: dict, prog: str) -> FeatureStore:
                 file=sys.stderr,
             )
     return store
+
+
+def _open(run: str | Path, features: str | Path, checkpoint: str, prog: str):
+    """The run's model and meta, and the feature folder checked against them."""
+    model, meta = load_run(run, checkpoint)
+    return model, meta, open_checked(features, meta, prog)
+
+
+def _sequences(model, meta: dict, store: FeatureStore, ids: list[str], device: str):
+    """Move the model to ``device``; the clips ``ids`` as the run reads them, and the device."""
+    dev = pick_device(device)
+    model.to(dev)
+    data = ClipSequences(
+        store, ids, meta["modalities"], meta["config"]["max_frames"], dims=meta["dims"]
+    )
+    return data, dev
 
 
 def _encode(meta: dict, labels: dict[str, str], prog: str) -> tuple[list[str], np.ndarray]:
@@ -121,8 +137,7 @@ def evaluate_run(
 ) -> dict:
     """Metrics of a run on the labelled clips of ``features`` (or on one split of the run)."""
     prog = "vpipe evaluate"
-    model, meta = load_run(run, checkpoint)
-    store = open_checked(features, meta, prog)
+    model, meta, store = _open(run, features, checkpoint, prog)
     joined = join_labels(store, read_labels(labels_csv))
     joined.report(len(store), prog)
     labels = joined.labels
@@ -132,21 +147,8 @@ def evaluate_run(
         if not labels:
             raise UsageError(f"no labelled clip of the run's {split} split is in {features}")
     ids, targets = _encode(meta, labels, prog)
-    dev = pick_device(device)
-    model.to(dev)
-    data = ClipSequences(
-        store, ids, meta["modalities"], meta["config"]["max_frames"], dims=meta["dims"]
-    )
-    out, loss = run_model(model, data, targets, meta, dev)
-    c = meta["config"]
-    metrics = task_metrics(
-        meta["task"],
-        out,
-        targets,
-        train_mean=meta["target_norm"][0],
-        top_k=c["top_k"],
-        threshold=c["threshold"],
-    )
+    data, dev = _sequences(model, meta, store, ids, device)
+    metrics = evaluate(model, data, targets, meta, dev)  # ids is never empty
     store.close()
     return {
         "run": str(run),
@@ -157,7 +159,7 @@ def evaluate_run(
         "split": split or "all",
         "task": meta["task"],
         "n_clips": len(ids),
-        "metrics": {"loss": loss, **metrics},
+        "metrics": metrics,
     }
 
 
@@ -185,15 +187,10 @@ def predict_run(
 ) -> dict:
     """Write one JSON line per clip, then one per source video (mean over its clips)."""
     prog = "vpipe predict"
-    model, meta = load_run(run, checkpoint)
-    store = open_checked(features, meta, prog)
+    model, meta, store = _open(run, features, checkpoint, prog)
     thr = meta["config"]["threshold"] if threshold is None else threshold
-    dev = pick_device(device)
-    model.to(dev)
     ids = store.clip_ids
-    data = ClipSequences(
-        store, ids, meta["modalities"], meta["config"]["max_frames"], dims=meta["dims"]
-    )
+    data, dev = _sequences(model, meta, store, ids, device)
     outs, _ = run_model(model, data, None, meta, dev)
     lines, by_source = [], {}
     for cid, o in zip(ids, outs, strict=True):
