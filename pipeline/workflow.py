@@ -11,6 +11,7 @@ exactly as the printed commands would take them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -167,9 +168,7 @@ def load_workflow(
         file_inputs = [file_inputs]
     if not isinstance(file_inputs, list) or not all(isinstance(x, str) for x in file_inputs):
         raise wf.error("", "inputs", "inputs must be a path or a list of paths")
-    wf.inputs = list(inputs) if inputs else file_inputs
-    if not wf.inputs:
-        raise UsageError(f"{path}: no inputs (set inputs = [...] in the file, or --input PATH)")
+    wf.inputs = list(inputs) if inputs else file_inputs  # none: plan() says so after the checks
     for key in ("work_dir", "labels"):
         if key in data and not isinstance(data[key], str):
             raise wf.error("", key, f"{key} must be a path (a string)")
@@ -244,6 +243,10 @@ def plan(
     ``commands`` maps a command name to its click command (``vpipe``'s own). Every error
     names the file and line; nothing runs before the whole file is known to be valid.
     """
+    if not wf.inputs:
+        # Check every stage and option first (with a stand-in input), then report the inputs.
+        plan(dataclasses.replace(wf, inputs=["."]), commands, quiet=quiet, overwrite=overwrite)
+        raise UsageError(f"{wf.path}: no inputs (set inputs = [...] in the file, or --input PATH)")
     names = [s.name for s in wf.stages]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)

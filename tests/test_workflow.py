@@ -418,3 +418,15 @@ def test_train_is_redone_only_when_its_options_or_its_features_change(
     assert rc == 0 and "--overwrite" in train_line(err)
     assert redone["counts"]["done"] == 3 and redone["counts"]["already_done"] == 0
     assert redone["params"]["features_fingerprint"] != info["params"]["features_fingerprint"]
+
+
+def test_a_bad_option_is_reported_before_missing_inputs(tmp_path: Path, capsys) -> None:
+    wf = tmp_path / "bad.toml"
+    wf.write_text('name = "bad"\n\n[subclip]\ncuont = 3\n', encoding="utf-8")
+    assert main(["run", str(wf)]) == 2
+    err = capsys.readouterr().err
+    assert f"{wf}:4: unknown option 'cuont' for [subclip]" in err
+    wf.write_text('name = "bad"\n\n[subclip]\ncount = 3\n', encoding="utf-8")
+    assert main(["run", str(wf)]) == 2
+    assert "no inputs" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
