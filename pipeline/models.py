@@ -49,8 +49,47 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def hub_checkpoint(url: str, what: str, option: str) -> Path:
-    """The cached file of a published checkpoint, downloaded if missing; else WeightsUnavailable."""
+class MissingWeights(WeightsUnavailable):
+    """A published checkpoint neither in the hub cache nor downloadable, with how to provide it.
+
+    The stage resolves every file first and reports all the missing ones in one error
+    (:func:`missing_error`), so an offline user learns them in one run, not one per run.
+    """
+
+    def __init__(self, what: str, url: str, path: Path, options: str, reason: str) -> None:
+        self.what, self.url, self.path, self.options, self.reason = what, url, path, options, reason
+        super().__init__(
+            f"{what} weights are not in the cache ({path}) and could not be downloaded "
+            f"({reason}). Give {options}, or put {url} at {path} (the torch hub cache: "
+            f"$TORCH_HOME/hub/checkpoints/{path.name}, TORCH_HOME defaulting to ~/.cache/torch)"
+        )
+
+    def item(self) -> str:
+        return (
+            f"{self.what} weights ({self.path.name}): download {self.url} into that folder, "
+            f"or give {self.options}"
+        )
+
+
+def missing_error(missing: list[MissingWeights]) -> WeightsUnavailable:
+    """One error for every missing checkpoint (the single one as it is)."""
+    if len(missing) == 1:
+        return missing[0]
+    first = missing[0]
+    lines = [
+        f"{len(missing)} weight files are not in the torch hub cache ({first.path.parent}: "
+        "$TORCH_HOME/hub/checkpoints, TORCH_HOME defaulting to ~/.cache/torch) and could not be "
+        f"downloaded ({first.reason}). For each:",
+        *(f"  - {m.item()}" for m in missing),
+    ]
+    return WeightsUnavailable("\n".join(lines))
+
+
+def hub_checkpoint(url: str, what: str, options: str) -> Path:
+    """The cached file of a published checkpoint, downloaded if missing; else MissingWeights.
+
+    ``options`` says how else to provide it, e.g. "`--image-weights PATH` (a state-dict file)".
+    """
     from torch.hub import download_url_to_file, get_dir
 
     path = Path(get_dir()) / "checkpoints" / os.path.basename(url)
@@ -62,12 +101,7 @@ def hub_checkpoint(url: str, what: str, option: str) -> Path:
         download_url_to_file(url, str(tmp), progress=False)
         os.replace(tmp, path)
     except Exception as e:  # offline, proxy, HTTP error: all mean the same to the user
-        raise WeightsUnavailable(
-            f"{what} weights are not in the cache ({path}) and could not be downloaded "
-            f"({type(e).__name__}: {e}). Give a state-dict file with `{option} PATH`, or put "
-            f"{url} at {path} (the torch hub cache: $TORCH_HOME/hub/checkpoints/"
-            f"{os.path.basename(url)}, TORCH_HOME defaulting to ~/.cache/torch)"
-        ) from None
+        raise MissingWeights(what, url, path, options, f"{type(e).__name__}: {e}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -202,7 +236,11 @@ def resolve_image_weights(model_name: str, weights: str) -> tuple[WeightsInfo, A
         if not hasattr(enum, tag):
             raise UsageError(f"--image-weights {weights}: {model_name} has no {tag} weights")
         w = getattr(enum, tag)
-        path = hub_checkpoint(w.url, f"{model_name} {tag}", "--image-weights")
+        path = hub_checkpoint(
+            w.url,
+            f"{model_name} {tag}",
+            "`--image-weights PATH` (a state-dict file) or `--image-weights none` (random init)",
+        )
         return WeightsInfo("hub", f"{enum.__name__}.{tag}", file=path.name, url=w.url), w
     path = Path(weights)
     if not path.is_file():
@@ -214,11 +252,16 @@ def resolve_image_weights(model_name: str, weights: str) -> tuple[WeightsInfo, A
     )
 
 
-def load_image_encoder(model_name: str, weights: str) -> ImageEncoder:
-    """Build the ResNet with ``fc`` removed and its weights loaded (CPU, eval mode)."""
+def load_image_encoder(
+    model_name: str, weights: str, resolved: tuple[WeightsInfo, Any] | None = None
+) -> ImageEncoder:
+    """Build the ResNet with ``fc`` removed and its weights loaded (CPU, eval mode).
+
+    ``resolved``: what :func:`resolve_image_weights` returned, when the caller already ran it.
+    """
     import torchvision
 
-    info, w = resolve_image_weights(model_name, weights)
+    info, w = resolved or resolve_image_weights(model_name, weights)
     if info.kind == "random":
         torch.manual_seed(RANDOM_SEED)
         model = torchvision.models.get_model(model_name, weights=None)
@@ -361,9 +404,17 @@ def postprocess(emb: torch.Tensor, matrix: torch.Tensor, means: torch.Tensor) ->
     return torch.round((torch.clamp(x, lo, hi) - lo) * (255.0 / (hi - lo)))
 
 
+# How else to provide each audio file, for the offline message.
+AUDIO_OPTIONS = {
+    "--audio-weights": "`--audio-weights PATH` (a state-dict file) or `--audio-model none`",
+    "--audio-pca": "`--audio-pca PATH` (a .pth with pca_eigen_vectors and pca_means) or "
+    "`--no-audio-postprocess` (raw 128-d embeddings)",
+}
+
+
 def _file_or_hub(value: str, url: str, what: str, option: str) -> tuple[WeightsInfo, Path]:
     if value == "release":
-        path = hub_checkpoint(url, what, option)
+        path = hub_checkpoint(url, what, AUDIO_OPTIONS[option])
         return WeightsInfo(
             "hub", f"torchvggish {os.path.basename(url)}", file=path.name, url=url
         ), path
@@ -374,23 +425,79 @@ def _file_or_hub(value: str, url: str, what: str, option: str) -> tuple[WeightsI
     return WeightsInfo("file", str(path.resolve()), file=path.name, sha256=sha256_of(path)), path
 
 
-def resolve_audio_weights(weights: str, postprocess_on: bool, pca: str) -> tuple:
-    """Find VGGish weights and PCA parameters before any work starts."""
+def check_audio_options(weights: str, postprocess_on: bool, pca: str) -> None:
+    """Refuse random VGGish weights with the release PCA (a UsageError, before any lookup)."""
+    if weights == "none" and postprocess_on and pca == "release":
+        raise UsageError(
+            "--audio-weights none with the release PCA (--audio-postprocess) is meaningless: "
+            "the PCA was fitted to the trained VGGish. Add --no-audio-postprocess "
+            "(or give --audio-pca PATH)"
+        )
+
+
+def resolve_audio_weights(
+    weights: str, postprocess_on: bool, pca: str, missing: list[MissingWeights] | None = None
+) -> tuple:
+    """Find VGGish weights and PCA parameters before any work starts.
+
+    Every missing published file is looked for before failing: appended to ``missing`` when
+    given (the caller reports them with others), else raised together. Random weights with the
+    release PCA are refused: the PCA was fitted to the trained network's embeddings, so it
+    would only scramble random ones (use --no-audio-postprocess, or give --audio-pca PATH).
+    """
+    check_audio_options(weights, postprocess_on, pca)
+    own: list[MissingWeights] = []
+    winfo = wpath = pinfo = ppath = None
     if weights == "none":
-        winfo, wpath = WeightsInfo("random", "random", seed=RANDOM_SEED), None
+        winfo = WeightsInfo("random", "random", seed=RANDOM_SEED)
     else:
-        winfo, wpath = _file_or_hub(weights, VGGISH_URL, "VGGish", "--audio-weights")
-    pinfo = ppath = None
+        try:
+            winfo, wpath = _file_or_hub(weights, VGGISH_URL, "VGGish", "--audio-weights")
+        except MissingWeights as e:
+            own.append(e)
     if postprocess_on:
-        pinfo, ppath = _file_or_hub(pca, VGGISH_PCA_URL, "VGGish PCA", "--audio-pca")
+        try:
+            pinfo, ppath = _file_or_hub(pca, VGGISH_PCA_URL, "VGGish PCA", "--audio-pca")
+        except MissingWeights as e:
+            own.append(e)
+    if missing is not None:
+        missing.extend(own)
+    elif own:
+        raise missing_error(own)
     return winfo, wpath, pinfo, ppath
 
 
-def load_audio_encoder(weights: str, postprocess_on: bool, pca: str = "release") -> AudioEncoder:
-    """VGGish with its weights (``release``, ``none`` or a file) and optional PCA parameters."""
+def resolve_weights(
+    image_model: str,
+    image_weights: str,
+    audio: tuple[str, bool, str] | None,
+) -> tuple[tuple[WeightsInfo, Any] | None, tuple | None]:
+    """Resolve the image and (``audio``: weights, postprocess, pca) audio files together, so
+    that one error names every missing file with how to provide it."""
+    if audio:
+        check_audio_options(*audio)  # a usage error comes before any download attempt
+    missing: list[MissingWeights] = []
+    image = None
+    try:
+        image = resolve_image_weights(image_model, image_weights)
+    except MissingWeights as e:
+        missing.append(e)
+    resolved_audio = resolve_audio_weights(*audio, missing=missing) if audio else None
+    if missing:
+        raise missing_error(missing)
+    return image, resolved_audio
+
+
+def load_audio_encoder(
+    weights: str, postprocess_on: bool, pca: str = "release", resolved: tuple | None = None
+) -> AudioEncoder:
+    """VGGish with its weights (``release``, ``none`` or a file) and optional PCA parameters.
+
+    ``resolved``: what :func:`resolve_audio_weights` returned, when the caller already ran it.
+    """
     from torchvggish.torchvggish import VGG, make_layers
 
-    winfo, wpath, pinfo, ppath = resolve_audio_weights(weights, postprocess_on, pca)
+    winfo, wpath, pinfo, ppath = resolved or resolve_audio_weights(weights, postprocess_on, pca)
     if wpath is None:
         torch.manual_seed(RANDOM_SEED)
         model = VGG(make_layers(), postprocess=False)  # its own Postprocessor would download

@@ -264,10 +264,74 @@ def test_offline_imagenet_with_empty_cache_fails_clearly(tmp_path: Path, media: 
     code = main(["features", str(media), "-o", str(out), "--image-model", "resnet18", "-q"])
     err = capsys.readouterr().err
     assert code == 1
-    assert "vpipe: error: resnet18 IMAGENET1K_V1 weights are not in the cache" in err
-    assert "--image-weights PATH" in err and "resnet18-f37072fd.pth" in err
+    # One error names all three missing files (not one per run), each with its remedies.
+    assert "vpipe: error: 3 weight files are not in the torch hub cache" in err
     assert str(tmp_path / "empty" / "hub" / "checkpoints") in err
+    items = [line for line in err.splitlines() if line.startswith("  - ")]
+    assert len(items) == 3
+    assert "resnet18 IMAGENET1K_V1 weights (resnet18-f37072fd.pth)" in items[0]
+    assert "--image-weights PATH" in items[0] and "--image-weights none" in items[0]
+    assert "vggish-10086976.pth" in items[1] and "--audio-weights PATH" in items[1]
+    assert "vggish_pca_params-970ea276.pth" in items[2]
+    assert "--audio-pca PATH" in items[2] and "--no-audio-postprocess" in items[2]
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_offline_single_missing_pca_suggests_no_postprocess(tmp_path: Path, media: Path, weights,
+                                                           monkeypatch, capsys) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    for var in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    out = tmp_path / "f"
+    cmd = args(media, out, weights)
+    del cmd[cmd.index("--audio-pca"):cmd.index("--audio-pca") + 2]  # the release PCA: missing
+    assert main(cmd) == 1
+    err = capsys.readouterr().err
+    assert "vpipe: error: VGGish PCA weights are not in the cache" in err
+    assert "--audio-pca PATH" in err and "--no-audio-postprocess" in err
+    assert "vggish_pca_params-970ea276.pth" in err
+    assert not out.exists()
+
+
+def test_random_vggish_with_release_pca_is_a_usage_error(tmp_path: Path, media: Path, weights,
+                                                         capsys) -> None:
+    out = tmp_path / "f"
+    cmd = args(media, out, weights)
+    cmd[cmd.index("--audio-weights") + 1] = "none"
+    del cmd[cmd.index("--audio-pca"):cmd.index("--audio-pca") + 2]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert "--audio-weights none with the release PCA" in err and "--no-audio-postprocess" in err
+    assert not out.exists()
+    # As the message says: without the PCA, random VGGish runs and is recorded as random.
+    assert main([*cmd, "--no-audio-postprocess", "--shard-size", "4"]) == 0
+    with open_features(out) as store:
+        a = store.attrs("audio")
+        assert a["weights"]["kind"] == "random" and a["postprocess"] == "none"
+        assert store["a_0"].audio.shape == (2, 128)  # 2.1 s: two 0.96 s examples
+
+
+def test_subclip_folder_without_from_video_is_a_usage_error(tmp_path: Path, videos: Path,
+                                                            weights, capsys) -> None:
+    """A `vpipe subclip` folder given without --from-video: exit 2 before anything is made,
+    found by its vpipe.json stage or, lacking it, by its records (a path, no frames_dir)."""
+    clips = tmp_path / "clips"
+    assert main(["subclip", str(videos / "vb.mp4"), "-o", str(clips), "--count", "1",
+                 "--duration", "1", "--start", "0.5", "-q"]) == 0
+    out = tmp_path / "x11"
+    cmd = ["features", str(clips), "-o", str(out), "--image-weights", "none",
+           "--audio-model", "none", "-q"]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert (f"vpipe: error: {clips} is a `vpipe subclip` folder: run `vpipe extract-frames` on "
+            "it first, or add --from-video") in err
+    assert not out.exists()
+    info = json.loads((clips / "vpipe.json").read_text())
+    info["stage"] = "something-else"  # no stage to go by: the records tell
+    (clips / "vpipe.json").write_text(json.dumps(info))
+    assert main(cmd) == 2
+    assert "is a `vpipe subclip` folder" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path: Path, media: Path, weights,
@@ -604,3 +668,19 @@ def test_from_video_resume_after_interrupt_equals_uninterrupted(tmp_path: Path, 
     assert (summary.resumed, summary.done, summary.failed) == (1, 1, 0)
     assert len(shard_paths(out)) == 2
     assert_same_features(out, from_video)
+
+
+def test_video_stream_class_unpickles_in_a_fresh_process() -> None:
+    """A spawned loader worker unpickles the --from-video dataset by its module name."""
+    import pickle
+    import subprocess
+    import sys
+
+    from pipeline import features_video
+
+    stream = features_video._video_stream_class()([(0, "x.mp4")], None, 4, 2.0, None, False)
+    code = ("import pickle, sys; o = pickle.loads(sys.stdin.buffer.read()); "
+            "print(type(o).__module__, type(o).__qualname__, o.args[0], o.args[3])")
+    got = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(stream),
+                         capture_output=True, check=True).stdout.decode().split()
+    assert got == ["pipeline.features_video", "VideoFrameStream", "[(0,", "'x.mp4')]", "2.0"]

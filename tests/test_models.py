@@ -142,3 +142,39 @@ def test_offline_download_names_the_cache_file(tmp_path: Path, monkeypatch) -> N
     msg = str(e.value)
     assert "--audio-weights PATH" in msg and "vggish-10086976.pth" in msg
     assert not list((tmp_path / "hub" / "checkpoints").iterdir())  # no partial file left
+
+
+def test_offline_missing_files_are_reported_together(tmp_path: Path, monkeypatch) -> None:
+    """resolve_weights looks for every file before failing: one error lists all three."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    with pytest.raises(WeightsUnavailable) as e:
+        models.resolve_weights("resnet18", "imagenet", ("release", True, "release"))
+    msg = str(e.value)
+    assert msg.startswith("3 weight files are not in the torch hub cache")
+    for name in ("resnet18-f37072fd.pth", "vggish-10086976.pth", "vggish_pca_params-970ea276.pth",
+                 "--image-weights PATH", "--audio-weights PATH", "--audio-model none",
+                 "--audio-pca PATH", "--no-audio-postprocess"):
+        assert name in msg
+    # Random image weights and no audio: nothing to look for, nothing missing.
+    image, audio = models.resolve_weights("resnet18", "none", None)
+    assert image[0].kind == "random" and audio is None
+    # The PCA alone missing: its own message, with the way to do without it.
+    vggish = tmp_path / "vggish.pth"
+    torch.save({}, vggish)
+    with pytest.raises(models.MissingWeights) as e:
+        models.resolve_audio_weights(str(vggish), True, "release")
+    assert "--audio-pca PATH" in str(e.value) and "--no-audio-postprocess" in str(e.value)
+    assert not list((tmp_path / "hub" / "checkpoints").iterdir())
+
+
+def test_random_vggish_needs_no_release_pca(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--no-audio-postprocess"):
+        models.resolve_audio_weights("none", True, "release")
+    winfo, wpath, pinfo, ppath = models.resolve_audio_weights("none", False, "release")
+    assert (winfo.kind, wpath, pinfo, ppath) == ("random", None, None, None)
+    pca = tmp_path / "pca.pth"  # a PCA file asked for by path is the user's call
+    torch.save({"pca_eigen_vectors": np.eye(128), "pca_means": np.zeros(128)}, pca)
+    enc = models.load_audio_encoder("none", True, str(pca))
+    assert enc.weights.kind == "random" and enc.pca_info.kind == "file"

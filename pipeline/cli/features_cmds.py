@@ -40,14 +40,16 @@ def features(
         typer.Option(
             "--audio-weights",
             help="release (torchvggish's, from the torch hub cache), none "
-            "(seeded random init), or a state-dict file.",
+            "(seeded random init: needs --no-audio-postprocess or --audio-pca PATH, the "
+            "release PCA being fitted to the trained network), or a state-dict file.",
         ),
     ] = "release",
     audio_postprocess: Annotated[
         bool,
         typer.Option(
             "--audio-postprocess/--no-audio-postprocess",
-            help="Apply the AudioSet release's PCA + 8-bit quantisation to VGGish embeddings.",
+            help="Apply the AudioSet release's PCA + 8-bit quantisation to VGGish embeddings "
+            "(--no-audio-postprocess: raw 128-d embeddings, no PCA file needed).",
         ),
     ] = True,
     audio_pca: Annotated[
@@ -118,8 +120,9 @@ def features(
     Writes OUT/shard-00000.h5 ... and OUT/index.jsonl; re-running skips clips already in
     complete shards. Published weights (imagenet, release) come from the torch hub cache
     ($TORCH_HOME/hub/checkpoints), downloaded there on first use when online; offline, put
-    the files there or give state-dict files. --from-video reads clips instead of frame
-    folders and decodes them in the loader workers.
+    the files there or give state-dict files (one error lists every missing file). The
+    input folders come from `vpipe extract-frames`; --from-video reads clips (videos, or a
+    `vpipe subclip` folder) instead and decodes them in the loader workers.
     """
     from pipeline.features import FeatureOptions, default_workers, extract_features
 
