@@ -3,7 +3,8 @@
 Inputs are a ``vpipe subclip`` output folder (its manifest gives the clips with their source
 and times) or any videos/folders. Each clip is decoded once (media.decode): the sampled frames
 are written as images, the audio as a 16 kHz mono s16 wav, into ``OUT/<clip_id>/`` under a temp
-name that is renamed when the clip is complete.
+name that is renamed when the clip is complete. Frames come out upright: a display rotation
+(portrait phone videos store frames sideways) is applied, as players do.
 """
 
 from __future__ import annotations

@@ -83,6 +83,7 @@ class MediaInfo:
     audio_sample_rate_hz: int | None = None
     audio_channels: int | None = None
     start_s: float = 0.0  # container start time (ffmpeg's -ss and our times count from it)
+    video_end_s: float = 0.0  # declared end of the video stream, from the container start
 
 
 # Leading bytes of video containers: a file that starts like one but does not open is damaged,
@@ -166,6 +167,7 @@ def probe(path: str | os.PathLike) -> MediaInfo:
             audio_sample_rate_hz=a.codec_context.sample_rate if a is not None else None,
             audio_channels=a.codec_context.channels if a is not None else None,
             start_s=start,
+            video_end_s=declared_end(c, v) or duration,
         )
 
 
@@ -401,7 +403,7 @@ def decode(
             if audio is not None:
                 yield from audio.flush()
                 if frames is None:
-                    _check_complete(path, c, audio.n / audio.rate + origin)
+                    _check_complete(path, c, audio.n / audio.rate + origin, a)
         except av.error.FFmpegError as e:
             raise MediaError(f"{path}: decoding failed ({_av_reason(e)})") from None
     finally:
@@ -440,6 +442,7 @@ class _FramePicker:
     def __init__(self, sampler: FrameSampler, origin: float, stream) -> None:
         self.s = sampler
         self.origin = origin
+        self.stream = stream
         self.index = 0  # decoded frames so far
         self.k = 0  # next tick for --fps
         self.prev = None  # (t, frame) the last frame seen, on screen until the next one
@@ -451,8 +454,14 @@ class _FramePicker:
     def _rgb(self, frame) -> np.ndarray:
         w, h = scaled_size(frame.width, frame.height, self.s.size)
         if (w, h) == (frame.width, frame.height):
-            return frame.to_ndarray(format="rgb24")
-        return frame.reformat(w, h, "rgb24", interpolation="AREA").to_ndarray()
+            rgb = frame.to_ndarray(format="rgb24")
+        else:
+            rgb = frame.reformat(w, h, "rgb24", interpolation="AREA").to_ndarray()
+        # Phone videos store portrait frames sideways plus a display rotation (degrees
+        # counter-clockwise): output frames upright, as players show them. The short side
+        # is the same before and after, so scaling first is fine.
+        turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+        return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
     def _time(self, frame) -> float:
         t = frame.time
@@ -501,12 +510,37 @@ class _FramePicker:
     def check_complete(self, path: Path, container) -> None:
         if self.index == 0:
             raise MediaError(f"{path}: no decodable video frames")
-        _check_complete(path, container, self.last_t + self.origin + self.frame_s)
+        _check_complete(
+            path, container, self.last_t + self.origin + self.frame_s, self.stream
+        )
 
 
-def _check_complete(path: Path, container, end_s: float) -> None:
-    """A file whose data stops well before its declared duration was cut short."""
-    declared = container.duration / 1e6 if container.duration else 0.0
+def declared_end(container, stream) -> float:
+    """The stream's declared end in seconds from the container start (the container's
+    duration when the stream declares none; 0.0 when neither is known).
+
+    Per stream, because audio and video often end apart (a soundtrack longer or shorter than
+    the picture) and the container's duration is the longer of them.
+    """
+    start = container.start_time / 1e6 if container.start_time else 0.0
+    dur = None
+    if stream is not None and stream.duration and stream.time_base:
+        dur = float(stream.duration * stream.time_base)
+    elif stream is not None and stream.metadata.get("DURATION"):  # matroska/webm track tag
+        try:
+            h, m, sec = stream.metadata["DURATION"].split(":")
+            dur = int(h) * 3600 + int(m) * 60 + float(sec)
+        except ValueError:
+            dur = None
+    if dur is None:
+        return container.duration / 1e6 if container.duration else 0.0
+    s0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else start
+    return s0 - start + dur
+
+
+def _check_complete(path: Path, container, end_s: float, stream=None) -> None:
+    """A stream whose data stops well before its declared duration was cut short."""
+    declared = declared_end(container, stream)
     start = container.start_time / 1e6 if container.start_time else 0.0
     seen = end_s - start
     if declared > 0 and seen < declared - max(1.0, 0.05 * declared):

@@ -448,9 +448,17 @@ def _check_shard(path: Path, rows: list[dict]) -> tuple[dict, list[str]]:
 def validate(folder: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
     """Summary of a feature folder and every inconsistency between its shards and its index."""
     folder = Path(folder)
-    index = read_index(folder)
     paths = shard_paths(folder)
     problems: list[str] = []
+    try:
+        index = read_index(folder)
+    except (ValueError, UnicodeDecodeError) as e:  # a damaged index is a finding, not a crash
+        problems.append(f"{folder / INDEX}: unreadable ({type(e).__name__}: {e})")
+        index = []
+    good = [r for r in index if isinstance(r, dict) and {"clip_id", "shard", "row"} <= r.keys()]
+    if len(good) != len(index):
+        problems.append(f"{folder / INDEX}: a line lacks clip_id/shard/row")
+        index = good
     if not (folder / INDEX).exists():
         problems.append(f"{folder / INDEX}: missing")
     by_shard: dict[str, list[dict]] = {}
@@ -478,11 +486,14 @@ def validate(folder: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
                         problems.append(f"{p.name}: /{m} {key[:-1]} {facts[key][m]} != {old}")
     if summary["clips"] != len(index):
         problems.append(f"index.jsonl has {len(index)} clips, shards hold {summary['clips']}")
-    if paths:
-        store = FeatureStore(folder, index)
+    # Model attributes from the first shard that opens (a damaged one is reported above).
+    summary["image_attrs"], summary["audio_attrs"] = {}, {}
+    for p in paths:
         try:
-            summary["image_attrs"] = store.attrs("image") if index else {}
-            summary["audio_attrs"] = store.attrs("audio") if index else {}
-        finally:
-            store.close()
+            with h5py.File(p, "r") as f:
+                summary["image_attrs"] = _read_attrs(f["image"])
+                summary["audio_attrs"] = _read_attrs(f["audio"])
+            break
+        except (OSError, KeyError):
+            continue
     return summary, problems

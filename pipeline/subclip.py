@@ -123,10 +123,13 @@ def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions) -> list[dict]
     src.raise_problem()
     info = src.info
     frames = media.frame_times(src.path)
-    if frames.end_s < info.duration_s - max(1.0, 0.05 * info.duration_s):
+    # Against the video stream's own declared end: a soundtrack longer than the picture
+    # makes the container's duration longer without the file being cut short.
+    declared = info.video_end_s or info.duration_s
+    if frames.end_s < declared - max(1.0, 0.05 * declared):
         raise MediaError(
             f"{src.path}: truncated (media data ends at {frames.end_s:.2f}s of the "
-            f"{info.duration_s:.2f}s declared)"
+            f"{declared:.2f}s declared)"
         )
     if opts.mode == "keyframe" and info.video_codec not in _MP4_VIDEO:
         opts = replace(opts, mode="exact")  # cannot be stream-copied into mp4: re-encode

@@ -184,3 +184,53 @@ def test_a_frames_folder_is_not_taken_for_videos(numbered_video: Path, tmp_path:
     assert main(["extract-frames", str(numbered_video), "-o", str(out), "-q"]) == 0
     assert main(["extract-frames", str(out), "-o", str(tmp_path / "m2"), "-q"]) == 2
     assert "this is the output of `vpipe extract-frames`" in capsys.readouterr().err
+
+
+def _remux(src: Path, dst: Path, *args: str) -> Path:
+    import subprocess
+
+    cmd = [media.ffmpeg_exe(), "-y", "-v", "error", *args, "-i", str(src)]
+    subprocess.run([*cmd, "-c", "copy", str(dst)], check=True)
+    return dst
+
+
+def test_rotated_video_frames_come_out_upright(tmp_path: Path) -> None:
+    # A phone video: 160x120 frames stored sideways with a 90° display rotation.
+    flat = synth.make_video(tmp_path / "flat.mp4", duration_s=1.0, audio=False)
+    rot = _remux(flat, tmp_path / "portrait.mp4", "-display_rotation", "90")
+    assert main(["extract-frames", str(rot), "-o", str(tmp_path / "o"), "--fps", "1",
+                 "--size", "0", "--format", "png", "--quiet"]) == 0
+    got = np.asarray(Image.open(tmp_path / "o/portrait/frames/000000.png"))
+    assert got.shape == (160, 120, 3)  # upright: taller than wide
+    ref = next(av.open(str(flat)).decode(video=0)).to_ndarray(format="rgb24")
+    assert np.array_equal(got, np.rot90(ref, 1))  # 90° counter-clockwise, as players show it
+    assert synth.frame_index(np.rot90(got, -1)) == 0
+
+
+def _with_audio(video: Path, dst: Path, audio_s: float) -> Path:
+    import subprocess
+
+    cmd = [media.ffmpeg_exe(), "-y", "-v", "error", "-i", str(video), "-f", "lavfi", "-i",
+           f"sine=d={audio_s}:r=16000", "-map", "0:v", "-map", "1:a", "-c:v", "copy",
+           "-c:a", "aac", str(dst)]
+    subprocess.run(cmd, check=True)
+    return dst
+
+
+@pytest.mark.parametrize("audio_s", [6.0, 1.0])
+def test_audio_longer_or_shorter_than_video_is_not_truncation(
+    tmp_path: Path, audio_s: float
+) -> None:
+    # Soundtracks that end apart from the picture used to fail as "truncated" (the container's
+    # duration, the longer stream, was compared with the other stream's data).
+    vid = synth.make_video(tmp_path / "v.mp4", duration_s=3.0, audio=False)
+    src = _with_audio(vid, tmp_path / "mixed.mp4", audio_s)
+    assert main(["extract-frames", str(src), "-o", str(tmp_path / "f"), "--fps", "1",
+                 "--quiet"]) == 0
+    assert main(["extract-audio", str(src), "-o", str(tmp_path / "a"), "--quiet"]) == 0
+    (rf,) = [json.loads(x) for x in (tmp_path / "f/manifest.jsonl").read_text().splitlines()]
+    (ra,) = [json.loads(x) for x in (tmp_path / "a/manifest.jsonl").read_text().splitlines()]
+    assert rf["status"] == ra["status"] == "ok"
+    assert rf["timestamps"] == [0.0, 1.0, 2.0]
+    # The audio is the stream's own length (aac priming trimmed): audio_s at 16 kHz.
+    assert abs(ra["n_samples"] - audio_s * 16000) <= 1024

@@ -115,3 +115,33 @@ def test_validate_accepts_a_good_store_and_reports_damage(tmp_path: Path) -> Non
     (tmp_path / "shard-00000.h5").unlink()
     _, problems = validate(tmp_path)
     assert "shard-00000.h5: in index.jsonl but not on disk" in problems
+
+
+def test_inspect_reports_a_damaged_shard_or_index_without_crashing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.cli import main
+
+    write(tmp_path, 0, [clip("a", 3, 2)])
+    write(tmp_path, 1, [clip("b", 1, 0)])
+    rebuild_index(tmp_path)
+    shard0 = tmp_path / "shard-00000.h5"
+    shard0.write_bytes(shard0.read_bytes()[:200])  # a copy cut short
+    assert main(["inspect", str(tmp_path)]) == 1  # used to be a traceback from h5py
+    out = capsys.readouterr()
+    assert "shard-00000.h5: cannot open" in out.out + out.err
+    summary, problems = validate(tmp_path)
+    assert summary["image_attrs"]["model"] == "m"  # read from the shard that still opens
+    assert problems[0].startswith("shard-00000.h5: cannot open")
+    assert problems[1:] == ["index.jsonl has 2 clips, shards hold 1"]
+    with (tmp_path / "index.jsonl").open("a") as f:
+        f.write('{"clip_id": "c", "sha\n')  # a line cut short
+    _, problems = validate(tmp_path)
+    assert problems[0].startswith(f"{tmp_path / 'index.jsonl'}: unreadable (JSONDecodeError")
+    assert main(["inspect", str(tmp_path)]) == 1
+
+
+def test_inspect_on_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
+    from pipeline.cli import main
+
+    assert main(["inspect", str(tmp_path / "nope")]) == 2

@@ -381,3 +381,20 @@ def test_keyframe_mode_on_a_single_keyframe_source_cuts_exactly_with_a_note(
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"vpipe subclip: {src}: note: {note}"
     assert "1 videos done (2 clips), 0 already done, 0 skipped, 0 failed" in err[-1]
+
+
+def test_soundtrack_longer_than_video_is_not_truncation(tmp_path: Path) -> None:
+    # The container's duration is the 6 s soundtrack's; the 3 s picture is complete.
+    vid = synth.make_video(tmp_path / "v.mp4", duration_s=3.0, audio=False)
+    src = tmp_path / "long_audio.mp4"
+    subprocess.run([media.ffmpeg_exe(), "-y", "-v", "error", "-i", str(vid), "-f", "lavfi",
+                    "-i", "sine=d=6", "-map", "0:v", "-map", "1:a", "-c:v", "copy",
+                    "-c:a", "aac", str(src)], check=True)
+    info = media.probe(src)
+    assert info.duration_s > 5.9 and info.video_end_s == 3.0
+    out = tmp_path / "clips"
+    assert main(["subclip", str(src), "-o", str(out), "--count", "2", "--duration", "1",
+                 "--start", "0", "--quiet"]) == 0
+    recs = manifest(out)
+    assert [(r["id"], r["status"], r["start"], r["end"]) for r in recs] == [
+        ("long_audio_0", "ok", 0.0, 1.0), ("long_audio_1", "ok", 1.0, 2.0)]

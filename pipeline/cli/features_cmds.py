@@ -157,7 +157,7 @@ def inspect(
 
     if not folder.is_dir():
         typer.echo(f"vpipe: error: {folder}: no such folder", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(2)  # a usage error, like every other stage's missing input
     summary, problems = validate(folder)
     dims = summary["dims"]
     models = summary["models"]
@@ -180,5 +180,7 @@ def inspect(
 
 def _weights_name(w: object) -> str:
     if isinstance(w, dict):
-        return str(w.get("file") or w.get("name")) if w.get("kind") == "file" else str(w["name"])
+        if w.get("kind") == "file":
+            return str(w.get("file") or w.get("name"))
+        return str(w.get("name") or w.get("kind"))  # a shard written without a name
     return str(w)
