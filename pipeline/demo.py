@@ -185,7 +185,8 @@ def report_test_sources(out: Path, labels: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Make the data, run the demo workflow, print where things went and the metrics."""
-    ap = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n")[0])
+    summary = __doc__.split("\n")[0].replace("``", "")  # plain text in --help
+    ap = argparse.ArgumentParser(prog="python -m pipeline.demo", description=summary)
     ap.add_argument("--out", type=Path, default=Path("demo-work"), help="demo folder")
     ap.add_argument("--trailers", type=int, default=24, help="number of synthetic trailers")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per trailer")
@@ -200,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quiet", action="store_true", help="no progress output from the stages")
     args = ap.parse_args(argv)
+    # Refused here, not after a minute of media work: train splits by trailer (train/val/test).
+    if args.trailers < 3:
+        ap.error("--trailers: at least 3 (one trailer each for train, val and test)")
+    if not args.duration > 0:
+        ap.error("--duration: seconds per trailer, above 0")
     from pipeline.cli import main as vpipe
 
     t0 = time.time()

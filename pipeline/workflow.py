@@ -496,7 +496,9 @@ def run_plan(
         finally:
             sys.argv = saved
         seconds = time.time() - t0
-        upstream_changed = upstream_changed or _changed(step)
+        # Only what this stage wrote matters to the next: a stage remade from a deleted folder
+        # whose successor then found nothing new (done 0) leaves the stages after it up to date.
+        upstream_changed = _changed(step)
         upstream_redone = upstream_redone or (rc in (0, 1) and _redone(step, args, before))
         status = {0: "ok", 1: "some items failed"}.get(rc, "stopped")
         results.append(StepResult(step.name, status, rc, seconds, step.out))

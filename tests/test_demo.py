@@ -77,3 +77,21 @@ def test_demo_runs_the_demo_workflow_at_reduced_size(tmp_path: Path, capsys: pyt
     assert sorted(p["id"] for p in preds if p["level"] == "source") == [
         t.source_id for t in trailers
     ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--trailers", "2"], "--trailers: at least 3 (one trailer each for train, val and test)"),
+        (["--duration", "0"], "--duration: seconds per trailer, above 0"),
+    ],
+)
+def test_sizes_the_demo_cannot_train_on_are_refused_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str
+):
+    # Regression: --trailers 2 made videos, clips and features, then failed in train (exit 2).
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out", str(tmp_path / "d"), *args])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: {message}\n")
+    assert not (tmp_path / "d").exists()

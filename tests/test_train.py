@@ -183,6 +183,46 @@ def test_a_split_column_in_the_labels_decides_the_splits(sets, tmp_path):
     assert sorted(got["test"]) == sorted(f"video00{i}_{k}" for i in range(5) for k in (0, 1))
 
 
+def test_a_split_column_without_val_says_what_best_pt_follows(sets, tmp_path, capsys):
+    # Regression: with only train and test in the split column, best.pt silently followed the
+    # train loss; the user is now told.
+    folder, _, labels = sets["regression"]
+    by_source = {cid.rsplit("_", 1)[0]: v for cid, v in labels.items() if cid.endswith("_0")}
+    splits = {src: ("test" if i < 10 else "train") for i, src in enumerate(by_source)}
+    csv_path = write_labels(tmp_path / "l.csv", by_source, splits)
+    args = ["train", str(folder), "--labels", str(csv_path), "-o", str(tmp_path / "run")]
+    assert main([*args, "--epochs", "2", "--hidden", "8"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "vpipe train: note: no validation clips; best.pt and early stopping follow the train loss"
+        in err
+    )
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["n_clips"] == {"train": 80, "val": 0, "test": 20} and s["val"] == {}
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--patience", "0"], "--patience must be at least 1"),
+        (["--top-k", "0"], "--top-k must be at least 1"),
+        (["--max-frames", "-1"], "--max-frames must be 0 (all frames) or more"),
+        (["--lr", "0"], "--lr must be above 0"),
+        (["--clip-grad", "0"], "--clip-grad must be above 0"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
+        (["--threshold", "2"], "--threshold is a score in [0, 1]"),
+    ],
+)
+def test_option_values_that_cannot_work_are_refused(sets, tmp_path, capsys, option, message):
+    # Regression: --patience 0 stopped after epoch 1 ("no better val mse for 0 epochs"),
+    # --top-k 0 reported top0_accuracy 0.0, --lr 0 / --clip-grad 0 trained nothing.
+    folder, csv_path, _ = sets["regression"]
+    run = tmp_path / "run"
+    assert main(["train", str(folder), "--labels", str(csv_path), "-o", str(run), *option]) == 2
+    assert capsys.readouterr().err == f"vpipe: error: {message}\n"
+    assert not run.exists()
+
+
 def test_resume_gives_the_weights_of_an_uninterrupted_run(sets, tmp_path):
     folder, csv_path, _ = sets["multilabel"]
     cfg = dict(FAST, model="attention", dropout=0.3, epochs=4)
@@ -655,6 +695,30 @@ def test_predict_refuses_features_of_another_dimension(sets, tmp_path, capsys):
     )
     assert main(["predict", str(tmp_path), str(folder), "-o", str(tmp_path / "q.jsonl")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_predict_and_evaluate_write_into_a_folder_that_does_not_exist_yet(sets, tmp_path, capsys):
+    # Regression: -o new/dir/preds.jsonl used to end in a FileNotFoundError traceback.
+    folder, csv_path, _ = sets["regression"]
+    run = tmp_path / "run"
+    train(folder, csv_path, run, TrainConfig(**{**FAST, "epochs": 1}), quiet=True)
+    preds = tmp_path / "new" / "dir" / "preds.jsonl"
+    assert main(["predict", str(run), str(folder), "-o", str(preds), "-q"]) == 0
+    assert len(preds.read_text().splitlines()) == 100 + 50  # clips, then sources
+    metrics = tmp_path / "other" / "m.json"
+    assert (
+        main(["evaluate", str(run), str(folder), "--labels", str(csv_path), "-o", str(metrics)])
+        == 0
+    )
+    assert json.loads(metrics.read_text())["n_clips"] == 100
+    capsys.readouterr()
+    # A folder given as the predictions file: refused before the model runs, folder untouched.
+    assert main(["predict", str(run), str(folder), "-o", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert f"vpipe: error: {tmp_path / 'new'} is a folder; give a file name" in err
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["dir"]
+    assert main(["predict", str(run), str(folder), "-o", str(preds), "--threshold", "1.5"]) == 2
+    assert capsys.readouterr().err == "vpipe: error: --threshold is a score in [0, 1]\n"
 
 
 # --------------------------------------------------------------------------- end to end

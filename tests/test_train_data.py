@@ -17,6 +17,7 @@ from pipeline.train.data import (
     read_labels,
     sample_uniform,
     split_by_source,
+    warn_empty_clips,
 )
 from pipeline.train.synthetic import make_feature_set, write_labels
 
@@ -74,6 +75,14 @@ def test_quoted_multilabel_field_and_bom_are_read(tmp_path):
     assert space.encode("dog|cat").tolist() == [0.0, 1.0, 1.0]
 
 
+def test_header_names_are_matched_whatever_their_case(tmp_path):
+    # Regression: a spreadsheet's "ID,Label,Split" header was refused as missing id,label.
+    p = tmp_path / "l.csv"
+    p.write_text("ID, Label ,Split\nt1,3,Test\n")
+    rows = read_labels(p)
+    assert (rows["t1"].label, rows["t1"].split) == ("3", "test")
+
+
 def test_task_inference():
     assert infer_task(["3.5", "7", "1e1"])[0] == "regression"
     assert infer_task(["cat", "dog"])[0] == "classification"
@@ -104,6 +113,37 @@ def test_clips_inherit_their_source_label_and_own_label_wins(store, tmp_path, ca
         "vpipe train: 1 of 4 clips have no label, left out (e.g. t3_0)",
         "vpipe train: 1 label ids match no clip or source (e.g. ghost)",
     ]
+
+
+def test_an_id_that_is_a_clip_and_another_source_is_warned_about(tmp_path, capsys):
+    # Regression: videos x.mp4 and x_0.mp4 give clip "x_0" (of x) and source "x_0"; the label
+    # "x_0" silently went to both. It still does (the contract allows both), but says so.
+    store = write_shards(
+        tmp_path / "f", [("x_0", "x", 2, 0), ("x_1", "x", 2, 0), ("x_0_0", "x_0", 2, 0)]
+    )
+    p = tmp_path / "l.csv"
+    p.write_text("id,label\nx,b\nx_0,a\n")
+    j = join_labels(store, read_labels(p))
+    assert j.labels == {"x_0": "a", "x_1": "b", "x_0_0": "a"}
+    assert j.ambiguous == ["x_0"] and j.unknown == [] and j.unlabeled == []
+    j.report(len(store))
+    assert capsys.readouterr().err.splitlines() == [
+        "vpipe train: warning: 1 label ids are both a clip id and the id of another source "
+        "(e.g. x_0): the label goes to that clip and to the clips of that source"
+    ]
+
+
+def test_clips_without_rows_in_the_chosen_modalities_are_warned_about(store, capsys):
+    # Regression: --modalities audio on clips without sound trained and predicted on empty
+    # sequences without a word.
+    ids = store.clip_ids
+    assert warn_empty_clips(store, ids, ["image", "audio"], "vpipe train") == []
+    assert capsys.readouterr().err == ""
+    assert warn_empty_clips(store, ids, ["audio"], "vpipe predict") == ["t1_1"]
+    assert capsys.readouterr().err == (
+        "vpipe predict: warning: 1 of 4 clips have no audio features (e.g. t1_1); the model "
+        "sees an empty sequence for them\n"
+    )
 
 
 def test_a_source_label_shadowed_by_clip_labels_is_not_unknown(store, tmp_path):

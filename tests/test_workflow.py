@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -418,6 +419,24 @@ def test_train_is_redone_only_when_its_options_or_its_features_change(
     assert rc == 0 and "--overwrite" in train_line(err)
     assert redone["counts"]["done"] == 3 and redone["counts"]["already_done"] == 0
     assert redone["params"]["features_fingerprint"] != info["params"]["features_fingerprint"]
+
+
+def test_a_deleted_middle_folder_is_remade_without_retraining(
+    project: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    # Regression: once extract-frames was remade, every later stage counted as changed, so a
+    # finished train run was retrained although the features had nothing new.
+    work = project / "remade"
+    assert vpipe_run(project, "--work-dir", "remade", "--quiet", monkeypatch=monkeypatch) == 0
+    trained = json.loads((work / "train" / "vpipe.json").read_text())
+    shutil.rmtree(work / "extract-frames")
+    capsys.readouterr()
+    assert vpipe_run(project, "--work-dir", "remade", monkeypatch=monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert "vpipe extract-frames: 8 done, 0 already done" in err
+    assert "vpipe features: 0 done, 8 already done" in err
+    assert "[4/5] train: up to date" in err
+    assert json.loads((work / "train" / "vpipe.json").read_text())["ended"] == trained["ended"]
 
 
 def test_a_bad_option_is_reported_before_missing_inputs(tmp_path: Path, capsys) -> None:

@@ -203,8 +203,8 @@ def evaluate(
 ) -> None:
     """Metrics of a trained run on labelled clips, as JSON on stdout."""
     from pipeline.errors import UsageError
-    from pipeline.records import atomic_write_text
     from pipeline.train import evaluate_run
+    from pipeline.train.predict import write_output
 
     if split not in ("all", "train", "val", "test"):
         raise UsageError(f"--split {split!r}: use all, train, val or test")
@@ -218,7 +218,7 @@ def evaluate(
     )
     text = json.dumps(result, indent=2) + "\n"
     if out is not None:
-        atomic_write_text(out, text)
+        write_output(out, text)
     sys.stdout.write(text)
 
 

@@ -45,7 +45,8 @@ def read_labels(path: str | Path) -> dict[str, LabelRow]:
         raise UsageError(f"{path}: no such labels file")
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
+        # Header names are matched case-blind: spreadsheets write "ID,Label" as often as "id,label".
+        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
         missing = [c for c in ("id", "label") if c not in cols]
         if missing:
             raise UsageError(
@@ -164,6 +165,7 @@ class LabelledClips:
     splits: dict[str, str | None]
     unlabeled: list[str]
     unknown: list[str]
+    ambiguous: list[str] = field(default_factory=list)
 
     def report(self, n_clips: int, prefix: str = "vpipe train") -> None:
         """One stderr line each for clips without a label and labels without clips."""
@@ -179,6 +181,13 @@ class LabelledClips:
                 f"(e.g. {', '.join(self.unknown[:3])})",
                 file=sys.stderr,
             )
+        if self.ambiguous:
+            print(
+                f"{prefix}: warning: {len(self.ambiguous)} label ids are both a clip id and "
+                f"the id of another source (e.g. {', '.join(self.ambiguous[:3])}): the label "
+                "goes to that clip and to the clips of that source",
+                file=sys.stderr,
+            )
 
 
 def join_labels(store: FeatureStore, rows: dict[str, LabelRow]) -> LabelledClips:
@@ -187,9 +196,11 @@ def join_labels(store: FeatureStore, rows: dict[str, LabelRow]) -> LabelledClips
     splits: dict[str, str | None] = {}
     unlabeled = []
     known: set[str] = set()
+    sources: set[str] = set()
     for cid in store.clip_ids:
         src = store.info(cid)["source"]
         known.update((cid, src))
+        sources.add(src)
         row = rows.get(cid) or rows.get(src)  # a clip's own label beats its video's
         if row is None:
             unlabeled.append(cid)
@@ -197,13 +208,16 @@ def join_labels(store: FeatureStore, rows: dict[str, LabelRow]) -> LabelledClips
         labels[cid] = row.label
         splits[cid] = row.split
     unknown = [i for i in rows if i not in known]
+    # Source "x" has clip "x_0"; a video x_0.mp4 has source id "x_0": one id, two meanings.
+    clip_set = set(store.clip_ids)
+    ambiguous = [i for i in rows if i in clip_set and i in sources]
     if not labels:
         raise UsageError(
             f"no label id matches a clip or source id in {store.folder} "
             f"(labels e.g. {', '.join(list(rows)[:3])}; clips e.g. "
             f"{', '.join(store.clip_ids[:3]) or 'none'})"
         )
-    return LabelledClips(labels, splits, unlabeled, unknown)
+    return LabelledClips(labels, splits, unlabeled, unknown, ambiguous)
 
 
 def split_by_source(
@@ -263,6 +277,23 @@ def present_modalities(store: FeatureStore) -> list[str]:
         for m in MODALITIES
         if store.dim(m) > 0 and any(store.info(c)[key[m]] > 0 for c in store.clip_ids)
     ]
+
+
+def warn_empty_clips(
+    store: FeatureStore, clip_ids: Sequence[str], modalities: Sequence[str], prog: str
+) -> list[str]:
+    """Say which clips have no rows in any of ``modalities`` (e.g. ``--modalities audio`` on
+    silent clips): the model gets an empty sequence for them. Returns those clip ids."""
+    key = {"image": "n_frames", "audio": "n_audio"}
+    empty = [c for c in clip_ids if all(store.info(c)[key[m]] == 0 for m in modalities)]
+    if empty:
+        print(
+            f"{prog}: warning: {len(empty)} of {len(clip_ids)} clips have no "
+            f"{' or '.join(modalities)} features (e.g. {', '.join(empty[:3])}); the model "
+            "sees an empty sequence for them",
+            file=sys.stderr,
+        )
+    return empty
 
 
 def sample_uniform(n: int, max_frames: int) -> np.ndarray:

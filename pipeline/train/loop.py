@@ -12,6 +12,7 @@ the training clips in an order drawn from (seed, epoch), evaluates val and test,
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -36,6 +37,7 @@ from pipeline.train.data import (
     present_modalities,
     read_labels,
     split_by_source,
+    warn_empty_clips,
 )
 from pipeline.train.metrics import MAIN_METRIC, improved, task_metrics
 from pipeline.train.models import (
@@ -106,6 +108,11 @@ class Prepared:
     store_attrs: dict[str, dict] = field(default_factory=dict)
 
 
+def _positive(x: float) -> bool:
+    """True for a finite number above 0 (NaN and inf are not)."""
+    return math.isfinite(x) and x > 0
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Reject option values that cannot work, before anything is read."""
     if cfg.task is not None and cfg.task not in TASKS:
@@ -114,9 +121,20 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--model {cfg.model!r}: choose one of {', '.join(MODELS)}")
     if cfg.pool not in POOLS[:2]:
         raise UsageError(f"--pool {cfg.pool!r}: choose last or mean")
-    for name in ("hidden", "layers", "epochs", "batch_size"):
+    # patience 0 stopped after the first epoch ("no better val ... for 0 epochs"); top-k 0
+    # reported a meaningless top0_accuracy of 0.
+    for name in ("hidden", "layers", "epochs", "batch_size", "patience", "top_k"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.max_frames < 0:
+        raise UsageError("--max-frames must be 0 (all frames) or more")
+    for name in ("lr", "clip_grad"):  # 0 would leave the weights where they started
+        if not _positive(getattr(cfg, name)):
+            raise UsageError(f"--{name.replace('_', '-')} must be above 0")
+    if not cfg.weight_decay >= 0:
+        raise UsageError("--weight-decay must be 0 or more")
+    if not 0 <= cfg.threshold <= 1:
+        raise UsageError("--threshold is a score in [0, 1]")
     if not 0 <= cfg.dropout < 1:
         raise UsageError("--dropout must be in [0, 1)")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
@@ -165,6 +183,8 @@ def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = Fa
         s: np.stack([space.encode(joined.labels[c]) for c in ids]) if ids else np.zeros((0,))
         for s, ids in split_ids.items()
     }
+    if not quiet:
+        warn_empty_clips(store, list(joined.labels), mods, "vpipe train")
     # One read of the labelled clips (shard by shard), shared by the three splits.
     every = ClipSequences(store, list(joined.labels), mods, cfg.max_frames, cfg.stream)
     data = {s: every.subset(ids) for s, ids in split_ids.items()}
@@ -321,6 +341,12 @@ def train(
             print(f"vpipe train: resuming {out} after epoch {start}{how}", file=sys.stderr)
 
     has_val = len(p.split_ids["val"]) > 0
+    if not has_val and not quiet:  # e.g. a split column with only train and test
+        print(
+            "vpipe train: note: no validation clips; best.pt and early stopping follow the "
+            "train loss",
+            file=sys.stderr,
+        )
     name = MAIN_METRIC[task][0]
     n_train = len(p.split_ids["train"])
     plotted = time.time()

@@ -19,6 +19,7 @@ from pipeline.train.data import (
     present_modalities,
     read_labels,
     split_tags,
+    warn_empty_clips,
 )
 from pipeline.train.loop import evaluate
 from pipeline.train.models import pick_device, run_model
@@ -163,6 +164,15 @@ def evaluate_run(
     }
 
 
+def write_output(path: str | Path, text: str) -> None:
+    """Write a result file whole, creating its folder; a folder given as the file is refused."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give a file name (e.g. {path / 'preds.jsonl'})")
+    path.parent.mkdir(parents=True, exist_ok=True)  # -o runs/new/preds.jsonl just works
+    atomic_write_text(path, text)
+
+
 def _describe(meta: dict, out: np.ndarray, threshold: float) -> dict:
     """One prediction as JSON fields: a value, a class with scores, or tags over threshold."""
     task, classes = meta["task"], meta["classes"]
@@ -187,9 +197,14 @@ def predict_run(
 ) -> dict:
     """Write one JSON line per clip, then one per source video (mean over its clips)."""
     prog = "vpipe predict"
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise UsageError("--threshold is a score in [0, 1]")
+    if Path(out_path).is_dir():  # refused before the model runs, not after
+        write_output(out_path, "")
     model, meta, store = _open(run, features, checkpoint, prog)
     thr = meta["config"]["threshold"] if threshold is None else threshold
     ids = store.clip_ids
+    warn_empty_clips(store, ids, meta["modalities"], prog)
     data, dev = _sequences(model, meta, store, ids, device)
     outs, _ = run_model(model, data, None, meta, dev)
     lines, by_source = [], {}
@@ -208,6 +223,6 @@ def predict_run(
                 **_describe(meta, np.mean(np.stack(os_), axis=0), thr),
             }
         )
-    atomic_write_text(out_path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    write_output(out_path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
     store.close()
     return {"clips": len(ids), "sources": len(by_source), "out": str(out_path)}
