@@ -290,6 +290,22 @@ class Encoders:
             "every": every,
         }
 
+    def embed_images(self, imgs: Any) -> np.ndarray:
+        """A batch of uint8 images (N, 3, crop, crop) -> float32 features (N, dim): normalised
+        as the weights' preset says, cast to the precision, channels-last where it pays."""
+        import torch
+
+        from pipeline.models import autocast_dtype
+
+        x = self.image.preprocessing.normalize(imgs.to(self.device, non_blocking=True))
+        cast = autocast_dtype(self.precision)
+        if cast is not None:
+            x = x.to(cast)
+        if self.device.type == "cuda" or cast is not None:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return self.image.model(x).float().cpu().numpy()
+
 
 def _identity(w: Any) -> dict:
     """Weights as a resume key: a file by its content, so moving it does not block a resume."""
@@ -449,19 +465,16 @@ def _encode(
     on_shard: Callable[[Path], None] | None,
 ) -> None:
     """Stream all frames through the ResNet; write clips and shards as they complete."""
-    import torch
-
     from pipeline import shards
     from pipeline.models import autocast_dtype
 
-    pre, model, dev = enc.image.preprocessing, enc.image.model, enc.device
+    pre, dev = enc.image.preprocessing, enc.device
     # Frame k of the stream belongs to clip owner[k], as its row k - first[owner[k]].
     counts = np.array([len(job.frame_paths) for job in jobs], dtype=np.int64)
     owner = np.repeat(np.arange(len(jobs)), counts)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(jobs) else counts
     paths = [str(p) for job in jobs for p in job.frame_paths]
     cast = autocast_dtype(enc.precision)
-    channels_last = dev.type == "cuda" or cast is not None
     number = shards.next_shard_number(out)
     writer: shards.ShardWriter | None = None
     members: list[ClipJob] = []
@@ -516,13 +529,7 @@ def _encode(
         if paths:
             pos = 0
             for imgs, errors in make_loader(paths, pre, opts, pin=dev.type == "cuda"):
-                x = pre.normalize(imgs.to(dev, non_blocking=True))  # float32, as the preset
-                if cast is not None:
-                    x = x.to(cast)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode():
-                    y = model(x).float().cpu().numpy()
+                y = enc.embed_images(imgs)
                 for k in range(y.shape[0]):
                     j = int(owner[pos + k])
                     job = jobs[j]

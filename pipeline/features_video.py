@@ -266,9 +266,8 @@ def encode_videos(
     from pipeline.models import autocast_dtype
     from pipeline.shards import ClipFeatures
 
-    pre, model, dev = enc.image.preprocessing, enc.image.model, enc.device
+    pre, dev = enc.image.preprocessing, enc.device
     cast = autocast_dtype(enc.precision)
-    channels_last = dev.type == "cuda" or cast is not None
     image_attrs = {
         **enc.image.attrs(),
         "sampling": _video_sampling(opts),
@@ -320,13 +319,7 @@ def encode_videos(
     try:
         for imgs, owners, times, events in loader if jobs else ():
             if imgs.shape[0]:
-                x = pre.normalize(imgs.to(dev, non_blocking=True))
-                if cast is not None:
-                    x = x.to(cast)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode():
-                    y = model(x).float().cpu().numpy()
+                y = enc.embed_images(imgs)
                 for k in range(y.shape[0]):
                     job = jobs[int(owners[k])]
                     job.rows.append(y[k])
