@@ -199,6 +199,25 @@ def frame_times(path: str | os.PathLike) -> FrameTimes:
     return FrameTimes(times=t, keyframe=key, end_s=float(t[-1] + last_dur))
 
 
+def display_rotation(path: str | os.PathLike) -> int:
+    """Degrees (0, 90, 180, 270; counter-clockwise) a player turns the stored frames by: phone
+    videos store portrait frames sideways with a display matrix. Decodes the first frame."""
+    import av
+
+    path = Path(path)
+    with _open(path) as c:
+        try:
+            frame = next(c.decode(video=0), None)
+        except av.error.FFmpegError as e:
+            raise MediaError(f"{path}: unreadable video data ({_av_reason(e)})") from None
+    return (round((getattr(frame, "rotation", 0) or 0) / 90) % 4) * 90
+
+
+def upright_size(width: int, height: int, rotation: int) -> tuple[int, int]:
+    """The (width, height) a player shows for stored frames of width x height."""
+    return (height, width) if rotation % 180 == 90 else (width, height)
+
+
 def keyframe_times(path: str | os.PathLike) -> list[float]:
     """Times (seconds from the container start) of the video keyframes, from demuxing only."""
     return frame_times(path).keyframe_times.tolist()

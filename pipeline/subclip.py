@@ -199,6 +199,8 @@ def _measure(path: Path, clip: Subclip, src: media.SourceRef, mode: str) -> dict
     if abs(written.times[0]) > 1e-3:
         raise MediaError(f"{path.name}: written clip starts at {written.times[0]:.3f}s, not 0")
     duration = written.end_s - written.times[0]
+    rotation = media.display_rotation(path)
+    width, height = media.upright_size(probed.width, probed.height, rotation)
     return {
         "id": clip.clip_id,
         "item": src.source_id,
@@ -211,8 +213,10 @@ def _measure(path: Path, clip: Subclip, src: media.SourceRef, mode: str) -> dict
         "mode": mode,
         "n_frames": int(len(written.times)),
         "fps": round(probed.fps, 6),
-        "width": probed.width,
-        "height": probed.height,
+        # As players show it: a stream copy keeps a phone video's sideways frames + rotation.
+        "width": width,
+        "height": height,
+        "rotation": rotation,
         "has_audio": probed.has_audio,
     }
 

@@ -398,3 +398,20 @@ def test_soundtrack_longer_than_video_is_not_truncation(tmp_path: Path) -> None:
     recs = manifest(out)
     assert [(r["id"], r["status"], r["start"], r["end"]) for r in recs] == [
         ("long_audio_0", "ok", 0.0, 1.0), ("long_audio_1", "ok", 1.0, 2.0)]
+
+
+@pytest.mark.parametrize("mode, rotation", [("exact", 0), ("keyframe", 90)])
+def test_a_portrait_phone_video_is_recorded_upright(tmp_path: Path, mode: str, rotation: int):
+    # 160x120 frames stored sideways with a 90° display rotation: a 120x160 portrait video.
+    # Exact mode re-encodes upright frames; keyframe mode copies the sideways ones and their
+    # rotation. Either way the record gives the size a player shows.
+    flat = synth.make_video(tmp_path / "flat.mp4", duration_s=3.0, audio=False)
+    src = tmp_path / "portrait.mp4"
+    subprocess.run([media.ffmpeg_exe(), "-y", "-v", "error", "-display_rotation", "90", "-i",
+                    str(flat), "-c", "copy", str(src)], check=True)
+    out = tmp_path / mode
+    assert main(["subclip", str(src), "-o", str(out), "--count", "1", "--duration", "2",
+                 "--start", "0", "--mode", mode, "--quiet"]) == 0
+    (rec,) = manifest(out)
+    assert (rec["width"], rec["height"], rec["rotation"]) == (120, 160, rotation)
+    assert media.display_rotation(out / rec["path"]) == rotation
