@@ -133,6 +133,26 @@ def test_an_id_that_is_a_clip_and_another_source_is_warned_about(tmp_path, capsy
     ]
 
 
+def test_label_ids_written_as_file_stems_match_the_safe_source_ids(tmp_path, capsys):
+    # "my trailer.mp4" and "Été 2.mp4" become sources my-trailer and Été-2 (records.sanitize_id):
+    # labels written with the stems as they were used to match nothing.
+    store = write_shards(
+        tmp_path / "f",
+        [("my-trailer_0", "my-trailer", 2, 0), ("Été-2_0", "Été-2", 2, 0), ("x_0", "x", 2, 0)],
+    )
+    p = tmp_path / "l.csv"
+    p.write_text("id,label\nmy trailer,1\nÉté 2,2\nx,3\nno such,4\n", encoding="utf-8")
+    j = join_labels(store, read_labels(p))
+    assert j.labels == {"my-trailer_0": "1", "Été-2_0": "2", "x_0": "3"}
+    assert j.renamed == {"my trailer": "my-trailer", "Été 2": "Été-2"}
+    assert j.unknown == ["no such"]
+    j.report(len(store))
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "vpipe train: 2 label ids matched once written as vpipe writes ids from file names "
+        "(e.g. 'my trailer' as my-trailer, 'Été 2' as Été-2)"
+    )
+
+
 def test_clips_without_rows_in_the_chosen_modalities_are_warned_about(store, capsys):
     # Regression: --modalities audio on clips without sound trained and predicted on empty
     # sequences without a word.

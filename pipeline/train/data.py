@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UsageError
+from pipeline.records import sanitize_id
 from pipeline.shards import MODALITIES, FeatureStore
 
 TASKS = ("regression", "classification", "multilabel")
@@ -166,6 +167,7 @@ class LabelledClips:
     unlabeled: list[str]
     unknown: list[str]
     ambiguous: list[str] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)  # label id as written → id matched
 
     def report(self, n_clips: int, prefix: str = "vpipe train") -> None:
         """One stderr line each for clips without a label and labels without clips."""
@@ -179,6 +181,13 @@ class LabelledClips:
             print(
                 f"{prefix}: {len(self.unknown)} label ids match no clip or source "
                 f"(e.g. {', '.join(self.unknown[:3])})",
+                file=sys.stderr,
+            )
+        if self.renamed:
+            eg = ", ".join(f"{a!r} as {b}" for a, b in list(self.renamed.items())[:3])
+            print(
+                f"{prefix}: {len(self.renamed)} label ids matched once written as vpipe writes "
+                f"ids from file names (e.g. {eg})",
                 file=sys.stderr,
             )
         if self.ambiguous:
@@ -195,12 +204,19 @@ def join_labels(store: FeatureStore, rows: dict[str, LabelRow]) -> LabelledClips
     labels: dict[str, str] = {}
     splits: dict[str, str | None] = {}
     unlabeled = []
-    known: set[str] = set()
-    sources: set[str] = set()
+    clip_set = set(store.clip_ids)
+    sources = {store.info(cid)["source"] for cid in store.clip_ids}
+    known = clip_set | sources
+    # Source ids are file stems made safe ("my trailer.mp4" -> my-trailer): a label written
+    # with the stem as it was matches through the same rule when it matches nothing as is.
+    renamed = {}
+    for i in rows:
+        alias = sanitize_id(i)
+        if i not in known and alias != i and alias in known and alias not in rows:
+            renamed[i] = alias
+    rows = {renamed.get(i, i): r for i, r in rows.items()}
     for cid in store.clip_ids:
         src = store.info(cid)["source"]
-        known.update((cid, src))
-        sources.add(src)
         row = rows.get(cid) or rows.get(src)  # a clip's own label beats its video's
         if row is None:
             unlabeled.append(cid)
@@ -209,7 +225,6 @@ def join_labels(store: FeatureStore, rows: dict[str, LabelRow]) -> LabelledClips
         splits[cid] = row.split
     unknown = [i for i in rows if i not in known]
     # Source "x" has clip "x_0"; a video x_0.mp4 has source id "x_0": one id, two meanings.
-    clip_set = set(store.clip_ids)
     ambiguous = [i for i in rows if i in clip_set and i in sources]
     if not labels:
         raise UsageError(
@@ -217,7 +232,7 @@ def join_labels(store: FeatureStore, rows: dict[str, LabelRow]) -> LabelledClips
             f"(labels e.g. {', '.join(list(rows)[:3])}; clips e.g. "
             f"{', '.join(store.clip_ids[:3]) or 'none'})"
         )
-    return LabelledClips(labels, splits, unlabeled, unknown, ambiguous)
+    return LabelledClips(labels, splits, unlabeled, unknown, ambiguous, renamed)
 
 
 def split_by_source(
