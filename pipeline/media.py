@@ -22,6 +22,10 @@ from pipeline.errors import MediaError, NotAVideo, Skip, UsageError
 _STILL_FORMATS = {"image2", "tty", "apng"}
 # Files a folder scan never treats as candidates (vpipe's own records).
 _RECORD_FILES = {"manifest.jsonl", "vpipe.json", "index.jsonl"}
+# Containers without an index or header durations (MPEG transport and program streams: .ts,
+# .m2ts, .mts, .mpg, .vob): seeking lands on any packet, not on a keyframe, and stream durations
+# are guesses from the last packets' times (an audio packet holds many frames: short by ~0.3 s).
+UNINDEXED_FORMATS = {"mpegts", "mpeg"}
 
 
 # --------------------------------------------------------------------------- ffmpeg binary
@@ -176,7 +180,7 @@ class FrameTimes:
     """Presentation times of every video frame (sorted, seconds from the container start)."""
 
     times: np.ndarray  # float64
-    keyframe: np.ndarray  # bool, same length
+    keyframe: np.ndarray  # bool, same length: keyframes a stream copy can cut at (closed GOP)
     end_s: float  # end of the last frame
 
     @property
@@ -236,6 +240,14 @@ def _demux_video(path: Path):
             raise MediaError(f"{path}: unreadable video data ({_av_reason(e)})") from None
     if not rows or any(r[0] is None for r in rows):
         return None
+    # An open-GOP keyframe (HEVC CRA, MPEG-2 I-frame) is followed in decoding order by frames
+    # shown before it that need the previous GOP: a stream copy cut there loses them. Only a
+    # keyframe after which no earlier frame is decoded is a keyframe here (a place to cut).
+    shown_later = math.inf
+    for i in range(len(rows) - 1, -1, -1):
+        if rows[i][1] and shown_later < rows[i][0]:
+            rows[i] = (rows[i][0], False, rows[i][2])
+        shown_later = min(shown_later, rows[i][0])
     rows.sort(key=lambda r: r[0])
     pts = np.array([r[0] for r in rows], np.int64)
     if len(np.unique(pts)) != len(pts):
@@ -581,7 +593,8 @@ class _AudioAligner:
         self.skip = 0  # samples still to drop at the start (audio began before the video)
         self.started = False
         self.limit = None  # declared end of the audio stream, in output samples
-        if stream.duration is not None and stream.time_base is not None:
+        guessed = stream.container.format.name in UNINDEXED_FORMATS  # no declared length
+        if stream.duration is not None and stream.time_base is not None and not guessed:
             a0 = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
             end = a0 + float(stream.duration * stream.time_base) - origin
             self.limit = max(0, round(end * rate))

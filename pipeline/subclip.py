@@ -30,6 +30,9 @@ _MP4_VIDEO = {"h264", "hevc", "mpeg4", "av1", "libdav1d", "vp9", "mpeg2video", "
 _MP4_AUDIO = {"aac", "mp3", "mp3float", "opus", "flac", "ac3", "alac"}
 # Exact mode re-encodes this many clips per ffmpeg process (each input decodes only its span).
 _CLIPS_PER_PROCESS = 4
+# Exact cuts of a source without a seek index (media.UNINDEXED_FORMATS) seek this many seconds
+# before the keyframe the clip's first frame needs, and drop the frames before it after decoding.
+_SEEK_MARGIN_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,12 @@ def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions) -> list[dict]
             f"{src.path}: truncated (media data ends at {frames.end_s:.2f}s of the "
             f"{declared:.2f}s declared)"
         )
-    if opts.mode == "keyframe" and info.video_codec not in _MP4_VIDEO:
-        opts = replace(opts, mode="exact")  # cannot be stream-copied into mp4: re-encode
+    if opts.mode == "keyframe" and (
+        info.video_codec not in _MP4_VIDEO or info.container == "mpeg"
+    ):
+        # Cannot be stream-copied into mp4 (an MPEG program stream leaves most video packets
+        # without a pts, which the segment muxer cannot place): re-encode.
+        opts = replace(opts, mode="exact")
     note = None
     if opts.mode == "keyframe":
         note = keyframe_fallback(frames, opts, src.source_id)
@@ -152,7 +159,7 @@ def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions) -> list[dict]
     with atomic_path(folder) as tmp:
         tmp.mkdir(parents=True)
         if mode == "exact":
-            _cut_exact(src.path, info, clips, tmp, opts)
+            _cut_exact(src.path, info, frames, clips, tmp, opts)
         else:
             _cut_keyframe(src.path, info, frames, clips, tmp)
         for clip in clips:
@@ -222,20 +229,37 @@ def _measure(path: Path, clip: Subclip, src: media.SourceRef, mode: str) -> dict
 
 
 def _cut_exact(
-    src: Path, info: media.MediaInfo, clips: list[Subclip], out: Path, opts: SubclipOptions
+    src: Path,
+    info: media.MediaInfo,
+    frames: media.FrameTimes,
+    clips: list[Subclip],
+    out: Path,
+    opts: SubclipOptions,
 ) -> None:
     """Re-encode each clip frame-accurately; one ffmpeg process per group of clips, each
     clip an input seeked to its first frame so only its own span is decoded."""
+    keys = frames.keyframe_times
     for g in range(0, len(clips), _CLIPS_PER_PROCESS):
         group = clips[g : g + _CLIPS_PER_PROCESS]
         args: list[str] = []
+        trims: list[list[str]] = []
         for c in group:
             # The start is an exact frame time floored to the microsecond: that frame is kept
             # and becomes t=0; the duration ends just before the next clip's first frame.
-            args += ["-ss", media.snap_down_us(c.start_s)]
-            args += ["-t", media.snap_down_us(c.end_s - c.start_s), "-i", str(src)]
+            start, length = media.snap_down_us(c.start_s), media.snap_down_us(c.end_s - c.start_s)
+            if info.container in media.UNINDEXED_FORMATS:
+                # ffmpeg's input seek in these lands on any packet, not on a keyframe, and
+                # the frames up to the next keyframe would be lost.
+                before = keys[keys <= c.start_s + 1e-6]
+                seek = max(0.0, (before[-1] if len(before) else 0.0) - _SEEK_MARGIN_S)
+                seek_s = media.snap_down_us(seek)
+                args += ["-ss", seek_s, "-i", str(src)]
+                trims.append(["-ss", media.snap_down_us(c.start_s - float(seek_s)), "-t", length])
+            else:
+                args += ["-ss", start, "-t", length, "-i", str(src)]
+                trims.append([])
         for i, c in enumerate(group):
-            args += ["-map", f"{i}:v:0", "-map", f"{i}:a:0?", "-sn", "-dn"]
+            args += ["-map", f"{i}:v:0", "-map", f"{i}:a:0?", "-sn", "-dn", *trims[i]]
             if info.width % 2 or info.height % 2:  # yuv420p needs even sizes
                 args += ["-vf", "crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0"]
             args += ["-c:v", "libx264", "-preset", opts.preset, "-crf", str(opts.crf)]

@@ -234,3 +234,20 @@ def test_audio_longer_or_shorter_than_video_is_not_truncation(
     assert rf["timestamps"] == [0.0, 1.0, 2.0]
     # The audio is the stream's own length (aac priming trimmed): audio_s at 16 kHz.
     assert abs(ra["n_samples"] - audio_s * 16000) <= 1024
+
+
+def test_mpegts_audio_is_not_cut_to_the_guessed_stream_duration(tmp_path: Path) -> None:
+    # A .ts declares no durations: ffmpeg guesses them from the last packets' times, and an
+    # audio packet holds many frames, so the wav lost its last ~0.3 s (3.72 s of 4.02 s).
+    vid = synth.make_video(tmp_path / "v.mp4", duration_s=4.0, beeps_at=(1.0, 3.0))
+    src = _remux(vid, tmp_path / "cam.ts")
+    with av.open(str(src)) as c:
+        a, v = c.streams.audio[0], c.streams.video[0]
+        decoded_s = sum(f.samples for f in c.decode(audio=0)) / a.sample_rate
+        lead_s = float((v.start_time - a.start_time) * a.time_base)  # audio before the video
+    assert decoded_s - float(a.duration * a.time_base) > 0.2  # the guess is short
+    assert main(["extract-audio", str(src), "-o", str(tmp_path / "a"), "--quiet"]) == 0
+    rec = manifest(tmp_path / "a")["cam"]
+    assert rec["n_samples"] == pytest.approx((decoded_s - lead_s) * 16000, abs=2)
+    x, *_ = wav_samples(tmp_path / "a" / rec["audio"])
+    assert beep_onsets(x, 16000) == pytest.approx([1.0, 3.0], abs=0.002)

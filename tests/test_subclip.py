@@ -415,3 +415,60 @@ def test_a_portrait_phone_video_is_recorded_upright(tmp_path: Path, mode: str, r
     (rec,) = manifest(out)
     assert (rec["width"], rec["height"], rec["rotation"]) == (120, 160, rotation)
     assert media.display_rotation(out / rec["path"]) == rotation
+
+
+@pytest.mark.parametrize("fmt", ["mpegts", "vob"])
+def test_exact_clips_of_an_mpeg_ts_or_ps_source_have_every_frame(
+    media_dir: Path, tmp_path: Path, fmt: str
+) -> None:
+    # .ts/.mts/.vob have no seek index: ffmpeg's input seek landed on a packet after the
+    # keyframe the clip needs and its first frames were lost ("written clip starts at 0.160s").
+    base = synth.make_video(media_dir / "ts-base.mp4", duration_s=4.0, beeps_at=(1.0, 3.0))
+    src = tmp_path / f"cam.{fmt}"
+    codec = ["-c", "copy"] if fmt == "mpegts" else ["-c:v", "mpeg2video", "-c:a", "mp2"]
+    subprocess.run([synth.ffmpeg_exe(), "-v", "error", "-i", str(base), *codec, "-f", fmt,
+                    str(src)], check=True)
+    frames = media.frame_times(src)
+    out = tmp_path / "clips"
+    for mode in ("exact", "keyframe"):  # keyframe mode cuts a program stream exactly
+        assert main(["subclip", str(src), "-o", str(out / mode), "--count", "3", "--duration",
+                     "1", "--start", "0.5", "--mode", mode, "--workers", "1", "-q"]) == 0
+    recs = manifest(out / "exact")
+    # the first frame at or after 0.5, 1.5, 2.5 s of the container (the video starts later)
+    firsts = [int(np.searchsorted(frames.times, t - 1e-6)) for t in (0.5, 1.5, 2.5)]
+    assert [r["start"] for r in recs] == [round(frames.times[n], 6) for n in firsts]
+    assert manifest(out / "keyframe")[0]["mode"] == ("keyframe" if fmt == "mpegts" else "exact")
+    for r, first in zip(recs, firsts, strict=True):
+        assert r["n_frames"] == 25
+        assert read_cv2(out / "exact" / r["path"]) == list(range(first, first + 25))
+        idx, times = read_av(out / "exact" / r["path"])
+        assert idx == list(range(first, first + 25)) and times[0] == 0.0
+    # the beeps at 1.0 s and 3.0 s of the video, in sync
+    for r, beep in ((recs[0], 1.0), (recs[2], 3.0)):
+        t0 = frames.times[firsts[recs.index(r)]] - frames.times[0]
+        assert beep_onsets(out / "exact" / r["path"])[0] == pytest.approx([beep - t0], abs=0.01)
+
+
+def test_keyframe_mode_does_not_cut_at_open_gop_keyframes(tmp_path: Path) -> None:
+    # x265's CRA keyframes (open GOP) are followed by frames shown before them that need the
+    # previous GOP: a clip copied from there started at -0.080s and the source failed.
+    src = synth.make_video(
+        tmp_path / "open.mp4", duration_s=4.0, vcodec="libx265", audio=False,
+        extra=["-pix_fmt", "yuv420p", "-x265-params",
+               "log-level=error:keyint=25:min-keyint=25:scenecut=0:open-gop=1"],
+    )
+    with av.open(str(src)) as c:  # the source has keyframes with frames shown before them
+        pkts = [(p.pts, p.is_keyframe) for p in c.demux(video=0) if p.size]
+    open_keys = [t for i, (t, k) in enumerate(pkts) if k and any(q < t for q, _ in pkts[i:])]
+    assert open_keys
+    keys = media.frame_times(src).keyframe_times
+    assert not set(np.round(keys * 12800)) & set(open_keys)  # time base 1/12800
+    out = tmp_path / "kf"
+    assert main(["subclip", str(src), "-o", str(out), "--mode", "keyframe", "--count", "2",
+                 "--duration", "1", "--start", "0.5", "--workers", "1", "-q"]) == 0
+    prev = -1
+    for r in manifest(out):
+        idx, times = read_av(out / r["path"])
+        assert times[0] == 0.0 and idx == list(range(idx[0], idx[0] + r["n_frames"]))
+        assert read_cv2(out / r["path"]) == idx and idx[0] > prev
+        prev = idx[-1]

@@ -129,7 +129,12 @@ def extract_frames(
         ),
     ] = None,
     size: Annotated[
-        int, typer.Option("--size", min=0, help="Short side in pixels, aspect kept (0: original).")
+        int,
+        typer.Option(
+            "--size", min=0,
+            help="Short side in pixels, aspect kept (0: original). Of the stored frames: a "
+            "non-square pixel aspect ratio (SAR) is not applied.",
+        ),
     ] = 256,
     image_format: Annotated[
         str, typer.Option("--format", help="Image format: jpg or png.")
