@@ -412,7 +412,7 @@ def run_items(
 
     def handle(it: Item, recs: list[dict]) -> None:
         for r in recs:
-            r.setdefault("label", it.label)
+            r.setdefault("input", it.label)  # the path the item came from, as messages name it
         run.record_item(it.id, recs)
         statuses = {r["status"] for r in recs}
         if FAILED in statuses:
