@@ -172,7 +172,9 @@ def extract_clip(item: Item, *, out_dir: Path, opts: FrameOptions) -> dict:
             raise MediaError(f"{clip.path}: subclip file missing (was its folder moved?)")
         info = media.probe(clip.path)
     start = clip.start_s if clip.start_s is not None else 0.0
-    end = clip.end_s if clip.end_s is not None else info.duration_s
+    end = clip.end_s
+    if end is None:  # a whole video: its picture's end (a live-written file declares none)
+        end = info.video_end_s or info.duration_s or _demuxed_end(clip.path)
     want_audio = opts.audio and info.has_audio
     ext = opts.format
     timestamps: list[float] = []
@@ -221,6 +223,15 @@ def _open_wav(path: Path, rate: int) -> wave.Wave_write:
     w.setsampwidth(2)
     w.setframerate(rate)
     return w
+
+
+def _demuxed_end(path: Path) -> float:
+    """End of the last video frame by demuxing; 0.0 where packets carry no times (a raw
+    elementary stream such as .h264)."""
+    try:
+        return media.frame_times(path).end_s
+    except MediaError:
+        return 0.0
 
 
 def _save_image(rgb, path: Path, opts: FrameOptions) -> None:

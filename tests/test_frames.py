@@ -251,3 +251,20 @@ def test_mpegts_audio_is_not_cut_to_the_guessed_stream_duration(tmp_path: Path) 
     assert rec["n_samples"] == pytest.approx((decoded_s - lead_s) * 16000, abs=2)
     x, *_ = wav_samples(tmp_path / "a" / rec["audio"])
     assert beep_onsets(x, 16000) == pytest.approx([1.0, 3.0], abs=0.002)
+
+
+def test_a_whole_video_without_a_declared_duration_records_its_true_end(tmp_path: Path) -> None:
+    # Regression: a webm written live (no duration in its header) was recorded with end 0.0.
+    import subprocess
+
+    src = synth.make_video(tmp_path / "v.mp4", duration_s=2.0, audio=False)
+    raw = tmp_path / "live.webm"
+    subprocess.run([media.ffmpeg_exe(), "-y", "-v", "error", "-i", str(src), "-c:v", "libvpx",
+                    "-deadline", "realtime", "-live", "1", str(raw)], check=True)
+    assert media.probe(raw).duration_s == 0.0
+    assert main(["extract-frames", str(raw), "-o", str(tmp_path / "f"), "--fps", "1",
+                 "--quiet"]) == 0
+    (rec,) = [json.loads(x) for x in (tmp_path / "f/manifest.jsonl").read_text().splitlines()]
+    assert rec["status"] == "ok" and rec["start"] == 0.0
+    assert rec["end"] == pytest.approx(2.0, abs=0.05)
+    assert rec["timestamps"] == [0.0, 1.0]
