@@ -288,6 +288,9 @@ class Encoders:
             "from_video": opts.from_video,
             "fps": fps,
             "every": every,
+            # The frames are part of what decides the features: inputs re-extracted with other
+            # options (same folder, --overwrite) must not resume onto the old clips' rows.
+            "frames": None if opts.from_video else [_frames_params(p) for p in inputs],
         }
 
     def embed_images(self, imgs: Any) -> np.ndarray:
@@ -305,6 +308,11 @@ class Encoders:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             return self.image.model(x).float().cpu().numpy()
+
+
+def _frames_params(folder: Path) -> dict | None:
+    """The options of the extract-frames run that made ``folder`` (None: no vpipe.json)."""
+    return (read_run_info(folder) or {}).get("params")
 
 
 def _identity(w: Any) -> dict:
@@ -386,6 +394,8 @@ def extract_features(
     out = Path(out_dir)
     params = enc.run_params(opts, inputs)
     info = read_run_info(out) if out.is_dir() else None
+    if info is not None and "frames" not in (info.get("params") or {"frames": 0}):
+        params.pop("frames")  # a folder from before the frames were recorded still resumes
     if overwrite and info is not None and info.get("params") != _canonical(params):
         for p in shards.shard_paths(out):
             p.unlink()
@@ -511,9 +521,10 @@ def _encode(
         job.feats = None  # free the rows: they are in the shard now
         if job.last_in_group and writer is not None:
             w, writer = writer, None
-            w.close()
+            rows = w.close()
+            shards.add_to_index(out, rows)
             number += 1
-            index = {r["clip_id"]: r for r in shards.rebuild_index(out)}
+            index = {r["clip_id"]: r for r in rows}
             for m in members:
                 run.record(_ok_record(m.rec, index[m.id]))
             members = []

@@ -223,10 +223,11 @@ class _ShardSink:
         if self.writer is None:
             return
         w, self.writer = self.writer, None
-        w.close()
+        rows = w.close()
+        shards.add_to_index(self.out, rows)
         self.number += 1
         self.bytes = 0
-        index = {r["clip_id"]: r for r in shards.rebuild_index(self.out)}
+        index = {r["clip_id"]: r for r in rows}
         for m in self.members:
             self.run.record(_ok_record(m.rec, index[m.id]))
         self.members = []

@@ -49,7 +49,15 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-class MissingWeights(WeightsUnavailable):
+class WeightsRefused(WeightsUnavailable):
+    """Weights that cannot be used (missing, unreadable, another network): nothing was done, so
+    it exits 2 like any usage error, and `vpipe run` stops there instead of running the next
+    stages on an output that was never made."""
+
+    exit_code = 2
+
+
+class MissingWeights(WeightsRefused):
     """A published checkpoint neither in the hub cache nor downloadable, with how to provide it.
 
     The stage resolves every file first and reports all the missing ones in one error
@@ -82,7 +90,7 @@ def missing_error(missing: list[MissingWeights]) -> WeightsUnavailable:
         f"downloaded ({first.reason}). For each:",
         *(f"  - {m.item()}" for m in missing),
     ]
-    return WeightsUnavailable("\n".join(lines))
+    return WeightsRefused("\n".join(lines))
 
 
 def hub_checkpoint(url: str, what: str, options: str) -> Path:
@@ -111,12 +119,14 @@ def _load_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsUnavailable(f"{path}: not a readable {what} state dict ({e})") from None
+        raise WeightsRefused(
+            f"{path}: not a readable {what} state dict ({type(e).__name__}: {e})"
+        ) from None
     for key in ("state_dict", "model"):  # training checkpoints often wrap the state dict
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict):
-        raise WeightsUnavailable(f"{path}: not a {what} state dict")
+        raise WeightsRefused(f"{path}: not a {what} state dict")
     return sd
 
 
@@ -125,12 +135,26 @@ def _assign(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, what: str
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise WeightsUnavailable(f"{path}: does not fit {what} ({first})") from None
+        raise WeightsRefused(f"{path}: does not fit {what} ({_mismatch(model, sd, e)})") from None
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:  # a tensor the file lacks although strict loading passed
-            raise WeightsUnavailable(f"{path}: does not fit {what} (no {name})")
+            raise WeightsRefused(f"{path}: does not fit {what} (no {name})")
     model.float()  # half-precision files: the stage decides precision itself
+
+
+def _mismatch(model: nn.Module, sd: dict, e: RuntimeError) -> str:
+    """What differs, in one line: torch's own message is a header line and then every key."""
+    want = set(model.state_dict())
+    missing = [k for k in model.state_dict() if k not in sd]
+    extra = [k for k in sd if k not in want]
+    if missing or extra:
+        parts = [f"{len(v)} {what} keys, e.g. {v[0]!r}"
+                 for what, v in (("missing", missing), ("unexpected", extra)) if v]
+        if extra and all(str(k).startswith("module.") for k in sd):
+            parts.append("its keys start with 'module.' (saved from a DataParallel wrapper)")
+        return "; ".join(parts)
+    lines = [x.strip() for x in str(e).splitlines()[1:] if x.strip()]
+    return lines[0] if lines else str(e).splitlines()[0]
 
 
 @dataclass(frozen=True)
@@ -507,16 +531,28 @@ def load_audio_encoder(
         _assign(model, _load_state_dict(wpath, "VGGish"), wpath, "VGGish")
     pca_t = None
     if ppath is not None:
-        params = torch.load(ppath, map_location="cpu", weights_only=False)
+        try:
+            params = torch.load(ppath, map_location="cpu", weights_only=False)
+        except Exception as e:  # a damaged or foreign file: one line, not a traceback
+            raise WeightsRefused(
+                f"{ppath}: not a readable PCA parameters file ({type(e).__name__}: {e})"
+            ) from None
         try:
             pca_t = (
                 torch.as_tensor(np.asarray(params["pca_eigen_vectors"])).float(),
                 torch.as_tensor(np.asarray(params["pca_means"]).reshape(-1, 1)).float(),
             )
-        except (KeyError, TypeError):
-            raise WeightsUnavailable(
+        except (KeyError, TypeError, IndexError, ValueError):
+            raise WeightsRefused(
                 f"{ppath}: PCA file needs pca_eigen_vectors and pca_means"
             ) from None
+        # Checked here: a wrong shape would otherwise fail every clip, one by one.
+        dims = (tuple(pca_t[0].shape), tuple(pca_t[1].shape))
+        if dims != ((AUDIO_DIM, AUDIO_DIM), (AUDIO_DIM, 1)):
+            raise WeightsRefused(
+                f"{ppath}: PCA eigenvectors {dims[0]} and means {dims[1][0]}: VGGish needs "
+                f"({AUDIO_DIM}, {AUDIO_DIM}) and {AUDIO_DIM}"
+            )
     return AudioEncoder(model.eval(), winfo, pca_t, pinfo)
 
 

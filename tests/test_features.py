@@ -263,7 +263,7 @@ def test_offline_imagenet_with_empty_cache_fails_clearly(tmp_path: Path, media: 
     out = tmp_path / "f"
     code = main(["features", str(media), "-o", str(out), "--image-model", "resnet18", "-q"])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2  # nothing was done: a usage error, which also stops `vpipe run`
     # One error names all three missing files (not one per run), each with its remedies.
     assert "vpipe: error: 3 weight files are not in the torch hub cache" in err
     assert str(tmp_path / "empty" / "hub" / "checkpoints") in err
@@ -285,7 +285,7 @@ def test_offline_single_missing_pca_suggests_no_postprocess(tmp_path: Path, medi
     out = tmp_path / "f"
     cmd = args(media, out, weights)
     del cmd[cmd.index("--audio-pca"):cmd.index("--audio-pca") + 2]  # the release PCA: missing
-    assert main(cmd) == 1
+    assert main(cmd) == 2
     err = capsys.readouterr().err
     assert "vpipe: error: VGGish PCA weights are not in the cache" in err
     assert "--audio-pca PATH" in err and "--no-audio-postprocess" in err
@@ -684,3 +684,86 @@ def test_video_stream_class_unpickles_in_a_fresh_process() -> None:
     got = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(stream),
                          capture_output=True, check=True).stdout.decode().split()
     assert got == ["pipeline.features_video", "VideoFrameStream", "[(0,", "'x.mp4')]", "2.0"]
+
+
+def test_unusable_weights_files_are_one_line_usage_errors(tmp_path: Path, media: Path, weights,
+                                                          capsys) -> None:
+    """Exit 2 (so `vpipe run` stops), one line saying what is wrong, no output folder."""
+    r34 = tmp_path / "r34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), r34)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(weights["image"].read_bytes()[:5000])
+    out = tmp_path / "f"
+    for bad, expected in ((r34, "does not fit resnet18 (96 unexpected keys, e.g. 'layer1.2."),
+                          (cut, "not a readable resnet18 state dict (")):
+        assert main(args(media, out, {**weights, "image": bad})) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"vpipe: error: {bad}: {expected}") and err.count("\n") == 1
+        assert not out.exists()
+    # The PCA file: not a torch file, or eigenvectors of the wrong shape (which used to fail
+    # at the first clip's shard write, with a traceback, after the folder was made).
+    junk = tmp_path / "junk.pth"
+    junk.write_text("hello")
+    small = tmp_path / "small.pth"
+    torch.save({"pca_eigen_vectors": np.zeros((64, 128)), "pca_means": np.zeros(128)}, small)
+    for bad, expected in ((junk, "not a readable PCA parameters file (UnpicklingError"),
+                          (small, "PCA eigenvectors (64, 128) and means 128: VGGish needs")):
+        assert main(args(media, out, {**weights, "pca": bad})) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"vpipe: error: {bad}: {expected}") and err.count("\n") == 1
+        assert not out.exists()
+
+
+def test_frames_extracted_again_with_other_options_are_not_resumed(tmp_path: Path, weights,
+                                                                   capsys) -> None:
+    """Regression: the old clips' rows were kept ("already done") after their frames were
+    re-extracted with other options into the same folder: stale features, no warning."""
+    media = make_media(tmp_path / "m", {"x_0": (2, None), "y_0": (3, None)})
+    out = tmp_path / "f"
+    cmd = args(media, out, weights, "--audio-model", "none")
+    assert main(cmd) == 0
+    info = json.loads((media / "vpipe.json").read_text())
+    info["params"]["every"] = 10  # as `vpipe extract-frames --every 10 --overwrite` leaves it
+    (media / "vpipe.json").write_text(json.dumps(info))
+    assert main(cmd) == 2
+    assert "with other parameters (frames: [{" in capsys.readouterr().err
+    assert main([*cmd, "--overwrite"]) == 0
+    assert json.loads((out / "vpipe.json").read_text())["params"]["frames"] == [info["params"]]
+    # A folder made before the frames' options were recorded still resumes.
+    done_info = json.loads((out / "vpipe.json").read_text())
+    del done_info["params"]["frames"]
+    (out / "vpipe.json").write_text(json.dumps(done_info))
+    assert main(cmd) == 0
+    assert "frames" not in json.loads((out / "vpipe.json").read_text())["params"]
+
+
+def test_index_is_appended_per_shard_not_rebuilt(tmp_path: Path, weights, monkeypatch) -> None:
+    """Regression: every finished shard reread all the shards to rebuild index.jsonl, which
+    made `--shard-size 1` runs quadratic (~1 s per new shard at 1000 shards)."""
+    from pipeline import shards
+
+    media = make_media(tmp_path / "m", {f"c_{i}": (1, None) for i in range(5)})
+    calls = []
+    real = shards.rebuild_index
+    monkeypatch.setattr(shards, "rebuild_index", lambda folder: calls.append(1) or real(folder))
+    out = tmp_path / "f"
+    assert main(args(media, out, weights, "--audio-model", "none", "--shard-size", "1")) == 0
+    assert len(calls) == 1  # once, at the start of the run
+    assert read_index(out) == real(out)
+    assert [r["shard"] for r in read_index(out)] == [f"shard-0000{i}.h5" for i in range(5)]
+
+
+def test_a_damaged_shard_stops_the_rerun_with_one_line(tmp_path: Path, media: Path, weights,
+                                                       capsys) -> None:
+    out = tmp_path / "f"
+    cmd = args(media, out, weights, "--audio-model", "none", "--shard-size", "2")
+    assert main(cmd) == 0
+    shard = shard_paths(out)[1]
+    shard.write_bytes(shard.read_bytes()[:300])  # a copy cut short: used to be a traceback
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vpipe: error: {shard}: damaged shard, cannot be read (")
+    assert err.count("\n") == 1 and "delete it and run again" in err
+    shard.unlink()
+    assert main(cmd) == 0
+    assert len(read_index(out)) == 4 and main(["inspect", str(out)]) == 0

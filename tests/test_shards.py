@@ -145,3 +145,31 @@ def test_inspect_on_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
     from pipeline.cli import main
 
     assert main(["inspect", str(tmp_path / "nope")]) == 2
+
+
+def test_reader_keeps_few_shards_open(tmp_path: Path, monkeypatch) -> None:
+    """Regression: every shard read stayed open, so iterating a store of ~1000+ small shards
+    (--shard-size 1) failed with 'Too many open files'."""
+    monkeypatch.setattr(shards, "MAX_OPEN_SHARDS", 2)
+    for i in range(5):
+        write(tmp_path, i, [clip(f"c{i}", 2, 1)])
+    rebuild_index(tmp_path)
+
+    def n_open(store) -> int:
+        return sum(sh.file is not None for sh in store._shards.values())
+
+    with open_features(tmp_path) as store:
+        assert [c.clip_id for c in store] == [f"c{i}" for i in range(5)]
+        assert n_open(store) == 2
+        for cid in ("c0", "c4", "c0", "c2", "c1", "c0"):
+            np.testing.assert_array_equal(store[cid].image, clip(cid, 2, 1).image)
+            assert n_open(store) <= 2
+        assert store.attrs("image")["model"] == "m"
+
+
+def test_add_to_index_appends_a_shards_rows(tmp_path: Path) -> None:
+    write(tmp_path, 0, [clip("a", 1, 0)])
+    rebuild_index(tmp_path)
+    shards.add_to_index(tmp_path, write(tmp_path, 1, [clip("b", 2, 1), clip("c", 0, 0)]))
+    assert shards.read_index(tmp_path) == rebuild_index(tmp_path)
+    assert [r["clip_id"] for r in shards.read_index(tmp_path)] == ["a", "b", "c"]

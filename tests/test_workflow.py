@@ -449,3 +449,30 @@ def test_a_bad_option_is_reported_before_missing_inputs(tmp_path: Path, capsys) 
     assert main(["run", str(wf)]) == 2
     assert "no inputs" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_unusable_weights_stop_the_run_at_features(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Regression: a weights file that does not fit exited 1 ("some items failed"), so the run
+    went on to train on a feature folder that was never made and failed there instead."""
+    media = tmp_path / "media"
+    (media / "a_0" / "frames").mkdir(parents=True)
+    rec = {"id": "a_0", "status": "ok", "source": "a", "n_frames": 0, "timestamps": [],
+           "frames_dir": "a_0/frames", "has_audio": False}
+    (media / "manifest.jsonl").write_text(json.dumps(rec) + "\n", encoding="utf-8")
+    bad = tmp_path / "r34.pth"
+    import torch
+    import torchvision
+
+    torch.save(torchvision.models.resnet34().state_dict(), bad)
+    (tmp_path / "labels.csv").write_text("id,label\na,1\n", encoding="utf-8")
+    (tmp_path / "wf.toml").write_text(
+        'inputs = ["media"]\nlabels = "labels.csv"\n\n[features]\nimage-model = "resnet18"\n'
+        f'image-weights = "{bad.name}"\naudio-model = "none"\n\n[train]\nepochs = 1\n',
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "wf.toml"]) == 2
+    err = capsys.readouterr().err
+    assert f"vpipe: error: {bad}: does not fit resnet18 (" in err
+    assert "features  stopped" in err and "train     not run" in err
+    assert not (tmp_path / "work" / "wf" / "train").exists()
