@@ -16,6 +16,7 @@ import platform
 import re
 import shutil
 import sys
+import threading
 import time
 import traceback
 import unicodedata
@@ -432,7 +433,7 @@ def run_items(
             for it in todo:
                 handle(it, _call(work, it))
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_end_with_parent) as pool:
                 pending = {pool.submit(_call, work, it): it for it in todo}
                 while pending:
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -447,6 +448,22 @@ def run_items(
     if not quiet:
         print(summary.line(), file=sys.stderr)
     return summary
+
+
+def _end_with_parent(poll_s: float = 0.5) -> None:
+    """In a pool worker: exit once the vpipe process that started it is gone.
+
+    A parent ended by SIGKILL (``kill -9``, the OOM killer) cannot shut its pool down, and
+    the workers would wait for work forever. A watchdog thread notices the new parent pid.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="vpipe-parent-watch", daemon=True).start()
 
 
 def _ids_of(run: Run, item: Item) -> list[str]:

@@ -8,6 +8,7 @@ initialisation and trains a small LSTM for 3 epochs, so one full run takes secon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -291,6 +292,24 @@ def test_dry_run_commands_run_by_hand_give_the_same_outputs(
     assert_same(outputs(project / "by-hand"), first_run)
 
 
+def _children(pid: int) -> list[int]:
+    """Pids of the processes ``pid`` started (Linux /proc)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            kids += [int(x) for x in (task / "children").read_text().split()]
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped by init counts as ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("marker", ["subclip/manifest.jsonl", "train/config.json"])
 def test_killed_in_a_stage_then_rerun_gives_the_same_outputs(
@@ -305,9 +324,16 @@ def test_killed_in_a_stage_then_rerun_gives_the_same_outputs(
     while not (target.exists() and target.stat().st_size) and time.time() < deadline:
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.005)
+    helpers = _children(proc.pid)  # subclip's pool workers (ffmpeg runs under them)
+    assert helpers or marker.startswith("train")
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (project / work / "train" / "predictions.jsonl").exists()
+    # Regression: pool workers outlived a killed run, sleeping forever under init.
+    deadline = time.time() + 10
+    while any(_alive(p) for p in helpers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in helpers if _alive(p)]
 
     rerun = subprocess.run(
         cmd[:-1], cwd=project, env=env, check=True, stderr=subprocess.PIPE, text=True
