@@ -264,7 +264,7 @@ def find_videos(paths: Iterable[str | os.PathLike]) -> list[Path]:
     Which candidates are videos is decided later by :func:`probe`, not by extension. Hidden
     files and folders (temp files of interrupted writes among them), vpipe's record files and
     vpipe output folders inside a searched folder (``-o`` under the input) are not searched.
-    A missing path is a usage error.
+    A missing path, or a folder without any file to consider, is a usage error.
     """
     out: list[Path] = []
     seen: set[Path] = set()
@@ -281,6 +281,8 @@ def find_videos(paths: Iterable[str | os.PathLike]) -> list[Path]:
                     if not f.startswith(".") and f not in _RECORD_FILES
                 ]
             found.sort()
+            if not found:  # a wrong path far more often than a folder meant to be empty
+                raise UsageError(f"{p}: no files in this folder")
         elif p.is_file():
             found = [p]
         else:

@@ -204,3 +204,15 @@ def test_fps_above_the_frame_rate_repeats_frames(numbered_video: Path) -> None:
     assert len(got) == 400 and [t for t, _ in got[:3]] == [0.0, 0.02, 0.04]
     assert [synth.frame_index(x) for _, x in got] == [k // 2 for k in range(400)]
     assert got[0][1] is not got[1][1]  # repeats are copies, safe to modify
+
+
+def test_an_input_folder_without_files_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    # Regression: `vpipe subclip empty/` reported "0 videos done" and exited 0.
+    from pipeline.cli import main
+
+    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
+    for stage in ("subclip", "extract-frames", "extract-audio"):
+        assert main([stage, str(tmp_path / "empty"), "-o", str(tmp_path / stage), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"vpipe: error: {tmp_path / 'empty'}: no files in this folder\n"
+        assert not (tmp_path / stage).exists()
