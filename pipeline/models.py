@@ -50,14 +50,14 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 class WeightsRefused(WeightsUnavailable):
-    """Weights that cannot be used (missing, unreadable, another network): nothing was done, so
-    it exits 2 like any usage error, and `vpipe run` stops there instead of running the next
-    stages on an output that was never made."""
+    """A weights file given that cannot be used (unreadable, another network): a usage error
+    (exit 2), nothing done. Weights merely missing offline stay exit 1, as the stage contract
+    says; `vpipe run` stops on either, since the stage made no output."""
 
     exit_code = 2
 
 
-class MissingWeights(WeightsRefused):
+class MissingWeights(WeightsUnavailable):
     """A published checkpoint neither in the hub cache nor downloadable, with how to provide it.
 
     The stage resolves every file first and reports all the missing ones in one error
@@ -90,7 +90,7 @@ def missing_error(missing: list[MissingWeights]) -> WeightsUnavailable:
         f"downloaded ({first.reason}). For each:",
         *(f"  - {m.item()}" for m in missing),
     ]
-    return WeightsRefused("\n".join(lines))
+    return WeightsUnavailable("\n".join(lines))
 
 
 def hub_checkpoint(url: str, what: str, options: str) -> Path:

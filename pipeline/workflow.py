@@ -429,6 +429,17 @@ def _redone(step: Step, args: list[str], before: dict) -> bool:
     return had > 0 and after.get("already_done", 0) == 0 and after.get("done", 0) > 0
 
 
+def _made_no_output(step: Step) -> bool:
+    """An item stage that exited without writing its record: nothing for the next stages."""
+    spec = STAGES.get(step.name)
+    return (
+        spec is not None
+        and not spec.whole
+        and step.out is not None
+        and not (step.out / "vpipe.json").is_file()
+    )
+
+
 def _is_item_stage_folder(step: Step) -> bool:
     spec = STAGES.get(step.name)
     return (
@@ -502,7 +513,10 @@ def run_plan(
         upstream_redone = upstream_redone or (rc in (0, 1) and _redone(step, args, before))
         status = {0: "ok", 1: "some items failed"}.get(rc, "stopped")
         results.append(StepResult(step.name, status, rc, seconds, step.out))
-        if rc not in (0, 1):
+        made_nothing = rc == 1 and _made_no_output(step)
+        if made_nothing:  # e.g. weights missing offline: the stage failed as a whole
+            results[-1] = StepResult(step.name, "failed", rc, seconds, step.out)
+        if rc not in (0, 1) or made_nothing:
             code = rc
             for later in steps[n:]:
                 results.append(StepResult(later.name, "not run", 0, 0.0, later.out))

@@ -263,7 +263,7 @@ def test_offline_imagenet_with_empty_cache_fails_clearly(tmp_path: Path, media: 
     out = tmp_path / "f"
     code = main(["features", str(media), "-o", str(out), "--image-model", "resnet18", "-q"])
     err = capsys.readouterr().err
-    assert code == 2  # nothing was done: a usage error, which also stops `vpipe run`
+    assert code == 1  # the contract: exit 1 (vpipe run stops: no output was made)
     # One error names all three missing files (not one per run), each with its remedies.
     assert "vpipe: error: 3 weight files are not in the torch hub cache" in err
     assert str(tmp_path / "empty" / "hub" / "checkpoints") in err
@@ -285,7 +285,7 @@ def test_offline_single_missing_pca_suggests_no_postprocess(tmp_path: Path, medi
     out = tmp_path / "f"
     cmd = args(media, out, weights)
     del cmd[cmd.index("--audio-pca"):cmd.index("--audio-pca") + 2]  # the release PCA: missing
-    assert main(cmd) == 2
+    assert main(cmd) == 1
     err = capsys.readouterr().err
     assert "vpipe: error: VGGish PCA weights are not in the cache" in err
     assert "--audio-pca PATH" in err and "--no-audio-postprocess" in err

@@ -502,3 +502,16 @@ def test_unusable_weights_stop_the_run_at_features(tmp_path: Path, capsys, monke
     assert f"vpipe: error: {bad}: does not fit resnet18 (" in err
     assert "features  stopped" in err and "train     not run" in err
     assert not (tmp_path / "work" / "wf" / "train").exists()
+    # Weights merely missing offline exit 1 (the stage's contract), and the run stops there
+    # too: the stage made no output for train to read.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    for var in ("https_proxy", "HTTPS_PROXY"):  # any download attempt is refused at once
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    wf = (tmp_path / "wf.toml").read_text(encoding="utf-8")
+    (tmp_path / "wf.toml").write_text(wf.replace(bad.name, "imagenet"), encoding="utf-8")
+    assert main(["run", "wf.toml"]) == 1
+    err = capsys.readouterr().err
+    assert "weights are not in the cache" in err
+    assert "features  failed" in err and "train     not run" in err
+    assert "no such feature folder" not in err
+    assert not (tmp_path / "work" / "wf" / "train").exists()
