@@ -429,25 +429,19 @@ def _redone(step: Step, args: list[str], before: dict) -> bool:
     return had > 0 and after.get("already_done", 0) == 0 and after.get("done", 0) > 0
 
 
+def _is_item_stage(step: Step) -> bool:
+    """A stage of many items writing an output folder (not train, not predict's file)."""
+    spec = STAGES.get(step.name)
+    return spec is not None and not spec.whole and step.out is not None
+
+
 def _made_no_output(step: Step) -> bool:
     """An item stage that exited without writing its record: nothing for the next stages."""
-    spec = STAGES.get(step.name)
-    return (
-        spec is not None
-        and not spec.whole
-        and step.out is not None
-        and not (step.out / "vpipe.json").is_file()
-    )
+    return _is_item_stage(step) and not (step.out / "vpipe.json").is_file()
 
 
 def _is_item_stage_folder(step: Step) -> bool:
-    spec = STAGES.get(step.name)
-    return (
-        spec is not None
-        and not spec.whole
-        and step.out is not None
-        and (step.out / "vpipe.json").is_file()
-    )
+    return _is_item_stage(step) and (step.out / "vpipe.json").is_file()
 
 
 def _args_for(step: Step, first: bool, upstream_changed: bool) -> list[str] | None:
