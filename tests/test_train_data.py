@@ -100,6 +100,13 @@ def test_label_space_refuses_nan_single_class_and_text_targets():
         LabelSpace.build("regression", {"a": "1", "b": "1.0"})
 
 
+def test_regression_targets_beyond_float32_are_refused():
+    # 1e39 is finite as a Python float but inf as the float32 target: every loss was NaN.
+    with pytest.raises(UsageError, match="beyond the float32 range .*b='-1e39'"):
+        LabelSpace.build("regression", {"a": "1", "b": "-1e39"})
+    LabelSpace.build("regression", {"a": "1", "b": "-1e38"})
+
+
 def test_clips_inherit_their_source_label_and_own_label_wins(store, tmp_path, capsys):
     p = tmp_path / "l.csv"
     p.write_text("id,label\nt1,7\nt1_1,2\nt2_0,4\nghost,1\n")

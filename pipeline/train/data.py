@@ -26,6 +26,7 @@ from pipeline.shards import MODALITIES, FeatureStore
 TASKS = ("regression", "classification", "multilabel")
 SPLITS = ("train", "val", "test")
 _TAG_SEP = re.compile(r"[|,]")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 # --------------------------------------------------------------------------- labels CSV
@@ -133,6 +134,13 @@ class LabelSpace:
             if nan:
                 raise UsageError(
                     f"{len(nan)} regression targets are NaN or infinite (e.g. {', '.join(nan[:3])})"
+                )
+            # Targets are float32: a finite 1e39 became inf there and every loss NaN.
+            big = [i for i, v in labels.items() if abs(float(v)) > FLOAT32_MAX]
+            if big:
+                raise UsageError(
+                    f"{len(big)} regression targets are beyond the float32 range "
+                    f"(±{FLOAT32_MAX:.3g}; e.g. {big[0]}={labels[big[0]]!r}); rescale the labels"
                 )
             if len({float(v) for v in labels.values()}) < 2:
                 raise UsageError(f"every regression target is the same value ({where} …)")

@@ -131,8 +131,13 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("lr", "clip_grad"):  # 0 would leave the weights where they started
         if not _positive(getattr(cfg, name)):
             raise UsageError(f"--{name.replace('_', '-')} must be above 0")
-    if not cfg.weight_decay >= 0:
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):  # inf: NaN weights
         raise UsageError("--weight-decay must be 0 or more")
+    # The batch order's generator is seeded with seed * 100003 + epoch, an int64: a huge seed
+    # crashed after the run folder was started. (A negative seed drew the same split as its
+    # absolute value.)
+    if not 0 <= cfg.seed < 2**32:
+        raise UsageError("--seed must be in [0, 2^32)")
     if not 0 <= cfg.threshold <= 1:
         raise UsageError("--threshold is a score in [0, 1]")
     if not 0 <= cfg.dropout < 1:
@@ -162,7 +167,7 @@ def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = Fa
     space = LabelSpace.build(task, joined.labels)
 
     present = present_modalities(store)
-    mods = cfg.modalities or present
+    mods = list(dict.fromkeys(cfg.modalities or present))  # --modalities image,image: once
     unknown = [m for m in mods if m not in MODALITIES]
     if unknown:
         raise UsageError(f"--modalities: unknown {', '.join(unknown)} (use image, audio)")
@@ -271,8 +276,10 @@ def train(
     device = pick_device(cfg.device)
     task = p.space.task
     t_train = p.targets["train"]
+    # In float64: the float32 targets' std overflows (inf) for labels around 1e20.
+    t64 = t_train.astype(np.float64)
     target_norm = (
-        (float(t_train.mean()), float(t_train.std()) or 1.0) if task == "regression" else (0.0, 1.0)
+        (float(t64.mean()), float(t64.std()) or 1.0) if task == "regression" else (0.0, 1.0)
     )
     meta = {
         "config": cfgd,

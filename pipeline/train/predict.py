@@ -14,6 +14,7 @@ from pipeline.errors import UsageError
 from pipeline.records import atomic_write_text
 from pipeline.shards import FeatureStore, open_features
 from pipeline.train.data import (
+    FLOAT32_MAX,
     ClipSequences,
     join_labels,
     present_modalities,
@@ -55,7 +56,8 @@ def open_checked(features: str | Path, meta: dict, prog: str) -> FeatureStore:
                 "empty sequences",
                 file=sys.stderr,
             )
-        elif store.dim(m) != dim:
+            continue  # the attributes of a modality without rows say nothing
+        if store.dim(m) != dim:
             raise UsageError(
                 f"{features}: {m} features have dim {store.dim(m)}, the run was trained on {dim}"
             )
@@ -97,7 +99,7 @@ def _encode(meta: dict, labels: dict[str, str], prog: str) -> tuple[list[str], n
                 y = float(v)
             except ValueError:
                 y = math.nan
-            if not math.isfinite(y):
+            if not math.isfinite(y) or abs(y) > FLOAT32_MAX:  # inf once float32
                 bad.append(cid)
                 continue
             ys.append(np.float32(y))
