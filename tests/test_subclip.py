@@ -398,6 +398,8 @@ def test_soundtrack_longer_than_video_is_not_truncation(tmp_path: Path) -> None:
     recs = manifest(out)
     assert [(r["id"], r["status"], r["start"], r["end"]) for r in recs] == [
         ("long_audio_0", "ok", 0.0, 1.0), ("long_audio_1", "ok", 1.0, 2.0)]
+    # Each line names the file it was made from as `input` (not `label`: no training label).
+    assert {r["input"] for r in recs} == {str(src)} and not any("label" in r for r in recs)
 
 
 @pytest.mark.parametrize("mode, rotation", [("exact", 0), ("keyframe", 90)])
