@@ -394,8 +394,6 @@ def extract_features(
     out = Path(out_dir)
     params = enc.run_params(opts, inputs)
     info = read_run_info(out) if out.is_dir() else None
-    if info is not None and "frames" not in (info.get("params") or {"frames": 0}):
-        params.pop("frames")  # a folder from before the frames were recorded still resumes
     if overwrite and info is not None and info.get("params") != _canonical(params):
         for p in shards.shard_paths(out):
             p.unlink()

@@ -203,9 +203,15 @@ def frame_times(path: str | os.PathLike) -> FrameTimes:
     return FrameTimes(times=t, keyframe=key, end_s=float(t[-1] + last_dur))
 
 
+def _quarter_turns(frame) -> int:
+    """Quarter turns counter-clockwise a player applies to a decoded frame (0-3): phone videos
+    store portrait frames sideways with a display matrix."""
+    return round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+
+
 def display_rotation(path: str | os.PathLike) -> int:
-    """Degrees (0, 90, 180, 270; counter-clockwise) a player turns the stored frames by: phone
-    videos store portrait frames sideways with a display matrix. Decodes the first frame."""
+    """Degrees (0, 90, 180, 270; counter-clockwise) a player turns the stored frames by.
+    Decodes the first frame."""
     import av
 
     path = Path(path)
@@ -214,7 +220,7 @@ def display_rotation(path: str | os.PathLike) -> int:
             frame = next(c.decode(video=0), None)
         except av.error.FFmpegError as e:
             raise MediaError(f"{path}: unreadable video data ({_av_reason(e)})") from None
-    return (round((getattr(frame, "rotation", 0) or 0) / 90) % 4) * 90
+    return _quarter_turns(frame) * 90
 
 
 def upright_size(width: int, height: int, rotation: int) -> tuple[int, int]:
@@ -490,10 +496,9 @@ class _FramePicker:
             rgb = frame.to_ndarray(format="rgb24")
         else:
             rgb = frame.reformat(w, h, "rgb24", interpolation="AREA").to_ndarray()
-        # Phone videos store portrait frames sideways plus a display rotation (degrees
-        # counter-clockwise): output frames upright, as players show them. The short side
-        # is the same before and after, so scaling first is fine.
-        turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+        # Output frames upright, as players show them. The short side is the same before
+        # and after, so scaling first is fine.
+        turns = _quarter_turns(frame)
         return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
     def _time(self, frame) -> float:

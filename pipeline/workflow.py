@@ -505,11 +505,10 @@ def run_plan(
         # whose successor then found nothing new (done 0) leaves the stages after it up to date.
         upstream_changed = _changed(step)
         upstream_redone = upstream_redone or (rc in (0, 1) and _redone(step, args, before))
-        status = {0: "ok", 1: "some items failed"}.get(rc, "stopped")
-        results.append(StepResult(step.name, status, rc, seconds, step.out))
+        # Exit 1 with no record written (e.g. weights missing offline): failed as a whole.
         made_nothing = rc == 1 and _made_no_output(step)
-        if made_nothing:  # e.g. weights missing offline: the stage failed as a whole
-            results[-1] = StepResult(step.name, "failed", rc, seconds, step.out)
+        status = "failed" if made_nothing else {0: "ok", 1: "some items failed"}.get(rc, "stopped")
+        results.append(StepResult(step.name, status, rc, seconds, step.out))
         if rc not in (0, 1) or made_nothing:
             code = rc
             for later in steps[n:]:

@@ -29,6 +29,11 @@ _TAG_SEP = re.compile(r"[|,]")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
+def fits_float32(y: float) -> bool:
+    """A regression target the model can hold: finite, and still finite as float32."""
+    return math.isfinite(y) and abs(y) <= FLOAT32_MAX
+
+
 # --------------------------------------------------------------------------- labels CSV
 
 
@@ -136,7 +141,7 @@ class LabelSpace:
                     f"{len(nan)} regression targets are NaN or infinite (e.g. {', '.join(nan[:3])})"
                 )
             # Targets are float32: a finite 1e39 became inf there and every loss NaN.
-            big = [i for i, v in labels.items() if abs(float(v)) > FLOAT32_MAX]
+            big = [i for i, v in labels.items() if not fits_float32(float(v))]
             if big:
                 raise UsageError(
                     f"{len(big)} regression targets are beyond the float32 range "
@@ -212,8 +217,8 @@ def join_labels(store: FeatureStore, rows: dict[str, LabelRow]) -> LabelledClips
     labels: dict[str, str] = {}
     splits: dict[str, str | None] = {}
     unlabeled = []
-    clip_set = set(store.clip_ids)
-    sources = {store.info(cid)["source"] for cid in store.clip_ids}
+    source_of = {cid: store.info(cid)["source"] for cid in store.clip_ids}
+    clip_set, sources = set(source_of), set(source_of.values())
     known = clip_set | sources
     # Source ids are file stems made safe ("my trailer.mp4" -> my-trailer): a label written
     # with the stem as it was matches through the same rule when it matches nothing as is.
@@ -223,8 +228,7 @@ def join_labels(store: FeatureStore, rows: dict[str, LabelRow]) -> LabelledClips
         if i not in known and alias != i and alias in known and alias not in rows:
             renamed[i] = alias
     rows = {renamed.get(i, i): r for i, r in rows.items()}
-    for cid in store.clip_ids:
-        src = store.info(cid)["source"]
+    for cid, src in source_of.items():
         row = rows.get(cid) or rows.get(src)  # a clip's own label beats its video's
         if row is None:
             unlabeled.append(cid)

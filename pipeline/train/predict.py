@@ -14,8 +14,8 @@ from pipeline.errors import UsageError
 from pipeline.records import atomic_write_text
 from pipeline.shards import FeatureStore, open_features
 from pipeline.train.data import (
-    FLOAT32_MAX,
     ClipSequences,
+    fits_float32,
     join_labels,
     present_modalities,
     read_labels,
@@ -99,7 +99,7 @@ def _encode(meta: dict, labels: dict[str, str], prog: str) -> tuple[list[str], n
                 y = float(v)
             except ValueError:
                 y = math.nan
-            if not math.isfinite(y) or abs(y) > FLOAT32_MAX:  # inf once float32
+            if not fits_float32(y):
                 bad.append(cid)
                 continue
             ys.append(np.float32(y))
@@ -166,12 +166,18 @@ def evaluate_run(
     }
 
 
-def write_output(path: str | Path, text: str) -> None:
-    """Write a result file whole, creating its folder; a folder given as the file is refused."""
+def check_output(path: str | Path) -> Path:
+    """A result file's path; a folder given as the file is refused."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{path} is a folder; give a file name (e.g. {path / 'preds.jsonl'})")
-    path.parent.mkdir(parents=True, exist_ok=True)  # -o runs/new/preds.jsonl just works
+    return path
+
+
+def write_output(path: str | Path, text: str) -> None:
+    """Write a result file whole, creating its folder (-o runs/new/preds.jsonl just works)."""
+    path = check_output(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
 
 
@@ -201,8 +207,7 @@ def predict_run(
     prog = "vpipe predict"
     if threshold is not None and not 0 <= threshold <= 1:
         raise UsageError("--threshold is a score in [0, 1]")
-    if Path(out_path).is_dir():  # refused before the model runs, not after
-        write_output(out_path, "")
+    check_output(out_path)  # refused before the model runs, not after
     model, meta, store = _open(run, features, checkpoint, prog)
     thr = meta["config"]["threshold"] if threshold is None else threshold
     ids = store.clip_ids
