@@ -174,7 +174,7 @@ def extract_clip(item: Item, *, out_dir: Path, opts: FrameOptions) -> dict:
     start = clip.start_s if clip.start_s is not None else 0.0
     end = clip.end_s
     if end is None:  # a whole video: its picture's end (a live-written file declares none)
-        end = info.video_end_s or info.duration_s or _demuxed_end(clip.path)
+        end = info.video_end_s or _demuxed_end(clip.path)
     want_audio = opts.audio and info.has_audio
     ext = opts.format
     timestamps: list[float] = []

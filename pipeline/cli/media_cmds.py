@@ -63,9 +63,10 @@ def subclip(
         typer.Option(
             "--mode",
             help="exact: frame-accurate cuts (re-encoded with x264); keyframe: stream copy, "
-            "boundaries snapped to keyframes (fast, clips still never overlap). A video whose "
-            "keyframes cannot place a clip (e.g. a single keyframe) is cut in exact mode instead, "
-            "with a note on stderr and mode: exact in its records.",
+            "boundaries snapped to closed-GOP keyframes (fast, clips still never overlap). A video "
+            "whose keyframes cannot place a clip (e.g. a single keyframe), whose codec mp4 cannot "
+            "hold, or an MPEG program stream (.mpg/.vob) is cut in exact mode instead, with "
+            "mode: exact in its records (a note on stderr where the keyframes were the cause).",
         ),
     ] = "exact",
     min_fraction: Annotated[

@@ -23,8 +23,9 @@ Labels = Annotated[
     Path,
     typer.Option(
         "--labels",
-        help="CSV with columns id,label[,split]; id is a clip id or a source id (its clips "
-        "inherit the label). Multilabel: names separated by '|' or ',' (quoted).",
+        help="CSV with columns id,label[,split] (header in any case); id is a clip id or a "
+        "source id, the video's file stem (its clips inherit the label). Multilabel: names "
+        "separated by '|' or ',' (quoted).",
         show_default=False,
     ),
 ]
@@ -101,7 +102,7 @@ def train(
         float, typer.Option("--test-fraction", help="Share of source videos held out for test.")
     ] = 0.15,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed of the split, init and batch order.")
+        int, typer.Option("--seed", help="Seed (0 to 2^32-1) of the split, init and batch order.")
     ] = 0,
     max_frames: Annotated[
         int,
