@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# The exact versions CI and the images use (constraints.txt), within pyproject.toml's ranges.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv/ and install vpipe with its pinned dependencies
+install: $(STAMP) ## create .venv/ and install vpipe with the pinned dependencies
 
 test: $(STAMP) ## install, then run the whole test suite (slow end-to-end tests included)
 	$(PY) -m pytest -q
