@@ -20,8 +20,8 @@ import torch
 
 from pipeline.cli import main
 from pipeline.train import TrainConfig, evaluate_run, predict_run, train
-from pipeline.train.data import collate
-from pipeline.train.models import SequenceModel
+from pipeline.train.data import pad_batch
+from pipeline.train.model import SequenceModel
 from pipeline.train.synthetic import make_feature_set, write_labels
 
 # Small and fast: ~100 clips of 6-14 steps, D=16; a few seconds of CPU per run.
@@ -113,10 +113,10 @@ def test_padding_and_missing_audio_do_not_change_a_clips_output(model, pool, bid
     silent = {"image": rng.random((9, 4), np.float32), "audio": np.zeros((0, 3), np.float32)}
     mods = ["image", "audio"]
     with torch.no_grad():
-        both = net(collate([short, silent], mods))
+        both = net(pad_batch([short, silent], mods))
         assert torch.isfinite(both).all()
-        assert torch.allclose(net(collate([short], mods))[0], both[0], atol=1e-6)
-        assert torch.allclose(net(collate([silent], mods))[0], both[1], atol=1e-6)
+        assert torch.allclose(net(pad_batch([short], mods))[0], both[0], atol=1e-6)
+        assert torch.allclose(net(pad_batch([silent], mods))[0], both[1], atol=1e-6)
 
 
 def test_shuffled_labels_do_not_beat_the_baseline(sets, tmp_path):

@@ -10,9 +10,9 @@ from pipeline.shards import ClipFeatures, ShardWriter, open_features, rebuild_in
 from pipeline.train.data import (
     ClipSequences,
     LabelSpace,
-    collate,
     infer_task,
     join_labels,
+    pad_batch,
     present_modalities,
     read_labels,
     sample_uniform,
@@ -141,7 +141,7 @@ def test_an_id_that_is_a_clip_and_another_source_is_warned_about(tmp_path, capsy
 
 
 def test_label_ids_written_as_file_stems_match_the_safe_source_ids(tmp_path, capsys):
-    # "my trailer.mp4" and "Été 2.mp4" become sources my-trailer and Été-2 (records.sanitize_id):
+    # "my trailer.mp4" and "Été 2.mp4" become sources my-trailer and Été-2 (ids.sanitize_id):
     # labels written with the stems as they were used to match nothing.
     store = write_shards(
         tmp_path / "f",
@@ -222,9 +222,9 @@ def test_uniform_sampling_takes_the_middle_of_equal_parts():
     assert sample_uniform(7, 0).tolist() == list(range(7))
 
 
-def test_collate_pads_each_modality_and_keeps_lengths(store):
+def test_a_batch_pads_each_modality_and_keeps_lengths(store):
     data = ClipSequences(store, ["t1_0", "t1_1", "t2_0"], ["image", "audio"])
-    x = collate([data[i] for i in range(3)], ["image", "audio"])
+    x = pad_batch([data[i] for i in range(3)], ["image", "audio"])
     img, n = x["image"]
     assert img.shape == (3, 5, 4) and n.tolist() == [5, 3, 4]
     assert img[1, 3:].abs().sum() == 0  # padding is zeros

@@ -1,7 +1,7 @@
 """Train sequence models on cached feature shards, never decoding video again.
 
 ``data`` joins a labels CSV to the clips of a feature folder, splits them by source video and
-pads batches; ``models`` holds the two models (``lstm``: LRCN, ``attention``: per-modality LSTM
+pads batches; ``model`` holds the two models (``lstm``: LRCN, ``attention``: per-modality LSTM
 with attention pooling) and how their outputs are read; ``metrics`` the per-task figures;
 ``loop`` the one training loop; ``runs`` the run folder (checkpoints, metrics.jsonl,
 curves.png); ``predict`` evaluation and prediction from a run; ``synthetic`` feature sets with

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UsageError
-from pipeline.records import sanitize_id
+from pipeline.ids import sanitize_id
 from pipeline.shards import MODALITIES, FeatureStore
 
 TASKS = ("regression", "classification", "multilabel")
@@ -393,7 +393,7 @@ class ClipSequences:
         return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
 
 
-def collate(items: Sequence[dict[str, np.ndarray]], modalities: Sequence[str]) -> dict:
+def pad_batch(items: Sequence[dict[str, np.ndarray]], modalities: Sequence[str]) -> dict:
     """Pad each modality to the batch's longest clip: {m: (x (B,T,D), lengths (B,))}."""
     import torch
 
@@ -422,6 +422,6 @@ def batches(
     idx = list(range(len(data))) if order is None else list(order)
     for a in range(0, len(idx), batch_size):
         part = idx[a : a + batch_size]
-        x = collate([data[i] for i in part], data.modalities)
+        x = pad_batch([data[i] for i in part], data.modalities)
         y = None if targets is None else torch.from_numpy(np.stack([targets[i] for i in part]))
         yield x, y

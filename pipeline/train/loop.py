@@ -23,8 +23,11 @@ import numpy as np
 import torch
 
 from pipeline import __version__
+from pipeline.device import check_device_name, pick_device
 from pipeline.errors import UsageError
-from pipeline.records import atomic_write_text, now_iso, progress
+from pipeline.files import atomic_write_text
+from pipeline.records import now_iso
+from pipeline.runner import progress
 from pipeline.shards import MODALITIES, FeatureStore, open_features
 from pipeline.train.data import (
     TASKS,
@@ -40,15 +43,7 @@ from pipeline.train.data import (
     warn_empty_clips,
 )
 from pipeline.train.metrics import MAIN_METRIC, improved, task_metrics
-from pipeline.train.models import (
-    MODELS,
-    POOLS,
-    SequenceModel,
-    loss_of,
-    pick_device,
-    run_model,
-    to_device,
-)
+from pipeline.train.model import MODELS, POOLS, SequenceModel, loss_of, run_model, to_device
 from pipeline.train.runs import (
     epoch_counts,
     features_fingerprint,
@@ -142,8 +137,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError("--threshold is a score in [0, 1]")
     if not 0 <= cfg.dropout < 1:
         raise UsageError("--dropout must be in [0, 1)")
-    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
-        raise UsageError(f"--device {cfg.device!r}: use auto, cpu or cuda[:N]")
+    check_device_name(cfg.device)
 
 
 def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = False) -> Prepared:

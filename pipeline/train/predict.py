@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.device import pick_device
 from pipeline.errors import UsageError
-from pipeline.records import atomic_write_text
+from pipeline.files import atomic_write_text, sha256_of
 from pipeline.shards import FeatureStore, open_features
 from pipeline.train.data import (
     ClipSequences,
@@ -23,11 +24,11 @@ from pipeline.train.data import (
     warn_empty_clips,
 )
 from pipeline.train.loop import evaluate
-from pipeline.train.models import pick_device, run_model
-from pipeline.train.runs import file_sha256, load_run
+from pipeline.train.model import run_model
+from pipeline.train.runs import load_run
 
 # Feature attributes that must agree between training and use for the numbers to mean anything.
-IDENTITY = (
+FEATURE_IDENTITY = (
     "model",
     "weights",
     "layer",
@@ -62,7 +63,7 @@ def open_checked(features: str | Path, meta: dict, prog: str) -> FeatureStore:
                 f"{features}: {m} features have dim {store.dim(m)}, the run was trained on {dim}"
             )
         trained, now = meta["feature_attrs"].get(m, {}), store.attrs(m)
-        diff = [k for k in IDENTITY if k in trained and trained.get(k) != now.get(k)]
+        diff = [k for k in FEATURE_IDENTITY if k in trained and trained.get(k) != now.get(k)]
         if diff:
             k = diff[0]
             print(
@@ -89,7 +90,7 @@ def _sequences(model, meta: dict, store: FeatureStore, ids: list[str], device: s
     return data, dev
 
 
-def _encode(meta: dict, labels: dict[str, str], prog: str) -> tuple[list[str], np.ndarray]:
+def known_targets(meta: dict, labels: dict[str, str], prog: str) -> tuple[list[str], np.ndarray]:
     """Targets of the clips whose label the run knows; the others are reported and left out."""
     task, classes = meta["task"], meta["classes"]
     keep, ys, bad = [], [], []
@@ -149,7 +150,7 @@ def evaluate_run(
         labels = {c: v for c, v in labels.items() if c in ids}
         if not labels:
             raise UsageError(f"no labelled clip of the run's {split} split is in {features}")
-    ids, targets = _encode(meta, labels, prog)
+    ids, targets = known_targets(meta, labels, prog)
     data, dev = _sequences(model, meta, store, ids, device)
     metrics = evaluate(model, data, targets, meta, dev)  # ids is never empty
     store.close()
@@ -158,7 +159,7 @@ def evaluate_run(
         "checkpoint": checkpoint,
         "features": str(features),
         "labels": str(labels_csv),
-        "labels_sha256": file_sha256(labels_csv),
+        "labels_sha256": sha256_of(labels_csv),
         "split": split or "all",
         "task": meta["task"],
         "n_clips": len(ids),

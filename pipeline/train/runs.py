@@ -17,31 +17,20 @@ from pathlib import Path
 
 import torch
 
+from pipeline import records
 from pipeline.errors import ParamsChanged, UsageError
-from pipeline.records import (
-    RUN_INFO,
-    atomic_path,
-    atomic_write_text,
-    base_versions,
-    clean_temp_files,
-    now_iso,
-    read_run_info,
-)
+from pipeline.files import atomic_path, clean_temp_files, sha256_of
+from pipeline.records import now_iso, read_run_info
 from pipeline.train.metrics import MAIN_METRIC
-from pipeline.train.models import build_model
+from pipeline.train.model import build_model
 
 # Options that never change what is learned: they may differ whenever a run is continued.
-NON_SEMANTIC = {"device", "stream"}
+OPTIONS_NOT_LEARNED = {"device", "stream"}
 # Options that may also change with an explicit --resume (train longer, be more patient).
-RESUMABLE = NON_SEMANTIC | {"epochs", "patience"}
+OPTIONS_RESUME_MAY_CHANGE = OPTIONS_NOT_LEARNED | {"epochs", "patience"}
 # Parameters (besides the options) that say what a run learns from; "features"/"labels" paths
 # are recorded but not compared, so a moved folder or CSV with the same content still resumes.
-IDENTITY = ("labels_sha256", "features_fingerprint")
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (the labels CSV is small)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+INPUT_DIGESTS = ("labels_sha256", "features_fingerprint")
 
 
 def features_fingerprint(store, clip_ids: list[str], attrs: dict, dims: dict) -> str:
@@ -60,33 +49,22 @@ def run_params(cfg: dict, features: Path, labels: Path, fingerprint: str) -> dic
         **cfg,
         "features": str(Path(features).resolve()),
         "labels": str(Path(labels).resolve()),
-        "labels_sha256": file_sha256(labels),
+        "labels_sha256": sha256_of(labels),
         "features_fingerprint": fingerprint,
     }
 
 
 def train_versions() -> dict[str, str]:
+    """The libraries a run's numbers depend on, besides vpipe and Python."""
     import h5py
     import numpy
 
-    return {
-        **base_versions(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "h5py": h5py.__version__,
-    }
+    return {"torch": torch.__version__, "numpy": numpy.__version__, "h5py": h5py.__version__}
 
 
 def write_run_info(out: Path, fields: dict) -> None:
-    """Update ``RUN/vpipe.json`` with ``fields`` (same layout as :class:`records.Run` writes)."""
-    info = {
-        **(read_run_info(out) or {}),
-        "stage": "train",
-        **fields,
-        "versions": train_versions(),
-        "command": sys.argv,
-    }
-    atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
+    """Update ``RUN/vpipe.json`` with ``fields``, through the writer every stage uses."""
+    records.write_run_info(out, "train", fields, train_versions())
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
@@ -145,7 +123,7 @@ def open_run_folder(
     if overwrite:
         return None
     old = json.loads(cfg_path.read_text(encoding="utf-8"))["config"]
-    may_differ = RESUMABLE if resume else NON_SEMANTIC
+    may_differ = OPTIONS_RESUME_MAY_CHANGE if resume else OPTIONS_NOT_LEARNED
     diff = [
         k for k in sorted(set(old) | set(cfg)) if k not in may_differ and old.get(k) != cfg.get(k)
     ]
@@ -157,7 +135,7 @@ def open_run_folder(
             )
         hint = (
             "use --resume to continue it with these, or --overwrite to start again"
-            if set(diff) <= RESUMABLE
+            if set(diff) <= OPTIONS_RESUME_MAY_CHANGE
             else "use --overwrite to start again, or choose another --out"
         )
         raise ParamsChanged(f"{out}: a run with other options is there ({shown}); {hint}")
@@ -168,7 +146,7 @@ def open_run_folder(
             "(labels or features changed); use --overwrite to start again"
         )
     before = (read_run_info(out) or {}).get("params", {})
-    changed = [k for k in IDENTITY if k in before and before[k] != params.get(k)]
+    changed = [k for k in INPUT_DIGESTS if k in before and before[k] != params.get(k)]
     if changed:
         what = " and ".join("labels" if k == "labels_sha256" else "features" for k in changed)
         raise ParamsChanged(

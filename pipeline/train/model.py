@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from pipeline.errors import UsageError
 from pipeline.train.data import ClipSequences, batches
 
 MODELS = ("lstm", "attention")
@@ -120,15 +119,6 @@ class SequenceModel(nn.Module):
 # --------------------------------------------------------------------------- outputs
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU; asking for CUDA without one is a usage error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device here")
-    return torch.device(name)
-
-
 def build_model(meta: dict) -> SequenceModel:
     """The model a checkpoint's ``meta`` describes (weights not loaded)."""
     c = meta["config"]
@@ -161,7 +151,7 @@ def loss_of(task: str, out: torch.Tensor, y: torch.Tensor, meta: dict) -> torch.
     return F.binary_cross_entropy_with_logits(out, y.float())
 
 
-def decode(task: str, out: torch.Tensor, meta: dict) -> np.ndarray:
+def outputs_to_values(task: str, out: torch.Tensor, meta: dict) -> np.ndarray:
     """Model outputs → values (regression), class or tag probabilities."""
     out = out.float()
     if task == "regression":
@@ -183,6 +173,6 @@ def run_model(model, data: ClipSequences, targets, meta: dict, device, batch_siz
             out = model(to_device(x, device))
         if y is not None:
             total += float(loss_of(meta["task"], out, y.to(device), meta)) * len(y)
-        outs.append(decode(meta["task"], out, meta))
+        outs.append(outputs_to_values(meta["task"], out, meta))
     loss = total / len(data) if targets is not None and len(data) else None
     return (np.concatenate(outs) if outs else np.zeros((0,))), loss
