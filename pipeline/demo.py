@@ -22,6 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import UsageError
+from pipeline.media import ffmpeg_exe
+
 SPEEDS_PX_S = (0, 30, 90)  # the white square's speed: still, slow, fast
 TONES_HZ = (220, 440, 880)
 VGGISH_URLS = (
@@ -45,18 +48,6 @@ class Trailer:
     def rating(self) -> float:
         # Brighter, faster and higher-pitched trailers rate higher (1.0 .. 9.5).
         return round(1.0 + 5.0 * self.brightness + 1.25 * self.speed + 0.5 * self.tone, 3)
-
-
-def ffmpeg_exe() -> str:
-    """The ffmpeg vpipe uses (pipeline.media's choice, else imageio-ffmpeg's)."""
-    try:
-        from pipeline.media import ffmpeg_exe as media_ffmpeg
-
-        return media_ffmpeg()
-    except ImportError:
-        import imageio_ffmpeg
-
-        return imageio_ffmpeg.get_ffmpeg_exe()
 
 
 def plan_trailers(n: int) -> list[Trailer]:
@@ -206,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--trailers: at least 3 (one trailer each for train, val and test)")
     if not args.duration > 0:
         ap.error("--duration: seconds per trailer, above 0")
+    try:
+        ffmpeg_exe()  # a VPIPE_FFMPEG that does not work: one line now, not a traceback later
+    except UsageError as e:
+        ap.error(str(e))
     from pipeline.cli import main as vpipe
 
     t0 = time.time()

@@ -8,23 +8,15 @@ steady tone).
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.media import ffmpeg_exe  # the binary vpipe runs, so tests make media with it
+
 BITS = 12
-
-
-def ffmpeg_exe() -> str:
-    exe = shutil.which("ffmpeg")
-    if exe:
-        return exe
-    import imageio_ffmpeg
-
-    return imageio_ffmpeg.get_ffmpeg_exe()
 
 
 def numbered_frame(i: int, size: tuple[int, int], color=(40, 120, 200)) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -50,10 +52,114 @@ def junk(media_dir: Path, numbered_video: Path) -> dict[str, Path]:
     return {p.stem: p for p in d.iterdir()}
 
 
-def test_ffmpeg_exe_and_version() -> None:
-    assert Path(media.ffmpeg_exe()).exists()
-    assert media.ffmpeg_version()
-    assert set(media.media_versions()) == {"ffmpeg", "pyav"}
+# --------------------------------------------------------------------------- which ffmpeg
+
+FAKE_FFMPEG = "#!/bin/sh\necho 'ffmpeg version 0.0-fake Copyright (c) nobody'\n"
+
+
+def fake_ffmpeg(folder: Path, script: str = FAKE_FFMPEG) -> Path:
+    """An executable named ``ffmpeg`` in ``folder`` that answers ``-version`` like one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    exe = folder / "ffmpeg"
+    exe.write_text(script)
+    exe.chmod(0o755)
+    return exe
+
+
+@pytest.fixture
+def fresh_choice():
+    """Let a test change VPIPE_FFMPEG for this process: the choice is made once per process."""
+    media.chosen_ffmpeg.cache_clear()
+    yield
+    media.chosen_ffmpeg.cache_clear()
+
+
+def test_bundled_ffmpeg_is_the_default_even_with_another_on_path(tmp_path: Path) -> None:
+    import imageio_ffmpeg
+
+    fake = fake_ffmpeg(tmp_path / "bin")
+    ff = media.locate_ffmpeg({"PATH": str(fake.parent)})
+    wheel = Path(imageio_ffmpeg.__file__).parent
+    assert ff.source == "bundled" and Path(ff.path).parent == wheel / "binaries"
+    assert ff.version != "0.0-fake"
+    assert media.locate_ffmpeg({"PATH": str(fake.parent), "VPIPE_FFMPEG": "bundled"}) == ff
+
+
+def test_vpipe_ffmpeg_chooses_the_one_on_path_or_a_path(tmp_path: Path) -> None:
+    fake = fake_ffmpeg(tmp_path / "bin")
+    on_path = media.locate_ffmpeg({"VPIPE_FFMPEG": "system", "PATH": str(fake.parent)})
+    assert on_path == media.FFmpeg(str(fake), "system", "0.0-fake")
+    given = media.locate_ffmpeg({"VPIPE_FFMPEG": str(fake), "PATH": ""})
+    assert given == media.FFmpeg(str(fake), "VPIPE_FFMPEG", "0.0-fake")
+
+
+@pytest.mark.parametrize(
+    "choice, script, said",
+    [
+        ("system", None, "no ffmpeg on PATH"),
+        ("{tmp}/missing/ffmpeg", None, "not found or not executable"),
+        ("{tmp}/bin/ffmpeg", "", "not a working ffmpeg (exit status 1)"),
+        ("{tmp}/bin/ffmpeg", "#!/bin/sh\necho 'no: bad option' >&2\nexit 1\n", "(no: bad option)"),
+    ],
+    ids=["system-none-on-path", "missing", "not-ffmpeg", "fails"],
+)
+def test_a_vpipe_ffmpeg_that_does_not_work_is_one_line_naming_the_variable(
+    tmp_path: Path, choice: str, script: str | None, said: str
+) -> None:
+    if script is not None:
+        fake_ffmpeg(tmp_path / "bin", script or "#!/bin/sh\nexit 1\n")
+    choice = choice.format(tmp=tmp_path)
+    with pytest.raises(UsageError) as e:
+        media.locate_ffmpeg({"VPIPE_FFMPEG": choice, "PATH": str(tmp_path / "empty")})
+    msg = str(e.value)
+    assert msg.startswith(f"VPIPE_FFMPEG={choice}: ") and said in msg and "\n" not in msg
+
+
+def test_a_bad_vpipe_ffmpeg_stops_a_stage_with_exit_2_before_any_work(
+    numbered_video: Path, tmp_path: Path, monkeypatch, capsys, fresh_choice
+) -> None:
+    from pipeline.cli import main
+
+    monkeypatch.setenv("VPIPE_FFMPEG", str(tmp_path / "nope"))
+    assert main(["subclip", str(numbered_video), "-o", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"vpipe: error: VPIPE_FFMPEG={tmp_path / 'nope'}: not found or not executable; "
+        "set VPIPE_FFMPEG to bundled, system or the path of an ffmpeg binary"
+    )
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
+def test_vpipe_json_records_which_ffmpeg_ran_and_its_version(fresh_choice) -> None:
+    import av
+
+    versions = media.media_versions()
+    ff = media.chosen_ffmpeg()
+    assert versions == {
+        "ffmpeg": ff.version, "ffmpeg_source": ff.source, "ffmpeg_path": ff.path,
+        "pyav": av.__version__,
+    }
+    if "VPIPE_FFMPEG" not in os.environ:  # whatever ffmpeg is on PATH
+        assert ff == media.locate_ffmpeg({"PATH": ""}) and ff.source == "bundled"
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="no system ffmpeg on PATH")
+def test_vpipe_ffmpeg_system_cuts_with_it_and_records_it(
+    numbered_video: Path, tmp_path: Path, monkeypatch, fresh_choice
+) -> None:
+    from pipeline.cli import main
+
+    system = shutil.which("ffmpeg")
+    first = subprocess.run([system, "-version"], capture_output=True, text=True).stdout
+    monkeypatch.setenv("VPIPE_FFMPEG", "system")
+    out = tmp_path / "out"
+    args = ["--start", "1", "--duration", "2", "--count", "2", "-q", "--workers", "1"]
+    assert main(["subclip", str(numbered_video), "-o", str(out), *args]) == 0
+    versions = json.loads((out / "vpipe.json").read_text())["versions"]
+    assert versions["ffmpeg_source"] == "system" and versions["ffmpeg_path"] == system
+    assert versions["ffmpeg"] == first.split()[2]  # "ffmpeg version 5.1.6-0+deb12u1 ..."
+    clips = [json.loads(ln) for ln in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(c["status"], c["start"]) for c in clips] == [("ok", 1.0), ("ok", 3.0)]
 
 
 def test_probe_reads_streams_and_timing(numbered_video: Path) -> None:
