@@ -87,7 +87,7 @@ def model_throughput(
     """Frames/s and CPU-ms/frame of the model alone on random input, run as the stage runs it."""
     import torch
 
-    from pipeline.models import autocast_dtype
+    from pipeline.device import autocast_dtype
 
     cast = autocast_dtype(precision)
     x = torch.randn(batch, 3, 224, 224)
@@ -117,9 +117,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
     import torchvision
 
-    from pipeline.features import FeatureOptions, default_workers, extract_features, load_encoders
+    from pipeline.features import FeatureOptions, extract_features, load_encoders
+    from pipeline.features.options import loader_workers
 
-    workers = default_workers() if a.workers is None else a.workers
+    workers = loader_workers() if a.workers is None else a.workers
     size = tuple(int(v) for v in a.size.split("x"))
     print(f"# {a.model}, batch {a.batch_size}, {workers} loader worker(s), frames {a.size}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs, "

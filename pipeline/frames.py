@@ -18,15 +18,9 @@ from pathlib import Path
 
 from pipeline import media
 from pipeline.errors import MediaError, UsageError
-from pipeline.records import (
-    Item,
-    Run,
-    Summary,
-    atomic_path,
-    ok_records,
-    read_run_info,
-    run_items,
-)
+from pipeline.files import atomic_path
+from pipeline.records import Run, Summary, ok_records, read_run_info
+from pipeline.runner import Item, run_items
 
 FORMATS = ("jpg", "png")
 
@@ -138,7 +132,7 @@ def extract_frames(
         if old and c.start_s is not None and (old.get("start"), old.get("end")) != (
             round(c.start_s, 6), round(c.end_s, 6)
         ):
-            del run.previous[c.clip_id]
+            run.forget(c.clip_id)
     items = [Item(c.clip_id, str(c.path), c) for c in clips]
     work = functools.partial(extract_clip, out_dir=Path(out_dir), opts=opts)
     return run_items(run, items, work, workers=workers, quiet=quiet)

@@ -392,7 +392,7 @@ def scan_sources(paths: Iterable[str | os.PathLike]) -> list[SourceRef]:
     Videos get their ids first, so a poster ``a.jpg`` beside ``a.mp4`` cannot take the id
     ``a``. A non-video named on the command line fails; one found in a folder is skipped.
     """
-    from pipeline.records import unique_ids
+    from pipeline.ids import unique_ids
 
     explicit = {Path(p).resolve() for p in paths if Path(p).is_file()}
     probed: list[tuple[Path, MediaInfo | None, str | None, str | None]] = []

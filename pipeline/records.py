@@ -1,34 +1,28 @@
-"""Run records shared by every stage: manifest.jsonl, vpipe.json, resume, atomic writes.
+"""The records every stage keeps in its output folder: ``manifest.jsonl`` and ``vpipe.json``.
 
 A stage opens a :class:`Run` on its output folder. The run refuses parameters that differ from
 the ones recorded there (unless ``overwrite``), tells which items are already finished, appends
 one manifest line per item as it completes, and at the end rewrites the manifest compactly (last
-record per id) and prints a one-line summary. :func:`run_items` adds the per-item loop with
-worker processes, a progress bar and the error handling, so a stage only writes ``work(item)``.
+record per id) and stamps ``vpipe.json`` with the end time and the :class:`Summary`'s counts.
+The per-item loop over a run (workers, progress, error lines) is :mod:`pipeline.runner`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
-import re
-import shutil
 import sys
-import threading
 import time
-import traceback
-import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.errors import ParamsChanged, Skip, VpipeError
+from pipeline.errors import ParamsChanged
+from pipeline.files import atomic_write_text, clean_temp_files
 
 MANIFEST = "manifest.jsonl"
 RUN_INFO = "vpipe.json"
@@ -40,75 +34,6 @@ SUPERSEDED = "superseded"
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def temp_name(path: Path) -> Path:
-    """A hidden sibling name for ``path`` that no reader mistakes for a finished output."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds.
-
-    Works for files and for folders (the block creates whatever it likes at the temp path).
-    """
-    path = Path(path)
-    tmp = temp_name(path)
-    _remove(tmp)
-    try:
-        yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        _remove(tmp)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def clean_temp_files(folder: Path) -> None:
-    """Remove leftovers of interrupted writes (``.name.tmp-PID``) under ``folder``."""
-    for p in folder.rglob(".*.tmp-*"):
-        _remove(p)
-
-
-# --------------------------------------------------------------------------- ids
-
-
-def sanitize_id(stem: str) -> str:
-    """A file-system and HDF5 friendly id from a file stem (unicode letters kept, NFC)."""
-    s = unicodedata.normalize("NFC", stem).strip()
-    s = re.sub(r"[^\w.-]+", "-", s, flags=re.UNICODE).strip("-.")
-    return s or "video"
-
-
-def unique_ids(paths: Sequence[Path]) -> list[str]:
-    """Sanitized stems, made unique (``name``, ``name-2``…) in input order."""
-    used: set[str] = set()
-    out = []
-    for p in paths:
-        base = cand = sanitize_id(Path(p).stem)
-        n = 1
-        while cand in used:
-            n += 1
-            cand = f"{base}-{n}"
-        used.add(cand)
-        out.append(cand)
-    return out
 
 
 # --------------------------------------------------------------------------- manifests
@@ -141,6 +66,9 @@ def ok_records(folder: str | os.PathLike) -> list[dict]:
     return [r for r in read_manifest(folder).values() if r.get("status") == OK]
 
 
+# --------------------------------------------------------------------------- vpipe.json
+
+
 def read_run_info(folder: str | os.PathLike) -> dict | None:
     path = Path(folder) / RUN_INFO
     if not path.exists():
@@ -152,8 +80,28 @@ def base_versions() -> dict[str, str]:
     return {"vpipe": __version__, "python": platform.python_version()}
 
 
+def write_run_info(folder: Path, stage: str, fields: dict, versions: dict[str, str]) -> None:
+    """Update ``folder/vpipe.json`` with ``fields``: the one writer of every stage's record
+    (the item stages through :class:`Run`, ``vpipe train`` directly), so all share a layout."""
+    info = {
+        **(read_run_info(folder) or {}),
+        "stage": stage,
+        **fields,
+        "versions": {**base_versions(), **versions},
+        "command": sys.argv,
+    }
+    atomic_write_text(folder / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
+
+
+def canonical(params: dict) -> dict:
+    """Parameters as they read back from JSON (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(params, default=str))
+
+
 @dataclass
 class Summary:
+    """What one run of a stage did, for its summary line and ``vpipe.json``'s counts."""
+
     stage: str
     done: int = 0
     resumed: int = 0
@@ -179,6 +127,15 @@ class Summary:
             f"{self.skipped} skipped, {self.failed} failed in {self.seconds:.1f}s"
         )
 
+    def counts(self) -> dict[str, Any]:
+        return {
+            "done": self.done,
+            "already_done": self.resumed,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            **({} if self.units is None else {"outputs": self.outputs, "units": self.units}),
+        }
+
 
 @dataclass
 class Run:
@@ -190,18 +147,17 @@ class Run:
     overwrite: bool = False
     versions: dict[str, str] = field(default_factory=dict)
     previous: dict[str, dict] = field(default_factory=dict, init=False)
-    summary: Summary = field(init=False)
-    _started: float = field(default=0.0, init=False)
-    _order: list[str] = field(default_factory=list, init=False)
+    started: float = field(default=0.0, init=False)
+    # work item id -> ids of its records: resume checks stay O(1) per item at any size.
+    _by_item: dict[str, list[str]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
-        self.summary = Summary(self.stage)
 
     def open(self) -> Run:
         """Create the folder, check parameters, load the previous manifest, write vpipe.json."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        params = json.loads(json.dumps(self.params, default=str))  # canonical JSON types
+        params = canonical(self.params)
         info = read_run_info(self.out_dir)
         if info is not None:
             old = info.get("params", {})
@@ -216,38 +172,40 @@ class Run:
         clean_temp_files(self.out_dir)
         _end_torn_line(self.out_dir / MANIFEST)
         self.previous = read_manifest(self.out_dir)
-        self._started = time.time()
-        self._write_info({"started": now_iso(), "ended": None, "params": params})
+        self._by_item = {}
+        for rec in self.previous.values():
+            self._by_item.setdefault(rec.get("item", rec["id"]), []).append(rec["id"])
+        self.started = time.time()
+        write_run_info(
+            self.out_dir,
+            self.stage,
+            {"started": now_iso(), "ended": None, "params": params},
+            self.versions,
+        )
         return self
-
-    def _write_info(self, fields: dict) -> None:
-        info = {
-            "stage": self.stage,
-            **fields,
-            "versions": {**base_versions(), **self.versions},
-            "command": sys.argv,
-        }
-        old = read_run_info(self.out_dir) or {}
-        info = {**old, **info}
-        atomic_write_text(self.out_dir / RUN_INFO, json.dumps(info, indent=2) + "\n")
 
     # -- resume -------------------------------------------------------------------------------
 
+    def previous_records(self, item_id: str) -> list[dict]:
+        return [self.previous[i] for i in self._by_item.get(item_id, ()) if i in self.previous]
+
     def finished(self, item_id: str) -> bool:
         """True when every record of this work item is ok or skipped (failed ones are redone)."""
-        recs = [r for r in self.previous.values() if r.get("item", r["id"]) == item_id]
+        recs = self.previous_records(item_id)
         return bool(recs) and all(r["status"] in (OK, SKIPPED) for r in recs)
 
-    def previous_records(self, item_id: str) -> list[dict]:
-        return [r for r in self.previous.values() if r.get("item", r["id"]) == item_id]
+    def forget(self, item_id: str) -> None:
+        """Treat a work item as never done (its inputs changed since it was recorded)."""
+        for i in self._by_item.pop(item_id, ()):
+            self.previous.pop(i, None)
 
     # -- recording ----------------------------------------------------------------------------
 
-    def record(self, rec: dict) -> None:
-        """Append one manifest line (already-written outputs are renamed into place first)."""
-        self._append([rec])
+    def record(self, rec: dict) -> dict:
+        """Append one manifest line; returns the record as written."""
+        return self._append([rec])[0]
 
-    def record_item(self, item_id: str, recs: Sequence[dict]) -> None:
+    def record_item(self, item_id: str, recs: Sequence[dict]) -> list[dict]:
         """Record all outcomes of one work item in a single append, replacing its old records.
 
         One write keeps an item's records together (a crash cannot leave 2 of its 3 clips
@@ -261,9 +219,9 @@ class Run:
         ]
         for t in stale:
             self.previous.pop(t["id"], None)
-        self._append(list(recs), withdrawn=stale)
+        return self._append(list(recs), withdrawn=stale)
 
-    def _append(self, recs: list[dict], withdrawn: Sequence[dict] = ()) -> None:
+    def _append(self, recs: list[dict], withdrawn: Sequence[dict] = ()) -> list[dict]:
         recs = [
             {"id": r["id"], "status": r.get("status", OK), "error": r.get("error"), **r}
             for r in recs
@@ -278,36 +236,23 @@ class Run:
             f.write(text.encode("utf-8"))
         for rec in recs:
             self.previous[rec["id"]] = json.loads(json.dumps(rec, default=_json_default))
-            self._order.append(rec["id"])
-            status = rec["status"]
-            if status == OK:
-                self.summary.done += 1
-            elif status == SKIPPED:
-                self.summary.skipped += 1
-            else:
-                self.summary.failed += 1
+            ids = self._by_item.setdefault(rec.get("item", rec["id"]), [])
+            if rec["id"] not in ids:
+                ids.append(rec["id"])
+        return recs
 
-    def close(self, item_order: Iterable[str] | None = None) -> Summary:
-        """Rewrite the manifest compactly (one line per id) and stamp the end time."""
+    def close(self, summary: Summary | None = None, item_order: Iterable[str] = ()) -> None:
+        """Rewrite the manifest compactly (one line per id, ``item_order`` first) and stamp the
+        end time and ``summary``'s counts into vpipe.json."""
         recs = read_manifest(self.out_dir)
-        order = list(dict.fromkeys([*(item_order or []), *recs]))
+        order = list(dict.fromkeys([*item_order, *recs]))
         lines = [json.dumps(recs[i], ensure_ascii=False) for i in order if i in recs]
         atomic_write_text(self.out_dir / MANIFEST, "".join(x + "\n" for x in lines))
-        self.summary.seconds = time.time() - self._started
-        s = self.summary
-        self._write_info(
-            {
-                "ended": now_iso(),
-                "counts": {
-                    "done": s.done,
-                    "already_done": s.resumed,
-                    "skipped": s.skipped,
-                    "failed": s.failed,
-                    **({} if s.units is None else {"outputs": s.outputs, "units": s.units}),
-                },
-            }
-        )
-        return self.summary
+        fields: dict[str, Any] = {"ended": now_iso()}
+        if summary is not None:
+            summary.seconds = time.time() - self.started
+            fields["counts"] = summary.counts()
+        write_run_info(self.out_dir, self.stage, fields, self.versions)
 
 
 def _end_torn_line(path: Path) -> None:
@@ -332,143 +277,3 @@ def _diff(old: dict, new: dict) -> str:
     keys = sorted(set(old) | set(new))
     parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
     return "; ".join(parts[:4]) or "stage differs"
-
-
-# --------------------------------------------------------------------------- the item loop
-
-
-@dataclass(frozen=True)
-class Item:
-    """One unit of work: ``id`` is its resume key, ``label`` names it in messages (a path)."""
-
-    id: str
-    label: str
-    data: Any = None
-
-
-def progress(iterable=None, *, total: int | None = None, desc: str = "", quiet: bool = False):
-    """A tqdm bar on a terminal; silent when stderr is not a TTY or ``quiet``."""
-    from tqdm import tqdm
-
-    return tqdm(
-        iterable,
-        total=total,
-        desc=desc,
-        unit="item",
-        disable=quiet or not sys.stderr.isatty(),
-        dynamic_ncols=True,
-        leave=False,
-    )
-
-
-def report_error(stage: str, label: str, message: str) -> None:
-    # Media errors already name their file; do not print the path twice.
-    where = "" if message.startswith(label) else f"{label}: "
-    print(f"vpipe {stage}: {where}{message}", file=sys.stderr)
-
-
-def _call(work: Callable[[Item], list[dict] | dict], item: Item) -> list[dict]:
-    """Run ``work`` and turn its outcome into manifest records (never raises)."""
-    try:
-        out = work(item)
-        recs = out if isinstance(out, list) else [out]
-        for r in recs:
-            r.setdefault("id", item.id)
-            r.setdefault("status", OK)
-            r.setdefault("item", item.id)
-        return recs
-    except Skip as e:
-        return [{"id": item.id, "item": item.id, "status": SKIPPED, "error": str(e)}]
-    except VpipeError as e:
-        return [{"id": item.id, "item": item.id, "status": FAILED, "error": str(e)}]
-    except Exception as e:  # an unexpected bug must not stop the batch; keep the trace
-        tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
-        msg = f"unexpected {type(e).__name__}: {e}" if str(e) else tb
-        return [{"id": item.id, "item": item.id, "status": FAILED, "error": msg}]
-
-
-def run_items(
-    run: Run,
-    items: Sequence[Item],
-    work: Callable[[Item], list[dict] | dict],
-    *,
-    workers: int = 1,
-    quiet: bool = False,
-    units: tuple[str, str] | None = None,
-) -> Summary:
-    """Do ``work`` for every item not finished before, in ``workers`` processes; record each.
-
-    ``work`` must be picklable (a module-level function or a functools.partial of one) when
-    ``workers > 1``. It returns the item's manifest record(s) or raises ``Skip``/``VpipeError``.
-    With ``units`` (e.g. ``("videos", "clips")``) the summary counts items, plus their outputs.
-    """
-    per_item = Summary(run.stage, outputs=0, units=units)
-    todo = []
-    for it in items:
-        if run.finished(it.id):
-            run.summary.resumed += 1
-        else:
-            todo.append(it)
-    bar = progress(total=len(todo), desc=run.stage, quiet=quiet)
-
-    def handle(it: Item, recs: list[dict]) -> None:
-        for r in recs:
-            r.setdefault("input", it.label)  # the path the item came from, as messages name it
-        run.record_item(it.id, recs)
-        statuses = {r["status"] for r in recs}
-        if FAILED in statuses:
-            per_item.failed += 1
-        elif statuses == {SKIPPED}:
-            per_item.skipped += 1
-        else:
-            per_item.done += 1
-        per_item.outputs += sum(r["status"] == OK for r in recs)
-        for r in recs:
-            if r["status"] != OK and r.get("error"):
-                report_error(run.stage, it.label, r["error"])
-        bar.update(1)
-
-    try:
-        if workers <= 1 or len(todo) <= 1:
-            for it in todo:
-                handle(it, _call(work, it))
-        else:
-            with ProcessPoolExecutor(max_workers=workers, initializer=_end_with_parent) as pool:
-                pending = {pool.submit(_call, work, it): it for it in todo}
-                while pending:
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        handle(pending.pop(fut), fut.result())
-    finally:
-        bar.close()
-        if units is not None:
-            for name in ("done", "skipped", "failed", "outputs", "units"):
-                setattr(run.summary, name, getattr(per_item, name))
-        summary = run.close([r for it in items for r in _ids_of(run, it)])
-    if not quiet:
-        print(summary.line(), file=sys.stderr)
-    return summary
-
-
-def _end_with_parent(poll_s: float = 0.5) -> None:
-    """In a pool worker: exit once the vpipe process that started it is gone.
-
-    A parent ended by SIGKILL (``kill -9``, the OOM killer) cannot shut its pool down, and
-    the workers would wait for work forever. A watchdog thread notices the new parent pid.
-    """
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="vpipe-parent-watch", daemon=True).start()
-
-
-def _ids_of(run: Run, item: Item) -> list[str]:
-    return [r["id"] for r in run.previous_records(item.id)] or [item.id]
-
-
-def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))

@@ -29,7 +29,8 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.errors import UsageError
-from pipeline.records import atomic_write_text, now_iso, temp_name
+from pipeline.files import atomic_write_text, temp_name
+from pipeline.records import now_iso
 
 SCHEMA_VERSION = 1
 INDEX = "index.jsonl"

@@ -22,7 +22,9 @@ import numpy as np
 
 from pipeline import media
 from pipeline.errors import MediaError, TooShort, UsageError
-from pipeline.records import Item, Run, Summary, atomic_path, run_items
+from pipeline.files import atomic_path
+from pipeline.records import Run, Summary
+from pipeline.runner import Item, run_items
 
 MODES = ("exact", "keyframe")
 # Codecs an mp4 can hold as they are (keyframe mode copies streams; others are re-encoded).

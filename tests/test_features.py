@@ -603,7 +603,8 @@ def test_from_video_bad_video_fails_only_its_clip(tmp_path: Path, videos: Path, 
     m = read_manifest(out)
     assert m["good"]["status"] == "ok" and m["cut"]["status"] == "failed"
     assert "cut.mp4" in m["cut"]["error"]
-    assert "vpipe features: cut" in capsys.readouterr().err
+    # One line naming the file once, as every stage's item errors do.
+    assert f"vpipe features: {src / 'cut.mp4'}: truncated" in capsys.readouterr().err
     with open_features(out) as store:
         assert store.clip_ids == ["good"] and store["good"].image.shape == (4, 512)
 
@@ -676,14 +677,14 @@ def test_video_stream_class_unpickles_in_a_fresh_process() -> None:
     import subprocess
     import sys
 
-    from pipeline import features_video
+    from pipeline.features.sources import VideoFrameStream
 
-    stream = features_video._video_stream_class()([(0, "x.mp4")], None, 4, 2.0, None, False)
+    stream = VideoFrameStream([(0, "x.mp4")], None, 4, 2.0, None, False)
     code = ("import pickle, sys; o = pickle.loads(sys.stdin.buffer.read()); "
             "print(type(o).__module__, type(o).__qualname__, o.args[0], o.args[3])")
     got = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(stream),
                          capture_output=True, check=True).stdout.decode().split()
-    assert got == ["pipeline.features_video", "VideoFrameStream", "[(0,", "'x.mp4')]", "2.0"]
+    assert got == ["pipeline.features.sources", "VideoFrameStream", "[(0,", "'x.mp4')]", "2.0"]
 
 
 def test_unusable_weights_files_are_one_line_usage_errors(tmp_path: Path, media: Path, weights,

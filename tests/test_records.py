@@ -16,15 +16,9 @@ import pytest
 import synth
 
 from pipeline.cli import main
-from pipeline.records import (
-    Item,
-    Run,
-    atomic_path,
-    ok_records,
-    read_manifest,
-    read_run_info,
-    run_items,
-)
+from pipeline.files import atomic_path
+from pipeline.records import Run, ok_records, read_manifest, read_run_info
+from pipeline.runner import Item, run_items
 
 SUBCLIP = ["--count", "2", "--duration", "2", "--start", "0.5", "--workers", "1", "-q"]
 VPIPE = [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())"]

@@ -124,7 +124,8 @@ def features(
     input folders come from `vpipe extract-frames`; --from-video reads clips (videos, or a
     `vpipe subclip` folder) instead and decodes them in the loader workers.
     """
-    from pipeline.features import FeatureOptions, default_workers, extract_features
+    from pipeline.features import FeatureOptions, extract_features
+    from pipeline.features.options import loader_workers
 
     opts = FeatureOptions(
         image_model=image_model,
@@ -137,7 +138,7 @@ def features(
         compression=compression,
         shard_size=shard_size,
         batch_size=batch_size,
-        workers=default_workers() if workers is None else workers,
+        workers=loader_workers() if workers is None else workers,
         device=device,
         precision=precision,
         from_video=from_video,

@@ -41,7 +41,7 @@ SampleRate = Annotated[
 
 
 def _default_workers() -> int:
-    from pipeline.records import default_workers
+    from pipeline.runner import default_workers
 
     return default_workers()
 

@@ -1,4 +1,5 @@
-"""pipeline.models: weights resolution, preprocessing split, BN folding, precision, VGGish input."""
+"""pipeline.features.encoders and .weights, pipeline.device: weights resolution, preprocessing
+split, BN folding, device and precision choice, VGGish input."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from pipeline import models
+from pipeline import device
+from pipeline.features import encoders, weights
+from pipeline.files import sha256_of
 from pipeline.errors import UsageError, WeightsUnavailable
 
 
@@ -25,7 +28,7 @@ def frame(tmp_path: Path) -> Path:
 
 
 def test_uint8_part_then_batched_normalise_equals_the_preset(frame: Path) -> None:
-    pre = models.Preprocessing()
+    pre = encoders.Preprocessing()
     preset = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()
     u8 = pre.load_uint8(frame)
     assert u8.dtype == torch.uint8 and u8.shape == (3, 224, 224)
@@ -35,10 +38,10 @@ def test_uint8_part_then_batched_normalise_equals_the_preset(frame: Path) -> Non
 
 
 def test_imagenet_v2_preprocessing_comes_from_its_weights() -> None:
-    _, w = models.resolve_image_weights("resnet50", "none")
+    _, w = weights.resolve_image_weights("resnet50", "none")
     assert w.transforms().resize_size == [256]
     with pytest.raises(UsageError, match="resnet18 has no IMAGENET1K_V2"):
-        models.resolve_image_weights("resnet18", "imagenet-v2")
+        weights.resolve_image_weights("resnet18", "imagenet-v2")
 
 
 def test_folded_batchnorm_keeps_the_features() -> None:
@@ -53,7 +56,7 @@ def test_folded_batchnorm_keeps_the_features() -> None:
     folded = torchvision.models.resnet18()
     folded.fc = torch.nn.Identity()
     folded.load_state_dict(plain.state_dict())
-    models.fuse_batchnorm(folded.eval())
+    encoders.fuse_batchnorm(folded.eval())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -64,9 +67,9 @@ def test_folded_batchnorm_keeps_the_features() -> None:
 def test_weights_file_is_recorded_with_its_sha256(tmp_path: Path) -> None:
     path = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    enc = models.load_image_encoder("resnet18", str(path))
+    enc = encoders.load_image_encoder("resnet18", str(path))
     assert enc.dim == 512
-    assert enc.weights.kind == "file" and enc.weights.sha256 == models.sha256_of(path)
+    assert enc.weights.kind == "file" and enc.weights.sha256 == sha256_of(path)
     assert enc.attrs()["preprocessing"]["crop_size"] == 224
 
 
@@ -74,19 +77,19 @@ def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
     with pytest.raises(WeightsUnavailable, match="does not fit resnet34"):
-        models.load_image_encoder("resnet34", str(path))
+        encoders.load_image_encoder("resnet34", str(path))
 
 
 def test_unknown_model_or_missing_file_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="choose one of resnet18"):
-        models.resolve_image_weights("vgg16", "none")
+        weights.resolve_image_weights("vgg16", "none")
     with pytest.raises(UsageError, match="nor an existing file"):
-        models.resolve_image_weights("resnet18", str(tmp_path / "nope.pth"))
+        weights.resolve_image_weights("resnet18", str(tmp_path / "nope.pth"))
 
 
 def test_random_weights_are_seeded_so_reruns_agree() -> None:
-    a = models.load_image_encoder("resnet18", "none")
-    b = models.load_image_encoder("resnet18", "none")
+    a = encoders.load_image_encoder("resnet18", "none")
+    b = encoders.load_image_encoder("resnet18", "none")
     assert a.weights.attrs() == {"kind": "random", "name": "random", "seed": 0}
     for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(pa, pb)
@@ -94,18 +97,18 @@ def test_random_weights_are_seeded_so_reruns_agree() -> None:
 
 def test_cpu_bf16_detection_follows_cpuinfo_flags() -> None:
     flags = Path("/proc/cpuinfo").read_text().split()
-    assert models.cpu_has_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert device.cpu_has_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def test_precision_rules() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert models.pick_precision("auto", cuda) == "fp16"
-    assert models.pick_precision("auto", cpu) == ("bf16" if models.cpu_has_bf16() else "fp32")
-    assert models.pick_precision("fp32", cpu) == "fp32"
+    assert device.pick_precision("auto", cuda) == "fp16"
+    assert device.pick_precision("auto", cpu) == ("bf16" if device.cpu_has_bf16() else "fp32")
+    assert device.pick_precision("fp32", cpu) == "fp32"
     with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
-        models.pick_precision("fp16", cpu)
+        device.pick_precision("fp16", cpu)
     with pytest.raises(UsageError):
-        models.pick_device("tpu")
+        device.pick_device("tpu")
 
 
 @pytest.mark.parametrize(
@@ -117,7 +120,7 @@ def test_audio_examples_count_and_start_times(tmp_path: Path, seconds, rate, exp
     n = int(round(seconds * rate))
     data = (np.sin(np.arange(n) * 0.05) * 10000).astype(np.int16)
     sf.write(wav, data, rate, subtype="PCM_16")
-    ex, ts = models.audio_examples(wav)
+    ex, ts = encoders.wav_examples(wav)
     assert ex.shape == (expected, 1, 96, 64)
     np.testing.assert_allclose(ts, np.arange(expected) * 0.96)
 
@@ -130,7 +133,7 @@ def test_postprocess_matches_torchvggish_postprocessor() -> None:
     emb = torch.rand(5, 128, generator=g) * 3
     pp = Postprocessor.__new__(Postprocessor)  # its __init__ downloads the PCA parameters
     pp._pca_matrix, pp._pca_means = matrix, means
-    torch.testing.assert_close(models.postprocess(emb, matrix, means), pp.postprocess(emb))
+    torch.testing.assert_close(encoders.postprocess(emb, matrix, means), pp.postprocess(emb))
 
 
 def test_offline_download_names_the_cache_file(tmp_path: Path, monkeypatch) -> None:
@@ -138,7 +141,7 @@ def test_offline_download_names_the_cache_file(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     with pytest.raises(WeightsUnavailable) as e:
-        models.load_audio_encoder("release", postprocess_on=False)
+        encoders.load_audio_encoder("release", postprocess_on=False)
     msg = str(e.value)
     assert "--audio-weights PATH" in msg and "vggish-10086976.pth" in msg
     assert not list((tmp_path / "hub" / "checkpoints").iterdir())  # no partial file left
@@ -150,7 +153,7 @@ def test_offline_missing_files_are_reported_together(tmp_path: Path, monkeypatch
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     with pytest.raises(WeightsUnavailable) as e:
-        models.resolve_weights("resnet18", "imagenet", ("release", True, "release"))
+        weights.resolve_weights("resnet18", "imagenet", ("release", True, "release"))
     msg = str(e.value)
     assert msg.startswith("3 weight files are not in the torch hub cache")
     for name in ("resnet18-f37072fd.pth", "vggish-10086976.pth", "vggish_pca_params-970ea276.pth",
@@ -158,23 +161,23 @@ def test_offline_missing_files_are_reported_together(tmp_path: Path, monkeypatch
                  "--audio-pca PATH", "--no-audio-postprocess"):
         assert name in msg
     # Random image weights and no audio: nothing to look for, nothing missing.
-    image, audio = models.resolve_weights("resnet18", "none", None)
+    image, audio = weights.resolve_weights("resnet18", "none", None)
     assert image[0].kind == "random" and audio is None
     # The PCA alone missing: its own message, with the way to do without it.
     vggish = tmp_path / "vggish.pth"
     torch.save({}, vggish)
-    with pytest.raises(models.MissingWeights) as e:
-        models.resolve_audio_weights(str(vggish), True, "release")
+    with pytest.raises(weights.MissingWeights) as e:
+        weights.resolve_audio_weights(str(vggish), True, "release")
     assert "--audio-pca PATH" in str(e.value) and "--no-audio-postprocess" in str(e.value)
     assert not list((tmp_path / "hub" / "checkpoints").iterdir())
 
 
 def test_random_vggish_needs_no_release_pca(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="--no-audio-postprocess"):
-        models.resolve_audio_weights("none", True, "release")
-    winfo, wpath, pinfo, ppath = models.resolve_audio_weights("none", False, "release")
+        weights.resolve_audio_weights("none", True, "release")
+    winfo, wpath, pinfo, ppath = weights.resolve_audio_weights("none", False, "release")
     assert (winfo.kind, wpath, pinfo, ppath) == ("random", None, None, None)
     pca = tmp_path / "pca.pth"  # a PCA file asked for by path is the user's call
     torch.save({"pca_eigen_vectors": np.eye(128), "pca_means": np.zeros(128)}, pca)
-    enc = models.load_audio_encoder("none", True, str(pca))
+    enc = encoders.load_audio_encoder("none", True, str(pca))
     assert enc.weights.kind == "random" and enc.pca_info.kind == "file"

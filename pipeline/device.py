@@ -1,0 +1,73 @@
+"""Where models run: the one device and precision choice of ``vpipe features`` and ``train``.
+
+``--device auto`` is the first CUDA device when there is one, else the CPU; ``--precision
+auto`` is fp16 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16 or AMX), else fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UsageError
+
+DEVICE_CHOICES = "auto, cpu or cuda[:N]"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; CUDA asked for without one is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r}: use {DEVICE_CHOICES}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: use {DEVICE_CHOICES}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available")
+    return dev
+
+
+def check_device_name(name: str) -> None:
+    """Refuse a device name that can never work, without looking for the device itself."""
+    if name not in ("auto", "cpu") and not name.startswith("cuda"):
+        raise UsageError(f"--device {name!r}: use {DEVICE_CHOICES}")
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU runs bf16 matmuls natively (AVX512-BF16 or AMX)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def pick_precision(precision: str, device: torch.device) -> str:
+    """fp32, fp16 or bf16. ``auto``: fp16 on CUDA; bf16 on a CPU with native bf16, else fp32.
+
+    Measured on a 2-core AVX512-BF16 CPU: ResNet-50 bf16 autocast ran 2.5x faster than fp32
+    (24.8 vs 10.1 frames/s, batch 16), so ``auto`` takes it there; bf16 changes the numbers.
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r}: use {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise UsageError("--precision fp16 needs a CUDA device; use bf16 or fp32 on a CPU")
+    return precision
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The half dtype of a precision name, None for fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)

@@ -1,0 +1,73 @@
+"""The options of ``vpipe features``: one frozen dataclass, whose defaults the CLI shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.errors import UsageError
+from pipeline.runner import default_workers
+
+AUDIO_MODELS = ("vggish", "none")
+DTYPES = ("float32", "float16")
+COMPRESSIONS = ("none", "gzip", "lzf")
+
+
+def loader_workers() -> int:
+    """Loader processes: one core is left to the model (its threads use the rest)."""
+    return default_workers(reserved_cores=1)
+
+
+@dataclass(frozen=True)
+class FeatureOptions:
+    """Everything that decides the contents of the shards, plus how fast they are made."""
+
+    image_model: str = "resnet50"
+    image_weights: str = "imagenet"
+    audio_model: str = "vggish"
+    audio_weights: str = "release"
+    audio_postprocess: bool = True
+    audio_pca: str = "release"
+    dtype: str = "float32"
+    compression: str = "none"
+    shard_size: int = 256
+    # --from-video: decode the clips themselves, sampling frames as extract-frames does.
+    from_video: bool = False
+    fps: float | None = None
+    every: int | None = None
+    # Speed only: not part of the recorded parameters.
+    batch_size: int = 32
+    workers: int = field(default_factory=loader_workers)
+    device: str = "auto"
+    precision: str = "auto"
+
+    def check(self) -> None:
+        """Refuse option values that cannot work (a UsageError, before anything is read)."""
+        from pipeline.device import PRECISIONS
+
+        if self.audio_model not in AUDIO_MODELS:
+            raise UsageError(f"--audio-model {self.audio_model!r}: use vggish or none")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype {self.dtype!r}: use float32 or float16")
+        if self.compression not in COMPRESSIONS:
+            raise UsageError(f"--compression {self.compression!r}: use none, gzip or lzf")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r}: use auto, fp32, fp16 or bf16")
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise UsageError("--shard-size and --batch-size must be at least 1")
+        if self.from_video:
+            self.sampler()  # validates fps/every
+        elif self.fps is not None or self.every is not None:
+            raise UsageError("--fps/--every sample frames from videos: they need --from-video")
+
+    def sampling(self) -> tuple[float | None, int | None]:
+        """(fps, every) for --from-video: extract-frames' default (1 frame/s) when neither."""
+        if self.fps is None and self.every is None:
+            return 1.0, None
+        return self.fps, self.every
+
+    def sampler(self) -> Any:
+        from pipeline.media import FrameSampler
+
+        fps, every = self.sampling()
+        return FrameSampler(fps=fps, every=every)

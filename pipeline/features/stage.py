@@ -1,0 +1,204 @@
+"""``vpipe features``: frame and audio features of every clip into HDF5 shards.
+
+The *plan* lists the clips of the inputs through their source (:mod:`.sources`), counts those
+already in complete shards as done and fails at once the clips whose files are missing. The
+*loop* runs the image encoder on the source's uint8 batches (which mix clips), gathers each
+clip's rows, and once a clip's last frame is through adds its VGGish rows and hands it to the
+:class:`ShardSink`. A shard is renamed into place when full, then the index and the manifest
+lines follow, so an interrupted run loses at most the shard in progress.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import shards
+from pipeline.features.encoders import Encoders, load_encoders
+from pipeline.features.options import FeatureOptions
+from pipeline.features.sources import ClipJob, source_for
+from pipeline.records import FAILED, OK, Run, Summary, canonical, read_run_info
+from pipeline.runner import Tracker, failure_record
+
+STAGE = "features"
+SHARD_MAX_BYTES = 1 << 30  # a shard closes at this size even below --shard-size
+# The options that decide the output as they are (the encoders add their weights' identity).
+RECORDED_OPTIONS = ("image_model", "audio_model", "audio_postprocess", "dtype", "compression",
+                    "shard_size")
+
+
+def run_params(opts: FeatureOptions, enc: Encoders, source: Any,
+               inputs: Sequence[Path]) -> dict:
+    """Parameters that decide the output (a re-run with others is refused)."""
+    return {
+        "inputs": [str(Path(p).resolve()) for p in inputs],
+        **{k: v for k, v in asdict(opts).items() if k in RECORDED_OPTIONS},
+        **enc.identity(),
+        **source.params(),
+    }
+
+
+class ShardSink:
+    """Finished clips, in completion order, into shards of ``shard_size`` clips (or
+    SHARD_MAX_BYTES); a shard's clips are recorded once it is renamed into place."""
+
+    def __init__(self, out: Path, enc: Encoders, opts: FeatureOptions, tracker: Tracker,
+                 attrs: dict, on_shard: Callable[[Path], None] | None) -> None:
+        self.out, self.enc, self.opts, self.tracker, self.attrs = out, enc, opts, tracker, attrs
+        self.on_shard = on_shard
+        self.number = shards.next_shard_number(out)
+        self.writer: shards.ShardWriter | None = None
+        self.members: list[ClipJob] = []
+        self.bytes = 0
+
+    def add(self, job: ClipJob, clip: shards.ClipFeatures) -> None:
+        if self.writer is None:
+            self.writer = shards.ShardWriter(
+                self.out / shards.shard_name(self.number),
+                image_dim=self.enc.image.dim,
+                audio_dim=self.enc.audio_dim,
+                attrs=self.attrs,
+                dtype=self.opts.dtype,
+                compression=None if self.opts.compression == "none" else self.opts.compression,
+            )
+        self.writer.add(clip)
+        self.members.append(job)
+        itemsize = np.dtype(self.opts.dtype).itemsize
+        self.bytes += (clip.image.size + clip.audio.size) * itemsize
+        if len(self.members) >= self.opts.shard_size or self.bytes >= SHARD_MAX_BYTES:
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        w, self.writer = self.writer, None
+        rows = w.close()
+        shards.add_to_index(self.out, rows)
+        self.number += 1
+        self.bytes = 0
+        index = {r["clip_id"]: r for r in rows}
+        for m in self.members:
+            self.tracker.record(m.item, [ok_record(m.rec, index[m.id])])
+        self.members = []
+        if self.on_shard is not None:
+            self.on_shard(w.path)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def ok_record(rec: dict, row: dict) -> dict:
+    """A clip's manifest record once its shard is in place."""
+    return {
+        "id": rec["id"],
+        "status": OK,
+        "source": rec.get("source"),
+        "start": rec.get("start"),
+        "end": rec.get("end"),
+        "shard": row["shard"],
+        "row": row["row"],
+        "n_frames": row["n_frames"],
+        "n_audio": row["n_audio"],
+    }
+
+
+def extract_features(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    opts: FeatureOptions,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    on_shard: Callable[[Path], None] | None = None,
+) -> Summary:
+    """Encode every ok clip of ``inputs`` (extract-frames folders; with ``from_video`` clips or
+    videos) into shards in ``out_dir``. ``on_shard`` is called with each finished shard (tests
+    use it to interrupt a run)."""
+    import torch
+
+    inputs = [Path(p) for p in inputs]
+    opts.check()
+    source = source_for(inputs, opts)
+    jobs = source.clips()
+    enc = load_encoders(opts)
+    out = Path(out_dir)
+    params = run_params(opts, enc, source, inputs)
+    info = read_run_info(out) if out.is_dir() else None
+    if overwrite and info is not None and info.get("params") != canonical(params):
+        for p in shards.shard_paths(out):
+            p.unlink()
+    versions = {"torch": torch.__version__, "h5py": shards.h5py.__version__}
+    run = Run(out, STAGE, params, overwrite=overwrite, versions=versions).open()
+    tracker = Tracker(run, quiet=quiet, unit="frame")
+
+    in_shards = {r["clip_id"]: r for r in shards.rebuild_index(out)}
+    for job in jobs:
+        row = in_shards.get(job.id)
+        if row is not None and run.previous.get(job.id, {}).get("status") != OK:
+            run.record_item(job.id, [ok_record(job.rec, row)])  # crashed before recording
+    todo = []
+    for job in tracker.pending(jobs, finished=lambda j: j.id in in_shards):
+        try:
+            source.prepare(job)
+            todo.append(job)
+        except Exception as e:
+            rec = {**failure_record(job.id, e), "source": job.rec.get("source")}
+            tracker.record(job.item, [rec])
+    try:
+        encode(todo, source, enc, opts, tracker, out, on_shard)
+    finally:
+        summary = tracker.close([job.id for job in jobs])
+    return summary
+
+
+def encode(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions,
+           tracker: Tracker, out: Path, on_shard: Callable[[Path], None] | None) -> None:
+    """The loop: image rows batch by batch, audio rows per finished clip, shards as they fill."""
+    attrs = enc.attrs()
+    attrs["image"] = source.image_attrs(attrs["image"])
+    sink = ShardSink(out, enc, opts, tracker, attrs, on_shard)
+    tracker.start(total=sum(len(j.frames) for j in jobs) or None)
+    try:
+        for batch in source.batches(jobs, enc, opts):
+            if batch.images.shape[0]:
+                y = enc.embed_images(batch.images)
+                for k in range(y.shape[0]):
+                    job = jobs[int(batch.owners[k])]
+                    job.rows.append(y[k])
+                    job.times.append(float(batch.times[k]))
+                tracker.advance(y.shape[0])
+            for j, examples, error in batch.done:
+                finish(jobs[j], examples, error, enc, sink, tracker)
+        sink.close()
+    finally:
+        sink.abort()
+
+
+def finish(job: ClipJob, examples: Any, error: str | None, enc: Encoders, sink: ShardSink,
+           tracker: Tracker) -> None:
+    """A clip whose frames are all through: its features to the sink, or its failure recorded."""
+    if error is not None:
+        rec = {"id": job.id, "item": job.id, "status": FAILED, "error": error}
+        tracker.record(job.item, [{**rec, "source": job.rec.get("source")}])
+    else:
+        ex, audio_ts = examples if examples is not None else (None, np.zeros(0))
+        r = job.rec
+        image = np.stack(job.rows) if job.rows else np.zeros((0, enc.image.dim), np.float32)
+        clip = shards.ClipFeatures(
+            job.id,
+            str(r.get("source") or job.id),
+            float(r.get("start") or 0.0),
+            float(r.get("end") or 0.0),
+            image,
+            np.asarray(job.times, np.float64),
+            enc.embed_audio(ex),
+            audio_ts,
+        )
+        sink.add(job, clip)
+    job.rows, job.times = [], []  # free the rows: they are in the shard now

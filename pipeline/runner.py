@@ -1,0 +1,210 @@
+"""The item runner every stage shares: resume, per-item records, error lines, the summary.
+
+A stage's work is a list of :class:`Item`. :class:`Tracker` is the bookkeeping around them on a
+:class:`~pipeline.records.Run`: which items a previous run finished, one manifest append per
+item with its error line on stderr, the counts, the progress bar and the summary line.
+:func:`run_items` is the common loop over it (``work(item)`` in worker processes); ``vpipe
+features``, whose items are encoded in batches that mix clips, drives a Tracker itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import Skip, VpipeError
+from pipeline.records import FAILED, OK, SKIPPED, Run, Summary
+
+
+def default_workers(reserved_cores: int = 0) -> int:
+    """Worker processes for CPU work: the cores (up to 4) less ``reserved_cores`` (e.g. the
+    one left to a model's own threads), at least 1."""
+    return max(1, min(4, (os.cpu_count() or 1) - reserved_cores))
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of work: ``id`` is its resume key, ``input`` the path messages name it by."""
+
+    id: str
+    input: str
+    data: Any = None
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str = "", quiet: bool = False,
+             unit: str = "item"):
+    """A tqdm bar on a terminal; silent when stderr is not a TTY or ``quiet``."""
+    from tqdm import tqdm
+
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=quiet or not sys.stderr.isatty(),
+        dynamic_ncols=True,
+        leave=False,
+    )
+
+
+def report_error(stage: str, where: str, message: str) -> None:
+    """The one-line stderr message of a failed or skipped item."""
+    # Media errors already name their file; do not print the path twice.
+    prefix = "" if message.startswith(where) else f"{where}: "
+    print(f"vpipe {stage}: {prefix}{message}", file=sys.stderr)
+
+
+class Tracker:
+    """Resume decisions, records, error lines and counts for the items of one :class:`Run`.
+
+    ``units`` (e.g. ``("videos", "clips")``): an item yields several outputs, and the summary
+    counts items plus their ok records. ``total``/``unit`` size the progress bar when it counts
+    something other than items (frames).
+    """
+
+    def __init__(self, run: Run, *, quiet: bool = False, units: tuple[str, str] | None = None,
+                 total: int | None = None, unit: str = "item") -> None:
+        self.run, self.quiet = run, quiet
+        self.summary = Summary(run.stage, outputs=0 if units else None, units=units)
+        self._bar: Any = None
+        self._total, self._unit = total, unit
+
+    def pending(self, items: Iterable[Item],
+                finished: Callable[[Item], bool] | None = None) -> list[Item]:
+        """The items still to do; the others are counted as already done."""
+        done = finished or (lambda it: self.run.finished(it.id))
+        todo = []
+        for it in items:
+            if done(it):
+                self.summary.resumed += 1
+            else:
+                todo.append(it)
+        return todo
+
+    def start(self, total: int | None = None) -> None:
+        """Show the progress bar (``total`` defaults to the items given to :meth:`pending`)."""
+        self._bar = progress(total=total if total is not None else self._total,
+                             desc=self.run.stage, quiet=self.quiet, unit=self._unit)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def record(self, item: Item, recs: Sequence[dict]) -> list[dict]:
+        """Record all outcomes of ``item`` in one append, say its errors, count it."""
+        recs = [{"input": item.input, **r} for r in recs]
+        written = self.run.record_item(item.id, recs)
+        statuses = {r["status"] for r in written}
+        if FAILED in statuses:
+            self.summary.failed += 1
+        elif statuses == {SKIPPED}:
+            self.summary.skipped += 1
+        else:
+            self.summary.done += 1
+        if self.summary.outputs is not None:
+            self.summary.outputs += sum(r["status"] == OK for r in written)
+        for r in written:
+            if r["status"] != OK and r.get("error"):
+                report_error(self.run.stage, item.input, r["error"])
+        return written
+
+    def close(self, item_order: Iterable[str] = ()) -> Summary:
+        """Compact the manifest, stamp vpipe.json, print the summary line."""
+        if self._bar is not None:
+            self._bar.close()
+        self.run.close(self.summary, item_order)
+        if not self.quiet:
+            print(self.summary.line(), file=sys.stderr)
+        return self.summary
+
+
+def outcome(work: Callable[[Item], list[dict] | dict], item: Item) -> list[dict]:
+    """Run ``work`` and turn its result or exception into manifest records (never raises)."""
+    try:
+        out = work(item)
+        recs = out if isinstance(out, list) else [out]
+        for r in recs:
+            r.setdefault("id", item.id)
+            r.setdefault("status", OK)
+            r.setdefault("item", item.id)
+        return recs
+    except Exception as e:
+        return [failure_record(item.id, e)]
+
+
+def failure_record(item_id: str, e: BaseException) -> dict:
+    """The record of an item whose work raised ``e``: skipped for ``Skip``, else failed."""
+    if isinstance(e, Skip):
+        return {"id": item_id, "item": item_id, "status": SKIPPED, "error": str(e)}
+    if isinstance(e, VpipeError):
+        return {"id": item_id, "item": item_id, "status": FAILED, "error": str(e)}
+    # An unexpected bug must not stop the batch; keep the gist of the trace.
+    tb = traceback.format_exception_only(type(e), e)[-1].strip()
+    msg = f"unexpected {type(e).__name__}: {e}" if str(e) else tb
+    return {"id": item_id, "item": item_id, "status": FAILED, "error": msg}
+
+
+def run_items(
+    run: Run,
+    items: Sequence[Item],
+    work: Callable[[Item], list[dict] | dict],
+    *,
+    workers: int = 1,
+    quiet: bool = False,
+    units: tuple[str, str] | None = None,
+) -> Summary:
+    """Do ``work`` for every item not finished before, in ``workers`` processes; record each.
+
+    ``work`` must be picklable (a module-level function or a functools.partial of one) when
+    ``workers > 1``. It returns the item's manifest record(s) or raises ``Skip``/``VpipeError``.
+    """
+    tracker = Tracker(run, quiet=quiet, units=units)
+    todo = tracker.pending(items)
+    tracker.start(total=len(todo))
+
+    def handle(it: Item, recs: list[dict]) -> None:
+        tracker.record(it, recs)
+        tracker.advance()
+
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for it in todo:
+                handle(it, outcome(work, it))
+        else:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_end_with_parent) as pool:
+                pending = {pool.submit(outcome, work, it): it for it in todo}
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        handle(pending.pop(fut), fut.result())
+    finally:
+        order = [i for it in items for i in _ids_of(run, it)]
+        summary = tracker.close(order)
+    return summary
+
+
+def _end_with_parent(poll_s: float = 0.5) -> None:
+    """In a pool worker: exit once the vpipe process that started it is gone.
+
+    A parent ended by SIGKILL (``kill -9``, the OOM killer) cannot shut its pool down, and
+    the workers would wait for work forever. A watchdog thread notices the new parent pid.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="vpipe-parent-watch", daemon=True).start()
+
+
+def _ids_of(run: Run, item: Item) -> list[str]:
+    return [r["id"] for r in run.previous_records(item.id)] or [item.id]
