@@ -58,7 +58,7 @@ STAGES: dict[str, StageSpec] = {
 }
 TOP_LEVEL_KEYS = {"name", "description", "inputs", "work_dir", "labels"}
 # Options that change how a stage runs but not what it writes (ignored by "up to date").
-NON_SEMANTIC = {"--quiet", "-q", "--overwrite", "--resume", "--workers"}
+RUN_ONLY_FLAGS = {"--quiet", "-q", "--overwrite", "--resume", "--workers"}
 
 
 @dataclass
@@ -379,12 +379,12 @@ class StepResult:
     out: Path | None
 
 
-def _semantic(args: Sequence[str]) -> list[str]:
+def _output_args(args: Sequence[str]) -> list[str]:
     out, skip = [], False
     for a in args:
         if skip:
             skip = False
-        elif a in NON_SEMANTIC:
+        elif a in RUN_ONLY_FLAGS:
             skip = a == "--workers"
         elif not a.startswith("--workers="):
             out.append(a)
@@ -403,7 +403,7 @@ def up_to_date(step: Step) -> bool:
         return False
     if (info.get("counts") or {}).get("failed", 1) != 0:
         return False
-    return _semantic(info.get("command", [])[1:]) == _semantic(step.args)
+    return _output_args(info.get("command", [])[1:]) == _output_args(step.args)
 
 
 def _changed(step: Step) -> bool:
@@ -422,7 +422,7 @@ def _redone(step: Step, args: list[str], before: dict) -> bool:
     """Did the step redo its items rather than add to them (other options, or new defaults,
     under ``--overwrite``)? Then what the stages after it made from them is stale."""
     old = before.get("command")
-    if "--overwrite" in args and old and _semantic(old[1:]) != _semantic(args):
+    if "--overwrite" in args and old and _output_args(old[1:]) != _output_args(args):
         return True
     counts, after = before.get("counts") or {}, _run_info(step).get("counts") or {}
     had = counts.get("done", 0) + counts.get("already_done", 0)
@@ -460,7 +460,7 @@ def _args_for(step: Step, first: bool, upstream_changed: bool) -> list[str] | No
     base = [a for a in step.args if a != "--overwrite"]
     if not (step.out.is_dir() and any(step.out.iterdir())):
         return base
-    same = _semantic(_run_info(step).get("command", [])[1:]) == _semantic(base)
+    same = _output_args(_run_info(step).get("command", [])[1:]) == _output_args(base)
     redo = upstream_changed or ("--overwrite" in step.args and not same)
     return [*base, "--overwrite"] if redo else base
 

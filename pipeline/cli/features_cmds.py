@@ -8,6 +8,9 @@ from typing import Annotated
 import typer
 
 from pipeline.cli.app import OutDir, Overwrite, Quiet, app
+from pipeline.features.options import FeatureOptions
+
+OPT = FeatureOptions  # the defaults, written once in the options dataclass
 
 
 @app.command("features")
@@ -23,7 +26,7 @@ def features(
     out: OutDir,
     image_model: Annotated[
         str, typer.Option("--image-model", help="resnet18|34|50|101|152.")
-    ] = "resnet50",
+    ] = OPT.image_model,
     image_weights: Annotated[
         str,
         typer.Option(
@@ -31,10 +34,10 @@ def features(
             help="imagenet (torchvision IMAGENET1K_V1, from the torch hub "
             "cache), imagenet-v2, none (seeded random init), or a state-dict file.",
         ),
-    ] = "imagenet",
+    ] = OPT.image_weights,
     audio_model: Annotated[
         str, typer.Option("--audio-model", help="vggish or none (no audio).")
-    ] = ("vggish"),
+    ] = OPT.audio_model,
     audio_weights: Annotated[
         str,
         typer.Option(
@@ -43,7 +46,7 @@ def features(
             "(seeded random init: needs --no-audio-postprocess or --audio-pca PATH, the "
             "release PCA being fitted to the trained network), or a state-dict file.",
         ),
-    ] = "release",
+    ] = OPT.audio_weights,
     audio_postprocess: Annotated[
         bool,
         typer.Option(
@@ -51,13 +54,13 @@ def features(
             help="Apply the AudioSet release's PCA + 8-bit quantisation to VGGish embeddings "
             "(--no-audio-postprocess: raw 128-d embeddings, no PCA file needed).",
         ),
-    ] = True,
+    ] = OPT.audio_postprocess,
     audio_pca: Annotated[
         str, typer.Option("--audio-pca", help="PCA parameters: release (hub cache) or a .pth file.")
-    ] = "release",
+    ] = OPT.audio_pca,
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Frames per model call (mixing clips).")
-    ] = 32,
+    ] = OPT.batch_size,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -68,24 +71,26 @@ def features(
             show_default=False,
         ),
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = (
+        OPT.device
+    ),
     precision: Annotated[
         str,
         typer.Option(
             "--precision",
             help="auto (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), fp32, fp16, bf16.",
         ),
-    ] = "auto",
+    ] = OPT.precision,
     dtype: Annotated[str, typer.Option("--dtype", help="Stored features: float32 or float16.")] = (
-        "float32"
+        OPT.dtype
     ),
     compression: Annotated[
         str, typer.Option("--compression", help="HDF5 compression: none, gzip or lzf.")
-    ] = "none",
+    ] = OPT.compression,
     shard_size: Annotated[
         int,
         typer.Option("--shard-size", min=1, help="Clips per shard (a shard also closes at ~1 GB)."),
-    ] = 256,
+    ] = OPT.shard_size,
     from_video: Annotated[
         bool,
         typer.Option(
@@ -93,7 +98,7 @@ def features(
             help="Decode the clips themselves (no extract-frames step, no JPEGs): frames "
             "sampled by --fps/--every, audio resampled to 16 kHz mono.",
         ),
-    ] = False,
+    ] = OPT.from_video,
     fps: Annotated[
         float | None,
         typer.Option(
@@ -124,7 +129,7 @@ def features(
     input folders come from `vpipe extract-frames`; --from-video reads clips (videos, or a
     `vpipe subclip` folder) instead and decodes them in the loader workers.
     """
-    from pipeline.features import FeatureOptions, extract_features
+    from pipeline.features import extract_features
     from pipeline.features.options import loader_workers
 
     opts = FeatureOptions(

@@ -10,6 +10,11 @@ import typer
 
 from pipeline.cli.app import OutDir, Overwrite, Quiet, app
 from pipeline.errors import UsageError
+from pipeline.frames import FrameOptions
+from pipeline.subclip import SubclipOptions
+
+# Defaults are the options dataclasses' own: written once, shown by --help.
+SUB, FRAMES = SubclipOptions, FrameOptions
 
 Inputs = Annotated[
     list[Path],
@@ -50,14 +55,16 @@ def _default_workers() -> int:
 def subclip(
     inputs: Inputs,
     out: OutDir,
-    count: Annotated[int, typer.Option("--count", min=1, help="Subclips per video.")] = 3,
+    count: Annotated[int, typer.Option("--count", min=1, help="Subclips per video.")] = SUB.count,
     duration: Annotated[
         float, typer.Option("--duration", help="Length of each subclip in seconds.")
-    ] = 30.0,
+    ] = SUB.duration_s,
     start: Annotated[
         float, typer.Option("--start", help="Where the first subclip starts, in seconds.")
-    ] = 10.0,
-    gap: Annotated[float, typer.Option("--gap", help="Seconds left out between subclips.")] = 0.0,
+    ] = SUB.start_s,
+    gap: Annotated[
+        float, typer.Option("--gap", help="Seconds left out between subclips.")
+    ] = SUB.gap_s,
     mode: Annotated[
         str,
         typer.Option(
@@ -68,25 +75,25 @@ def subclip(
             "hold, or an MPEG program stream (.mpg/.vob) is cut in exact mode instead, with "
             "mode: exact in its records (a note on stderr where the keyframes were the cause).",
         ),
-    ] = "exact",
+    ] = SUB.mode,
     min_fraction: Annotated[
         float,
         typer.Option(
             "--min-fraction",
             help="Drop a subclip at or under this fraction of --duration (the video ended).",
         ),
-    ] = 0.5,
+    ] = SUB.min_fraction,
     crf: Annotated[
         int,
         typer.Option("--crf", min=0, max=51, help="x264 quality in exact mode (lower: better)."),
-    ] = 18,
+    ] = SUB.crf,
     preset: Annotated[
         str,
         typer.Option(
             "--preset",
             help="x264 speed preset in exact mode (slower presets: smaller files, slower cuts).",
         ),
-    ] = "ultrafast",
+    ] = SUB.preset,
     workers: Workers = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -96,7 +103,7 @@ def subclip(
     Every subclip starts at timestamp 0, keeps the audio, and is recorded in OUT/manifest.jsonl
     with its true start/end in the source. Re-running resumes; exit 1 if a video failed.
     """
-    from pipeline.subclip import SubclipOptions, subclip_videos
+    from pipeline.subclip import subclip_videos
 
     opts = SubclipOptions(
         count=count, duration_s=duration, start_s=start, gap_s=gap, mode=mode,
@@ -118,7 +125,8 @@ def extract_frames(
         typer.Option(
             "--fps",
             help="Frames per second, by time: the frame on screen at t = k/fps (from the "
-            "stream's timestamps, right for variable frame rates). [default: 1.0]",
+            "stream's timestamps, right for variable frame rates). "
+            f"[default: {FRAMES.fps}]",
             show_default=False,
         ),
     ] = None,
@@ -136,14 +144,14 @@ def extract_frames(
             help="Short side in pixels, aspect kept (0: original). Of the stored frames: a "
             "non-square pixel aspect ratio (SAR) is not applied.",
         ),
-    ] = 256,
+    ] = FRAMES.size,
     image_format: Annotated[
         str, typer.Option("--format", help="Image format: jpg or png.")
-    ] = "jpg",
+    ] = FRAMES.format,
     quality: Annotated[
         int, typer.Option("--quality", min=1, max=100, help="JPEG quality (1-100).")
-    ] = 90,
-    sample_rate: SampleRate = 16000,
+    ] = FRAMES.quality,
+    sample_rate: SampleRate = FRAMES.sample_rate_hz,
     no_audio: Annotated[
         bool, typer.Option("--no-audio", help="Frames only: do not write audio.wav.")
     ] = False,
@@ -156,13 +164,12 @@ def extract_frames(
     Writes OUT/<clip_id>/frames/000000.jpg... and OUT/<clip_id>/audio.wav (16 kHz mono s16),
     and per clip a manifest record with the frames' timestamps. Re-running resumes.
     """
-    from pipeline.frames import FrameOptions
     from pipeline.frames import extract_frames as run_stage
 
     if fps is not None and every is not None:
         raise UsageError("give --fps or --every, not both")
     opts = FrameOptions(
-        fps=None if every is not None else (1.0 if fps is None else fps),
+        fps=None if every is not None else (FRAMES.fps if fps is None else fps),
         every=every, size=size, format=image_format, quality=quality,
         sample_rate_hz=sample_rate, audio=not no_audio,
     )
@@ -177,7 +184,7 @@ def extract_frames(
 def extract_audio(
     clips: Clips,
     out: OutDir,
-    sample_rate: SampleRate = 16000,
+    sample_rate: SampleRate = FRAMES.sample_rate_hz,
     workers: Workers = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
