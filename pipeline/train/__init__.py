@@ -8,7 +8,9 @@ curves.png); ``predict`` evaluation and prediction from a run; ``synthetic`` fea
 known answers for tests and demos.
 """
 
-from pipeline.train.loop import TrainConfig, prepare, train
+from pipeline.train.config import TrainConfig
+from pipeline.train.inputs import prepare
+from pipeline.train.loop import train
 from pipeline.train.predict import evaluate_run, predict_run
 from pipeline.train.runs import load_run
 

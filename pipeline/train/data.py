@@ -23,7 +23,6 @@ from pipeline.errors import UsageError
 from pipeline.ids import sanitize_id
 from pipeline.shards import MODALITIES, FeatureStore
 
-TASKS = ("regression", "classification", "multilabel")
 SPLITS = ("train", "val", "test")
 _TAG_SEP = re.compile(r"[|,]")
 FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -16,10 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from pipeline.train.config import ModelSpec
 from pipeline.train.data import ClipSequences, batches
-
-MODELS = ("lstm", "attention")
-POOLS = ("last", "mean", "attention")
 
 
 class Branch(nn.Module):
@@ -119,19 +117,18 @@ class SequenceModel(nn.Module):
 # --------------------------------------------------------------------------- outputs
 
 
-def build_model(meta: dict) -> SequenceModel:
-    """The model a checkpoint's ``meta`` describes (weights not loaded)."""
-    c = meta["config"]
-    n_out = 1 if meta["task"] == "regression" else len(meta["classes"])
+def build_model(spec: ModelSpec) -> SequenceModel:
+    """The model ``spec`` describes (weights not loaded)."""
+    c = spec.config
     return SequenceModel(
-        meta["dims"],
-        n_out,
-        model=c["model"],
-        pool=c["pool"],
-        hidden=c["hidden"],
-        layers=c["layers"],
-        dropout=c["dropout"],
-        bidirectional=c["bidirectional"],
+        spec.dims,
+        spec.n_outputs,
+        model=c.model,
+        pool=c.pool,
+        hidden=c.hidden,
+        layers=c.layers,
+        dropout=c.dropout,
+        bidirectional=c.bidirectional,
     )
 
 
@@ -140,31 +137,38 @@ def to_device(x: dict, device: torch.device) -> dict:
     return {m: (a.to(device, non_blocking=True), n) for m, (a, n) in x.items()}
 
 
-def loss_of(task: str, out: torch.Tensor, y: torch.Tensor, meta: dict) -> torch.Tensor:
+def loss_of(spec: ModelSpec, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """MSE on standardised targets, cross-entropy, or BCE on tag logits."""
     out = out.float()
-    if task == "regression":
-        mu, sd = meta["target_norm"]
+    if spec.task == "regression":
+        mu, sd = spec.target_norm
         return F.mse_loss(out[:, 0], (y.float() - mu) / sd)
-    if task == "classification":
+    if spec.task == "classification":
         return F.cross_entropy(out, y)
     return F.binary_cross_entropy_with_logits(out, y.float())
 
 
-def outputs_to_values(task: str, out: torch.Tensor, meta: dict) -> np.ndarray:
+def outputs_to_values(spec: ModelSpec, out: torch.Tensor) -> np.ndarray:
     """Model outputs → values (regression), class or tag probabilities."""
     out = out.float()
-    if task == "regression":
-        mu, sd = meta["target_norm"]
+    if spec.task == "regression":
+        mu, sd = spec.target_norm
         return (out[:, 0] * sd + mu).cpu().numpy()
-    if task == "classification":
+    if spec.task == "classification":
         return torch.softmax(out, 1).cpu().numpy()
     return torch.sigmoid(out).cpu().numpy()
 
 
 @torch.no_grad()
-def run_model(model, data: ClipSequences, targets, meta: dict, device, batch_size: int = 64):
-    """Outputs for every clip of ``data`` (decoded) and the mean loss when targets are given."""
+def run_model(
+    model: SequenceModel,
+    data: ClipSequences,
+    targets: np.ndarray | None,
+    spec: ModelSpec,
+    device: torch.device,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, float | None]:
+    """Values for every clip of ``data`` and the mean loss when targets are given."""
     model.eval()
     outs, total = [], 0.0
     amp = device.type == "cuda"
@@ -172,7 +176,7 @@ def run_model(model, data: ClipSequences, targets, meta: dict, device, batch_siz
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             out = model(to_device(x, device))
         if y is not None:
-            total += float(loss_of(meta["task"], out, y.to(device), meta)) * len(y)
-        outs.append(outputs_to_values(meta["task"], out, meta))
+            total += float(loss_of(spec, out, y.to(device))) * len(y)
+        outs.append(outputs_to_values(spec, out))
     loss = total / len(data) if targets is not None and len(data) else None
     return (np.concatenate(outs) if outs else np.zeros((0,))), loss

@@ -14,6 +14,7 @@ from pipeline.device import pick_device
 from pipeline.errors import UsageError
 from pipeline.files import atomic_write_text, sha256_of
 from pipeline.shards import FeatureStore, open_features
+from pipeline.train.config import ModelSpec
 from pipeline.train.data import (
     ClipSequences,
     fits_float32,
@@ -23,7 +24,7 @@ from pipeline.train.data import (
     split_tags,
     warn_empty_clips,
 )
-from pipeline.train.loop import evaluate
+from pipeline.train.evaluation import evaluate
 from pipeline.train.model import run_model
 from pipeline.train.runs import load_run
 
@@ -41,7 +42,7 @@ FEATURE_IDENTITY = (
 )
 
 
-def open_checked(features: str | Path, meta: dict, prog: str) -> FeatureStore:
+def open_checked(features: str | Path, spec: ModelSpec, prog: str) -> FeatureStore:
     """Open a feature folder and check it against what the run was trained on."""
     try:
         store = open_features(features)
@@ -50,7 +51,7 @@ def open_checked(features: str | Path, meta: dict, prog: str) -> FeatureStore:
     if len(store) == 0:
         raise UsageError(f"{features}: no clips in this feature folder")
     present = present_modalities(store)
-    for m, dim in meta["dims"].items():
+    for m, dim in spec.dims.items():
         if m not in present:
             print(
                 f"{prog}: warning: no {m} features in {features}; the run's {m} branch sees "
@@ -62,7 +63,7 @@ def open_checked(features: str | Path, meta: dict, prog: str) -> FeatureStore:
             raise UsageError(
                 f"{features}: {m} features have dim {store.dim(m)}, the run was trained on {dim}"
             )
-        trained, now = meta["feature_attrs"].get(m, {}), store.attrs(m)
+        trained, now = spec.feature_attrs.get(m, {}), store.attrs(m)
         diff = [k for k in FEATURE_IDENTITY if k in trained and trained.get(k) != now.get(k)]
         if diff:
             k = diff[0]
@@ -75,24 +76,24 @@ def open_checked(features: str | Path, meta: dict, prog: str) -> FeatureStore:
 
 
 def _open(run: str | Path, features: str | Path, checkpoint: str, prog: str):
-    """The run's model and meta, and the feature folder checked against them."""
-    model, meta = load_run(run, checkpoint)
-    return model, meta, open_checked(features, meta, prog)
+    """The run's model and spec, and the feature folder checked against them."""
+    model, spec = load_run(run, checkpoint)
+    return model, spec, open_checked(features, spec, prog)
 
 
-def _sequences(model, meta: dict, store: FeatureStore, ids: list[str], device: str):
+def _sequences(model, spec: ModelSpec, store: FeatureStore, ids: list[str], device: str):
     """Move the model to ``device``; the clips ``ids`` as the run reads them, and the device."""
     dev = pick_device(device)
     model.to(dev)
-    data = ClipSequences(
-        store, ids, meta["modalities"], meta["config"]["max_frames"], dims=meta["dims"]
-    )
+    data = ClipSequences(store, ids, spec.modalities, spec.config.max_frames, dims=spec.dims)
     return data, dev
 
 
-def known_targets(meta: dict, labels: dict[str, str], prog: str) -> tuple[list[str], np.ndarray]:
+def known_targets(
+    spec: ModelSpec, labels: dict[str, str], prog: str
+) -> tuple[list[str], np.ndarray]:
     """Targets of the clips whose label the run knows; the others are reported and left out."""
-    task, classes = meta["task"], meta["classes"]
+    task, classes = spec.task, spec.classes
     keep, ys, bad = [], [], []
     for cid, v in labels.items():
         if task == "regression":
@@ -141,7 +142,7 @@ def evaluate_run(
 ) -> dict:
     """Metrics of a run on the labelled clips of ``features`` (or on one split of the run)."""
     prog = "vpipe evaluate"
-    model, meta, store = _open(run, features, checkpoint, prog)
+    model, spec, store = _open(run, features, checkpoint, prog)
     joined = join_labels(store, read_labels(labels_csv))
     joined.report(len(store), prog)
     labels = joined.labels
@@ -150,9 +151,9 @@ def evaluate_run(
         labels = {c: v for c, v in labels.items() if c in ids}
         if not labels:
             raise UsageError(f"no labelled clip of the run's {split} split is in {features}")
-    ids, targets = known_targets(meta, labels, prog)
-    data, dev = _sequences(model, meta, store, ids, device)
-    metrics = evaluate(model, data, targets, meta, dev)  # ids is never empty
+    ids, targets = known_targets(spec, labels, prog)
+    data, dev = _sequences(model, spec, store, ids, device)
+    metrics = evaluate(model, data, targets, spec, dev)  # ids is never empty
     store.close()
     return {
         "run": str(run),
@@ -161,7 +162,7 @@ def evaluate_run(
         "labels": str(labels_csv),
         "labels_sha256": sha256_of(labels_csv),
         "split": split or "all",
-        "task": meta["task"],
+        "task": spec.task,
         "n_clips": len(ids),
         "metrics": metrics,
     }
@@ -182,9 +183,9 @@ def write_output(path: str | Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
-def _describe(meta: dict, out: np.ndarray, threshold: float) -> dict:
+def _describe(spec: ModelSpec, out: np.ndarray, threshold: float) -> dict:
     """One prediction as JSON fields: a value, a class with scores, or tags over threshold."""
-    task, classes = meta["task"], meta["classes"]
+    task, classes = spec.task, spec.classes
     if task == "regression":
         return {"prediction": float(out)}
     scores = {c: round(float(s), 6) for c, s in zip(classes, out, strict=True)}
@@ -209,18 +210,18 @@ def predict_run(
     if threshold is not None and not 0 <= threshold <= 1:
         raise UsageError("--threshold is a score in [0, 1]")
     check_output(out_path)  # refused before the model runs, not after
-    model, meta, store = _open(run, features, checkpoint, prog)
-    thr = meta["config"]["threshold"] if threshold is None else threshold
+    model, spec, store = _open(run, features, checkpoint, prog)
+    thr = spec.config.threshold if threshold is None else threshold
     ids = store.clip_ids
-    warn_empty_clips(store, ids, meta["modalities"], prog)
-    data, dev = _sequences(model, meta, store, ids, device)
-    outs, _ = run_model(model, data, None, meta, dev)
+    warn_empty_clips(store, ids, spec.modalities, prog)
+    data, dev = _sequences(model, spec, store, ids, device)
+    outs, _ = run_model(model, data, None, spec, dev)
     lines, by_source = [], {}
     for cid, o in zip(ids, outs, strict=True):
         info = store.info(cid)
         by_source.setdefault(info["source"], []).append(o)
         lines.append(
-            {"level": "clip", "id": cid, "source": info["source"], **_describe(meta, o, thr)}
+            {"level": "clip", "id": cid, "source": info["source"], **_describe(spec, o, thr)}
         )
     for src, os_ in by_source.items():
         lines.append(
@@ -228,7 +229,7 @@ def predict_run(
                 "level": "source",
                 "id": src,
                 "n_clips": len(os_),
-                **_describe(meta, np.mean(np.stack(os_), axis=0), thr),
+                **_describe(spec, np.mean(np.stack(os_), axis=0), thr),
             }
         )
     write_output(out_path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))

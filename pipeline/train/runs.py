@@ -1,10 +1,10 @@
 """The run folder: checkpoints, metrics.jsonl, curves.png, and the checks before a resume.
 
-``RUN/config.json`` (options, task, classes, feature dims and identity), ``metrics.jsonl`` (one
-line per epoch), ``best.pt`` (model + what predict needs), ``last.pt`` (also optimizer, RNG state
-and history, for ``--resume``), ``summary.json``, ``curves.png``, and ``vpipe.json`` (the run
-record every stage writes: parameters, versions, start/end, command, counts); each written
-atomically.
+``RUN/config.json`` (the model spec: options, task, classes, feature dims and identity, and
+where the input came from), ``metrics.jsonl`` (one line per epoch), ``best.pt`` (weights + the
+model spec, all predict needs), ``last.pt`` (also optimizer, RNG state and history, for
+``--resume``), ``summary.json``, ``curves.png``, and ``vpipe.json`` (the run record every stage
+writes: parameters, versions, start/end, command, counts); each written atomically.
 """
 
 from __future__ import annotations
@@ -12,17 +12,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from pipeline import records
 from pipeline.errors import ParamsChanged, UsageError
-from pipeline.files import atomic_path, clean_temp_files, sha256_of
+from pipeline.files import atomic_path, atomic_write_text, clean_temp_files, sha256_of
 from pipeline.records import now_iso, read_run_info
+from pipeline.train.config import ModelSpec, TrainConfig
 from pipeline.train.metrics import MAIN_METRIC
-from pipeline.train.model import build_model
+from pipeline.train.model import SequenceModel, build_model
 
 # Options that never change what is learned: they may differ whenever a run is continued.
 OPTIONS_NOT_LEARNED = {"device", "stream"}
@@ -43,10 +46,10 @@ def features_fingerprint(store, clip_ids: list[str], attrs: dict, dims: dict) ->
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def run_params(cfg: dict, features: Path, labels: Path, fingerprint: str) -> dict:
+def run_params(cfg: TrainConfig, features: Path, labels: Path, fingerprint: str) -> dict:
     """The ``params`` of ``vpipe.json``: every option plus the inputs and their identity."""
     return {
-        **cfg,
+        **asdict(cfg),
         "features": str(Path(features).resolve()),
         "labels": str(Path(labels).resolve()),
         "labels_sha256": sha256_of(labels),
@@ -67,9 +70,57 @@ def write_run_info(out: Path, fields: dict) -> None:
     records.write_run_info(out, "train", fields, train_versions())
 
 
+def start_run_folder(
+    out: Path,
+    spec: ModelSpec,
+    split_ids: dict[str, list[str]],
+    params: dict,
+    *,
+    task_source: str,
+    features: str | Path,
+    labels: str | Path,
+    started: str,
+    overwrite: bool,
+) -> None:
+    """Write ``config.json`` (the model spec and where its input came from), ``splits.json``
+    and ``vpipe.json``; with ``overwrite``, an earlier run there is removed first."""
+    if overwrite and (out / "config.json").exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        **spec.to_dict(),
+        "task_source": task_source,
+        "features": str(features),
+        "labels": str(labels),
+        "n_clips": {s: len(v) for s, v in split_ids.items()},
+        "created": now_iso(),
+        "torch_version": torch.__version__,
+    }
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / "splits.json", json.dumps(split_ids, indent=1) + "\n")
+    # "result" of an earlier call would describe weights this call is about to change.
+    write_run_info(out, {"started": started, "ended": None, "params": params, "result": None})
+
+
+def finish_run_folder(out: Path, summary: dict, done: int, already: int) -> None:
+    """Write ``summary.json`` and stamp ``vpipe.json`` with the end, the counts and the result."""
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_run_info(
+        out,
+        {"ended": now_iso(), "counts": epoch_counts(done, already), "result": outcome(summary)},
+    )
+
+
 def save_checkpoint(obj: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def load_weights(model: SequenceModel, path: Path) -> int:
+    """Load a checkpoint's weights into ``model``; returns the epoch they are from."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ck["model"])
+    return ck["epoch"]
 
 
 def flat_record(rec: dict) -> dict:
@@ -77,6 +128,12 @@ def flat_record(rec: dict) -> dict:
     for split in ("val", "test"):
         out.update({f"{split}_{k}": v for k, v in rec.get(split, {}).items()})
     return out
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    """``metrics.jsonl``: one flat line per epoch (``val_loss``, ``test_accuracy``...)."""
+    text = "".join(json.dumps(flat_record(r)) + "\n" for r in history)
+    atomic_write_text(out / "metrics.jsonl", text)
 
 
 def write_curves(history: list[dict], task: str, path: Path) -> None:
@@ -107,7 +164,7 @@ def write_curves(history: list[dict], task: str, path: Path) -> None:
 
 
 def open_run_folder(
-    out: Path, cfg: dict, params: dict, split_ids: dict, resume: bool, overwrite: bool
+    out: Path, cfg: TrainConfig, params: dict, split_ids: dict, resume: bool, overwrite: bool
 ) -> dict | None:
     """Check what is already in ``out``; returns the last.pt state to continue from, if any.
 
@@ -122,13 +179,13 @@ def open_run_folder(
         raise UsageError(f"{out}: exists and is not a vpipe train run; choose another --out")
     if overwrite:
         return None
-    old = json.loads(cfg_path.read_text(encoding="utf-8"))["config"]
+    old, new = json.loads(cfg_path.read_text(encoding="utf-8"))["config"], asdict(cfg)
     may_differ = OPTIONS_RESUME_MAY_CHANGE if resume else OPTIONS_NOT_LEARNED
     diff = [
-        k for k in sorted(set(old) | set(cfg)) if k not in may_differ and old.get(k) != cfg.get(k)
+        k for k in sorted(set(old) | set(new)) if k not in may_differ and old.get(k) != new.get(k)
     ]
     if diff:
-        shown = "; ".join(f"{k}: {old.get(k)!r} -> {cfg.get(k)!r}" for k in diff[:4])
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
         if resume:
             raise ParamsChanged(
                 f"{out}: --resume with other options ({shown}); use --overwrite to start again"
@@ -158,15 +215,16 @@ def open_run_folder(
     return torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
 
 
-def load_run(run: str | Path, checkpoint: str = "best") -> tuple[torch.nn.Module, dict]:
-    """The model of ``RUN/best.pt`` (or ``last``) with its weights, and its meta."""
+def load_run(run: str | Path, checkpoint: str = "best") -> tuple[SequenceModel, ModelSpec]:
+    """The model of ``RUN/best.pt`` (or ``last``) with its weights, and its spec."""
     path = Path(run) / f"{checkpoint}.pt"
     if not path.exists():
         raise UsageError(f"{path}: no such checkpoint (is {run} a vpipe train run?)")
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(ck["meta"])
+    spec = ModelSpec.from_dict(ck["meta"])
+    model = build_model(spec)
     model.load_state_dict(ck["model"])
-    return model, ck["meta"]
+    return model, spec
 
 
 def is_complete(out: Path, state: dict, epochs: int, patience: int) -> bool:

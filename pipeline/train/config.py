@@ -1,0 +1,85 @@
+"""The trainer's plain values: the options of a run and the description of the model it made.
+
+:class:`TrainConfig` holds every ``vpipe train`` option (the CLI reads its defaults from here);
+:class:`ModelSpec` is what a checkpoint carries besides the weights (the options as they were
+resolved, the task, classes, feature dims and identity, the target scaling), enough to rebuild
+the model and read its outputs. Nothing here imports torch, so that ``vpipe --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+TASKS = ("regression", "classification", "multilabel")
+MODELS = ("lstm", "attention")
+POOLS = ("last", "mean")  # the lstm model's head; the attention model pools by attention
+CHECKPOINTS = ("best", "last")  # what evaluate and predict may use; the first is the default
+
+
+@dataclass
+class TrainConfig:
+    """Every training option, as plain values (written to ``config.json``)."""
+
+    task: str | None = None  # regression | classification | multilabel; None: from the labels
+    model: str = "lstm"  # lstm (LRCN) | attention (multimodal tagging)
+    pool: str = "last"  # lstm head on the last valid step or the mean of steps
+    modalities: list[str] | None = None  # None: every modality present in the shards
+    hidden: int = 128
+    layers: int = 1
+    dropout: float = 0.2
+    bidirectional: bool = False
+    lr: float = 3e-4  # the LRCN setup's Adam rate
+    weight_decay: float = 0.01
+    epochs: int = 20
+    batch_size: int = 16
+    clip_grad: float = 1.0
+    patience: int = 5  # epochs without a better validation metric before stopping
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    max_frames: int = 0  # 0: every step; else uniform sampling down to this many
+    threshold: float = 0.5
+    top_k: int = 5
+    device: str = "auto"
+    stream: bool = False  # read features from HDF5 per batch instead of holding them in RAM
+
+
+@dataclass
+class ModelSpec:
+    """What a trained model is, saved in every checkpoint (as ``meta``) and in ``config.json``.
+
+    ``config`` holds the options with ``modalities`` resolved to the ones used; ``target_norm``
+    the (mean, std) that regression targets are standardised with (``(0, 1)`` otherwise).
+    """
+
+    config: TrainConfig
+    task: str
+    classes: list[str]
+    dims: dict[str, int]  # modality -> feature width, in the model's order
+    target_norm: tuple[float, float]
+    feature_attrs: dict[str, dict]  # modality -> the shards' attributes (model, weights...)
+    vpipe_version: str
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.dims)
+
+    @property
+    def n_outputs(self) -> int:
+        return 1 if self.task == "regression" else len(self.classes)
+
+    def to_dict(self) -> dict:
+        """Plain values only, as ``torch.load(weights_only=True)`` and JSON accept them."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        return cls(
+            config=TrainConfig(**d["config"]),
+            task=d["task"],
+            classes=list(d["classes"]),
+            dims=dict(d["dims"]),
+            target_norm=(float(d["target_norm"][0]), float(d["target_norm"][1])),
+            feature_attrs=dict(d["feature_attrs"]),
+            vpipe_version=d["vpipe_version"],
+        )

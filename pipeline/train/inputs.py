@@ -1,0 +1,152 @@
+"""The checked input of a run: options, shards and labels, read and checked before anything is
+written, so that a bad labels file never leaves a half-written run folder behind."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.device import check_device_name
+from pipeline.errors import UsageError
+from pipeline.shards import MODALITIES, FeatureStore, open_features
+from pipeline.train.config import MODELS, POOLS, TASKS, ModelSpec, TrainConfig
+from pipeline.train.data import (
+    ClipSequences,
+    LabelledClips,
+    LabelSpace,
+    infer_task,
+    join_labels,
+    present_modalities,
+    read_labels,
+    split_by_source,
+    warn_empty_clips,
+)
+
+
+@dataclass
+class Prepared:
+    """The checked input of a run: clips per split, their targets, the label space."""
+
+    store: FeatureStore
+    space: LabelSpace
+    task_reason: str
+    modalities: list[str]
+    dims: dict[str, int]
+    split_ids: dict[str, list[str]]
+    targets: dict[str, np.ndarray]
+    data: dict[str, ClipSequences]
+    joined: LabelledClips
+    store_attrs: dict[str, dict] = field(default_factory=dict)
+
+
+def _positive(x: float) -> bool:
+    """True for a finite number above 0 (NaN and inf are not)."""
+    return math.isfinite(x) and x > 0
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Reject option values that cannot work, before anything is read."""
+    if cfg.task is not None and cfg.task not in TASKS:
+        raise UsageError(f"--task {cfg.task!r}: choose one of {', '.join(TASKS)}")
+    if cfg.model not in MODELS:
+        raise UsageError(f"--model {cfg.model!r}: choose one of {', '.join(MODELS)}")
+    if cfg.pool not in POOLS:
+        raise UsageError(f"--pool {cfg.pool!r}: choose last or mean")
+    # patience 0 stopped after the first epoch ("no better val ... for 0 epochs"); top-k 0
+    # reported a meaningless top0_accuracy of 0.
+    for name in ("hidden", "layers", "epochs", "batch_size", "patience", "top_k"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.max_frames < 0:
+        raise UsageError("--max-frames must be 0 (all frames) or more")
+    for name in ("lr", "clip_grad"):  # 0 would leave the weights where they started
+        if not _positive(getattr(cfg, name)):
+            raise UsageError(f"--{name.replace('_', '-')} must be above 0")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):  # inf: NaN weights
+        raise UsageError("--weight-decay must be 0 or more")
+    # The batch order's generator is seeded with seed * 100003 + epoch, an int64: a huge seed
+    # crashed after the run folder was started. (A negative seed drew the same split as its
+    # absolute value.)
+    if not 0 <= cfg.seed < 2**32:
+        raise UsageError("--seed must be in [0, 2^32)")
+    if not 0 <= cfg.threshold <= 1:
+        raise UsageError("--threshold is a score in [0, 1]")
+    if not 0 <= cfg.dropout < 1:
+        raise UsageError("--dropout must be in [0, 1)")
+    check_device_name(cfg.device)
+
+
+def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = False) -> Prepared:
+    """Read and check shards and labels, split by source, load the features (no file written)."""
+    check_config(cfg)
+    try:
+        store = open_features(features)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    if len(store) == 0:
+        raise UsageError(f"{features}: no clips in this feature folder (no complete shards)")
+    rows = read_labels(labels_csv)
+    joined = join_labels(store, rows)
+    if not quiet:
+        joined.report(len(store))
+    task, reason = (
+        (cfg.task, "given by --task") if cfg.task else infer_task(list(joined.labels.values()))
+    )
+    if cfg.task is None and not quiet:
+        print(f"vpipe train: task {task} (inferred: {reason})", file=sys.stderr)
+    space = LabelSpace.build(task, joined.labels)
+
+    present = present_modalities(store)
+    mods = list(dict.fromkeys(cfg.modalities or present))  # --modalities image,image: once
+    unknown = [m for m in mods if m not in MODALITIES]
+    if unknown:
+        raise UsageError(f"--modalities: unknown {', '.join(unknown)} (use image, audio)")
+    absent = [m for m in mods if m not in present]
+    if absent or not mods:
+        raise UsageError(
+            f"{features}: no {' or '.join(absent or MODALITIES)} features in these shards "
+            f"(present: {', '.join(present) or 'none'})"
+        )
+    dims = {m: store.dim(m) for m in mods}
+
+    sources = {c: store.info(c)["source"] for c in joined.labels}
+    side = split_by_source(sources, cfg.val_fraction, cfg.test_fraction, cfg.seed, joined.splits)
+    split_ids = {s: [c for c in joined.labels if side[c] == s] for s in ("train", "val", "test")}
+    if not split_ids["train"]:
+        raise UsageError("no labelled clip falls in the train split")
+    targets = {
+        s: np.stack([space.encode(joined.labels[c]) for c in ids]) if ids else np.zeros((0,))
+        for s, ids in split_ids.items()
+    }
+    if not quiet:
+        warn_empty_clips(store, list(joined.labels), mods, "vpipe train")
+    # One read of the labelled clips (shard by shard), shared by the three splits.
+    every = ClipSequences(store, list(joined.labels), mods, cfg.max_frames, cfg.stream)
+    data = {s: every.subset(ids) for s, ids in split_ids.items()}
+    attrs = {m: store.attrs(m) for m in mods}
+    return Prepared(store, space, reason, mods, dims, split_ids, targets, data, joined, attrs)
+
+
+def model_spec(cfg: TrainConfig, p: Prepared) -> ModelSpec:
+    """The model this run trains: the options with the modalities used, the label space, the
+    feature dims and identity, and the target scaling from the training split."""
+    task = p.space.task
+    # In float64: the float32 targets' std overflows (inf) for labels around 1e20.
+    t64 = p.targets["train"].astype(np.float64)
+    target_norm = (
+        (float(t64.mean()), float(t64.std()) or 1.0) if task == "regression" else (0.0, 1.0)
+    )
+    return ModelSpec(
+        config=replace(cfg, modalities=p.modalities),
+        task=task,
+        classes=p.space.classes,
+        dims=p.dims,
+        target_norm=target_norm,
+        feature_attrs=p.store_attrs,
+        vpipe_version=__version__,
+    )
