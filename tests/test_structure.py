@@ -1,0 +1,94 @@
+"""The package's shape: imports flow downward (CLI -> stages -> ground floor), never in a cycle.
+
+Read from the source with ``ast`` (imports inside functions included), so a lazy import that
+closes a loop is caught as well as a top-level one.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+# The ground floor every stage uses; it must use nothing above it.
+GROUND_FLOOR = {"pipeline.errors", "pipeline.files", "pipeline.ids", "pipeline.records",
+                "pipeline.runner", "pipeline.media", "pipeline.shards", "pipeline.device"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            deps.update(t for t in targets if t in modules and t != name)
+        # A package's __init__ is not a dependency of its own submodules' siblings' imports.
+        graph[name] = {d for d in deps if not name.startswith(d + ".")}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for d in sorted(graph.get(n, ())):
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in state and (c := visit(d)):
+                return c
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (c := visit(n)):
+            return c
+    return None
+
+
+def test_no_import_cycle_inside_the_package() -> None:
+    graph = import_graph()
+    assert "pipeline.features.sources" in graph["pipeline.features.stage"]  # imports are seen
+    assert find_cycle(graph) is None
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_the_ground_floor_imports_nothing_above_it() -> None:
+    graph = import_graph()
+    above = {
+        m: sorted(d for d in graph[m] if d not in GROUND_FLOOR and d != "pipeline")
+        for m in GROUND_FLOOR
+    }
+    assert above == {m: [] for m in GROUND_FLOOR}
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                "pipeline"
+            ):
+                offenders += [f"{module_name(path)}: {node.module}.{a.name}"
+                              for a in node.names if _private(a.name)]
+    assert offenders == []
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
