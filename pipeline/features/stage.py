@@ -120,6 +120,7 @@ def extract_features(
     """Encode every ok clip of ``inputs`` (extract-frames folders; with ``from_video`` clips or
     videos) into shards in ``out_dir``. ``on_shard`` is called with each finished shard (tests
     use it to interrupt a run)."""
+    import h5py
     import torch
 
     inputs = [Path(p) for p in inputs]
@@ -133,7 +134,7 @@ def extract_features(
     if overwrite and info is not None and info.get("params") != canonical(params):
         for p in shards.shard_paths(out):
             p.unlink()
-    versions = {"torch": torch.__version__, "h5py": shards.h5py.__version__}
+    versions = {"torch": torch.__version__, "h5py": h5py.__version__}
     run = Run(out, STAGE, params, overwrite=overwrite, versions=versions).open()
     tracker = Tracker(run, quiet=quiet, unit="frame")
 

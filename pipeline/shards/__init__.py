@@ -1,0 +1,37 @@
+"""The feature store: HDF5 shards in a ragged layout, their index, and the reader API.
+
+One shard holds many clips. Per modality, the rows of all clips are concatenated in one 2-D
+dataset and ``offsets`` (n+1, int64) says where each clip's rows start and end, so a shard with
+thousands of clips is a handful of HDF5 objects (see README "HDF5 schema")::
+
+    /clip_ids (n,) utf-8      /source (n,) utf-8      /start (n,) /end (n,) float64
+    /image/features (F, D)    /image/timestamps (F,)  /image/offsets (n+1,)
+    /audio/features (A, 128)  /audio/timestamps (A,)  /audio/offsets (n+1,)
+
+A shard is written under a temporary name and renamed when complete. ``index.jsonl`` maps each
+clip id to its shard and row; it is rebuilt from the complete shards, so it never disagrees with
+them.
+"""
+
+from __future__ import annotations
+
+from pipeline.shards.index import add_to_index, read_index, rebuild_index
+from pipeline.shards.reader import FeatureStore, open_features
+from pipeline.shards.schema import (
+    INDEX,
+    MAX_OPEN_SHARDS,
+    MODALITIES,
+    SCHEMA_VERSION,
+    ClipFeatures,
+    next_shard_number,
+    shard_name,
+    shard_paths,
+)
+from pipeline.shards.validate import validate
+from pipeline.shards.writer import ShardWriter
+
+__all__ = [
+    "INDEX", "MAX_OPEN_SHARDS", "MODALITIES", "SCHEMA_VERSION", "ClipFeatures", "FeatureStore",
+    "ShardWriter", "add_to_index", "next_shard_number", "open_features", "read_index",
+    "rebuild_index", "shard_name", "shard_paths", "validate",
+]

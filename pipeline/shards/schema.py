@@ -1,0 +1,98 @@
+"""The shard format: names, constants, one clip's features, attributes, a shard's rows.
+
+The layout itself is in the package docstring (and README "HDF5 schema").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+INDEX = "index.jsonl"
+SHARD_RE = re.compile(r"^shard-(\d{5})\.h5$")
+MODALITIES = ("image", "audio")
+MAX_OPEN_SHARDS = 64  # a reader keeps this many shard files open (default fd limit: 1024)
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.h5"
+
+
+@dataclass
+class ClipFeatures:
+    """The features of one clip; a modality with no rows has shape (0, dim)."""
+
+    clip_id: str
+    source: str
+    start: float
+    end: float
+    image: np.ndarray
+    image_timestamps: np.ndarray
+    audio: np.ndarray
+    audio_timestamps: np.ndarray
+
+    def n(self, modality: str) -> int:
+        return int(getattr(self, modality).shape[0])
+
+
+def attr_value(v: Any) -> Any:
+    """HDF5 attributes hold scalars and strings: dicts and lists are stored as JSON text."""
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, sort_keys=True)
+    if v is None:
+        return "none"
+    return v
+
+
+def read_attrs(obj: h5py.HLObject) -> dict[str, Any]:
+    out = {}
+    for k, v in obj.attrs.items():
+        if isinstance(v, bytes):
+            v = v.decode()
+        if isinstance(v, str) and v[:1] in "{[":
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError:
+                pass
+        elif isinstance(v, np.generic):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+
+def index_rows(path: Path) -> list[dict]:
+    with h5py.File(path, "r") as f:
+        ids = f["clip_ids"].asstr()[:]
+        src = f["source"].asstr()[:]
+        off = {m: f[m]["offsets"][:] for m in MODALITIES}
+    return [
+        {
+            "clip_id": cid,
+            "source": src[i],
+            "shard": path.name,
+            "row": i,
+            "n_frames": int(off["image"][i + 1] - off["image"][i]),
+            "n_audio": int(off["audio"][i + 1] - off["audio"][i]),
+        }
+        for i, cid in enumerate(ids)
+    ]
+
+
+def shard_paths(folder: str | os.PathLike) -> list[Path]:
+    """The complete shards of a feature folder, in order (temp files are never matched)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if SHARD_RE.match(p.name)) if folder.is_dir() else []
+
+
+def next_shard_number(folder: str | os.PathLike) -> int:
+    nums = [int(SHARD_RE.match(p.name).group(1)) for p in shard_paths(folder)]
+    return max(nums) + 1 if nums else 0

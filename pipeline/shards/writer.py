@@ -1,0 +1,122 @@
+"""Writing one shard: clips appended, the file renamed into place when complete."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline import __version__
+from pipeline.files import temp_name
+from pipeline.records import now_iso
+from pipeline.shards.schema import MODALITIES, SCHEMA_VERSION, ClipFeatures, attr_value, index_rows
+
+
+class ShardWriter:
+    """Append clips to one shard; ``close()`` renames the finished file into place.
+
+    ``attrs`` maps a modality ("image", "audio") to its attributes (model, weights, dim, …);
+    both groups are always created (a modality not computed has dim 0 and no rows).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        image_dim: int,
+        audio_dim: int = 128,
+        attrs: dict[str, dict[str, Any]] | None = None,
+        root_attrs: dict[str, Any] | None = None,
+        dtype: str = "float32",
+        compression: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.tmp = temp_name(self.path)
+        self.dtype = np.dtype(dtype)
+        self.dims = {"image": int(image_dim), "audio": int(audio_dim)}
+        self.clips: list[ClipFeatures | None] = []
+        self._meta: list[tuple[str, str, float, float]] = []
+        self._rows = {m: 0 for m in MODALITIES}
+        self._offsets: dict[str, list[int]] = {m: [0] for m in MODALITIES}
+        self.tmp.unlink(missing_ok=True)
+        self._f = h5py.File(self.tmp, "w")
+        self._f.attrs.update(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "vpipe_version": __version__,
+                "created": now_iso(),
+                **{k: attr_value(v) for k, v in (root_attrs or {}).items()},
+            }
+        )
+        opts = {"compression": compression} if compression else {}
+        for m in MODALITIES:
+            g = self._f.create_group(m)
+            dim = self.dims[m]
+            if dim:
+                g.create_dataset(
+                    "features",
+                    shape=(0, dim),
+                    maxshape=(None, dim),
+                    dtype=self.dtype,
+                    chunks=(256, dim),
+                    **opts,
+                )
+            else:  # a modality not computed: no rows ever, so no chunked (resizable) layout
+                g.create_dataset("features", shape=(0, 0), dtype=self.dtype)
+            g.create_dataset("timestamps", shape=(0,), maxshape=(None,), dtype="f8", chunks=(4096,))
+            for k, v in {"dim": dim, **(attrs or {}).get(m, {})}.items():
+                g.attrs[k] = attr_value(v)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    @property
+    def n_rows(self) -> int:
+        return sum(self._rows.values())
+
+    def add(self, clip: ClipFeatures) -> int:
+        """Write one clip's rows; returns its row number in the shard."""
+        for m in MODALITIES:
+            feats = np.asarray(getattr(clip, m), dtype=self.dtype)
+            ts = np.asarray(getattr(clip, f"{m}_timestamps"), dtype="f8")
+            n = feats.shape[0]
+            if n and feats.shape[1] != self.dims[m]:
+                raise ValueError(f"{clip.clip_id}: {m} dim {feats.shape[1]} != {self.dims[m]}")
+            if ts.shape[0] != n:
+                raise ValueError(f"{clip.clip_id}: {n} {m} rows but {ts.shape[0]} timestamps")
+            if n:
+                g = self._f[m]
+                a = self._rows[m]
+                g["features"].resize(a + n, axis=0)
+                g["features"][a : a + n] = feats
+                g["timestamps"].resize(a + n, axis=0)
+                g["timestamps"][a : a + n] = ts
+            self._rows[m] += n
+            self._offsets[m].append(self._rows[m])
+        self._meta.append((clip.clip_id, clip.source, float(clip.start), float(clip.end)))
+        return len(self._meta) - 1
+
+    def close(self) -> list[dict]:
+        """Finish the shard, rename it into place; returns its index rows."""
+        f = self._f
+        s = h5py.string_dtype("utf-8")
+        ids = [m[0] for m in self._meta]
+        f.create_dataset("clip_ids", data=np.array(ids, dtype=object), dtype=s)
+        f.create_dataset("source", data=np.array([m[1] for m in self._meta], dtype=object), dtype=s)
+        f.create_dataset("start", data=np.array([m[2] for m in self._meta], dtype="f8"))
+        f.create_dataset("end", data=np.array([m[3] for m in self._meta], dtype="f8"))
+        for m in MODALITIES:
+            f[m].create_dataset("offsets", data=np.array(self._offsets[m], dtype="i8"))
+        f.close()
+        os.replace(self.tmp, self.path)
+        return index_rows(self.path)
+
+    def abort(self) -> None:
+        """Drop the unfinished shard (nothing half-written is left behind)."""
+        try:
+            self._f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
