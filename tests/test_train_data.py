@@ -9,16 +9,12 @@ from pipeline.errors import UsageError
 from pipeline.shards import ClipFeatures, ShardWriter, open_features, rebuild_index
 from pipeline.train.data import (
     ClipSequences,
-    LabelSpace,
-    infer_task,
-    join_labels,
     pad_batch,
     present_modalities,
-    read_labels,
     sample_uniform,
-    split_by_source,
     warn_empty_clips,
 )
+from pipeline.train.labels import LabelSpace, infer_task, join_labels, read_labels, split_by_source
 from pipeline.train.synthetic import make_feature_set, write_labels
 
 

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.cli.app import OutDir, Overwrite, Quiet, app
+from pipeline.train.config import CHECKPOINTS, DEFAULT_CHECKPOINT, TrainConfig
 
 Features = Annotated[
     Path, typer.Argument(help="Feature folder written by `vpipe features` (shards + index).")
@@ -38,7 +39,7 @@ Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present),
 def _checkpoint(name: str) -> str:
     from pipeline.errors import UsageError
 
-    if name not in ("best", "last"):
+    if name not in CHECKPOINTS:
         raise UsageError(f"--checkpoint {name!r}: use best or last")
     return name
 
@@ -55,7 +56,7 @@ def train(
             help="regression, classification or multilabel (default: inferred from the labels).",
             show_default=False,
         ),
-    ] = None,
+    ] = TrainConfig.task,
     model: Annotated[
         str,
         typer.Option(
@@ -63,10 +64,10 @@ def train(
             help="lstm (LRCN: LSTM, head on the last step) or attention (per-modality LSTM "
             "with attention pooling, as in multimodal tagging).",
         ),
-    ] = "lstm",
+    ] = TrainConfig.model,
     pool: Annotated[
         str, typer.Option("--pool", help="lstm model: head on the last valid step or the mean.")
-    ] = "last",
+    ] = TrainConfig.pool,
     modalities: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
@@ -74,54 +75,66 @@ def train(
             help="Comma-separated: image, audio (default: every modality in the shards).",
             show_default=False,
         ),
-    ] = None,
-    hidden: Annotated[int, typer.Option("--hidden", help="LSTM hidden size.")] = 128,
-    layers: Annotated[int, typer.Option("--layers", help="Stacked LSTM layers.")] = 1,
-    dropout: Annotated[float, typer.Option("--dropout", help="Dropout before the head.")] = 0.2,
+    ] = TrainConfig.modalities,
+    hidden: Annotated[int, typer.Option("--hidden", help="LSTM hidden size.")] = TrainConfig.hidden,
+    layers: Annotated[
+        int, typer.Option("--layers", help="Stacked LSTM layers.")
+    ] = TrainConfig.layers,
+    dropout: Annotated[
+        float, typer.Option("--dropout", help="Dropout before the head.")
+    ] = TrainConfig.dropout,
     bidirectional: Annotated[
         bool, typer.Option("--bidirectional", help="Bidirectional LSTMs.")
-    ] = False,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (LRCN used 3e-4).")] = 3e-4,
+    ] = TrainConfig.bidirectional,
+    lr: Annotated[
+        float, typer.Option("--lr", help="AdamW learning rate (LRCN used 3e-4).")
+    ] = TrainConfig.lr,
     weight_decay: Annotated[
         float, typer.Option("--weight-decay", help="AdamW weight decay.")
-    ] = 0.01,
-    epochs: Annotated[int, typer.Option("--epochs", help="Most epochs to train.")] = 20,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per batch.")] = 16,
+    ] = TrainConfig.weight_decay,
+    epochs: Annotated[
+        int, typer.Option("--epochs", help="Most epochs to train.")
+    ] = TrainConfig.epochs,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Clips per batch.")
+    ] = TrainConfig.batch_size,
     clip_grad: Annotated[
         float, typer.Option("--clip-grad", help="Gradient norm clipping threshold.")
-    ] = 1.0,
+    ] = TrainConfig.clip_grad,
     patience: Annotated[
         int,
         typer.Option("--patience", help="Stop after this many epochs without a better val metric."),
-    ] = 5,
+    ] = TrainConfig.patience,
     val_fraction: Annotated[
         float,
         typer.Option("--val-fraction", help="Share of source videos held out for validation."),
-    ] = 0.15,
+    ] = TrainConfig.val_fraction,
     test_fraction: Annotated[
         float, typer.Option("--test-fraction", help="Share of source videos held out for test.")
-    ] = 0.15,
+    ] = TrainConfig.test_fraction,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed (0 to 2^32-1) of the split, init and batch order.")
-    ] = 0,
+    ] = TrainConfig.seed,
     max_frames: Annotated[
         int,
         typer.Option(
             "--max-frames", help="Sample longer sequences uniformly to this many steps (0: all)."
         ),
-    ] = 0,
+    ] = TrainConfig.max_frames,
     threshold: Annotated[
         float, typer.Option("--threshold", help="Multilabel: a tag is predicted at this score.")
-    ] = 0.5,
-    top_k: Annotated[int, typer.Option("--top-k", help="Classification: k of top-k accuracy.")] = 5,
-    device: Device = "auto",
+    ] = TrainConfig.threshold,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="Classification: k of top-k accuracy.")
+    ] = TrainConfig.top_k,
+    device: Device = TrainConfig.device,
     stream: Annotated[
         bool,
         typer.Option(
             "--stream",
             help="Read features from the shards per batch (sets that do not fit in RAM).",
         ),
-    ] = False,
+    ] = TrainConfig.stream,
     resume: Annotated[
         bool,
         typer.Option(
@@ -140,7 +153,6 @@ def train(
     an interrupted one continues from its last epoch. Other options, labels or features into
     the same --out are refused (exit 2) unless --overwrite, which starts the run again.
     """
-    from pipeline.train import TrainConfig
     from pipeline.train import train as train_run
 
     cfg = TrainConfig(
@@ -193,14 +205,14 @@ def evaluate(
             "-o", "--out", help="Also write the metrics JSON to this file.", show_default=False
         ),
     ] = None,
-    checkpoint: Checkpoint = "best",
+    checkpoint: Checkpoint = DEFAULT_CHECKPOINT,
     split: Annotated[
         str,
         typer.Option(
             "--split", help="all labelled clips, or only the run's train, val or test split."
         ),
     ] = "all",
-    device: Device = "auto",
+    device: Device = TrainConfig.device,
 ) -> None:
     """Metrics of a trained run on labelled clips, as JSON on stdout."""
     from pipeline.errors import UsageError
@@ -231,14 +243,14 @@ def predict(
         Path,
         typer.Option("-o", "--out", help="Predictions file (JSON lines).", show_default=False),
     ],
-    checkpoint: Checkpoint = "best",
+    checkpoint: Checkpoint = DEFAULT_CHECKPOINT,
     threshold: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(
             "--threshold", help="Multilabel tag threshold (default: the run's).", show_default=False
         ),
     ] = None,
-    device: Device = "auto",
+    device: Device = TrainConfig.device,
     quiet: Quiet = False,
 ) -> None:
     """Predict every clip of a feature folder, plus the mean per source video, as JSON lines."""

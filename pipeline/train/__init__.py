@@ -1,17 +1,42 @@
 """Train sequence models on cached feature shards, never decoding video again.
 
-``data`` joins a labels CSV to the clips of a feature folder, splits them by source video and
-pads batches; ``model`` holds the two models (``lstm``: LRCN, ``attention``: per-modality LSTM
-with attention pooling) and how their outputs are read; ``metrics`` the per-task figures;
-``loop`` the one training loop; ``runs`` the run folder (checkpoints, metrics.jsonl,
-curves.png); ``predict`` evaluation and prediction from a run; ``synthetic`` feature sets with
-known answers for tests and demos.
+``config`` holds the plain values (``TrainConfig``: the options; ``ModelSpec``: what a checkpoint
+says the model is); ``labels`` joins a labels CSV to the clips of a feature folder and splits
+them by source video; ``data`` holds the clips' sequences and pads batches; ``inputs`` checks all
+of that before a file is written; ``model`` holds the two models (``lstm``: LRCN,
+``attention``: per-modality LSTM with attention pooling) and how their outputs are read;
+``loop`` the one training loop; ``evaluation`` and ``metrics`` the per-task figures and the run's
+summary; ``runs`` the run folder (checkpoints, resume checks, metrics.jsonl, curves.png);
+``predict`` evaluation and prediction from a run; ``synthetic`` feature sets with known answers
+for tests and demos.
 """
 
-from pipeline.train.config import TrainConfig
-from pipeline.train.inputs import prepare
-from pipeline.train.loop import train
-from pipeline.train.predict import evaluate_run, predict_run
-from pipeline.train.runs import load_run
+from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.inputs import prepare
+    from pipeline.train.loop import train
+    from pipeline.train.predict import evaluate_run, predict_run
+    from pipeline.train.runs import load_run
+
+# The CLI reads TrainConfig's defaults while `vpipe --help` is built, and that must not load
+# torch (3 s): so this package imports what it offers on first use, not when it is imported.
+_HOME = {
+    "TrainConfig": "pipeline.train.config",
+    "prepare": "pipeline.train.inputs",
+    "train": "pipeline.train.loop",
+    "evaluate_run": "pipeline.train.predict",
+    "predict_run": "pipeline.train.predict",
+    "load_run": "pipeline.train.runs",
+}
 __all__ = ["TrainConfig", "evaluate_run", "load_run", "predict_run", "prepare", "train"]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_HOME[name]), name)

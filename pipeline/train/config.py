@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 TASKS = ("regression", "classification", "multilabel")
 MODELS = ("lstm", "attention")
 POOLS = ("last", "mean")  # the lstm model's head; the attention model pools by attention
-CHECKPOINTS = ("best", "last")  # what evaluate and predict may use; the first is the default
+CHECKPOINTS = ("best", "last")  # the checkpoints of a run that evaluate and predict may use
+DEFAULT_CHECKPOINT = "best"
 
 
 @dataclass

@@ -15,16 +15,14 @@ from pipeline.device import check_device_name
 from pipeline.errors import UsageError
 from pipeline.shards import MODALITIES, FeatureStore, open_features
 from pipeline.train.config import MODELS, POOLS, TASKS, ModelSpec, TrainConfig
-from pipeline.train.data import (
-    ClipSequences,
+from pipeline.train.data import ClipSequences, present_modalities, warn_empty_clips
+from pipeline.train.labels import (
     LabelledClips,
     LabelSpace,
     infer_task,
     join_labels,
-    present_modalities,
     read_labels,
     split_by_source,
-    warn_empty_clips,
 )
 
 

@@ -14,17 +14,10 @@ from pipeline.device import pick_device
 from pipeline.errors import UsageError
 from pipeline.files import atomic_write_text, sha256_of
 from pipeline.shards import FeatureStore, open_features
-from pipeline.train.config import ModelSpec
-from pipeline.train.data import (
-    ClipSequences,
-    fits_float32,
-    join_labels,
-    present_modalities,
-    read_labels,
-    split_tags,
-    warn_empty_clips,
-)
+from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
+from pipeline.train.data import ClipSequences, present_modalities, warn_empty_clips
 from pipeline.train.evaluation import evaluate
+from pipeline.train.labels import fits_float32, join_labels, read_labels, split_tags
 from pipeline.train.model import run_model
 from pipeline.train.runs import load_run
 
@@ -136,9 +129,9 @@ def evaluate_run(
     features: str | Path,
     labels_csv: str | Path,
     *,
-    checkpoint: str = "best",
+    checkpoint: str = DEFAULT_CHECKPOINT,
     split: str | None = None,
-    device: str = "auto",
+    device: str = TrainConfig.device,
 ) -> dict:
     """Metrics of a run on the labelled clips of ``features`` (or on one split of the run)."""
     prog = "vpipe evaluate"
@@ -201,9 +194,9 @@ def predict_run(
     features: str | Path,
     out_path: str | Path,
     *,
-    checkpoint: str = "best",
+    checkpoint: str = DEFAULT_CHECKPOINT,
     threshold: float | None = None,
-    device: str = "auto",
+    device: str = TrainConfig.device,
 ) -> dict:
     """Write one JSON line per clip, then one per source video (mean over its clips)."""
     prog = "vpipe predict"

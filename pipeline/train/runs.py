@@ -23,7 +23,7 @@ from pipeline import records
 from pipeline.errors import ParamsChanged, UsageError
 from pipeline.files import atomic_path, atomic_write_text, clean_temp_files, sha256_of
 from pipeline.records import now_iso, read_run_info
-from pipeline.train.config import ModelSpec, TrainConfig
+from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
 from pipeline.train.metrics import MAIN_METRIC
 from pipeline.train.model import SequenceModel, build_model
 
@@ -215,7 +215,9 @@ def open_run_folder(
     return torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
 
 
-def load_run(run: str | Path, checkpoint: str = "best") -> tuple[SequenceModel, ModelSpec]:
+def load_run(
+    run: str | Path, checkpoint: str = DEFAULT_CHECKPOINT
+) -> tuple[SequenceModel, ModelSpec]:
     """The model of ``RUN/best.pt`` (or ``last``) with its weights, and its spec."""
     path = Path(run) / f"{checkpoint}.pt"
     if not path.exists():

@@ -1,0 +1,292 @@
+"""Labels for the trainer: a labels CSV joined to the clips of a feature folder, and split.
+
+A labels CSV (``id,label`` and optionally ``split``) is joined to the clips of a feature folder:
+an id is a clip id or a source id whose clips inherit the label. The label space checks the
+labels against the task and encodes them as targets. Clips are split by source, so the subclips
+of one video never sit on both sides.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UsageError
+from pipeline.ids import sanitize_id
+from pipeline.shards import FeatureStore
+
+SPLITS = ("train", "val", "test")
+_TAG_SEP = re.compile(r"[|,]")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def fits_float32(y: float) -> bool:
+    """A regression target the model can hold: finite, and still finite as float32."""
+    return math.isfinite(y) and abs(y) <= FLOAT32_MAX
+
+
+# --------------------------------------------------------------------------- labels CSV
+
+
+@dataclass
+class LabelRow:
+    id: str
+    label: str
+    split: str | None
+    line: int
+
+
+def read_labels(path: str | Path) -> dict[str, LabelRow]:
+    """Read ``id,label[,split]`` rows; a bad file raises UsageError naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such labels file")
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        # Header names are matched case-blind: spreadsheets write "ID,Label" as often as "id,label".
+        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+        missing = [c for c in ("id", "label") if c not in cols]
+        if missing:
+            raise UsageError(
+                f"{path}: labels CSV needs the columns id,label (missing {','.join(missing)}; "
+                f"found: {','.join(cols) or 'nothing'})"
+            )
+        reader.fieldnames = cols
+        rows: dict[str, LabelRow] = {}
+        for n, rec in enumerate(reader, start=2):
+            cid = (rec.get("id") or "").strip()
+            if not cid:
+                raise UsageError(f"{path}:{n}: empty id")
+            label = (rec.get("label") or "").strip()
+            split = (rec.get("split") or "").strip().lower() or None
+            if split is not None and split not in SPLITS:
+                raise UsageError(f"{path}:{n}: split {split!r} is not one of train, val, test")
+            if cid in rows and rows[cid].label != label:
+                raise UsageError(
+                    f"{path}:{n}: id {cid!r} has two labels ({rows[cid].label!r} on line "
+                    f"{rows[cid].line}, {label!r} here)"
+                )
+            rows[cid] = LabelRow(cid, label, split, n)
+    if not rows:
+        raise UsageError(f"{path}: no label rows")
+    return rows
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def infer_task(labels: Sequence[str]) -> tuple[str, str]:
+    """Guess the task from the label values; returns (task, the reason, said to the user)."""
+    values = [v for v in labels if v]
+    if values and all(_is_number(v) for v in values):
+        return "regression", "every label is a number (use --task classification for class numbers)"
+    if any(_TAG_SEP.search(v) for v in values):
+        return "multilabel", "some labels hold several names separated by '|' or ','"
+    return "classification", "one name per label"
+
+
+def split_tags(label: str) -> list[str]:
+    return sorted({t.strip() for t in _TAG_SEP.split(label) if t.strip()})
+
+
+@dataclass
+class LabelSpace:
+    """The task and its vocabulary: encodes a label string into the model's target."""
+
+    task: str
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def n_outputs(self) -> int:
+        return 1 if self.task == "regression" else len(self.classes)
+
+    def encode(self, label: str) -> np.ndarray:
+        if self.task == "regression":
+            return np.array(float(label), np.float32)
+        if self.task == "classification":
+            return np.array(self.classes.index(label), np.int64)
+        y = np.zeros(len(self.classes), np.float32)
+        for t in split_tags(label):
+            y[self.classes.index(t)] = 1.0
+        return y
+
+    @classmethod
+    def build(cls, task: str, labels: dict[str, str]) -> LabelSpace:
+        """Check the labels for ``task`` (numbers, NaN, one class) and collect the vocabulary."""
+        where = ", ".join(list(labels)[:3])
+        if task == "regression":
+            bad = [i for i, v in labels.items() if not _is_number(v)]
+            if bad:
+                raise UsageError(
+                    f"regression needs numeric labels: {len(bad)} are not "
+                    f"(e.g. {bad[0]}={labels[bad[0]]!r})"
+                )
+            nan = [i for i, v in labels.items() if not math.isfinite(float(v))]
+            if nan:
+                raise UsageError(
+                    f"{len(nan)} regression targets are NaN or infinite (e.g. {', '.join(nan[:3])})"
+                )
+            # Targets are float32: a finite 1e39 became inf there and every loss NaN.
+            big = [i for i, v in labels.items() if not fits_float32(float(v))]
+            if big:
+                raise UsageError(
+                    f"{len(big)} regression targets are beyond the float32 range "
+                    f"(±{FLOAT32_MAX:.3g}; e.g. {big[0]}={labels[big[0]]!r}); rescale the labels"
+                )
+            if len({float(v) for v in labels.values()}) < 2:
+                raise UsageError(f"every regression target is the same value ({where} …)")
+            return cls(task)
+        if task == "classification":
+            empty = [i for i, v in labels.items() if not v]
+            if empty:
+                raise UsageError(
+                    f"{len(empty)} labels are empty (e.g. {', '.join(empty[:3])}); "
+                    "use --task multilabel for clips without tags"
+                )
+            classes = sorted(set(labels.values()))
+        else:
+            classes = sorted({t for v in labels.values() for t in split_tags(v)})
+        if len(classes) < 2:
+            raise UsageError(
+                f"{task} needs at least two classes; the labelled clips only have "
+                f"{classes[0] if classes else 'none'!r}"
+            )
+        return cls(task, classes)
+
+
+# --------------------------------------------------------------------------- joining to clips
+
+
+@dataclass
+class LabelledClips:
+    """Clip id → label string (and CSV split), with what did not match reported."""
+
+    labels: dict[str, str]
+    splits: dict[str, str | None]
+    unlabeled: list[str]
+    unknown: list[str]
+    ambiguous: list[str] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)  # label id as written → id matched
+
+    def report(self, n_clips: int, prefix: str = "vpipe train") -> None:
+        """One stderr line each for clips without a label and labels without clips."""
+        if self.unlabeled:
+            print(
+                f"{prefix}: {len(self.unlabeled)} of {n_clips} clips have no label, left out "
+                f"(e.g. {', '.join(self.unlabeled[:3])})",
+                file=sys.stderr,
+            )
+        if self.unknown:
+            print(
+                f"{prefix}: {len(self.unknown)} label ids match no clip or source "
+                f"(e.g. {', '.join(self.unknown[:3])})",
+                file=sys.stderr,
+            )
+        if self.renamed:
+            eg = ", ".join(f"{a!r} as {b}" for a, b in list(self.renamed.items())[:3])
+            print(
+                f"{prefix}: {len(self.renamed)} label ids matched once written as vpipe writes "
+                f"ids from file names (e.g. {eg})",
+                file=sys.stderr,
+            )
+        if self.ambiguous:
+            print(
+                f"{prefix}: warning: {len(self.ambiguous)} label ids are both a clip id and "
+                f"the id of another source (e.g. {', '.join(self.ambiguous[:3])}): the label "
+                "goes to that clip and to the clips of that source",
+                file=sys.stderr,
+            )
+
+
+def join_labels(store: FeatureStore, rows: dict[str, LabelRow]) -> LabelledClips:
+    """Give each clip its own label, else its source's; list the leftovers on both sides."""
+    labels: dict[str, str] = {}
+    splits: dict[str, str | None] = {}
+    unlabeled = []
+    source_of = {cid: store.info(cid)["source"] for cid in store.clip_ids}
+    clip_set, sources = set(source_of), set(source_of.values())
+    known = clip_set | sources
+    # Source ids are file stems made safe ("my trailer.mp4" -> my-trailer): a label written
+    # with the stem as it was matches through the same rule when it matches nothing as is.
+    renamed = {}
+    for i in rows:
+        alias = sanitize_id(i)
+        if i not in known and alias != i and alias in known and alias not in rows:
+            renamed[i] = alias
+    rows = {renamed.get(i, i): r for i, r in rows.items()}
+    for cid, src in source_of.items():
+        row = rows.get(cid) or rows.get(src)  # a clip's own label beats its video's
+        if row is None:
+            unlabeled.append(cid)
+            continue
+        labels[cid] = row.label
+        splits[cid] = row.split
+    unknown = [i for i in rows if i not in known]
+    # Source "x" has clip "x_0"; a video x_0.mp4 has source id "x_0": one id, two meanings.
+    ambiguous = [i for i in rows if i in clip_set and i in sources]
+    if not labels:
+        raise UsageError(
+            f"no label id matches a clip or source id in {store.folder} "
+            f"(labels e.g. {', '.join(list(rows)[:3])}; clips e.g. "
+            f"{', '.join(store.clip_ids[:3]) or 'none'})"
+        )
+    return LabelledClips(labels, splits, unlabeled, unknown, ambiguous, renamed)
+
+
+def split_by_source(
+    clip_sources: dict[str, str],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    fixed: dict[str, str | None] | None = None,
+) -> dict[str, str]:
+    """Clip id → train|val|test; whole sources go to one side (or the CSV's ``split`` column)."""
+    if fixed and any(v is not None for v in fixed.values()):
+        missing = [c for c, v in fixed.items() if v is None]
+        if missing:
+            raise UsageError(
+                f"the labels CSV has a split column but {len(missing)} labelled clips have "
+                f"no split (e.g. {', '.join(missing[:3])})"
+            )
+        sides: dict[str, set] = {}
+        for c, src in clip_sources.items():
+            sides.setdefault(src, set()).add(fixed[c])
+        mixed = sorted(src for src, v in sides.items() if len(v) > 1)
+        if mixed:  # the user's choice, but subclips of one video on two sides inflate scores
+            print(
+                f"vpipe train: warning: the split column puts clips of {len(mixed)} source "
+                f"videos on two sides (e.g. {', '.join(mixed[:3])})",
+                file=sys.stderr,
+            )
+        return {c: str(fixed[c]) for c in clip_sources}
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UsageError("--val-fraction and --test-fraction must be in [0, 1) and sum below 1")
+    sources = sorted(set(clip_sources.values()))
+    random.Random(seed).shuffle(sources)
+    n = len(sources)
+
+    def count(frac: float) -> int:
+        return max(1, round(n * frac)) if frac > 0 else 0
+
+    n_val, n_test = count(val_fraction), count(test_fraction)
+    if n - n_val - n_test < 1:
+        raise UsageError(
+            f"{n} source videos are too few for --val-fraction {val_fraction} and "
+            f"--test-fraction {test_fraction} (each split needs one whole video)"
+        )
+    side = {s: "val" for s in sources[:n_val]}
+    side.update({s: "test" for s in sources[n_val : n_val + n_test]})
+    return {c: side.get(s, "train") for c, s in clip_sources.items()}
