@@ -1,31 +1,18 @@
-"""Workflows: a TOML file that lists stages and their options, run in order as ``vpipe`` commands.
-
-A workflow is data. :func:`load_workflow` reads it, :func:`plan` checks every stage and option
-against the CLI's own commands (so a typo is reported with its line before anything runs) and
-turns each stage into the argument list of the equivalent ``vpipe`` command, wired so that each
-stage reads the output folder of the one before. :func:`run_plan` runs those argument lists
-through a caller-given function (the CLI passes its own entry point), so a workflow and the
-commands a user types cannot drift apart. Relative paths are taken from the current directory,
-exactly as the printed commands would take them.
-"""
+"""Reading a workflow file and planning it: every stage and option checked against the CLI's own
+commands, each stage turned into the argument list of its ``vpipe`` command."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shlex
-import shutil
-import sys
-import time
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UsageError
-from pipeline.records import read_run_info
 
 
 @dataclass(frozen=True)
@@ -365,164 +352,3 @@ def _key_of(stage: Stage, param: Any) -> str | None:
         if flag in param.opts or flag in param.secondary_opts:
             return key
     return None
-
-
-# --------------------------------------------------------------------------- running
-
-
-@dataclass
-class StepResult:
-    name: str
-    status: str  # "ok", "up to date", "some items failed", "stopped", "not run"
-    exit_code: int
-    seconds: float
-    out: Path | None
-
-
-def _output_args(args: Sequence[str]) -> list[str]:
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a in RUN_ONLY_FLAGS:
-            skip = a == "--workers"
-        elif not a.startswith("--workers="):
-            out.append(a)
-    return out
-
-
-def up_to_date(step: Step) -> bool:
-    """True when the step's output folder says it finished this same command with no failure."""
-    if step.out is None or not step.out.is_dir():
-        return False
-    try:
-        info = read_run_info(step.out)
-    except (OSError, json.JSONDecodeError):
-        return False
-    if not info or not info.get("ended") or info.get("stage") != step.name:
-        return False
-    if (info.get("counts") or {}).get("failed", 1) != 0:
-        return False
-    return _output_args(info.get("command", [])[1:]) == _output_args(step.args)
-
-
-def _changed(step: Step) -> bool:
-    """Did the step write anything new (so the stages after it must run again)?"""
-    info = read_run_info(step.out) if step.out is not None and step.out.is_dir() else None
-    counts = (info or {}).get("counts")
-    return counts is None or counts.get("done", 1) > 0
-
-
-def _run_info(step: Step) -> dict:
-    info = read_run_info(step.out) if step.out is not None and step.out.is_dir() else None
-    return info or {}
-
-
-def _redone(step: Step, args: list[str], before: dict) -> bool:
-    """Did the step redo its items rather than add to them (other options, or new defaults,
-    under ``--overwrite``)? Then what the stages after it made from them is stale."""
-    old = before.get("command")
-    if "--overwrite" in args and old and _output_args(old[1:]) != _output_args(args):
-        return True
-    counts, after = before.get("counts") or {}, _run_info(step).get("counts") or {}
-    had = counts.get("done", 0) + counts.get("already_done", 0)
-    return had > 0 and after.get("already_done", 0) == 0 and after.get("done", 0) > 0
-
-
-def _is_item_stage(step: Step) -> bool:
-    """A stage of many items writing an output folder (not train, not predict's file)."""
-    spec = STAGES.get(step.name)
-    return spec is not None and not spec.whole and step.out is not None
-
-
-def _made_no_output(step: Step) -> bool:
-    """An item stage that exited without writing its record: nothing for the next stages."""
-    return _is_item_stage(step) and not (step.out / "vpipe.json").is_file()
-
-
-def _is_item_stage_folder(step: Step) -> bool:
-    return _is_item_stage(step) and (step.out / "vpipe.json").is_file()
-
-
-def _args_for(step: Step, first: bool, upstream_changed: bool) -> list[str] | None:
-    """The arguments to run ``step`` with now, or ``None`` when it is up to date.
-
-    A one-unit stage (train) given the same command continues an interrupted run or reports
-    a finished one itself, and refuses other options; it gets ``--overwrite`` only when an
-    earlier stage changed its input, or under ``vpipe run --overwrite`` with other options.
-    """
-    # The first step always runs: its inputs lie outside the workflow and may have grown.
-    if not first and not upstream_changed and up_to_date(step):
-        return None
-    spec = STAGES.get(step.name)
-    if spec is None or not spec.whole or step.out is None:
-        return list(step.args)
-    base = [a for a in step.args if a != "--overwrite"]
-    if not (step.out.is_dir() and any(step.out.iterdir())):
-        return base
-    same = _output_args(_run_info(step).get("command", [])[1:]) == _output_args(base)
-    redo = upstream_changed or ("--overwrite" in step.args and not same)
-    return [*base, "--overwrite"] if redo else base
-
-
-def run_plan(
-    steps: Sequence[Step],
-    call: Callable[[list[str]], int],
-    *,
-    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-) -> tuple[int, list[StepResult]]:
-    """Run the steps in order through ``call(args) -> exit code``; returns the run's exit code.
-
-    A stage that exits 2 stops the run; one that exits 1 (some items failed) lets the next
-    stages work on the items that succeeded, and the run then exits 1. A stage already
-    finished with the same command is reported "up to date" unless an earlier one changed.
-    """
-    results: list[StepResult] = []
-    code = 0
-    upstream_changed = upstream_redone = False
-    for n, step in enumerate(steps, start=1):
-        head = f"vpipe run [{n}/{len(steps)}] {step.name}"
-        args = _args_for(step, n == 1, upstream_changed)
-        if args is None:
-            log(f"{head}: up to date ({step.out})")
-            results.append(StepResult(step.name, "up to date", 0, 0.0, step.out))
-            continue
-        if upstream_redone and _is_item_stage_folder(step):
-            # Its finished items were made from outputs that are gone: resuming would keep them.
-            log(f"{head}: removing {step.out} (made from the previous outputs of earlier stages)")
-            shutil.rmtree(step.out)
-        before = _run_info(step)
-        log(f"{head}: {shlex.join(['vpipe', *args])}")
-        t0 = time.time()
-        saved = sys.argv
-        sys.argv = ["vpipe", *args]  # what the stage records as its command in vpipe.json
-        try:
-            rc = call(args)
-        finally:
-            sys.argv = saved
-        seconds = time.time() - t0
-        # Only what this stage wrote matters to the next: a stage remade from a deleted folder
-        # whose successor then found nothing new (done 0) leaves the stages after it up to date.
-        upstream_changed = _changed(step)
-        upstream_redone = upstream_redone or (rc in (0, 1) and _redone(step, args, before))
-        # Exit 1 with no record written (e.g. weights missing offline): failed as a whole.
-        made_nothing = rc == 1 and _made_no_output(step)
-        status = "failed" if made_nothing else {0: "ok", 1: "some items failed"}.get(rc, "stopped")
-        results.append(StepResult(step.name, status, rc, seconds, step.out))
-        if rc not in (0, 1) or made_nothing:
-            code = rc
-            for later in steps[n:]:
-                results.append(StepResult(later.name, "not run", 0, 0.0, later.out))
-            break
-        code = max(code, rc)
-    return code, results
-
-
-def summary_lines(name: str, results: Sequence[StepResult], code: int, seconds: float) -> list[str]:
-    """A short table of what each stage did and where its output is."""
-    lines = [f"vpipe run {name}: exit {code} in {seconds:.1f}s"]
-    width = max((len(r.name) for r in results), default=5)
-    for r in results:
-        out = str(r.out) if r.out is not None else "-"
-        lines.append(f"  {r.name:<{width}}  {r.status:<17} {r.seconds:7.1f}s  {out}")
-    return lines
