@@ -449,6 +449,27 @@ def test_predict_on_features_without_audio_warns_and_runs(sets, tmp_path, capsys
 # --------------------------------------------------------------------------- the CLI
 
 
+def test_the_train_options_can_be_read_without_loading_torch():
+    # `vpipe --help` builds the train options from TrainConfig; torch takes seconds to import.
+    code = "import sys, pipeline.train; pipeline.train.TrainConfig; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == "False\n"
+
+
+def test_the_commands_default_to_train_configs_values():
+    import typer.main
+
+    from pipeline.cli.app import app
+
+    commands = typer.main.get_command(app).commands
+    train_defaults = {p.name: p.default for p in commands["train"].params}
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert {k: train_defaults[k] for k in fields} == dataclasses.asdict(TrainConfig())
+    for name in ("evaluate", "predict"):
+        defaults = {p.name: p.default for p in commands[name].params}
+        assert (defaults["device"], defaults["checkpoint"]) == (TrainConfig.device, "best")
+
+
 def test_cli_train_evaluate_predict(sets, tmp_path, capsys):
     folder, csv_path, _ = sets["classification"]
     run = tmp_path / "run"
