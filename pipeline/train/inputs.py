@@ -79,15 +79,21 @@ def check_config(cfg: TrainConfig) -> None:
     check_device_name(cfg.device)
 
 
-def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = False) -> Prepared:
-    """Read and check shards and labels, split by source, load the features (no file written)."""
-    check_config(cfg)
+def open_store(features: str | Path) -> FeatureStore:
+    """The feature folder as a store; a missing or empty one is a usage error."""
     try:
         store = open_features(features)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     if len(store) == 0:
         raise UsageError(f"{features}: no clips in this feature folder (no complete shards)")
+    return store
+
+
+def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = False) -> Prepared:
+    """Read and check shards and labels, split by source, load the features (no file written)."""
+    check_config(cfg)
+    store = open_store(features)
     rows = read_labels(labels_csv)
     joined = join_labels(store, rows)
     if not quiet:

@@ -13,10 +13,11 @@ import numpy as np
 from pipeline.device import pick_device
 from pipeline.errors import UsageError
 from pipeline.files import atomic_write_text, sha256_of
-from pipeline.shards import FeatureStore, open_features
+from pipeline.shards import FeatureStore
 from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
 from pipeline.train.data import ClipSequences, present_modalities, warn_empty_clips
 from pipeline.train.evaluation import evaluate
+from pipeline.train.inputs import open_store
 from pipeline.train.labels import fits_float32, join_labels, read_labels, split_tags
 from pipeline.train.model import run_model
 from pipeline.train.runs import load_run
@@ -37,12 +38,7 @@ FEATURE_IDENTITY = (
 
 def open_checked(features: str | Path, spec: ModelSpec, prog: str) -> FeatureStore:
     """Open a feature folder and check it against what the run was trained on."""
-    try:
-        store = open_features(features)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
-    if len(store) == 0:
-        raise UsageError(f"{features}: no clips in this feature folder")
+    store = open_store(features)
     present = present_modalities(store)
     for m, dim in spec.dims.items():
         if m not in present:
