@@ -13,9 +13,9 @@ import torchvision
 from PIL import Image
 
 from pipeline import device
+from pipeline.errors import UsageError, WeightsUnavailable
 from pipeline.features import encoders, weights
 from pipeline.files import sha256_of
-from pipeline.errors import UsageError, WeightsUnavailable
 
 
 @pytest.fixture()

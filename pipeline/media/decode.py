@@ -1,0 +1,290 @@
+"""One decoding pass over a clip: the frames a FrameSampler keeps, scaled, as RGB arrays, and its
+audio resampled to mono PCM, exactly in time."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import MediaError, UsageError
+from pipeline.media.probe import (
+    UNINDEXED_FORMATS,
+    av_reason,
+    declared_end,
+    demux_video,
+    open_container,
+    quarter_turns,
+    video_stream,
+)
+
+
+def scaled_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    """(w, h) with the short side set to ``short_side`` and the aspect ratio kept."""
+    if not short_side:
+        return width, height
+    if width <= height:
+        return short_side, max(1, round(height * short_side / width))
+    return max(1, round(width * short_side / height)), short_side
+
+
+@dataclass(frozen=True)
+class FrameSampler:
+    """Which decoded frames to keep: by time (``fps``) or by count (``every``); ``size`` is
+    the short side of the output (None or 0 = original)."""
+
+    fps: float | None = None
+    every: int | None = None
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.fps is None) == (self.every is None):
+            raise UsageError("choose one way to sample frames: fps or every")
+        if self.fps is not None and not self.fps > 0:
+            raise UsageError(f"--fps must be > 0 (got {self.fps})")
+        if self.every is not None and self.every < 1:
+            raise UsageError(f"--every must be >= 1 (got {self.every})")
+
+
+def iter_frames(
+    path: str | os.PathLike,
+    *,
+    fps: float | None = None,
+    every: int | None = None,
+    size: int | None = None,
+) -> Iterator[tuple[float, np.ndarray]]:
+    """Decode once and yield ``(seconds from clip start, RGB uint8 HxWx3)`` for sampled frames.
+
+    ``fps``: the frame on screen at each t = k/fps (timestamp k/fps); ``every``: frames 0, N,
+    2N… (timestamp = their pts). ``size``: short side of the output (None/0 = original).
+    """
+    sampler = FrameSampler(fps=fps, every=every, size=size)
+    for kind, t, data in decode(path, sampler=sampler):
+        if kind == "frame":
+            yield t, data
+
+
+def decode(
+    path: str | os.PathLike,
+    *,
+    sampler: FrameSampler | None,
+    audio_rate_hz: int | None = None,
+) -> Iterator[tuple[str, float, np.ndarray]]:
+    """One demux/decode pass over a clip yielding ``("frame", t, rgb)`` for sampled frames and
+    ``("audio", t, int16 mono samples)`` chunks resampled to ``audio_rate_hz``.
+
+    Times are seconds from the first video frame (the clip start); the audio is aligned to it
+    (padded or cut at the start, cut to the stream's declared length at the end). Frames that
+    the sampler drops are never converted or scaled, and when the frames to keep are known
+    from a demux pass, the non-reference ones among the others are not even decoded.
+    """
+    import av
+
+    path = Path(path)
+    c = open_container(path)
+    try:
+        v = video_stream(c, path)
+        a = c.streams.audio[0] if (audio_rate_hz and c.streams.audio) else None
+        streams = ([v] if sampler is not None else []) + ([a] if a is not None else [])
+        if not streams:
+            return
+        v.thread_type = "AUTO"  # frame threads: decoding is the cost here
+        origin = float(v.start_time * v.time_base) if v.start_time is not None else 0.0
+        frames = _FramePicker(sampler, origin, v) if sampler is not None else None
+        audio = _AudioAligner(a, audio_rate_hz, origin) if a is not None else None
+        plan = _plan_samples(path, sampler, origin) if sampler is not None else None
+        if plan is not None:
+            frames.plan = plan
+        ctx = v.codec_context
+        try:
+            for packet in c.demux(*streams):
+                if plan is not None and packet.stream is v and packet.pts is not None:
+                    # Frames no reference depends on are not even decoded unless sampled.
+                    ctx.skip_frame = "DEFAULT" if packet.pts in plan else "NONREF"
+                for frame in packet.decode():
+                    if packet.stream is v:
+                        yield from frames.push(frame)
+                    else:
+                        yield from audio.push(frame)
+            if frames is not None:
+                yield from frames.flush()
+                frames.check_complete(path, c)
+            if audio is not None:
+                yield from audio.flush()
+                if frames is None:
+                    _check_complete(path, c, audio.n / audio.rate + origin, a)
+        except av.error.FFmpegError as e:
+            raise MediaError(f"{path}: decoding failed ({av_reason(e)})") from None
+    finally:
+        c.close()
+
+
+def _plan_samples(path: Path, s: FrameSampler, origin: float) -> dict[int, list[float]] | None:
+    """Which frames (by pts) the sampler keeps, and their timestamps, from a demux pass.
+
+    Knowing them before decoding lets the decoder skip the other non-reference frames. Same
+    rules as the streaming picker; None (no plan: decode all) when pts are missing or repeated.
+    """
+    d = demux_video(path)
+    if d is None:
+        return None
+    pts, _, last_dur, tb = d
+    times = pts.astype(np.float64) * tb - origin
+    if s.every is not None:
+        return {int(p): [round(float(t), 6)] for p, t in zip(pts[:: s.every],
+                                                             times[:: s.every], strict=True)}
+    frame_s = float(np.median(np.diff(times))) if len(times) > 1 else last_dur or 0.04
+    tol = 1e-6 + 1e-3 * frame_s
+    end = times[-1] + 0.75 * (last_dur or frame_s)
+    plan: dict[int, list[float]] = {}
+    k = 0
+    while k / s.fps < end:
+        j = max(0, int(np.searchsorted(times, k / s.fps + tol, side="right")) - 1)
+        plan.setdefault(int(pts[j]), []).append(round(k / s.fps, 6))
+        k += 1
+    return plan
+
+
+class _FramePicker:
+    """Applies a FrameSampler to decoded frames in order (keeps one frame back for --fps)."""
+
+    def __init__(self, sampler: FrameSampler, origin: float, stream) -> None:
+        self.s = sampler
+        self.origin = origin
+        self.stream = stream
+        self.index = 0  # decoded frames so far
+        self.k = 0  # next tick for --fps
+        self.prev = None  # (t, frame) the last frame seen, on screen until the next one
+        rate = stream.average_rate or stream.guessed_rate
+        self.frame_s = 1.0 / float(rate) if rate else 0.04
+        self.last_t = -self.frame_s  # so a stream without pts starts at t = 0
+        self.plan: dict[int, list[float]] | None = None  # pts -> timestamps, when planned
+
+    def _rgb(self, frame) -> np.ndarray:
+        w, h = scaled_size(frame.width, frame.height, self.s.size)
+        if (w, h) == (frame.width, frame.height):
+            rgb = frame.to_ndarray(format="rgb24")
+        else:
+            rgb = frame.reformat(w, h, "rgb24", interpolation="AREA").to_ndarray()
+        # Output frames upright, as players show them. The short side is the same before
+        # and after, so scaling first is fine.
+        turns = quarter_turns(frame)
+        return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+    def _time(self, frame) -> float:
+        t = frame.time
+        # A frame without pts (rare raw streams) continues the previous one's clock.
+        return self.last_t + self.frame_s if t is None else float(t) - self.origin
+
+    def push(self, frame) -> Iterator[tuple[str, float, np.ndarray]]:
+        t = self._time(frame)
+        self.last_t = t
+        i = self.index
+        self.index += 1
+        if self.plan is not None:
+            ticks = self.plan.pop(frame.pts, ())
+            if ticks:
+                rgb = self._rgb(frame)
+                for n, tick in enumerate(ticks):  # a frame on screen at several ticks
+                    yield "frame", tick, rgb if n == 0 else rgb.copy()
+            return
+        if self.s.every is not None:
+            if i % self.s.every == 0:
+                yield "frame", round(t, 6), self._rgb(frame)
+            return
+        # The frame on screen at tick time k/fps is the last one whose pts <= k/fps; a tiny
+        # tolerance absorbs pts rounding in coarse time bases.
+        tol = 1e-6 + 1e-3 * self.frame_s
+        if self.prev is not None:
+            yield from self._emit_until(t - tol)
+        self.prev = (t, frame)
+
+    def _emit_until(self, limit: float) -> Iterator[tuple[str, float, np.ndarray]]:
+        """Emit ticks k/fps < limit with the previous frame (converted once, reused)."""
+        rgb = None
+        while self.k / self.s.fps < limit:
+            rgb = self._rgb(self.prev[1]) if rgb is None else rgb.copy()
+            yield "frame", round(self.k / self.s.fps, 6), rgb
+            self.k += 1
+
+    def flush(self) -> Iterator[tuple[str, float, np.ndarray]]:
+        if self.plan is None and self.s.fps is not None and self.prev is not None:
+            dur = self.prev[1].duration
+            tb = self.prev[1].time_base
+            frame_s = float(dur * tb) if dur and tb else self.frame_s
+            # A tick in the last quarter of the last frame is the clip's end, not a frame.
+            yield from self._emit_until(self.prev[0] + 0.75 * frame_s)
+
+    def check_complete(self, path: Path, container) -> None:
+        if self.index == 0:
+            raise MediaError(f"{path}: no decodable video frames")
+        _check_complete(
+            path, container, self.last_t + self.origin + self.frame_s, self.stream
+        )
+
+
+
+def _check_complete(path: Path, container, end_s: float, stream=None) -> None:
+    """A stream whose data stops well before its declared duration was cut short."""
+    declared = declared_end(container, stream)
+    start = container.start_time / 1e6 if container.start_time else 0.0
+    seen = end_s - start
+    if declared > 0 and seen < declared - max(1.0, 0.05 * declared):
+        raise MediaError(
+            f"{path}: truncated (media data ends at {seen:.2f}s of the {declared:.2f}s declared)"
+        )
+
+
+class _AudioAligner:
+    """Resamples to mono s16 at ``rate`` and aligns sample 0 with the clip start."""
+
+    def __init__(self, stream, rate: int, origin: float) -> None:
+        import av
+
+        self.rate = rate
+        self.origin = origin
+        self.resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+        self.n = 0  # samples emitted
+        self.skip = 0  # samples still to drop at the start (audio began before the video)
+        self.started = False
+        self.limit = None  # declared end of the audio stream, in output samples
+        guessed = stream.container.format.name in UNINDEXED_FORMATS  # no declared length
+        if stream.duration is not None and stream.time_base is not None and not guessed:
+            a0 = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+            end = a0 + float(stream.duration * stream.time_base) - origin
+            self.limit = max(0, round(end * rate))
+
+    def push(self, frame) -> Iterator[tuple[str, float, np.ndarray]]:
+        if not self.started:
+            self.started = True
+            offset = (float(frame.time) - self.origin) if frame.time is not None else 0.0
+            if offset > 0:  # the audio starts after the video: silence until it does
+                yield from self._out(np.zeros(round(offset * self.rate), np.int16))
+            else:
+                self.skip = round(-offset * self.rate)
+        for out in self.resampler.resample(frame):
+            yield from self._out(out.to_ndarray().reshape(-1))
+
+    def flush(self) -> Iterator[tuple[str, float, np.ndarray]]:
+        for out in self.resampler.resample(None):
+            yield from self._out(out.to_ndarray().reshape(-1))
+
+    def _out(self, x: np.ndarray) -> Iterator[tuple[str, float, np.ndarray]]:
+        if self.skip:
+            cut = min(self.skip, len(x))
+            x, self.skip = x[cut:], self.skip - cut
+        if self.limit is not None:
+            x = x[: max(0, self.limit - self.n)]
+        if len(x):
+            t = self.n / self.rate
+            self.n += len(x)
+            yield "audio", t, x.astype(np.int16, copy=False)
+
+
+def snap_down_us(t: float) -> str:
+    """``t`` floored to the microsecond, as ffmpeg's time syntax (ffmpeg parses µs exactly)."""
+    return f"{math.floor(t * 1e6 + 1e-3) / 1e6:.6f}"

@@ -1,0 +1,235 @@
+"""What a file is: a video or not, its streams, duration, size and rotation, and its frame and
+keyframe grids (by demuxing only)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import MediaError, NotAVideo
+
+# Demuxers that open still images or text as a one-frame "video": not videos for vpipe.
+STILL_FORMATS = {"image2", "tty", "apng"}
+# Files a folder scan never treats as candidates (vpipe's own records).
+RECORD_FILES = {"manifest.jsonl", "vpipe.json", "index.jsonl"}
+# Containers without an index or header durations (MPEG transport and program streams: .ts,
+# .m2ts, .mts, .mpg, .vob): seeking lands on any packet, not on a keyframe, and stream durations
+# are guesses from the last packets' times (an audio packet holds many frames: short by ~0.3 s).
+UNINDEXED_FORMATS = {"mpegts", "mpeg"}
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What a probe tells about a video file. Times are seconds from the container start."""
+
+    path: Path
+    container: str
+    duration_s: float
+    fps: float
+    width: int
+    height: int
+    n_frames: int | None
+    video_codec: str
+    has_audio: bool
+    audio_codec: str | None = None
+    audio_sample_rate_hz: int | None = None
+    audio_channels: int | None = None
+    start_s: float = 0.0  # container start time (ffmpeg's -ss and our times count from it)
+    video_end_s: float = 0.0  # declared end of the video stream, from the container start
+
+
+# Leading bytes of video containers: a file that starts like one but does not open is damaged,
+# not "some other kind of file".
+def looks_like_video_container(head: bytes) -> bool:
+    if len(head) >= 12 and head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return True
+    return (
+        head.startswith((b"\x1a\x45\xdf\xa3", b"FLV", b"OggS", b"\x00\x00\x01\xba", b"0&\xb2u"))
+        or (head[:4] == b"RIFF" and head[8:12] in (b"AVI ", b"AVIX"))
+        or (len(head) > 188 and head[0] == 0x47 and head[188] == 0x47)
+    )
+
+
+def open_container(path: Path):
+    """av.open with vpipe's error kinds (empty / damaged container / not a media file)."""
+    import av
+
+    try:
+        if path.stat().st_size == 0:
+            raise MediaError(f"{path}: empty file (0 bytes)")
+        with path.open("rb") as f:
+            head = f.read(200)
+    except OSError as e:
+        raise MediaError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return av.open(str(path), metadata_errors="ignore")
+    except av.error.FFmpegError as e:
+        if looks_like_video_container(head):
+            raise MediaError(
+                f"{path}: truncated or corrupt video file ({av_reason(e)})"
+            ) from None
+        raise NotAVideo(f"{path}: not a video (no media format recognised)") from None
+
+
+def av_reason(e: Exception) -> str:
+    msg = getattr(e, "strerror", None) or str(e)
+    return str(msg).split(":")[0].strip().rstrip(".")
+
+
+def video_stream(container, path: Path):
+    import av
+
+    for s in container.streams.video:
+        if not (s.disposition & av.stream.Disposition.attached_pic):
+            return s
+    raise NotAVideo(f"{path}: not a video (no video stream in this {container.format.name} file)")
+
+
+def probe(path: str | os.PathLike) -> MediaInfo:
+    """Probe a file with PyAV; raise NotAVideo or MediaError (one line naming the file)."""
+    path = Path(path)
+    with open_container(path) as c:
+        fmt = c.format.name
+        if fmt in STILL_FORMATS or fmt.endswith("_pipe"):
+            raise NotAVideo(f"{path}: not a video (a still image or text file: {fmt})")
+        v = video_stream(c, path)
+        cc = v.codec_context
+        rate = v.average_rate or v.guessed_rate or v.base_rate
+        start = c.start_time / 1e6 if c.start_time is not None else 0.0
+        if c.duration is not None:
+            duration = c.duration / 1e6
+        elif v.duration is not None and v.time_base is not None:
+            duration = float(v.duration * v.time_base)
+        else:
+            duration = 0.0
+        a = c.streams.audio[0] if c.streams.audio else None
+        if not cc.width or not cc.height:
+            raise MediaError(f"{path}: video stream without a frame size (corrupt header)")
+        return MediaInfo(
+            path=path,
+            container=fmt,
+            duration_s=duration,
+            fps=float(rate) if rate else 0.0,
+            width=cc.width,
+            height=cc.height,
+            n_frames=v.frames or None,
+            video_codec=cc.name,
+            has_audio=a is not None,
+            audio_codec=a.codec_context.name if a is not None else None,
+            audio_sample_rate_hz=a.codec_context.sample_rate if a is not None else None,
+            audio_channels=a.codec_context.channels if a is not None else None,
+            start_s=start,
+            video_end_s=declared_end(c, v) or duration,
+        )
+
+
+@dataclass(frozen=True)
+class FrameTimes:
+    """Presentation times of every video frame (sorted, seconds from the container start)."""
+
+    times: np.ndarray  # float64
+    keyframe: np.ndarray  # bool, same length: keyframes a stream copy can cut at (closed GOP)
+    end_s: float  # end of the last frame
+
+    @property
+    def keyframe_times(self) -> np.ndarray:
+        return self.times[self.keyframe]
+
+
+def frame_times(path: str | os.PathLike) -> FrameTimes:
+    """Demux (no decoding) the video stream and return every frame's time and keyframe flag."""
+    path = Path(path)
+    d = demux_video(path)
+    if d is None:
+        raise MediaError(f"{path}: no video frames with usable timestamps")
+    pts, key, last_dur, tb = d
+    with open_container(path) as c:
+        start = c.start_time / 1e6 if c.start_time is not None else 0.0
+    t = pts.astype(np.float64) * tb - start
+    if last_dur <= 0:
+        last_dur = float(np.median(np.diff(t))) if len(t) > 1 else 0.0
+    return FrameTimes(times=t, keyframe=key, end_s=float(t[-1] + last_dur))
+
+
+def quarter_turns(frame) -> int:
+    """Quarter turns counter-clockwise a player applies to a decoded frame (0-3): phone videos
+    store portrait frames sideways with a display matrix."""
+    return round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+
+
+def display_rotation(path: str | os.PathLike) -> int:
+    """Degrees (0, 90, 180, 270; counter-clockwise) a player turns the stored frames by.
+    Decodes the first frame."""
+    import av
+
+    path = Path(path)
+    with open_container(path) as c:
+        try:
+            frame = next(c.decode(video=0), None)
+        except av.error.FFmpegError as e:
+            raise MediaError(f"{path}: unreadable video data ({av_reason(e)})") from None
+    return quarter_turns(frame) * 90
+
+
+def upright_size(width: int, height: int, rotation: int) -> tuple[int, int]:
+    """The (width, height) a player shows for stored frames of width x height."""
+    return (height, width) if rotation % 180 == 90 else (width, height)
+
+
+def keyframe_times(path: str | os.PathLike) -> list[float]:
+    """Times (seconds from the container start) of the video keyframes, from demuxing only."""
+    return frame_times(path).keyframe_times.tolist()
+
+
+def demux_video(path: Path):
+    """(sorted pts, keyframe flags, last frame's duration s, time base) or None if pts unusable."""
+    import av
+
+    with open_container(path) as c:
+        v = video_stream(c, path)
+        tb = float(v.time_base)
+        try:
+            rows = [(p.pts, p.is_keyframe, p.duration or 0) for p in c.demux(v) if p.size]
+        except av.error.FFmpegError as e:
+            raise MediaError(f"{path}: unreadable video data ({av_reason(e)})") from None
+    if not rows or any(r[0] is None for r in rows):
+        return None
+    # An open-GOP keyframe (HEVC CRA, MPEG-2 I-frame) is followed in decoding order by frames
+    # shown before it that need the previous GOP: a stream copy cut there loses them. Only a
+    # keyframe after which no earlier frame is decoded is a keyframe here (a place to cut).
+    shown_later = math.inf
+    for i in range(len(rows) - 1, -1, -1):
+        if rows[i][1] and shown_later < rows[i][0]:
+            rows[i] = (rows[i][0], False, rows[i][2])
+        shown_later = min(shown_later, rows[i][0])
+    rows.sort(key=lambda r: r[0])
+    pts = np.array([r[0] for r in rows], np.int64)
+    if len(np.unique(pts)) != len(pts):
+        return None
+    return pts, np.array([r[1] for r in rows], bool), rows[-1][2] * tb, tb
+
+def declared_end(container, stream) -> float:
+    """The stream's declared end in seconds from the container start (the container's
+    duration when the stream declares none; 0.0 when neither is known).
+
+    Per stream, because audio and video often end apart (a soundtrack longer or shorter than
+    the picture) and the container's duration is the longer of them.
+    """
+    start = container.start_time / 1e6 if container.start_time else 0.0
+    dur = None
+    if stream is not None and stream.duration and stream.time_base:
+        dur = float(stream.duration * stream.time_base)
+    elif stream is not None and stream.metadata.get("DURATION"):  # matroska/webm track tag
+        try:
+            h, m, sec = stream.metadata["DURATION"].split(":")
+            dur = int(h) * 3600 + int(m) * 60 + float(sec)
+        except ValueError:
+            dur = None
+    if dur is None:
+        return container.duration / 1e6 if container.duration else 0.0
+    s0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else start
+    return s0 - start + dur
