@@ -150,7 +150,7 @@ def test_inspect_on_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
 def test_reader_keeps_few_shards_open(tmp_path: Path, monkeypatch) -> None:
     """Regression: every shard read stayed open, so iterating a store of ~1000+ small shards
     (--shard-size 1) failed with 'Too many open files'."""
-    monkeypatch.setattr(shards, "MAX_OPEN_SHARDS", 2)
+    monkeypatch.setattr(shards.FeatureStore, "max_open_shards", 2)
     for i in range(5):
         write(tmp_path, i, [clip(f"c{i}", 2, 1)])
     rebuild_index(tmp_path)

@@ -53,6 +53,8 @@ class FeatureStore:
     MAX_OPEN_SHARDS most recently used), and a clip read is one slice per dataset.
     """
 
+    max_open_shards = MAX_OPEN_SHARDS
+
     def __init__(self, folder: str | os.PathLike, rows: Sequence[dict] | None = None) -> None:
         self.folder = Path(folder)
         if rows is None:
@@ -109,7 +111,7 @@ class FeatureStore:
         else:
             sh.open()
             self._open[name] = sh
-            while len(self._open) > MAX_OPEN_SHARDS:
+            while len(self._open) > self.max_open_shards:
                 self._open.popitem(last=False)[1].close()
         return sh
 
