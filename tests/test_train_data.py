@@ -136,6 +136,26 @@ def test_an_id_that_is_a_clip_and_another_source_is_warned_about(tmp_path, capsy
     ]
 
 
+def test_a_whole_video_whose_clip_id_is_its_source_id_is_not_warned_about(tmp_path, capsys):
+    # Regression (issue 11, 12): features of whole videos have clip id == source id; the
+    # "both a clip id and the id of another source" warning fired on every labelled one.
+    store = write_shards(tmp_path / "f", [("a", "a", 2, 0), ("b", "b", 2, 0)])
+    p = tmp_path / "l.csv"
+    p.write_text("id,label\na,1\nb,2\n")
+    j = join_labels(store, read_labels(p))
+    assert j.labels == {"a": "1", "b": "2"} and j.ambiguous == []
+    j.report(len(store))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_labels_file_that_is_not_utf8_is_one_usage_error_naming_it(tmp_path):
+    # Regression (issue 11, 10): a Latin-1 CSV raised UnicodeDecodeError.
+    p = tmp_path / "l.csv"
+    p.write_bytes("id,label\nt1,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UsageError, match=r"l\.csv: not UTF-8 text \(byte 0xe9 at offset 15\)"):
+        read_labels(p)
+
+
 def test_label_ids_written_as_file_stems_match_the_safe_source_ids(tmp_path, capsys):
     # "my trailer.mp4" and "Été 2.mp4" become sources my-trailer and Été-2 (ids.sanitize_id):
     # labels written with the stems as they were used to match nothing.

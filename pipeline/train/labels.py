@@ -49,6 +49,19 @@ def read_labels(path: str | Path) -> dict[str, LabelRow]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such labels file")
+    try:
+        rows = _read_rows(path)
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+            "save the labels file as UTF-8"
+        ) from None
+    if not rows:
+        raise UsageError(f"{path}: no label rows")
+    return rows
+
+
+def _read_rows(path: Path) -> dict[str, LabelRow]:
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         # Header names are matched case-blind: spreadsheets write "ID,Label" as often as "id,label".
@@ -75,8 +88,6 @@ def read_labels(path: str | Path) -> dict[str, LabelRow]:
                     f"{rows[cid].line}, {label!r} here)"
                 )
             rows[cid] = LabelRow(cid, label, split, n)
-    if not rows:
-        raise UsageError(f"{path}: no label rows")
     return rows
 
 
@@ -236,7 +247,8 @@ def join_labels(store: FeatureStore, rows: dict[str, LabelRow]) -> LabelledClips
         splits[cid] = row.split
     unknown = [i for i in rows if i not in known]
     # Source "x" has clip "x_0"; a video x_0.mp4 has source id "x_0": one id, two meanings.
-    ambiguous = [i for i in rows if i in clip_set and i in sources]
+    # A whole video's one clip has its source's id: that is the same video, not two meanings.
+    ambiguous = [i for i in rows if i in clip_set and i in sources and source_of[i] != i]
     if not labels:
         raise UsageError(
             f"no label id matches a clip or source id in {store.folder} "
