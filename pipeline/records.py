@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -226,10 +227,7 @@ class Run:
             {"id": r["id"], "status": r.get("status", OK), "error": r.get("error"), **r}
             for r in recs
         ]
-        text = "".join(
-            json.dumps(r, ensure_ascii=False, default=_json_default) + "\n"
-            for r in [*withdrawn, *recs]
-        )
+        text = "".join(manifest_line(r) + "\n" for r in [*withdrawn, *recs])
         # One unbuffered O_APPEND write: a kill leaves the group whole or (at worst) a torn
         # last line, which read_manifest ignores.
         with (self.out_dir / MANIFEST).open("ab", buffering=0) as f:
@@ -246,13 +244,27 @@ class Run:
         end time and ``summary``'s counts into vpipe.json."""
         recs = read_manifest(self.out_dir)
         order = list(dict.fromkeys([*item_order, *recs]))
-        lines = [json.dumps(recs[i], ensure_ascii=False) for i in order if i in recs]
+        lines = [manifest_line(recs[i]) for i in order if i in recs]
         atomic_write_text(self.out_dir / MANIFEST, "".join(x + "\n" for x in lines))
         fields: dict[str, Any] = {"ended": now_iso()}
         if summary is not None:
             summary.seconds = time.time() - self.started
             fields["counts"] = summary.counts()
         write_run_info(self.out_dir, self.stage, fields, self.versions)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def manifest_line(rec: dict) -> str:
+    """One record as a JSON line that is valid UTF-8 whatever the file names in it.
+
+    A file name that is not UTF-8 reaches Python with its bytes as lone surrogates, which
+    UTF-8 cannot encode; written as ``\\udcXX`` escapes they read back as the same string,
+    so the path still opens, while other non-ASCII names stay readable as they are.
+    """
+    text = json.dumps(rec, ensure_ascii=False, default=_json_default)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _end_torn_line(path: Path) -> None:

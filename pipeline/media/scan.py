@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,20 +22,10 @@ def find_videos(paths: Iterable[str | os.PathLike]) -> list[Path]:
     A missing path, or a folder without any file to consider, is a usage error.
     """
     out: list[Path] = []
-    seen: set[Path] = set()
+    seen: set[str] = set()
     for p in map(Path, paths):
         if p.is_dir():
-            found = []
-            for root, dirs, files in os.walk(p):
-                dirs[:] = [
-                    d for d in dirs
-                    if not d.startswith(".") and not (Path(root, d) / "vpipe.json").exists()
-                ]
-                found += [
-                    Path(root, f) for f in files
-                    if not f.startswith(".") and f not in RECORD_FILES
-                ]
-            found.sort()
+            found = sorted(_walk(p, {os.path.realpath(p)}))
             if not found:  # a wrong path far more often than a folder meant to be empty
                 raise UsageError(f"{p}: no files in this folder")
         elif p.is_file():
@@ -41,11 +33,55 @@ def find_videos(paths: Iterable[str | os.PathLike]) -> list[Path]:
         else:
             raise UsageError(f"{p}: no such file or folder")
         for f in found:
-            key = f.resolve()
+            # Each name is its own source (9 links to 3 files are 9 sources, as their labels
+            # expect); only the same path given twice is one.
+            key = os.path.abspath(f)
             if key not in seen:
                 seen.add(key)
                 out.append(f)
     return out
+
+
+def _walk(folder: Path, chain: set[str]) -> list[Path]:
+    """Candidate files under ``folder``, following linked folders; ``chain`` holds the real
+    paths of the folders above, so a link back to one of them (a loop) is returned as a
+    candidate that :func:`scan_sources` reports, instead of being walked forever."""
+    found: list[Path] = []
+    for e in os.scandir(folder):
+        if e.name.startswith("."):
+            continue
+        path = Path(e.path)
+        if _is_dir(e):
+            real = os.path.realpath(path)
+            if real in chain:
+                found.append(path)
+            elif not (path / "vpipe.json").exists():
+                found += _walk(path, chain | {real})
+        elif e.name not in RECORD_FILES:
+            found.append(path)  # a broken or looping link too: reported, not dropped
+    return found
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a looping link: not a folder to walk
+        return False
+
+
+def _unreadable(f: Path) -> str | None:
+    """Why a candidate cannot be opened at all (a link loop, a dangling link), or None."""
+    try:
+        st = os.stat(f)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{f}: symbolic link loop"
+        if os.path.islink(f):
+            return f"{f}: broken symbolic link (to {os.readlink(f)})"
+        return f"{f}: cannot read ({e.strerror})"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{f}: symbolic link loop (links to a folder above it)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -75,13 +111,18 @@ def scan_sources(paths: Iterable[str | os.PathLike]) -> list[SourceRef]:
     """
     from pipeline.ids import unique_ids
 
-    explicit = {Path(p).resolve() for p in paths if Path(p).is_file()}
+    paths = list(paths)
+    explicit = {os.path.abspath(p) for p in paths if Path(p).is_file()}
     probed: list[tuple[Path, MediaInfo | None, str | None, str | None]] = []
     for f in find_videos(paths):
+        why = _unreadable(f)
+        if why is not None:
+            probed.append((f, None, "fail", why))
+            continue
         try:
             probed.append((f, probe(f), None, None))
         except NotAVideo as e:
-            kind = "fail" if f.resolve() in explicit else "skip"
+            kind = "fail" if os.path.abspath(f) in explicit else "skip"
             probed.append((f, None, kind, str(e)))
         except MediaError as e:
             probed.append((f, None, "fail", str(e)))
