@@ -760,3 +760,34 @@ def test_a_damaged_shard_stops_the_rerun_with_one_line(tmp_path: Path, media: Pa
     shard.unlink()
     assert main(cmd) == 0
     assert len(read_index(out)) == 4 and main(["inspect", str(out)]) == 0
+
+
+def test_overwritten_floats_are_found_by_inspect_and_recomputed_after_delete(
+        tmp_path: Path, media: Path, weights, capsys) -> None:
+    """Regression (issue 11, 4): a shard whose floats were overwritten after it was written was
+    used silently. inspect names it; deleting it and re-running recomputes the same features."""
+    import h5py
+
+    out = tmp_path / "f"
+    cmd = args(media, out, weights, "--audio-model", "none", "--shard-size", "2")
+    assert main(cmd) == 0
+    shard = shard_paths(out)[0]
+    before = shard.read_bytes()
+    with h5py.File(shard) as f:
+        offset = f["image/features"].id.get_chunk_info(0).byte_offset
+    with open_features(out) as store:
+        ref = {c.clip_id: c.image for c in store}
+    damaged = bytearray(before)
+    damaged[offset + 8: offset + 12] = b"\x01\x02\x03\x04"
+    shard.write_bytes(bytes(damaged))
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert f"invalid: {shard.name}: damaged shard, /image/features fails its fletcher32 " \
+           "checksum" in captured.err
+    shard.unlink()
+    assert main(cmd) == 0 and main(["inspect", str(out)]) == 0  # its clips in a new shard
+    with open_features(out) as store:
+        assert sorted(store.clip_ids) == sorted(ref)
+        for c in store:
+            np.testing.assert_array_equal(c.image, ref[c.clip_id])

@@ -173,3 +173,116 @@ def test_add_to_index_appends_a_shards_rows(tmp_path: Path) -> None:
     shards.add_to_index(tmp_path, write(tmp_path, 1, [clip("b", 2, 1), clip("c", 0, 0)]))
     assert shards.read_index(tmp_path) == rebuild_index(tmp_path)
     assert [r["clip_id"] for r in shards.read_index(tmp_path)] == ["a", "b", "c"]
+
+
+def _overwrite_chunk(path: Path, key: str, at: int = 16) -> None:
+    """Change 4 bytes inside the first chunk of ``key``, as a bad disk or a stray write does."""
+    with h5py.File(path) as f:
+        offset = f[key].id.get_chunk_info(0).byte_offset
+    data = bytearray(path.read_bytes())
+    data[offset + at: offset + at + 4] = b"\x01\x02\x03\x04"
+    path.write_bytes(bytes(data))
+
+
+def test_overwritten_floats_fail_their_checksum_in_the_reader_and_inspect(tmp_path: Path) -> None:
+    """Regression (issue 11, 4): floats overwritten inside a shard were read and trained on."""
+    write(tmp_path, 0, [clip("a", 3, 2), clip("b", 2, 1)])
+    rebuild_index(tmp_path)
+    shard = tmp_path / "shard-00000.h5"
+    with h5py.File(shard) as f:
+        assert f.attrs["schema_version"] == shards.SCHEMA_VERSION == 2
+        assert f.attrs["checksums"] == "fletcher32"
+        assert all(f[k].fletcher32 for k in ("clip_ids", "source", "start", "end",
+                                             "image/features", "image/offsets",
+                                             "audio/features", "audio/timestamps"))
+    _overwrite_chunk(shard, "image/features")
+    with open_features(tmp_path) as store, pytest.raises(shards.DamagedFeatures) as e:
+        store["b"]
+    assert str(e.value).startswith(
+        f"{shard}: damaged shard, /image/features fails its fletcher32 checksum")
+    assert "delete it and run again the `vpipe features`" in str(e.value)
+    with open_features(tmp_path) as store, pytest.raises(shards.DamagedFeatures):
+        list(store)
+    _, problems = validate(tmp_path)
+    assert problems == ["shard-00000.h5: damaged shard, /image/features fails its fletcher32 "
+                        "checksum (changed after it was written)"]
+
+
+def test_swapped_index_rows_are_corrected_by_the_shards_clip_ids(tmp_path: Path,
+                                                                 capsys) -> None:
+    """Regression (issue 11, 4): two `row` values swapped in index.jsonl gave each clip the
+    other's features, silently."""
+    write(tmp_path, 0, [clip("a", 3, 2), clip("b", 2, 1), clip("c", 1, 0)])
+    rows = rebuild_index(tmp_path)
+    rows[0]["row"], rows[1]["row"] = rows[1]["row"], rows[0]["row"]
+    (tmp_path / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open_features(tmp_path) as store:
+        np.testing.assert_array_equal(store["a"].image, clip("a", 3, 2).image)
+        np.testing.assert_array_equal(store["b"].image, clip("b", 2, 1).image)
+        assert [c.image.shape[0] for c in store.select(["b", "a"])] == [3, 2]  # shard order
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"vpipe: note: {tmp_path / 'shard-00000.h5'}: index.jsonl gives 2 clip(s) another row "
+        "than the shard's /clip_ids (e.g. a)")
+    _, problems = validate(tmp_path)
+    assert problems == ["shard-00000.h5: clip ids differ from index.jsonl (2 clip(s) with "
+                        "another row, e.g. a; the reader uses the shard's)"]
+
+
+def test_a_shard_without_checksums_is_read_and_inspect_says_so(tmp_path: Path,
+                                                              capsys) -> None:
+    from pipeline.cli import main
+
+    write(tmp_path, 0, [clip("a", 3, 2)])
+    rebuild_index(tmp_path)
+    with h5py.File(tmp_path / "shard-00000.h5", "r+") as f:  # as schema 1 wrote it
+        del f.attrs["checksums"]
+        f.attrs["schema_version"] = 1
+    summary, problems = validate(tmp_path)
+    assert problems == [] and summary["no_checksums"] == 1
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "no checksums in 1 of 1 shards" in capsys.readouterr().out
+    with open_features(tmp_path) as store:
+        np.testing.assert_array_equal(store["a"].image, clip("a", 3, 2).image)
+
+
+def test_a_damaged_index_is_read_from_the_shards_with_a_note(tmp_path: Path, capsys) -> None:
+    """Regression (issue 11, 8): a torn last index line (JSONDecodeError) or an index without
+    `source` (KeyError) made open_features crash; the index is only a cache of the shards."""
+    write(tmp_path, 0, [clip("a", 3, 2)])
+    write(tmp_path, 1, [clip("b", 1, 0, source="t")])
+    index = tmp_path / "index.jsonl"
+    rebuild_index(tmp_path)
+    good = index.read_text()
+    index.write_text(good[:-10])  # the last line cut short
+    with open_features(tmp_path) as store:
+        assert store.sources() == {"s": ["a"], "t": ["b"]}
+    err = capsys.readouterr().err
+    assert err.startswith(f"vpipe: note: {index}: unreadable (JSONDecodeError") and \
+        "reading the clips from the shards instead" in err
+    _, problems = validate(tmp_path)
+    assert problems[0].startswith(f"{index}: unreadable (JSONDecodeError")
+    index.write_text("".join(
+        json.dumps({k: v for k, v in json.loads(x).items() if k != "source"}) + "\n"
+        for x in good.splitlines()))
+    with open_features(tmp_path) as store:
+        assert store.sources() == {"s": ["a"], "t": ["b"]}
+    assert f"{index}: line 1 lacks source" in capsys.readouterr().err
+    _, problems = validate(tmp_path)
+    assert f"{index}: line 1 lacks source" in problems  # inspect no longer says ok
+
+
+def test_a_deleted_or_overwritten_shard_is_one_error_naming_it(tmp_path: Path) -> None:
+    write(tmp_path, 0, [clip("a", 3, 2)])
+    write(tmp_path, 1, [clip("b", 1, 0)])
+    rebuild_index(tmp_path)
+    shard1 = tmp_path / "shard-00001.h5"
+    data = shard1.read_bytes()
+    shard1.write_bytes(b"\0" * 512 + data[512:])  # the header overwritten
+    with pytest.raises(shards.DamagedFeatures,
+                       match=r"shard-00001.h5: damaged shard, cannot be read \(.*signature"):
+        open_features(tmp_path)["b"]
+    shard1.unlink()
+    with pytest.raises(shards.DamagedFeatures, match=r"shard-00001.h5: shard listed in "
+                       r"index.jsonl but not on disk; run again the `vpipe features`"):
+        open_features(tmp_path)

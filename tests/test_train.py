@@ -957,3 +957,66 @@ def test_end_to_end_on_shards_made_by_the_pipeline(tmp_path, capsys):
             }
         ),
     )
+
+
+def test_a_damaged_feature_folder_is_one_line_or_read_from_the_shards(tmp_path, capsys):
+    """Regression (issue 11, 8): a deleted shard, an overwritten header, a torn last index line
+    or an index without `source` gave tracebacks in train, evaluate and predict."""
+    import shutil
+
+    good = tmp_path / "good"
+    csv_path, _ = make_feature_set(good, "regression", n_sources=8, seed=3)
+    run = tmp_path / "run"
+    opts = ["--epochs", "1", "--hidden", "8", "--device", "cpu", "-q"]
+    assert main(["train", str(good), "--labels", str(csv_path), "-o", str(run), *opts]) == 0
+    capsys.readouterr()
+
+    def commands(folder):
+        return {
+            "train": ["train", str(folder), "--labels", str(csv_path), "-o",
+                      str(tmp_path / f"run-{folder.name}"), *opts],
+            "evaluate": ["evaluate", str(run), str(folder), "--labels", str(csv_path)],
+            "predict": ["predict", str(run), str(folder), "-o", str(tmp_path / "p.jsonl")],
+        }
+
+    def damaged(name, how):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        how(folder)
+        return folder
+
+    def cut_header(f):
+        shard = f / "shard-00001.h5"
+        shard.write_bytes(b"\0" * 512 + shard.read_bytes()[512:])
+
+    for folder, expected in (
+        (damaged("deleted", lambda f: (f / "shard-00001.h5").unlink()),
+         "shard-00001.h5: shard listed in index.jsonl but not on disk; run again the "
+         "`vpipe features`"),
+        (damaged("header", cut_header),
+         "shard-00001.h5: damaged shard, cannot be read (Unable to synchronously open file "
+         "(file signature not found)); delete it and run again the `vpipe features`"),
+    ):
+        for name, cmd in commands(folder).items():
+            assert main(cmd) == 2, name
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and expected in err, (name, err)
+            assert err.startswith(f"vpipe: error: {folder / 'shard-00001.h5'}")
+
+    def torn(f):
+        index = f / "index.jsonl"
+        index.write_text(index.read_text()[:-7])
+
+    def no_source(f):
+        index = f / "index.jsonl"
+        rows = [json.loads(x) for x in index.read_text().splitlines()]
+        index.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "source"})
+                                 + "\n" for r in rows))
+
+    for folder, note in ((damaged("torn", torn), "unreadable (JSONDecodeError"),
+                         (damaged("nosource", no_source), "line 1 lacks source")):
+        for name, cmd in commands(folder).items():
+            assert main(cmd) == 0, name
+            err = capsys.readouterr().err
+            assert f"vpipe: note: {folder / 'index.jsonl'}: {note}" in err, (name, err)
+            assert "Traceback" not in err

@@ -176,6 +176,10 @@ def inspect(
         f"({models.get('image')}, weights {_weights_name(img.get('weights'))})",
         f"  audio: {summary['audio_rows']} rows x {dims.get('audio', 0)} "
         f"({models.get('audio')}, weights {_weights_name(aud.get('weights'))})",
+        "  checksums: " + (f"fletcher32, verified in all {summary['shards']} shards"
+                           if not summary["no_checksums"] else
+                           f"no checksums in {summary['no_checksums']} of {summary['shards']} "
+                           "shards (written before schema 2: damage there cannot be seen)"),
     ]
     typer.echo("\n".join(lines))
     for p in problems:

@@ -8,9 +8,11 @@ thousands of clips is a handful of HDF5 objects (see README "HDF5 schema")::
     /image/features (F, D)    /image/timestamps (F,)  /image/offsets (n+1,)
     /audio/features (A, 128)  /audio/timestamps (A,)  /audio/offsets (n+1,)
 
-A shard is written under a temporary name and renamed when complete. ``index.jsonl`` maps each
-clip id to its shard and row; it is rebuilt from the complete shards, so it never disagrees with
-them.
+A shard is written under a temporary name and renamed when complete; every dataset with data
+carries an HDF5 fletcher32 checksum (schema 2), so a changed byte fails the read of its chunk.
+``index.jsonl`` maps each clip id to its shard and row; it is only a cache: rebuilt from the
+complete shards at each features run, read from the shards (with a note) when it is torn or
+lacks a field, and a clip's row is always taken from its shard's own ``/clip_ids``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pipeline.shards.schema import (
     MODALITIES,
     SCHEMA_VERSION,
     ClipFeatures,
+    DamagedFeatures,
     next_shard_number,
     shard_name,
     shard_paths,
@@ -31,7 +34,8 @@ from pipeline.shards.validate import validate
 from pipeline.shards.writer import ShardWriter
 
 __all__ = [
-    "INDEX", "MAX_OPEN_SHARDS", "MODALITIES", "SCHEMA_VERSION", "ClipFeatures", "FeatureStore",
+    "INDEX", "MAX_OPEN_SHARDS", "MODALITIES", "SCHEMA_VERSION", "ClipFeatures", "DamagedFeatures",
+    "FeatureStore",
     "ShardWriter", "add_to_index", "next_shard_number", "open_features", "read_index",
     "rebuild_index", "shard_name", "shard_paths", "validate",
 ]

@@ -15,11 +15,45 @@ from typing import Any
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 1
+from pipeline.errors import UsageError
+
+SCHEMA_VERSION = 2  # 2: every dataset with data carries an HDF5 fletcher32 checksum
+CHECKSUMS = "fletcher32"  # root attribute "checksums" of a shard written with them
 INDEX = "index.jsonl"
 SHARD_RE = re.compile(r"^shard-(\d{5})\.h5$")
 MODALITIES = ("image", "audio")
 MAX_OPEN_SHARDS = 64  # a reader keeps this many shard files open (default fd limit: 1024)
+
+
+RECOVER = ("delete it and run again the `vpipe features` command that made this folder (same "
+           "inputs and options): it recomputes that shard's clips")
+
+
+class DamagedFeatures(UsageError):
+    """A shard that cannot be read or fails its checksum (the message names it and the fix)."""
+
+
+def open_shard(path: Path) -> h5py.File:
+    """A shard opened for reading; a missing or unreadable file is :class:`DamagedFeatures`."""
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise DamagedFeatures(f"{path}: shard listed in index.jsonl but not on disk; run again "
+                              "the `vpipe features` command that made this folder (same inputs "
+                              "and options): it recomputes its clips") from None
+    except OSError as e:
+        raise DamagedFeatures(f"{path}: damaged shard, cannot be read ({e}); {RECOVER}") from None
+
+
+def read_dataset(f: h5py.File, key: str, sel: Any = ()) -> np.ndarray:
+    """``f[key][sel]``; a failed checksum or a damaged dataset is :class:`DamagedFeatures`."""
+    try:
+        ds = f[key]
+        return ds.asstr()[sel] if h5py.check_string_dtype(ds.dtype) else ds[sel]
+    except (OSError, KeyError) as e:
+        why = ("fails its fletcher32 checksum (changed after it was written)"
+               if "filter returned failure" in str(e) else f"cannot be read ({e})")
+        raise DamagedFeatures(f"{f.filename}: damaged shard, /{key} {why}; {RECOVER}") from None
 
 
 def shard_name(number: int) -> str:
@@ -70,10 +104,11 @@ def read_attrs(obj: h5py.HLObject) -> dict[str, Any]:
 
 
 def index_rows(path: Path) -> list[dict]:
-    with h5py.File(path, "r") as f:
-        ids = f["clip_ids"].asstr()[:]
-        src = f["source"].asstr()[:]
-        off = {m: f[m]["offsets"][:] for m in MODALITIES}
+    """The index rows of one shard, read from its own datasets."""
+    with open_shard(path) as f:
+        ids = read_dataset(f, "clip_ids")
+        src = read_dataset(f, "source")
+        off = {m: read_dataset(f, f"{m}/offsets") for m in MODALITIES}
     return [
         {
             "clip_id": cid,

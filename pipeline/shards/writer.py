@@ -12,7 +12,14 @@ import numpy as np
 from pipeline import __version__
 from pipeline.files import temp_name
 from pipeline.records import now_iso
-from pipeline.shards.schema import MODALITIES, SCHEMA_VERSION, ClipFeatures, attr_value, index_rows
+from pipeline.shards.schema import (
+    CHECKSUMS,
+    MODALITIES,
+    SCHEMA_VERSION,
+    ClipFeatures,
+    attr_value,
+    index_rows,
+)
 
 
 class ShardWriter:
@@ -48,10 +55,15 @@ class ShardWriter:
                 "schema_version": SCHEMA_VERSION,
                 "vpipe_version": __version__,
                 "created": now_iso(),
+                "checksums": CHECKSUMS,
                 **{k: attr_value(v) for k, v in (root_attrs or {}).items()},
             }
         )
-        opts = {"compression": compression} if compression else {}
+        # fletcher32 on every dataset with data: HDF5 checks each chunk as it is read, so a
+        # changed float fails the read of its own chunk (measured on 256 clips x 60 x 2048:
+        # +25% write, +0.3 ms per clip read; a sha256 per dataset needs the whole shard read).
+        opts = {"compression": compression, "fletcher32": True} if compression else {
+            "fletcher32": True}
         for m in MODALITIES:
             g = self._f.create_group(m)
             dim = self.dims[m]
@@ -66,7 +78,8 @@ class ShardWriter:
                 )
             else:  # a modality not computed: no rows ever, so no chunked (resizable) layout
                 g.create_dataset("features", shape=(0, 0), dtype=self.dtype)
-            g.create_dataset("timestamps", shape=(0,), maxshape=(None,), dtype="f8", chunks=(4096,))
+            g.create_dataset("timestamps", shape=(0,), maxshape=(None,), dtype="f8", chunks=(4096,),
+                             fletcher32=True)
             for k, v in {"dim": dim, **(attrs or {}).get(m, {})}.items():
                 g.attrs[k] = attr_value(v)
 
@@ -102,14 +115,12 @@ class ShardWriter:
     def close(self) -> list[dict]:
         """Finish the shard, rename it into place; returns its index rows."""
         f = self._f
-        s = h5py.string_dtype("utf-8")
-        ids = [m[0] for m in self._meta]
-        f.create_dataset("clip_ids", data=np.array(ids, dtype=object), dtype=s)
-        f.create_dataset("source", data=np.array([m[1] for m in self._meta], dtype=object), dtype=s)
-        f.create_dataset("start", data=np.array([m[2] for m in self._meta], dtype="f8"))
-        f.create_dataset("end", data=np.array([m[3] for m in self._meta], dtype="f8"))
+        _checked(f, "clip_ids", _utf8([m[0] for m in self._meta]))
+        _checked(f, "source", _utf8([m[1] for m in self._meta]))
+        _checked(f, "start", np.array([m[2] for m in self._meta], dtype="f8"))
+        _checked(f, "end", np.array([m[3] for m in self._meta], dtype="f8"))
         for m in MODALITIES:
-            f[m].create_dataset("offsets", data=np.array(self._offsets[m], dtype="i8"))
+            _checked(f, f"{m}/offsets", np.array(self._offsets[m], dtype="i8"))
         f.close()
         os.replace(self.tmp, self.path)
         return index_rows(self.path)
@@ -120,3 +131,16 @@ class ShardWriter:
             self._f.close()
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def _utf8(strings: list[str]) -> np.ndarray:
+    """Fixed-length utf-8 strings (NUL-padded): HDF5 filters, fletcher32 too, cannot apply to
+    variable-length ones; ``.asstr()`` reads both the same."""
+    enc = [x.encode("utf-8") for x in strings]
+    return np.array(enc, dtype=h5py.string_dtype("utf-8", max(map(len, enc), default=1)))
+
+
+def _checked(f: h5py.File, key: str, data: np.ndarray) -> None:
+    """A small 1-D dataset in one chunk with a fletcher32 checksum."""
+    f.create_dataset(key, data=data, chunks=(max(len(data), 1),), maxshape=(None,),
+                     fletcher32=True)
