@@ -9,6 +9,7 @@ The per-item loop over a run (workers, progress, error lines) is :mod:`pipeline.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -22,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.errors import ParamsChanged
+from pipeline.errors import ParamsChanged, UsageError
 from pipeline.files import atomic_write_text, clean_temp_files
 
 MANIFEST = "manifest.jsonl"
 RUN_INFO = "vpipe.json"
+LOCK = ".vpipe.lock"
 OK, SKIPPED, FAILED = "ok", "skipped", "failed"
 # A manifest line with this status withdraws an earlier record of the same id: written when an
 # item is redone and no longer produces that id (e.g. a failed source that now yields clips).
@@ -65,6 +67,64 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
 def ok_records(folder: str | os.PathLike) -> list[dict]:
     """The items a previous stage finished, in manifest order."""
     return [r for r in read_manifest(folder).values() if r.get("status") == OK]
+
+
+# --------------------------------------------------------------------------- the folder lock
+
+
+class FolderInUse(UsageError):
+    """Another vpipe process is writing into this output folder."""
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``folder/.vpipe.lock``, holding the holder's pid.
+
+    Two copies of a stage in one folder would delete each other's temp files and interleave
+    records; the second copy is refused at once. The kernel drops the lock when its process
+    dies, however it dies, so a killed run never blocks the next one.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / LOCK
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                who = f"pid {holder}" if holder.isdigit() else "another process"
+                raise FolderInUse(
+                    f"{folder}: another vpipe ({who}) is writing into this folder; wait for "
+                    "it to end, or choose another --out"
+                ) from None
+            # The holder before us removes the file as it lets go: a lock on that removed
+            # file would be no lock at all, so take the one now under the name.
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Unlock and remove the file: a finished folder holds only its outputs and records."""
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)  # closing the only descriptor releases the flock
+            self._fd = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
 
 
 # --------------------------------------------------------------------------- vpipe.json
@@ -149,6 +209,7 @@ class Run:
     versions: dict[str, str] = field(default_factory=dict)
     previous: dict[str, dict] = field(default_factory=dict, init=False)
     started: float = field(default=0.0, init=False)
+    _lock: FolderLock | None = field(default=None, init=False, repr=False)
     # work item id -> ids of its records: resume checks stay O(1) per item at any size.
     _by_item: dict[str, list[str]] = field(default_factory=dict, init=False)
 
@@ -158,6 +219,17 @@ class Run:
     def open(self) -> Run:
         """Create the folder, check parameters, load the previous manifest, write vpipe.json."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # Before anything is read or cleaned: a second copy must not touch the first's files.
+        self._lock = FolderLock(self.out_dir)
+        try:
+            self._load()
+        except BaseException:
+            self._lock.release()
+            self._lock = None
+            raise
+        return self
+
+    def _load(self) -> None:
         params = canonical(self.params)
         info = read_run_info(self.out_dir)
         if info is not None:
@@ -183,7 +255,6 @@ class Run:
             {"started": now_iso(), "ended": None, "params": params},
             self.versions,
         )
-        return self
 
     # -- resume -------------------------------------------------------------------------------
 
@@ -251,6 +322,9 @@ class Run:
             summary.seconds = time.time() - self.started
             fields["counts"] = summary.counts()
         write_run_info(self.out_dir, self.stage, fields, self.versions)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

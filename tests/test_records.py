@@ -147,7 +147,7 @@ def test_superseded_records_are_dropped_even_without_close(tmp_path: Path) -> No
     run = Run(tmp_path, "demo", {"a": 1}).open()
     run.record_item("src", [{"id": "src", "item": "src", "status": "failed", "error": "x"}])
     run.record_item("src", [{"id": "src_0", "item": "src"}, {"id": "src_1", "item": "src"}])
-    # no close(): as after a crash
+    del run  # no close(): as after a crash, which takes the process and its folder lock
     assert sorted(read_manifest(tmp_path)) == ["src_0", "src_1"]
     reopened = Run(tmp_path, "demo", {"a": 1}).open()
     assert reopened.finished("src")
