@@ -33,6 +33,9 @@ OK, SKIPPED, FAILED = "ok", "skipped", "failed"
 # A manifest line with this status withdraws an earlier record of the same id: written when an
 # item is redone and no longer produces that id (e.g. a failed source that now yields clips).
 SUPERSEDED = "superseded"
+# On each record of a work item that wrote several: how many. A crash can tear the last
+# manifest line; the item whose records no longer all survive is then not finished.
+ITEM_RECORDS = "item_records"
 
 
 def now_iso() -> str:
@@ -264,7 +267,8 @@ class Run:
     def finished(self, item_id: str) -> bool:
         """True when every record of this work item is ok or skipped (failed ones are redone)."""
         recs = self.previous_records(item_id)
-        return bool(recs) and all(r["status"] in (OK, SKIPPED) for r in recs)
+        whole = all(r.get(ITEM_RECORDS, len(recs)) == len(recs) for r in recs)
+        return bool(recs) and whole and all(r["status"] in (OK, SKIPPED) for r in recs)
 
     def forget(self, item_id: str) -> None:
         """Treat a work item as never done (its inputs changed since it was recorded)."""
@@ -280,9 +284,11 @@ class Run:
     def record_item(self, item_id: str, recs: Sequence[dict]) -> list[dict]:
         """Record all outcomes of one work item in a single append, replacing its old records.
 
-        One write keeps an item's records together (a crash cannot leave 2 of its 3 clips
-        recorded, which would look finished); ids the item no longer produces are withdrawn.
+        One write keeps an item's records together; each carries their count, so a torn last
+        line (2 of 3 clips left) is not finished. Ids the item no longer produces are withdrawn.
         """
+        if len(recs) > 1:
+            recs = [{**r, "item": r.get("item", item_id), ITEM_RECORDS: len(recs)} for r in recs]
         new_ids = {r["id"] for r in recs}
         stale = [
             {"id": r["id"], "item": item_id, "status": SUPERSEDED}

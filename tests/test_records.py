@@ -193,3 +193,31 @@ def test_frames_of_clips_cut_again_are_redone(trailers: Path, tmp_path: Path) ->
     assert main(["subclip", str(one), "-o", str(clips), *later]) == 0
     assert main(["extract-frames", str(clips), "-o", str(out), "--fps", "1", "-q"]) == 0
     assert [(r["start"], r["end"]) for r in read_manifest(out).values()] == [(1, 3), (3, 5)]
+
+
+def test_an_item_whose_last_record_was_torn_is_not_finished(tmp_path: Path) -> None:
+    # Regression (issue 11, 3): a torn last line lost clip src_2 for good; the re-run said done.
+    run = Run(tmp_path, "demo", {"a": 1}).open()
+    run.record_item("src", [{"id": f"src_{k}", "item": "src"} for k in range(3)])
+    run.record_item("one", [{"id": "one_0", "item": "one"}])
+    run.close()
+    manifest = tmp_path / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    assert [json.loads(x).get("item_records") for x in lines] == [3, 3, 3, None]
+    # The last line of src's group cut in half by a crash (one's line after it).
+    manifest.write_text("\n".join([*lines[:2], lines[2][:20], lines[3]]) + "\n")
+    reopened = Run(tmp_path, "demo", {"a": 1}).open()
+    assert not reopened.finished("src") and reopened.finished("one")
+    reopened.close()
+
+
+def test_subclip_redoes_a_source_whose_last_clip_record_was_torn(numbered_video, tmp_path):
+    out = tmp_path / "out"
+    cut = ["--count", "3", "--duration", "2", "--start", "0", "--quiet"]
+    assert main(["subclip", str(numbered_video), "-o", str(out), *cut]) == 0
+    manifest = out / "manifest.jsonl"
+    whole = manifest.read_bytes()
+    manifest.write_bytes(whole[: whole.rindex(b"\n", 0, len(whole) - 1) + 30])
+    assert main(["subclip", str(numbered_video), "-o", str(out), *cut]) == 0
+    assert sorted(read_manifest(out)) == ["numbered_0", "numbered_1", "numbered_2"]
+    assert manifest.read_bytes() == whole
