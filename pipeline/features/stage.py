@@ -131,11 +131,12 @@ def extract_features(
     out = Path(out_dir)
     params = run_params(opts, enc, source, inputs)
     info = read_run_info(out) if out.is_dir() else None
+    versions = {"torch": torch.__version__, "h5py": h5py.__version__}
+    run = Run(out, STAGE, params, overwrite=overwrite, versions=versions).open()
+    # Only once the folder's lock is held: a second copy must not delete the first one's shards.
     if overwrite and info is not None and info.get("params") != canonical(params):
         for p in shards.shard_paths(out):
             p.unlink()
-    versions = {"torch": torch.__version__, "h5py": h5py.__version__}
-    run = Run(out, STAGE, params, overwrite=overwrite, versions=versions).open()
     tracker = Tracker(run, quiet=quiet, unit="frame")
 
     in_shards = {r["clip_id"]: r for r in shards.rebuild_index(out)}
