@@ -124,7 +124,7 @@ def extract_frames(
     clips = find_clips(inputs)
     run = Run(
         Path(out_dir), stage, opts.params(), overwrite=overwrite,
-        versions=media.media_versions(),
+        versions=media.media_versions(), outputs=clip_outputs,
     ).open()
     for c in clips:
         # A clip re-cut since (subclip rerun with --overwrite) is not finished: redo it.
@@ -153,6 +153,11 @@ def extract_audio(
         inputs, out_dir, opts, workers=workers, overwrite=overwrite, quiet=quiet,
         stage="extract-audio",
     )
+
+
+def clip_outputs(rec: dict) -> list[str]:
+    """What a clip's record names (checked on resume): its frames folder and its wav."""
+    return [rec[k] for k in ("frames_dir", "audio") if rec.get(k)]
 
 
 def extract_clip(item: Item, *, out_dir: Path, opts: FrameOptions) -> dict:

@@ -16,7 +16,7 @@ import platform
 import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +36,9 @@ SUPERSEDED = "superseded"
 # On each record of a work item that wrote several: how many. A crash can tear the last
 # manifest line; the item whose records no longer all survive is then not finished.
 ITEM_RECORDS = "item_records"
+# On each ok record of a stage that writes files: their sizes, {path under OUT: bytes} (a folder:
+# the total of the files in it). A resume redoes an item whose outputs are gone or changed size.
+OUTPUT_BYTES = "output_bytes"
 
 
 def now_iso() -> str:
@@ -70,6 +73,48 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
 def ok_records(folder: str | os.PathLike) -> list[dict]:
     """The items a previous stage finished, in manifest order."""
     return [r for r in read_manifest(folder).values() if r.get("status") == OK]
+
+
+# --------------------------------------------------------------------------- output sizes
+
+
+def output_bytes(out_dir: Path, rel: str) -> int | None:
+    """Bytes of ``out_dir/rel`` (a folder: of all the files under it); ``None`` if absent."""
+    path = out_dir / rel
+    try:
+        if not path.is_dir():
+            return path.stat().st_size
+    except OSError:
+        return None
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def changed_output(out_dir: Path, rec: dict) -> str | None:
+    """The first output ``rec`` records that is gone or has another size now, as a message;
+    ``None`` when all are as written (records without sizes have nothing to check)."""
+    for rel, size in (rec.get(OUTPUT_BYTES) or {}).items():
+        now = output_bytes(out_dir, rel)
+        if now is None:
+            return f"{out_dir / rel}: recorded output is missing"
+        if now != size:
+            return f"{out_dir / rel}: recorded output changed ({size} bytes written, {now} now)"
+    return None
+
+
+def first_changed_output(folder: str | os.PathLike) -> str | None:
+    """Over a whole finished folder: the first ok record whose outputs are gone or changed."""
+    out_dir = Path(folder)
+    for rec in read_manifest(out_dir).values():
+        if rec.get("status") == OK and (msg := changed_output(out_dir, rec)):
+            return msg
+    return None
 
 
 # --------------------------------------------------------------------------- the folder lock
@@ -210,6 +255,9 @@ class Run:
     params: dict[str, Any]
     overwrite: bool = False
     versions: dict[str, str] = field(default_factory=dict)
+    # The files an ok record's item wrote, as paths under out_dir: their sizes are recorded,
+    # and a resume checks them (existence and size) before calling the item finished.
+    outputs: Callable[[dict], Iterable[str]] | None = None
     previous: dict[str, dict] = field(default_factory=dict, init=False)
     started: float = field(default=0.0, init=False)
     _lock: FolderLock | None = field(default=None, init=False, repr=False)
@@ -265,10 +313,20 @@ class Run:
         return [self.previous[i] for i in self._by_item.get(item_id, ()) if i in self.previous]
 
     def finished(self, item_id: str) -> bool:
-        """True when every record of this work item is ok or skipped (failed ones are redone)."""
+        """True when every record of this work item is ok or skipped (failed ones are redone),
+        all of them survived, and the files they name are still there as written."""
         recs = self.previous_records(item_id)
         whole = all(r.get(ITEM_RECORDS, len(recs)) == len(recs) for r in recs)
-        return bool(recs) and whole and all(r["status"] in (OK, SKIPPED) for r in recs)
+        if not (recs and whole and all(r["status"] in (OK, SKIPPED) for r in recs)):
+            return False
+        return self.changed_outputs(item_id) is None
+
+    def changed_outputs(self, item_id: str) -> str | None:
+        """Why a recorded item's outputs cannot be trusted (one gone or resized), or ``None``."""
+        for rec in self.previous_records(item_id):
+            if rec["status"] == OK and (msg := changed_output(self.out_dir, rec)):
+                return msg
+        return None
 
     def forget(self, item_id: str) -> None:
         """Treat a work item as never done (its inputs changed since it was recorded)."""
@@ -289,6 +347,8 @@ class Run:
         """
         if len(recs) > 1:
             recs = [{**r, "item": r.get("item", item_id), ITEM_RECORDS: len(recs)} for r in recs]
+        if self.outputs is not None:
+            recs = [self._with_sizes(r) for r in recs]
         new_ids = {r["id"] for r in recs}
         stale = [
             {"id": r["id"], "item": item_id, "status": SUPERSEDED}
@@ -298,6 +358,12 @@ class Run:
         for t in stale:
             self.previous.pop(t["id"], None)
         return self._append(list(recs), withdrawn=stale)
+
+    def _with_sizes(self, rec: dict) -> dict:
+        if rec.get("status", OK) != OK:
+            return rec
+        sizes = {rel: output_bytes(self.out_dir, rel) for rel in self.outputs(rec)}
+        return {**rec, OUTPUT_BYTES: {k: v for k, v in sizes.items() if v is not None}}
 
     def _append(self, recs: list[dict], withdrawn: Sequence[dict] = ()) -> list[dict]:
         recs = [

@@ -84,8 +84,10 @@ class Tracker:
         for it in items:
             if done(it):
                 self.summary.resumed += 1
-            else:
-                todo.append(it)
+                continue
+            if finished is None and (why := self.run.changed_outputs(it.id)):
+                print(f"vpipe {self.run.stage}: {why}; redoing {it.id}", file=sys.stderr)
+            todo.append(it)
         return todo
 
     def start(self, total: int | None = None) -> None:

@@ -115,11 +115,16 @@ def subclip_videos(
     sources = media.scan_sources(inputs)
     run = Run(
         Path(out_dir), "subclip", asdict(opts), overwrite=overwrite,
-        versions=media.media_versions(),
+        versions=media.media_versions(), outputs=clip_files,
     ).open()
     items = [Item(s.source_id, str(s.path), s) for s in sources]
     work = functools.partial(cut_source, out_dir=Path(out_dir), opts=opts)
     return run_items(run, items, work, workers=workers, quiet=quiet, units=("videos", "clips"))
+
+
+def clip_files(rec: dict) -> list[str]:
+    """What a clip record's item wrote (checked on resume): the clip file."""
+    return [rec["path"]] if rec.get("path") else []
 
 
 def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions) -> list[dict]:

@@ -221,3 +221,69 @@ def test_subclip_redoes_a_source_whose_last_clip_record_was_torn(numbered_video,
     assert main(["subclip", str(numbered_video), "-o", str(out), *cut]) == 0
     assert sorted(read_manifest(out)) == ["numbered_0", "numbered_1", "numbered_2"]
     assert manifest.read_bytes() == whole
+
+
+def test_outputs_are_recorded_with_their_sizes_and_checked_on_resume(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+
+    def files(rec: dict) -> list[str]:
+        return [rec["file"], rec["folder"]]
+
+    run = Run(out, "demo", {}, outputs=files).open()
+    (out / "a.bin").write_bytes(b"x" * 10)
+    (out / "a").mkdir()
+    (out / "a" / "1").write_bytes(b"y" * 3)
+    (out / "a" / "2").write_bytes(b"z" * 4)
+    (written,) = run.record_item("a", [{"id": "a", "file": "a.bin", "folder": "a"}])
+    run.record_item("b", [{"id": "b", "status": "failed", "error": "bad", "file": "b.bin"}])
+    run.close()
+    assert written["output_bytes"] == {"a.bin": 10, "a": 7}
+    assert "output_bytes" not in read_manifest(out)["b"]  # a failure wrote nothing to check
+
+    def reopened() -> Run:
+        r = Run(out, "demo", {}, outputs=files).open()
+        r.close()
+        return r
+
+    assert reopened().finished("a")
+    (out / "a" / "2").unlink()
+    assert not reopened().finished("a")
+    assert reopened().changed_outputs("a") == (
+        f"{out / 'a'}: recorded output changed (7 bytes written, 3 now)"
+    )
+    (out / "a" / "2").write_bytes(b"z" * 4)
+    (out / "a.bin").unlink()
+    assert reopened().changed_outputs("a") == f"{out / 'a.bin'}: recorded output is missing"
+
+
+def test_deleted_clip_frames_and_wav_are_redone_on_resume(trailers: Path, tmp_path: Path,
+                                                         capsys) -> None:
+    # Regression (issue 11, 3): a removed clip, JPEG or wav was "already done", files missing.
+    clips, media = tmp_path / "clips", tmp_path / "media"
+    subclip = ["subclip", str(trailers), "-o", str(clips), *SUBCLIP]
+    frames = ["extract-frames", str(clips), "-o", str(media), "--fps", "2", "-q"]
+    assert main(subclip) == 0 and main(frames) == 0
+    cut, extracted = fingerprint(clips), read_manifest(media)
+    made = [*clips.rglob("*.mp4"), *media.glob("*/*/*"), *media.glob("*/*.wav")]
+    mtimes = {p: p.stat().st_mtime_ns for p in made}
+    (clips / "t1" / "t1_0.mp4").unlink()
+    (media / "t2_1" / "frames" / "000002.jpg").unlink()
+    (media / "t3_0" / "audio.wav").unlink()
+    capsys.readouterr()
+    assert main(subclip) == 0
+    err = capsys.readouterr().err
+    gone = clips / "t1" / "t1_0.mp4"
+    assert f"vpipe subclip: {gone}: recorded output is missing; redoing t1" in err
+    assert read_run_info(clips)["counts"]["already_done"] == 3
+    assert fingerprint(clips) == cut
+    assert main(frames) == 0
+    err = capsys.readouterr().err
+    assert f"{media / 't2_1' / 'frames'}: recorded output changed" in err
+    assert f"{media / 't3_0' / 'audio.wav'}: recorded output is missing; redoing t3_0" in err
+    assert read_manifest(media) == extracted  # the same records, sizes included
+    changed = {p.relative_to(tmp_path).as_posix() for p, t in mtimes.items()
+               if not p.exists() or p.stat().st_mtime_ns != t}
+    # Only the damaged items were made again (a re-cut clip of the same bounds: same frames).
+    assert {c.split("/")[1] for c in changed} == {"t1", "t2_1", "t3_0"}
+    assert main(frames) == 0
+    assert read_run_info(media)["counts"] == {**read_run_info(media)["counts"], "done": 0}

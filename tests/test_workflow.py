@@ -465,6 +465,28 @@ def test_a_deleted_middle_folder_is_remade_without_retraining(
     assert json.loads((work / "train" / "vpipe.json").read_text())["ended"] == trained["ended"]
 
 
+def test_outputs_deleted_inside_finished_stages_are_made_again(
+    project: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    # Regression (issue 11, 3): a finished stage whose files were deleted was "up to date".
+    work = project / "damaged"
+    assert vpipe_run(project, "--work-dir", "damaged", "--quiet", monkeypatch=monkeypatch) == 0
+    before = outputs(work)
+    jpeg = work / "extract-frames" / "red_1" / "frames" / "000001.jpg"
+    jpeg.unlink()
+    (shard,) = (work / "features").glob("shard-*.h5")
+    shard.unlink()
+    capsys.readouterr()
+    assert vpipe_run(project, "--work-dir", "damaged", monkeypatch=monkeypatch) == 0
+    err = capsys.readouterr().err
+    changed = "damaged/extract-frames/red_1/frames: recorded output changed"
+    assert changed in err and "; redoing red_1" in err
+    assert "vpipe extract-frames: 1 done, 7 already done" in err
+    assert "vpipe features: 8 done, 0 already done" in err  # its only shard was gone
+    assert jpeg.is_file() and shard.is_file()
+    assert_same(outputs(work), before)
+
+
 def test_a_bad_option_is_reported_before_missing_inputs(tmp_path: Path, capsys) -> None:
     wf = tmp_path / "bad.toml"
     wf.write_text('name = "bad"\n\n[subclip]\ncuont = 3\n', encoding="utf-8")

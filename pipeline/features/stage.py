@@ -93,6 +93,11 @@ class ShardSink:
             self.writer.abort()
 
 
+def shard_of(rec: dict) -> list[str]:
+    """The file a clip's record names (its size is recorded, for ``vpipe run``'s check)."""
+    return [rec["shard"]]
+
+
 def ok_record(rec: dict, row: dict) -> dict:
     """A clip's manifest record once its shard is in place."""
     return {
@@ -132,7 +137,8 @@ def extract_features(
     params = run_params(opts, enc, source, inputs)
     info = read_run_info(out) if out.is_dir() else None
     versions = {"torch": torch.__version__, "h5py": h5py.__version__}
-    run = Run(out, STAGE, params, overwrite=overwrite, versions=versions).open()
+    run = Run(out, STAGE, params, overwrite=overwrite, versions=versions,
+              outputs=shard_of).open()
     # Only once the folder's lock is held: a second copy must not delete the first one's shards.
     if overwrite and info is not None and info.get("params") != canonical(params):
         for p in shards.shard_paths(out):

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.records import read_run_info
+from pipeline.records import first_changed_output, read_run_info
 from pipeline.workflow.plan import RUN_ONLY_FLAGS, STAGES, Step
 
 
@@ -38,7 +38,8 @@ def _output_args(args: Sequence[str]) -> list[str]:
 
 
 def up_to_date(step: Step) -> bool:
-    """True when the step's output folder says it finished this same command with no failure."""
+    """True when the step's output folder says it finished this same command with no failure
+    and every output its manifest records is still there with the size it was written at."""
     if step.out is None or not step.out.is_dir():
         return False
     try:
@@ -49,7 +50,10 @@ def up_to_date(step: Step) -> bool:
         return False
     if (info.get("counts") or {}).get("failed", 1) != 0:
         return False
-    return _output_args(info.get("command", [])[1:]) == _output_args(step.args)
+    if _output_args(info.get("command", [])[1:]) != _output_args(step.args):
+        return False
+    # Finished once is not enough: the files its manifest names must still be there as written.
+    return not (_is_item_stage(step) and first_changed_output(step.out))
 
 
 def _changed(step: Step) -> bool:
