@@ -75,7 +75,8 @@ def decode(
     audio_rate_hz: int | None = None,
 ) -> Iterator[tuple[str, float, np.ndarray]]:
     """One demux/decode pass over a clip yielding ``("frame", t, rgb)`` for sampled frames and
-    ``("audio", t, int16 mono samples)`` chunks resampled to ``audio_rate_hz``.
+    ``("audio", t, int16 mono samples)`` chunks resampled to ``audio_rate_hz`` (mono is
+    ``ffmpeg -ac 1``'s downmix at the same level for every channel layout).
 
     Times are seconds from the first video frame (the clip start); the audio is aligned to it
     (padded or cut at the start, cut to the stream's declared length at the end). Frames that
@@ -239,15 +240,30 @@ def _check_complete(path: Path, container, end_s: float, stream=None) -> None:
         )
 
 
+def _float_to_s16(x: np.ndarray) -> np.ndarray:
+    """Float samples (full scale 1.0) as int16 the way libswresample converts them: rounded to
+    nearest (ties to even), saturated at full scale, never wrapped."""
+    return np.clip(np.rint(x * 32768.0), -32768, 32767).astype(np.int16)
+
+
 class _AudioAligner:
-    """Resamples to mono s16 at ``rate`` and aligns sample 0 with the clip start."""
+    """Downmixes to mono and resamples to ``rate`` (as ``ffmpeg -ac 1 -ar rate`` does in float),
+    as s16, and aligns sample 0 with the clip start.
+
+    The resampler outputs float, not s16: for an integer output libswresample scales its
+    rematrix so that the coefficients of each output channel sum to at most 1, so a downmix's
+    level would depend on how many channels the source has (a 5.1 track 2.4x quieter than its
+    own stereo fold-down). In float it applies the standard matrix itself (front L/R at -3 dB,
+    centre at 0 dB, surrounds at -6 dB, LFE dropped), the same for every layout and what
+    ``ffmpeg -ac 1`` gives in float; the s16 conversion then saturates what exceeds full scale.
+    """
 
     def __init__(self, stream, rate: int, origin: float) -> None:
         import av
 
         self.rate = rate
         self.origin = origin
-        self.resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
         self.n = 0  # samples emitted
         self.skip = 0  # samples still to drop at the start (audio began before the video)
         self.started = False
@@ -267,11 +283,11 @@ class _AudioAligner:
             else:
                 self.skip = round(-offset * self.rate)
         for out in self.resampler.resample(frame):
-            yield from self._out(out.to_ndarray().reshape(-1))
+            yield from self._out(_float_to_s16(out.to_ndarray().reshape(-1)))
 
     def flush(self) -> Iterator[tuple[str, float, np.ndarray]]:
         for out in self.resampler.resample(None):
-            yield from self._out(out.to_ndarray().reshape(-1))
+            yield from self._out(_float_to_s16(out.to_ndarray().reshape(-1)))
 
     def _out(self, x: np.ndarray) -> Iterator[tuple[str, float, np.ndarray]]:
         if self.skip:
@@ -282,7 +298,7 @@ class _AudioAligner:
         if len(x):
             t = self.n / self.rate
             self.n += len(x)
-            yield "audio", t, x.astype(np.int16, copy=False)
+            yield "audio", t, x
 
 
 def snap_down_us(t: float) -> str:
