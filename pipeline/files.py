@@ -4,16 +4,80 @@ Every output vpipe writes (a clip, a frame folder, a shard, a checkpoint, a reco
 through :func:`atomic_path`, which is what makes "kill it anywhere, run it again" safe: a
 reader never meets a half-written file under its real name, and leftovers of a killed write
 carry a name (``.name.tmp-PID``) that :func:`clean_temp_files` recognises.
+
+A full disk is not a fault of one item: every later write would fail the same way. A write
+that fails for want of space becomes :class:`DiskFull`, naming the output being written, and
+stops the stage; the temp file is removed as for any failed write, and what was complete is
+kept, so the same command completes once there is space.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from pipeline.errors import VpipeError
+
+# Out of space, or out of the user's quota: no later write to that device can succeed.
+_NO_ROOM = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+_TEMP_PART = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")
+
+
+class DiskFull(VpipeError):
+    """No space (or quota) left where an output is written: the stage stops as a whole."""
+
+    def __init__(self, path: str | os.PathLike | None, code: int = errno.ENOSPC) -> None:
+        super().__init__(None if path is None else str(path), code)  # args: it pickles
+        self.path, self.errno = self.args
+
+    def __str__(self) -> str:
+        what = _NO_ROOM.get(self.errno, os.strerror(self.errno))
+        return f"{what} writing {self.path}" if self.path else what
+
+
+def disk_full(e: BaseException, writing: str | os.PathLike | None = None) -> DiskFull | None:
+    """``e`` as a :class:`DiskFull` if it says the disk is full, else None.
+
+    It names the file in the error, else ``writing``: an ``OSError`` raised by ``write()``
+    carries no file name. A temp name is shown as the output it becomes.
+    """
+    if isinstance(e, DiskFull):
+        return e if e.path or writing is None else DiskFull(shown_path(writing), e.errno)
+    if isinstance(e, OSError) and e.errno in _NO_ROOM:
+        path = e.filename if e.filename is not None else writing
+        return DiskFull(None if path is None else shown_path(path), e.errno)
+    return None
+
+
+def disk_full_said(message: str) -> DiskFull | None:
+    """A full disk as a program vpipe runs (ffmpeg) says it, in its messages: they name no
+    file, which the :func:`atomic_path` or :func:`writing` around the call adds."""
+    code = next((c for c in _NO_ROOM if os.strerror(c) in message), None)
+    return None if code is None else DiskFull(None, code)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk met inside the block into :class:`DiskFull` naming ``path``."""
+    try:
+        yield
+    except Exception as e:
+        full = disk_full(e, path)
+        if full is None or full is e:
+            raise
+        raise full from None
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as the user will find it: ``OUT/.clip.tmp-PID/a.jpg`` is ``OUT/clip/a.jpg``."""
+    p = Path(path)
+    return str(Path(*[(m["name"] if (m := _TEMP_PART.match(part)) else part) for part in p.parts]))
 
 
 def temp_name(path: Path) -> Path:
@@ -31,7 +95,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = temp_name(path)
     remove(tmp)
     try:
-        yield tmp
+        with writing(path):
+            yield tmp
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(tmp, path)

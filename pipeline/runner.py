@@ -5,6 +5,11 @@ A stage's work is a list of :class:`Item`. :class:`Tracker` is the bookkeeping a
 item with its error line on stderr, the counts, the progress bar and the summary line.
 :func:`run_items` is the common loop over it (``work(item)`` in worker processes); ``vpipe
 features``, whose items are encoded in batches that mix clips, drives a Tracker itself.
+
+An item's failure is recorded and the batch goes on, except for a full disk
+(:class:`~pipeline.files.DiskFull`): every later item would fail the same way, so it stops the
+stage, leaving the folder as a kill would (finished items recorded, ``vpipe.json`` not stamped
+as ended) for the same command to complete once there is space.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import Skip, VpipeError
-from pipeline.records import FAILED, OK, SKIPPED, Run, Summary
+from pipeline.files import disk_full, writing
+from pipeline.records import FAILED, MANIFEST, OK, SKIPPED, Run, Summary
 
 
 def default_workers(reserved_cores: int = 0) -> int:
@@ -102,7 +108,8 @@ class Tracker:
     def record(self, item: Item, recs: Sequence[dict]) -> list[dict]:
         """Record all outcomes of ``item`` in one append, say its errors, count it."""
         recs = [{"input": item.input, **r} for r in recs]
-        written = self.run.record_item(item.id, recs)
+        with writing(self.run.out_dir / MANIFEST):
+            written = self.run.record_item(item.id, recs)
         statuses = {r["status"] for r in written}
         if FAILED in statuses:
             self.summary.failed += 1
@@ -126,9 +133,17 @@ class Tracker:
             print(self.summary.line(), file=sys.stderr)
         return self.summary
 
+    def stop(self) -> None:
+        """End a run that a full disk stopped, as a kill would: the finished items stay
+        recorded, vpipe.json is not stamped as ended (so nothing takes the folder for
+        complete) and no summary line follows the error."""
+        if self._bar is not None:
+            self._bar.close()
+
 
 def outcome(work: Callable[[Item], list[dict] | dict], item: Item) -> list[dict]:
-    """Run ``work`` and turn its result or exception into manifest records (never raises)."""
+    """Run ``work`` and turn its result or exception into manifest records; a full disk is
+    raised as :class:`~pipeline.files.DiskFull` instead, as it stops the stage."""
     try:
         out = work(item)
         recs = out if isinstance(out, list) else [out]
@@ -138,6 +153,9 @@ def outcome(work: Callable[[Item], list[dict] | dict], item: Item) -> list[dict]
             r.setdefault("item", item.id)
         return recs
     except Exception as e:
+        full = disk_full(e)
+        if full is not None:
+            raise full from None
         return [failure_record(item.id, e)]
 
 
@@ -182,14 +200,26 @@ def run_items(
         else:
             with ProcessPoolExecutor(max_workers=workers, initializer=_end_with_parent) as pool:
                 pending = {pool.submit(outcome, work, it): it for it in todo}
-                while pending:
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        handle(pending.pop(fut), fut.result())
-    finally:
-        order = [i for it in items for i in _ids_of(run, it)]
-        summary = tracker.close(order)
-    return summary
+                try:
+                    while pending:
+                        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            handle(pending.pop(fut), fut.result())
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)  # the items in flight end as they may
+                    raise
+    except BaseException as e:
+        end_run(tracker, e, lambda: [i for it in items for i in _ids_of(run, it)])
+        raise
+    return tracker.close([i for it in items for i in _ids_of(run, it)])
+
+
+def end_run(tracker: Tracker, e: BaseException, item_order: Callable[[], list[str]]) -> None:
+    """After ``e`` ended a stage's loop: stop the run on a full disk, else close it."""
+    if disk_full(e) is not None:
+        tracker.stop()
+    else:
+        tracker.close(item_order())
 
 
 def _end_with_parent(poll_s: float = 0.5) -> None:

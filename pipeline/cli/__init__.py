@@ -6,6 +6,7 @@ import sys
 
 from pipeline.cli.app import app
 from pipeline.errors import VpipeError
+from pipeline.files import disk_full
 
 # Importing the command modules registers their commands on ``app`` (order = --help order).
 from pipeline.cli import media_cmds  # noqa: E402,F401  isort: skip
@@ -18,13 +19,27 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vpipe`` console script."""
     try:
         app(args=argv, prog_name="vpipe", standalone_mode=True)
-    except VpipeError as e:
+    except Exception as e:
+        # A full disk, wherever the stage met it: what it was writing, said as the stage's
+        # own line (it stops the stage; the same command completes once there is space).
+        full = disk_full(e)
+        if full is not None:
+            print(f"vpipe {_command(argv)}: {full}", file=sys.stderr)
+            return full.exit_code
+        if not isinstance(e, VpipeError):
+            raise
         print(f"vpipe: error: {e}", file=sys.stderr)
         return e.exit_code
     except SystemExit as e:
         code = e.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     return 0
+
+
+def _command(argv: list[str] | None) -> str:
+    """The command being run (``vpipe``'s own options all come before it)."""
+    args = sys.argv[1:] if argv is None else argv
+    return next((a for a in args if not a.startswith("-")), "")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ already in complete shards as done and fails at once the clips whose files are m
 *loop* runs the image encoder on the source's uint8 batches (which mix clips), gathers each
 clip's rows, and once a clip's last frame is through adds its VGGish rows and hands it to the
 :class:`ShardSink`. A shard is renamed into place when full, then the index and the manifest
-lines follow, so an interrupted run loses at most the shard in progress.
+lines follow, so an interrupted run loses at most the shard in progress. A full disk stops the
+run the same way, the shard in progress removed (:class:`~pipeline.files.DiskFull`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from pipeline import shards
 from pipeline.features.encoders import Encoders, load_encoders
 from pipeline.features.options import FeatureOptions
 from pipeline.features.sources import ClipJob, source_for
-from pipeline.records import FAILED, OK, Run, Summary, canonical, read_run_info
-from pipeline.runner import Tracker, failure_record
+from pipeline.files import writing
+from pipeline.records import FAILED, MANIFEST, OK, Run, Summary, canonical, read_run_info
+from pipeline.runner import Tracker, end_run, failure_record
 
 STAGE = "features"
 SHARD_MAX_BYTES = 1 << 30  # a shard closes at this size even below --shard-size
@@ -77,8 +79,9 @@ class ShardSink:
         if self.writer is None:
             return
         w, self.writer = self.writer, None
-        rows = w.close()
-        shards.add_to_index(self.out, rows)
+        rows = w.close()  # a shard that cannot be finished is removed, its error raised
+        with writing(self.out / shards.INDEX):
+            shards.add_to_index(self.out, rows)
         self.number += 1
         self.bytes = 0
         index = {r["clip_id"]: r for r in rows}
@@ -149,7 +152,8 @@ def extract_features(
     for job in jobs:
         row = in_shards.get(job.id)
         if row is not None and run.previous.get(job.id, {}).get("status") != OK:
-            run.record_item(job.id, [ok_record(job.rec, row)])  # crashed before recording
+            with writing(out / MANIFEST):  # crashed before recording
+                run.record_item(job.id, [ok_record(job.rec, row)])
     todo = []
     for job in tracker.pending(jobs, finished=lambda j: j.id in in_shards):
         try:
@@ -160,9 +164,10 @@ def extract_features(
             tracker.record(job.item, [rec])
     try:
         encode(todo, source, enc, opts, tracker, out, on_shard)
-    finally:
-        summary = tracker.close([job.id for job in jobs])
-    return summary
+    except BaseException as e:
+        end_run(tracker, e, lambda: [job.id for job in jobs])
+        raise
+    return tracker.close([job.id for job in jobs])
 
 
 def encode(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions,

@@ -10,6 +10,7 @@ writes: parameters, versions, start/end, command, counts); each written atomical
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import shutil
@@ -112,8 +113,13 @@ def finish_run_folder(out: Path, summary: dict, done: int, already: int) -> None
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
+    # torch's own file writer reports a full disk as a RuntimeError that says neither which
+    # file nor why ("unexpected pos 704 vs 598"); written from memory, the failure is an
+    # OSError naming the disk as full. A checkpoint of these models is a few MB at most.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buf.getbuffer())
 
 
 def load_weights(model: SequenceModel, path: Path) -> int:
