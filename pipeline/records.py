@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -80,17 +81,20 @@ def ok_records(folder: str | os.PathLike) -> list[dict]:
 
 def output_bytes(out_dir: Path, rel: str) -> int | None:
     """Bytes of ``out_dir/rel`` (a folder: of all the files under it); ``None`` if absent."""
-    path = out_dir / rel
     try:
-        if not path.is_dir():
-            return path.stat().st_size
+        st = os.stat(out_dir / rel)
     except OSError:
         return None
+    return _tree_bytes(os.path.join(out_dir, rel)) if stat.S_ISDIR(st.st_mode) else st.st_size
+
+
+def _tree_bytes(folder: str) -> int:
     total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
+    with os.scandir(folder) as entries:
+        for e in entries:
             try:
-                total += os.stat(os.path.join(root, name)).st_size
+                is_dir = e.is_dir(follow_symlinks=False)
+                total += _tree_bytes(e.path) if is_dir else e.stat().st_size
             except OSError:
                 pass
     return total
@@ -263,6 +267,8 @@ class Run:
     _lock: FolderLock | None = field(default=None, init=False, repr=False)
     # work item id -> ids of its records: resume checks stay O(1) per item at any size.
     _by_item: dict[str, list[str]] = field(default_factory=dict, init=False)
+    # Records of forgotten items, kept in the compacted manifest unless the item is redone.
+    _forgotten: dict[str, dict] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -331,7 +337,8 @@ class Run:
     def forget(self, item_id: str) -> None:
         """Treat a work item as never done (its inputs changed since it was recorded)."""
         for i in self._by_item.pop(item_id, ()):
-            self.previous.pop(i, None)
+            if i in self.previous:
+                self._forgotten[i] = self.previous.pop(i)
 
     # -- recording ----------------------------------------------------------------------------
 
@@ -385,7 +392,9 @@ class Run:
     def close(self, summary: Summary | None = None, item_order: Iterable[str] = ()) -> None:
         """Rewrite the manifest compactly (one line per id, ``item_order`` first) and stamp the
         end time and ``summary``'s counts into vpipe.json."""
-        recs = read_manifest(self.out_dir)
+        # What the file holds, kept in memory as it was read and appended: not read again.
+        recs = {**{i: r for i, r in self._forgotten.items() if i not in self.previous},
+                **self.previous}
         order = list(dict.fromkeys([*item_order, *recs]))
         lines = [manifest_line(recs[i]) for i in order if i in recs]
         atomic_write_text(self.out_dir / MANIFEST, "".join(x + "\n" for x in lines))

@@ -286,3 +286,42 @@ def test_a_deleted_or_overwritten_shard_is_one_error_naming_it(tmp_path: Path) -
     with pytest.raises(shards.DamagedFeatures, match=r"shard-00001.h5: shard listed in "
                        r"index.jsonl but not on disk; run again the `vpipe features`"):
         open_features(tmp_path)
+
+
+def test_the_index_is_held_in_columns_of_a_few_bytes_a_clip(tmp_path: Path) -> None:
+    from pipeline.shards.index import IndexColumns
+
+    # issue 13: a dict per clip took ~800 bytes; 1M clips then needed ~1 GB for the index.
+    rows = [{"clip_id": f"trailer{k:06d}_{k % 4}", "source": f"trailer{k:06d}",
+             "shard": f"shard-{k // 256:05d}.h5", "row": k % 256, "n_frames": 60,
+             "n_audio": 31} for k in range(20000)]
+    cols = IndexColumns.from_rows(iter(rows))
+    assert cols.nbytes() / len(cols) <= 100
+    assert cols.row_dict(cols.position("trailer012345_1")) == rows[12345]
+    assert cols.position("trailer012345_2") is None and cols.position("x" * 99) is None
+    with pytest.raises(KeyError, match="nope"):
+        cols.positions(["trailer000001_1", "nope"])
+    part = cols.take(cols.positions(["trailer000007_3", "trailer000002_2"]))
+    assert part.clip_ids() == ["trailer000007_3", "trailer000002_2"]
+    assert part.row_dict(1) == rows[2]
+    # An id listed twice keeps its last line, in the place of its first; non-UTF-8 names too.
+    odd = "caf\udce9_0"
+    twice = IndexColumns.from_rows([{**rows[0], "n_frames": 1}, rows[1], rows[0],
+                                    {**rows[2], "clip_id": odd}])
+    assert twice.clip_ids() == [rows[0]["clip_id"], rows[1]["clip_id"], odd]
+    assert twice.row_dict(0)["n_frames"] == 60 and twice.position(odd) == 2
+
+
+def test_store_columns_follow_clip_ids(tmp_path: Path) -> None:
+    write(tmp_path, 0, [clip("a", 3, 2), clip("b", 0, 1, source="t")])
+    write(tmp_path, 1, [clip("c", 2, 0, source="t")])
+    rebuild_index(tmp_path)
+    with open_features(tmp_path) as store:
+        assert store.clip_ids == ["a", "b", "c"]
+        assert store.column("source") == ["s", "t", "t"]
+        assert store.column("shard") == ["shard-00000.h5", "shard-00000.h5", "shard-00001.h5"]
+        assert store.column("n_frames").tolist() == [3, 0, 2]
+        assert store.column("n_audio").tolist() == [2, 1, 0]
+        view = store.select(["c", "a"])
+        assert view.column("source") == ["t", "s"] and "b" not in view and "c" in view
+        assert [x.clip_id for x in view] == ["c", "a"]  # shard by shard, first listed first

@@ -13,7 +13,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.shards.index import parse_index
+from pipeline.shards.index import IndexColumns, read_columns
 from pipeline.shards.schema import (
     MAX_OPEN_SHARDS,
     MODALITIES,
@@ -71,22 +71,23 @@ class _Shard:
 class FeatureStore:
     """Read access to a feature folder: ``store[clip_id]``, iteration, sources, selection.
 
-    Only the index is read on open (rebuilt in memory from the shards, with a note, when it
-    is torn, lacks a field or misses a shard); a shard file is opened on first use and kept
-    open (the MAX_OPEN_SHARDS most recently used), its /clip_ids decide each clip's row, and a
-    clip read is one slice per dataset (each chunk checked by its fletcher32 checksum).
+    Only the index is read on open, into columns (:class:`IndexColumns`, ~40 bytes a clip;
+    rebuilt in memory from the shards, with a note, when it is torn, lacks a field or misses a
+    shard); a shard file is opened on first use and kept open (the ``max_open_shards`` most
+    recently used), its /clip_ids decide each clip's row, and a clip read is one slice per
+    dataset (each chunk checked by its fletcher32 checksum).
     """
 
     max_open_shards = MAX_OPEN_SHARDS
 
-    def __init__(self, folder: str | os.PathLike, rows: Sequence[dict] | None = None,
+    def __init__(self, folder: str | os.PathLike, rows: Sequence[dict] | IndexColumns | None = None,
                  noted: set[str] | None = None) -> None:
         self.folder = Path(folder)
         self._noted = set() if noted is None else noted  # notes said once per store
         if rows is None:
-            rows = self._index_rows()
-        self._rows = {r["clip_id"]: r for r in rows}
-        self._by_shard: dict[str, list[str]] | None = None
+            rows = self._index_columns()
+        self._cols = rows if isinstance(rows, IndexColumns) else IndexColumns.from_rows(rows)
+        self._checked: set[int] = set()  # shard codes whose rows were checked against the shard
         self._shards: dict[str, _Shard] = {}
         self._open: OrderedDict[str, _Shard] = OrderedDict()  # open shards, least recent first
 
@@ -95,60 +96,75 @@ class FeatureStore:
             self._noted.add(text)
             print(f"vpipe: note: {text}", file=sys.stderr)
 
-    def _index_rows(self) -> list[dict]:
-        """The index's rows, or the shards' own when the index cannot be trusted whole."""
+    def _index_columns(self) -> IndexColumns:
+        """The index, or the shards' own rows when the index cannot be trusted whole."""
         paths = shard_paths(self.folder)
-        rows, problems = parse_index(self.folder)
+        cols, problems = read_columns(self.folder)
         names = {p.name for p in paths}
-        for r in rows:
-            if r["shard"] not in names:  # deleted: its clips cannot be had from the others
-                open_shard(self.folder / r["shard"])  # raises, naming it and the fix
-        unlisted = sorted(names - {r["shard"] for r in rows})
+        for name in cols.shard_names:
+            if name not in names:  # deleted: its clips cannot be had from the others
+                open_shard(self.folder / name)  # raises, naming it and the fix
+        unlisted = sorted(names - set(cols.shard_names))
         if unlisted and not problems:
             problems = [f"{self.folder / 'index.jsonl'}: {unlisted[0]} is not in it"]
         if problems and paths:
             self._note(f"{problems[0]}; reading the clips from the shards instead (`vpipe "
                        "features` on this folder again rewrites the index)")
-            rows = [r for p in paths for r in index_rows(p)]
-        return rows
+            cols = IndexColumns.from_rows(r for p in paths for r in index_rows(p))
+        return cols
 
     # -- metadata ------------------------------------------------------------------------------
 
     @property
     def clip_ids(self) -> list[str]:
-        return list(self._rows)
+        return self._cols.clip_ids()
 
     def info(self, clip_id: str) -> dict:
         """The index row of a clip: shard, row, source, n_frames, n_audio."""
-        return self._rows[clip_id]
+        return self._cols.row_dict(self._position(clip_id))
+
+    def column(self, name: str) -> np.ndarray | list[str]:
+        """One index column for all clips, in ``clip_ids`` order: ``n_frames``, ``n_audio``,
+        ``row`` as arrays; ``source``, ``shard`` as lists of names."""
+        c = self._cols
+        if name in ("source", "shard"):
+            names = c.source_names if name == "source" else c.shard_names
+            return [names[k] for k in getattr(c, name).tolist()]
+        return getattr(c, name).copy()
 
     def sources(self) -> dict[str, list[str]]:
         """Source id → its clip ids, in index order."""
         out: dict[str, list[str]] = {}
-        for cid, r in self._rows.items():
-            out.setdefault(r["source"], []).append(cid)
+        for cid, src in zip(self.clip_ids, self.column("source"), strict=True):
+            out.setdefault(src, []).append(cid)
         return out
 
     def attrs(self, modality: str | None = None) -> dict[str, Any]:
         """Attributes of the first shard's root (``None``) or of a modality group."""
-        if not self._rows:
+        if not len(self._cols):
             return {}
-        f = self._shard(next(iter(self._rows.values()))["shard"]).open()
+        f = self._shard(self._cols.shard_of(0)).open()
         return read_attrs(f if modality is None else f[modality])
 
     def dim(self, modality: str) -> int:
         return int(self.attrs(modality).get("dim", 0))
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._cols)
 
     def __contains__(self, clip_id: object) -> bool:
-        return clip_id in self._rows
+        return isinstance(clip_id, str) and self._cols.position(clip_id) is not None
+
+    def _position(self, clip_id: str) -> int:
+        i = self._cols.position(clip_id)
+        if i is None:
+            raise KeyError(clip_id)
+        return i
 
     # -- data ----------------------------------------------------------------------------------
 
     def _shard(self, name: str) -> _Shard:
-        """The shard, opened; at most MAX_OPEN_SHARDS stay open (the least recently used is
+        """The shard, opened; at most ``max_open_shards`` stay open (the least recently used is
         closed), so a store of thousands of small shards does not run out of file handles."""
         if name not in self._shards:
             self._shards[name] = _Shard(self.folder / name)
@@ -164,55 +180,61 @@ class FeatureStore:
         return sh
 
     def _check_rows(self, sh: _Shard, name: str) -> None:
-        """Correct index rows that disagree with the shard's /clip_ids, and say so."""
-        if self._by_shard is None:  # once per store: a check per shard open stays O(its clips)
-            self._by_shard = {}
-            for c, r in self._rows.items():
-                self._by_shard.setdefault(r["shard"], []).append(c)
-        wrong = [c for c in self._by_shard.get(name, []) if self._rows[c]["row"] != sh.row(c)]
-        for c in wrong:
-            self._rows[c] = {**self._rows[c], "row": sh.row(c)}
-        if wrong:
+        """Correct index rows that disagree with the shard's /clip_ids, and say so (once per
+        shard: the check costs O(the shard's clips))."""
+        c = self._cols
+        code = c.shard_names.index(name) if name in c.shard_names else -1
+        if code < 0 or code in self._checked:
+            return
+        self._checked.add(code)
+        mine = np.flatnonzero(c.shard == code)
+        true_rows = np.array([sh.row(c.clip_id(i)) for i in mine], dtype=np.int32)
+        wrong = mine[c.row[mine] != true_rows]
+        if len(wrong):
+            c.row[mine] = true_rows
             self._note(f"{sh.path}: index.jsonl gives {len(wrong)} clip(s) another row than the "
-                       f"shard's /clip_ids (e.g. {wrong[0]}); using the shard's (`vpipe "
-                       "features` on this folder again rewrites the index)")
+                       f"shard's /clip_ids (e.g. {c.clip_id(int(wrong[0]))}); using the shard's "
+                       "(`vpipe features` on this folder again rewrites the index)")
 
-    def __getitem__(self, clip_id: str) -> ClipFeatures:
-        r = self._rows[clip_id]
-        sh = self._shard(r["shard"])
-        i = sh.row(clip_id)
+    def _clip(self, sh: _Shard, i: int, pos: int, data: dict | None = None) -> ClipFeatures:
         arrays = {}
         for m in MODALITIES:
             a, b = int(sh.offsets[m][i]), int(sh.offsets[m][i + 1])
-            arrays[m] = sh.read(f"{m}/features", slice(a, b))
-            arrays[f"{m}_timestamps"] = sh.read(f"{m}/timestamps", slice(a, b))
-        return ClipFeatures(
-            clip_id, r["source"], float(sh.start[i]), float(sh.end[i]), **arrays
-        )
+            if data is None:
+                arrays[m] = sh.read(f"{m}/features", slice(a, b))
+                arrays[f"{m}_timestamps"] = sh.read(f"{m}/timestamps", slice(a, b))
+            else:
+                arrays[m] = data[m][a:b]
+                arrays[f"{m}_timestamps"] = data[f"{m}_timestamps"][a:b]
+        return ClipFeatures(self._cols.clip_id(pos), self._cols.source_of(pos),
+                            float(sh.start[i]), float(sh.end[i]), **arrays)
+
+    def __getitem__(self, clip_id: str) -> ClipFeatures:
+        pos = self._position(clip_id)
+        sh = self._shard(self._cols.shard_of(pos))
+        return self._clip(sh, sh.row(clip_id), pos)
 
     def __iter__(self) -> Iterator[ClipFeatures]:
         """All clips, shard by shard; each shard's datasets are read whole, once."""
-        by_shard: dict[str, list[dict]] = {}
-        for r in self._rows.values():
-            by_shard.setdefault(r["shard"], []).append(r)
-        for name, rows in by_shard.items():
-            sh = self._shard(name)
-            data = {m: sh.read(f"{m}/features") for m in MODALITIES}
-            ts = {m: sh.read(f"{m}/timestamps") for m in MODALITIES}
-            for r in sorted(rows, key=lambda r: sh.row(r["clip_id"])):
-                i = sh.row(r["clip_id"])
-                arrays = {}
-                for m in MODALITIES:
-                    a, b = int(sh.offsets[m][i]), int(sh.offsets[m][i + 1])
-                    arrays[m] = data[m][a:b]
-                    arrays[f"{m}_timestamps"] = ts[m][a:b]
-                yield ClipFeatures(
-                    r["clip_id"], r["source"], float(sh.start[i]), float(sh.end[i]), **arrays
-                )
+        c = self._cols
+        order = np.argsort(c.shard, kind="stable")  # index order within a shard
+        bounds = np.flatnonzero(np.diff(c.shard[order])) + 1
+        groups = np.split(order, bounds) if len(order) else []
+        # Shards in the order of their first clip in the index.
+        for group in sorted(groups, key=lambda g: int(g[0])):
+            sh = self._shard(c.shard_of(int(group[0])))
+            data = {}
+            for m in MODALITIES:
+                data[m] = sh.read(f"{m}/features")
+                data[f"{m}_timestamps"] = sh.read(f"{m}/timestamps")
+            rows = [(sh.row(c.clip_id(int(p))), int(p)) for p in group]
+            for i, pos in sorted(rows):
+                yield self._clip(sh, i, pos, data)
 
     def select(self, clip_ids: Iterable[str]) -> FeatureStore:
         """A view on some clips (unknown ids raise KeyError)."""
-        return FeatureStore(self.folder, [self._rows[c] for c in clip_ids], self._noted)
+        return FeatureStore(self.folder, self._cols.take(self._cols.positions(clip_ids)),
+                            self._noted)
 
     def close(self) -> None:
         for sh in self._shards.values():

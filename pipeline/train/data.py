@@ -18,11 +18,7 @@ from pipeline.shards import MODALITIES, FeatureStore
 def present_modalities(store: FeatureStore) -> list[str]:
     """The modalities that have a dimension and at least one row in the folder."""
     key = {"image": "n_frames", "audio": "n_audio"}
-    return [
-        m
-        for m in MODALITIES
-        if store.dim(m) > 0 and any(store.info(c)[key[m]] > 0 for c in store.clip_ids)
-    ]
+    return [m for m in MODALITIES if store.dim(m) > 0 and (store.column(key[m]) > 0).any()]
 
 
 def warn_empty_clips(
@@ -30,8 +26,12 @@ def warn_empty_clips(
 ) -> list[str]:
     """Say which clips have no rows in any of ``modalities`` (e.g. ``--modalities audio`` on
     silent clips): the model gets an empty sequence for them. Returns those clip ids."""
+    if not modalities:
+        return []
     key = {"image": "n_frames", "audio": "n_audio"}
-    empty = [c for c in clip_ids if all(store.info(c)[key[m]] == 0 for m in modalities)]
+    rows = {c: i for i, c in enumerate(store.clip_ids)}
+    counts = sum(store.column(key[m]).astype(np.int64) for m in modalities)
+    empty = [c for c in clip_ids if counts[rows[c]] == 0]
     if empty:
         print(
             f"{prog}: warning: {len(empty)} of {len(clip_ids)} clips have no "

@@ -81,9 +81,8 @@ def summarise(
         "test": figures["test"],
         "baseline": base,
         "n_clips": {s: len(v) for s, v in p.split_ids.items()},
-        "n_sources": {
-            s: len({p.store.info(c)["source"] for c in v}) for s, v in p.split_ids.items()
-        },
+        "n_sources": {s: len(set(p.store.select(v).column("source")))
+                      for s, v in p.split_ids.items()},
         "unlabeled_clips": len(p.joined.unlabeled),
         "unknown_label_ids": len(p.joined.unknown),
         "seconds_per_epoch": round(float(np.mean([r["seconds"] for r in history])), 3)

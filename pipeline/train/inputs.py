@@ -118,7 +118,8 @@ def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = Fa
         )
     dims = {m: store.dim(m) for m in mods}
 
-    sources = {c: store.info(c)["source"] for c in joined.labels}
+    source_of = dict(zip(store.clip_ids, store.column("source"), strict=True))
+    sources = {c: source_of[c] for c in joined.labels}
     side = split_by_source(sources, cfg.val_fraction, cfg.test_fraction, cfg.seed, joined.splits)
     split_ids = {s: [c for c in joined.labels if side[c] == s] for s in ("train", "val", "test")}
     if not split_ids["train"]:

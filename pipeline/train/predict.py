@@ -206,12 +206,9 @@ def predict_run(
     data, dev = _sequences(model, spec, store, ids, device)
     outs, _ = run_model(model, data, None, spec, dev)
     lines, by_source = [], {}
-    for cid, o in zip(ids, outs, strict=True):
-        info = store.info(cid)
-        by_source.setdefault(info["source"], []).append(o)
-        lines.append(
-            {"level": "clip", "id": cid, "source": info["source"], **_describe(spec, o, thr)}
-        )
+    for cid, src, o in zip(ids, store.column("source"), outs, strict=True):
+        by_source.setdefault(src, []).append(o)
+        lines.append({"level": "clip", "id": cid, "source": src, **_describe(spec, o, thr)})
     for src, os_ in by_source.items():
         lines.append(
             {
