@@ -214,22 +214,32 @@ class FeatureStore:
         sh = self._shard(self._cols.shard_of(pos))
         return self._clip(sh, sh.row(clip_id), pos)
 
-    def __iter__(self) -> Iterator[ClipFeatures]:
-        """All clips, shard by shard; each shard's datasets are read whole, once."""
+    def _by_shard(self) -> list[np.ndarray]:
+        """Positions grouped by shard, shards in the order of their first clip in the index."""
         c = self._cols
         order = np.argsort(c.shard, kind="stable")  # index order within a shard
         bounds = np.flatnonzero(np.diff(c.shard[order])) + 1
         groups = np.split(order, bounds) if len(order) else []
-        # Shards in the order of their first clip in the index.
-        for group in sorted(groups, key=lambda g: int(g[0])):
-            sh = self._shard(c.shard_of(int(group[0])))
+        return sorted(groups, key=lambda g: int(g[0]))
+
+    def clip_ids_in_read_order(self) -> list[str]:
+        """The clip ids in the order iteration yields them (by shard, then row), from the
+        index alone: nothing is read."""
+        c = self._cols
+        return [c.clip_id(int(p)) for g in self._by_shard()
+                for p in g[np.argsort(c.row[g], kind="stable")]]
+
+    def __iter__(self) -> Iterator[ClipFeatures]:
+        """All clips, shard by shard; each shard's datasets are read whole, once."""
+        c = self._cols
+        for group in self._by_shard():
+            sh = self._shard(c.shard_of(int(group[0])))  # corrects the rows if they are wrong
             data = {}
             for m in MODALITIES:
                 data[m] = sh.read(f"{m}/features")
                 data[f"{m}_timestamps"] = sh.read(f"{m}/timestamps")
-            rows = [(sh.row(c.clip_id(int(p))), int(p)) for p in group]
-            for i, pos in sorted(rows):
-                yield self._clip(sh, i, pos, data)
+            for pos in group[np.argsort(c.row[group], kind="stable")]:
+                yield self._clip(sh, int(c.row[pos]), int(pos), data)
 
     def select(self, clip_ids: Iterable[str]) -> FeatureStore:
         """A view on some clips (unknown ids raise KeyError)."""

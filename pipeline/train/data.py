@@ -98,18 +98,37 @@ class ClipSequences:
         cid = self.clip_ids[i]
         return self._ram[cid] if self._ram is not None else self._cut(self.store[cid])
 
+    def _in_read_order(self) -> Iterator[dict[str, np.ndarray]]:
+        """Every clip's sequences in the store's read order (shard by shard): streamed, that
+        is one pass over each shard instead of a read per clip; in RAM, the same order, so
+        both give the same sums to the last bit."""
+        if self._ram is not None:
+            for cid in self.store.select(self.clip_ids).clip_ids_in_read_order():
+                yield self._ram[cid]
+        else:
+            for clip in self.store.select(self.clip_ids):
+                yield self._cut(clip)
+
     def frame_stats(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
         """Mean and std over all frames (for input normalisation; std floored)."""
-        dim = self.store.dim(modality)
-        total, sq, n = np.zeros(dim), np.zeros(dim), 0
-        for i in range(len(self)):
-            a = self[i][modality].astype(np.float64)
-            total += a.sum(0)
-            sq += (a * a).sum(0)
-            n += a.shape[0]
-        mean = total / max(n, 1)
-        std = np.sqrt(np.maximum(sq / max(n, 1) - mean * mean, 0.0))
-        return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+        return self.frame_stats_of([modality])[modality]
+
+    def frame_stats_of(self, modalities: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """:meth:`frame_stats` of several modalities in one pass over the clips."""
+        acc = {m: [np.zeros(self.store.dim(m)), np.zeros(self.store.dim(m)), 0]
+               for m in modalities}
+        for seqs in self._in_read_order():
+            for m, a_ in acc.items():
+                a = seqs[m].astype(np.float64)
+                a_[0] += a.sum(0)
+                a_[1] += (a * a).sum(0)
+                a_[2] += a.shape[0]
+        out = {}
+        for m, (total, sq, n) in acc.items():
+            mean = total / max(n, 1)
+            std = np.sqrt(np.maximum(sq / max(n, 1) - mean * mean, 0.0))
+            out[m] = (mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32))
+        return out
 
 
 def pad_batch(items: Sequence[dict[str, np.ndarray]], modalities: Sequence[str]) -> dict:
