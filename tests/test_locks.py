@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.media.ffmpeg import ffmpeg_exe
 from pipeline.records import LOCK, FolderInUse, Run, read_manifest
 
@@ -97,3 +98,97 @@ def test_a_lock_is_released_when_a_run_is_refused_or_closed(tmp_path):
     with pytest.raises(Exception, match="other parameters"):
         Run(tmp_path, "subclip", {"a": 2}).open()
     Run(tmp_path, "subclip", {"a": 1}).open().close()
+
+
+# --------------------------------------------------------------------------- vpipe train
+
+LONG = ["--epochs", "100000", "--patience", "100000", "--hidden", "8", "--device", "cpu", "-q"]
+
+
+@pytest.fixture(scope="module")
+def feature_set(tmp_path_factory) -> tuple[Path, Path]:
+    from pipeline.train.synthetic import make_feature_set
+
+    folder = tmp_path_factory.mktemp("lock-train") / "features"
+    csv, _ = make_feature_set(folder, "classification", n_sources=8, seed=1)
+    return folder, csv
+
+
+def train_args(feature_set: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
+    folder, csv = feature_set
+    return ["train", str(folder), "--labels", str(csv), "-o", str(out), *LONG, *extra]
+
+
+def refused(out: Path, holder: subprocess.Popen, args: list[str]) -> None:
+    """A second ``vpipe`` into ``out`` exits 2 at once, naming the holder's pid."""
+    second = vpipe(*args)
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 2, err
+    assert err.strip().splitlines() == [
+        f"vpipe: error: {out}: another vpipe (pid {holder.pid}) is writing into this "
+        "folder; wait for it to end, or choose another --out"
+    ]
+    assert holder.poll() is None  # the first copy's work was not disturbed
+
+
+@pytest.mark.slow
+def test_a_second_train_into_one_run_folder_is_refused_and_a_killed_holder_blocks_nothing(
+    feature_set, tmp_path
+):
+    out = tmp_path / "run"
+    first = vpipe(*train_args(feature_set, out))  # trains until killed
+    try:
+        wait_for_lock(out, first)
+        refused(out, first, train_args(feature_set, out))
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+    assert (out / LOCK).read_text().strip() == str(first.pid)  # left by the killed holder
+    again = vpipe(*train_args(feature_set, out, "--epochs", "2", "--overwrite"))
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not (out / LOCK).exists()  # released, and removed, when the run ended
+
+
+@pytest.mark.slow
+def test_train_overwrite_clears_the_run_but_keeps_its_lock(feature_set, tmp_path):
+    """--overwrite empties the folder of the earlier run, all but the lock it holds there: a
+    lock file deleted under its holder would let a second copy in."""
+    out = tmp_path / "run"
+    assert main(train_args(feature_set, out, "--epochs", "1")) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    first = vpipe(*train_args(feature_set, out, "--overwrite"))
+    try:
+        end = time.time() + 120
+        while time.time() < end:  # two epochs of the new run: the old one is gone
+            m = out / "metrics.jsonl"
+            if m.exists() and len(m.read_text().splitlines()) >= 2:
+                break
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        assert (out / LOCK).read_text().strip() == str(first.pid)
+        refused(out, first, train_args(feature_set, out, "--overwrite"))
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+
+
+def test_train_is_refused_in_a_locked_folder_and_refused_input_leaves_no_folder(
+    feature_set, tmp_path
+):
+    from pipeline.errors import UsageError
+    from pipeline.records import FolderLock
+    from pipeline.train import TrainConfig, train
+
+    folder, csv = feature_set
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = FolderLock(out)  # another run's lock: a second open file, refused as a process is
+    with pytest.raises(FolderInUse, match=f"pid {os.getpid()}"):
+        train(folder, csv, out, TrainConfig(epochs=1, device="cpu"), quiet=True)
+    assert sorted(p.name for p in out.iterdir()) == [LOCK]  # nothing read or written there
+    lock.release()
+    with pytest.raises(UsageError, match="no such labels file"):
+        train(folder, tmp_path / "missing.csv", tmp_path / "new", TrainConfig(), quiet=True)
+    assert not (tmp_path / "new").exists()  # made for its lock, removed with it

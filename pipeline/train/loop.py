@@ -1,12 +1,14 @@
 """The training loop: ``train(features, labels, out, config)`` and the epoch loop, :func:`fit`.
 
-Everything that can be wrong with the input is checked by :func:`inputs.prepare` before the run
-folder is created, so a bad labels file never leaves a half-written run behind. Each epoch trains
-on the training clips in an order drawn from (seed, epoch), evaluates val and test, rewrites
-``metrics.jsonl`` and ``curves.png``, and saves ``last.pt`` (with optimizer and RNG states, so
-``--resume`` continues exactly) and ``best.pt`` when the validation metric improves. The final
-figures come from ``best.pt``. ``vpipe.json`` is written when training starts and stamped with
-the end time and the counts (in epochs) when the summary is written, as every stage does.
+The run folder's lock is taken first (a second copy is refused at once); everything that can be
+wrong with the input is then checked by :func:`inputs.prepare` before anything is written there
+(a folder made only for the lock is removed again), so a bad labels file never leaves a
+half-written run behind. Each epoch trains on the training clips in an order drawn from (seed,
+epoch), evaluates val and test, rewrites ``metrics.jsonl`` and ``curves.png``, and saves
+``last.pt`` (with optimizer and RNG states, so ``--resume`` continues exactly) and ``best.pt``
+when the validation metric improves. The final figures come from ``best.pt``. ``vpipe.json``
+is written when training starts and stamped with the end time and the counts (in epochs) when
+the summary is written, as every stage does.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pipeline.train.runs import (
     load_weights,
     open_run_folder,
     report_complete,
+    run_folder_lock,
     run_params,
     save_checkpoint,
     start_run_folder,
@@ -71,6 +74,19 @@ def train(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder")
+    with run_folder_lock(out):
+        return _train(features, labels_csv, out, cfg, resume, overwrite, quiet)
+
+
+def _train(
+    features: str | Path,
+    labels_csv: str | Path,
+    out: Path,
+    cfg: TrainConfig,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+) -> dict:
     p = prepare(Path(features), Path(labels_csv), cfg, quiet)
     spec = model_spec(cfg, p)
     cfg = spec.config  # the options with the modalities used

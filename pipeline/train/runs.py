@@ -4,17 +4,19 @@
 where the input came from), ``metrics.jsonl`` (one line per epoch), ``best.pt`` (weights + the
 model spec, all predict needs), ``last.pt`` (also optimizer, RNG state and history, for
 ``--resume``), ``summary.json``, ``curves.png``, and ``vpipe.json`` (the run record every stage
-writes: parameters, versions, start/end, command, counts); each written atomically.
+writes: parameters, versions, start/end, command, counts); each written atomically. A train
+call holds the folder's lock (``.vpipe.lock``, as every stage does) from start to end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
-import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import torch
 
 from pipeline import records
 from pipeline.errors import ParamsChanged, UsageError
-from pipeline.files import atomic_path, atomic_write_text, clean_temp_files, sha256_of
+from pipeline.files import atomic_path, atomic_write_text, clean_temp_files, remove, sha256_of
 from pipeline.records import now_iso, read_run_info
 from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
 from pipeline.train.metrics import MAIN_METRIC
@@ -71,6 +73,30 @@ def write_run_info(out: Path, fields: dict) -> None:
     records.write_run_info(out, "train", fields, train_versions())
 
 
+@contextlib.contextmanager
+def run_folder_lock(out: Path) -> Iterator[None]:
+    """Hold ``RUN/.vpipe.lock`` for a whole train call: a second copy into the same run folder
+    is refused naming the holder's pid (exit 2), and a killed holder blocks nothing.
+
+    Taken before anything is read or cleaned there. A folder made here for the lock is
+    removed again if the call leaves it empty (refused input leaves no run behind).
+    """
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = records.FolderLock(out)
+    try:
+        yield
+    finally:
+        lock.release()
+        if made and not any(out.iterdir()):
+            out.rmdir()
+
+
+def run_entries(out: Path) -> list[Path]:
+    """What the run folder holds, its lock aside."""
+    return [p for p in out.iterdir() if p.name != records.LOCK] if out.is_dir() else []
+
+
 def start_run_folder(
     out: Path,
     spec: ModelSpec,
@@ -86,7 +112,10 @@ def start_run_folder(
     """Write ``config.json`` (the model spec and where its input came from), ``splits.json``
     and ``vpipe.json``; with ``overwrite``, an earlier run there is removed first."""
     if overwrite and (out / "config.json").exists():
-        shutil.rmtree(out)
+        # All but the lock: a lock file deleted under its holder would let a second copy
+        # take a new one beside it and write here too.
+        for p in run_entries(out):
+            remove(p)
     out.mkdir(parents=True, exist_ok=True)
     config = {
         **spec.to_dict(),
@@ -178,7 +207,7 @@ def open_run_folder(
     (``device``/``stream`` aside) on the same labels and features continue the run there; with
     ``resume``, ``epochs`` and ``patience`` may change too; anything else needs ``overwrite``.
     """
-    if not out.exists() or not any(out.iterdir()):
+    if not run_entries(out):
         return None
     cfg_path = out / "config.json"
     if not cfg_path.exists():
