@@ -6,6 +6,10 @@ each written clip. Keyframe mode falls back to exact mode, with a note on stderr
 records, for a source whose keyframes cannot place the clips (e.g. a single keyframe). Clips
 land in ``OUT/<source_id>/<clip_id>.mp4``; the source folder is written under a temp name and
 renamed, so a source is either complete or absent.
+
+A clip is kept only when it holds exactly its planned frames and its span of the source decodes
+without damage (checked when an exact cut's decoders said anything, and for every stream copy,
+which decodes nothing); a damaged clip is a failed record naming where, the intact ones stay ok.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import numpy as np
 from pipeline import media
 from pipeline.errors import MediaError, TooShort, UsageError
 from pipeline.files import atomic_path
-from pipeline.records import Run, Summary
+from pipeline.media.probe import ERR_DETECT, decoding_damage
+from pipeline.records import FAILED, Run, Summary
 from pipeline.runner import Item, run_items
 
 MODES = ("exact", "keyframe")
@@ -35,6 +40,8 @@ _CLIPS_PER_PROCESS = 4
 # Exact cuts of a source without a seek index (media.UNINDEXED_FORMATS) seek this many seconds
 # before the keyframe the clip's first frame needs, and drop the frames before it after decoding.
 _SEEK_MARGIN_S = 1.0
+# The decoders of an exact cut flag damage as decoding_damage's do ("corrupt decoded frame").
+_ERR_DETECT = ["-err_detect:v", ERR_DETECT]
 
 
 @dataclass(frozen=True)
@@ -162,17 +169,24 @@ def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions) -> list[dict]
         )
     mode = opts.mode
     folder = out_dir / src.source_id
-    records = []
+    records, errors = [], []
     with atomic_path(folder) as tmp:
         tmp.mkdir(parents=True)
         if mode == "exact":
-            _cut_exact(src.path, info, frames, clips, tmp, opts)
+            suspects = _cut_exact(src.path, info, frames, clips, tmp, opts)
         else:
             _cut_keyframe(src.path, info, frames, clips, tmp)
+            suspects = {c.clip_id for c in clips}  # a stream copy decodes nothing: check all
         for clip in clips:
-            records.append(_measure(tmp / f"{clip.clip_id}.mp4", clip, src, mode))
+            rec = _measure(tmp / f"{clip.clip_id}.mp4", clip, src, mode, frames,
+                           check=clip.clip_id in suspects)
             if note:
-                records[-1]["note"] = note
+                rec["note"] = note
+            if rec.get("status") == FAILED:
+                errors.append(rec.pop("cause"))
+            records.append(rec)
+        if len(errors) == len(records):  # nothing to keep: the source failed
+            raise MediaError(f"{src.path}: " + "; ".join(errors))
     return records
 
 
@@ -206,13 +220,49 @@ def report_note(stage: str, label: str, message: str) -> None:
     print(f"vpipe {stage}: {label}: note: {message}", file=sys.stderr)
 
 
-def _measure(path: Path, clip: Subclip, src: media.SourceRef, mode: str) -> dict:
-    """The clip's manifest record, its duration measured from the written file."""
-    written = media.frame_times(path)
-    probed = media.probe(path)
+def _measure(
+    path: Path, clip: Subclip, src: media.SourceRef, mode: str, frames: media.FrameTimes,
+    *, check: bool,
+) -> dict:
+    """The clip's manifest record, measured from the written file, or a failed record (its
+    file removed) when the source's data for it is damaged.
+
+    The written clip must hold exactly the source frames of [start, end): its bounds are then
+    those frames' times on the source's own grid, so a clip ends where the next one starts
+    (``end <= next start``) and not where the last frame's rounded duration says. ``check``
+    (the cut's decoder said something, or a stream copy that decoded nothing) decodes the
+    clip's span to find damage; a frame count that is not the plan's does too.
+    """
+    planned = int(np.count_nonzero(
+        (frames.times >= clip.start_s - 1e-6) & (frames.times < clip.end_s - 1e-6)
+    ))
+    try:
+        written = media.frame_times(path)
+    except MediaError as e:
+        if mode == "exact":  # vpipe's own encode: damage in the source, or a bug
+            damage = decoding_damage(src.path, frames, clip.start_s, clip.end_s)
+            if damage is None:
+                raise
+            return _failed(path, clip, src, mode, damage.describe())
+        # A stream copy of damaged data may not even open.
+        why = str(e).removeprefix(f"{path}: ")
+        return _failed(path, clip, src, mode,
+                       f"damaged data (the copied clip is unreadable: {why})")
     if abs(written.times[0]) > 1e-3:
         raise MediaError(f"{path.name}: written clip starts at {written.times[0]:.3f}s, not 0")
-    duration = written.end_s - written.times[0]
+    n_frames = len(written.times)
+    damage = None
+    if check or n_frames != planned:
+        # Exact mode decoded the source: look there. A stream copy's damage is in the copy.
+        damage = (decoding_damage(src.path, frames, clip.start_s, clip.end_s) if mode == "exact"
+                  else decoding_damage(path, written))
+    if damage is not None:
+        return _failed(path, clip, src, mode,
+                       damage.describe(0.0 if mode == "exact" else clip.start_s))
+    if n_frames != planned:
+        return _failed(path, clip, src, mode,
+                       f"the written clip has {n_frames} frames, the source {planned} in its span")
+    probed = media.probe(path)
     rotation = media.display_rotation(path)
     width, height = media.upright_size(probed.width, probed.height, rotation)
     return {
@@ -222,16 +272,29 @@ def _measure(path: Path, clip: Subclip, src: media.SourceRef, mode: str) -> dict
         "source_path": str(src.path),
         "path": f"{src.source_id}/{path.name}",
         "start": round(clip.start_s, 6),
-        "end": round(clip.start_s + duration, 6),
-        "duration": round(duration, 6),
+        "end": round(clip.end_s, 6),
+        "duration": round(clip.end_s - clip.start_s, 6),
         "mode": mode,
-        "n_frames": int(len(written.times)),
+        "n_frames": n_frames,
         "fps": round(probed.fps, 6),
         # As players show it: a stream copy keeps a phone video's sideways frames + rotation.
         "width": width,
         "height": height,
         "rotation": rotation,
         "has_audio": probed.has_audio,
+    }
+
+
+def _failed(path: Path, clip: Subclip, src: media.SourceRef, mode: str, why: str) -> dict:
+    """The failed record of a clip whose source data is damaged; its written file is removed
+    (``cause`` is popped by the caller: the source's error when no clip is kept)."""
+    cause = f"{why}, in clip {clip.clip_id} ({clip.start_s:.2f}-{clip.end_s:.2f}s)"
+    path.unlink(missing_ok=True)
+    return {
+        "id": clip.clip_id, "item": src.source_id, "status": FAILED,
+        "error": f"{src.path}: {cause}, not kept", "cause": cause,
+        "source": src.source_id, "source_path": str(src.path),
+        "start": round(clip.start_s, 6), "end": round(clip.end_s, 6), "mode": mode,
     }
 
 
@@ -242,10 +305,13 @@ def _cut_exact(
     clips: list[Subclip],
     out: Path,
     opts: SubclipOptions,
-) -> None:
+) -> set[str]:
     """Re-encode each clip frame-accurately; one ffmpeg process per group of clips, each
-    clip an input seeked to its first frame so only its own span is decoded."""
+    clip an input seeked to its first frame so only its own span is decoded. Returns the
+    clips of the groups whose ffmpeg said anything at warning level (its decoders report
+    damaged input there): those are checked."""
     keys = frames.keyframe_times
+    suspects: set[str] = set()
     for g in range(0, len(clips), _CLIPS_PER_PROCESS):
         group = clips[g : g + _CLIPS_PER_PROCESS]
         args: list[str] = []
@@ -260,10 +326,10 @@ def _cut_exact(
                 before = keys[keys <= c.start_s + 1e-6]
                 seek = max(0.0, (before[-1] if len(before) else 0.0) - _SEEK_MARGIN_S)
                 seek_s = media.snap_down_us(seek)
-                args += ["-ss", seek_s, "-i", str(src)]
+                args += [*_ERR_DETECT, "-ss", seek_s, "-i", str(src)]
                 trims.append(["-ss", media.snap_down_us(c.start_s - float(seek_s)), "-t", length])
             else:
-                args += ["-ss", start, "-t", length, "-i", str(src)]
+                args += [*_ERR_DETECT, "-ss", start, "-t", length, "-i", str(src)]
                 trims.append([])
         for i, c in enumerate(group):
             args += ["-map", f"{i}:v:0", "-map", f"{i}:a:0?", "-sn", "-dn", *trims[i]]
@@ -271,9 +337,13 @@ def _cut_exact(
                 args += ["-vf", "crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0"]
             args += ["-c:v", "libx264", "-preset", opts.preset, "-crf", str(opts.crf)]
             args += ["-pix_fmt", "yuv420p", "-fps_mode", "passthrough"]
-            args += ["-c:a", "aac", "-b:a", "128k", "-movflags", "+faststart"]
+            if info.has_audio:  # (an unused -b:a is a warning, and warnings are checked)
+                args += ["-c:a", "aac", "-b:a", "128k"]
+            args += ["-movflags", "+faststart"]
             args += ["-f", "mp4", str(out / f"{c.clip_id}.mp4")]
-        media.run_ffmpeg(args, what=f"{src}: cutting subclips")
+        if media.run_ffmpeg(args, what=f"{src}: cutting subclips", loglevel="warning"):
+            suspects.update(c.clip_id for c in group)
+    return suspects
 
 
 def _cut_keyframe(

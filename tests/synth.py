@@ -109,8 +109,10 @@ def make_lavfi_video(
     fps: float = 25,
     tone_hz: float = 440,
     preset: str = "ultrafast",
+    gop: int | None = None,
 ) -> Path:
-    """A larger test clip from ffmpeg's testsrc2 + a sine tone (for benchmarks)."""
+    """A larger test clip from ffmpeg's testsrc2 + a sine tone (for benchmarks, and for damage:
+    its frames fill the file, so bytes overwritten at x% of it hit the data at ~x% of its time)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = size
@@ -118,6 +120,8 @@ def make_lavfi_video(
     cmd += ["-f", "lavfi", "-i", f"testsrc2=s={w}x{h}:r={fps}:d={duration_s}"]
     cmd += ["-f", "lavfi", "-i", f"sine=f={tone_hz}:r=44100:d={duration_s}"]
     cmd += ["-c:v", "libx264", "-preset", preset, "-pix_fmt", "yuv420p", "-c:a", "aac"]
+    if gop:
+        cmd += ["-g", str(gop), "-sc_threshold", "0"]
     cmd += [str(path)]
     subprocess.run(cmd, check=True)
     return path
@@ -127,4 +131,17 @@ def make_truncated(src: str | Path, dst: str | Path, keep: float = 0.4) -> Path:
     """Copy the first ``keep`` fraction of a file's bytes (a download cut short)."""
     data = Path(src).read_bytes()
     Path(dst).write_bytes(data[: int(len(data) * keep)])
+    return Path(dst)
+
+
+def make_damaged(src: str | Path, dst: str | Path, *, at: float = 0.4, n_bytes: int = 20_000,
+                 seed: int = 0) -> Path:
+    """Copy a file with ``n_bytes`` random bytes written over it from ``at`` of its size (a
+    disk or transfer error inside the media data; the file still opens)."""
+    data = bytearray(Path(src).read_bytes())
+    i = int(len(data) * at)
+    noise = np.random.default_rng(seed).integers(0, 256, n_bytes, np.uint8)
+    data[i : i + n_bytes] = noise.tobytes()
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    Path(dst).write_bytes(bytes(data))
     return Path(dst)

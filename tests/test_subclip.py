@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -474,3 +475,180 @@ def test_keyframe_mode_does_not_cut_at_open_gop_keyframes(tmp_path: Path) -> Non
         assert times[0] == 0.0 and idx == list(range(idx[0], idx[0] + r["n_frames"]))
         assert read_cv2(out / r["path"]) == idx and idx[0] > prev
         prev = idx[-1]
+
+
+# --------------------------------------------------------------------------- damaged sources
+
+
+@pytest.fixture(scope="module")
+def busy_source(media_dir: Path) -> Path:
+    """12 s of testsrc2 + a tone, a keyframe every second: its frames fill the file, so bytes
+    overwritten at x% of it land in the media data at about x% of its time."""
+    return synth.make_lavfi_video(media_dir / "busy" / "busy.mp4", duration_s=12.0,
+                                  size=(320, 240), gop=25)
+
+
+DAMAGE_ARGS = ["--count", "2", "--duration", "5", "--start", "1"]
+
+
+@pytest.fixture(scope="module")
+def clean_cuts(busy_source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """busy_source cut in each mode, as the damaged copies are."""
+    out = tmp_path_factory.mktemp("clean-cuts")
+    for mode in ("exact", "keyframe"):
+        assert main(["subclip", str(busy_source), "-o", str(out / mode), *DAMAGE_ARGS,
+                     "--mode", mode, "-q"]) == 0
+    return {mode: out / mode for mode in ("exact", "keyframe")}
+
+
+def decoded(path: Path, start_s: float = 0.0, end_s: float = np.inf) -> dict:
+    """The decoded video and audio frames of a file shown in [start_s, end_s), by (kind,
+    pts), decoded as a cutter does: from the keyframe before start_s. A damaged packet's
+    frames are absent (PyAV raises for them; a player would skip or conceal them)."""
+    out = {}
+    with av.open(str(path)) as c:
+        c.streams.video[0].thread_type = "AUTO"
+        if start_s > 0:
+            c.seek(round(start_s * 1e6))  # backward, to a keyframe
+        for packet in c.demux():
+            if packet.pts is not None and packet.pts * packet.time_base > end_s + 1:
+                break
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                continue
+            for f in frames:
+                if start_s - 1e-6 <= f.time < end_s - 1e-6:
+                    kind = packet.stream.type
+                    out[kind, f.pts] = (f.to_ndarray() if kind == "audio"
+                                        else f.to_ndarray(format="gray"))
+    return out
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# (where, bytes): the issue's recipe; 100 bytes that decode without any error (only a decoder
+# told to look closer marks the frame); 100 bytes in an audio packet.
+DAMAGE = {"20KB-at-40%": (0.40, 20_000), "silent-100B-at-53%": (0.53, 100),
+          "audio-100B-at-30%": (0.30, 100)}
+
+
+@pytest.mark.parametrize("mode", ["exact", "keyframe"])
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_source_fails_the_clips_it_reaches_and_keeps_the_intact_ones(
+    busy_source: Path, clean_cuts: dict[str, Path], tmp_path: Path, capsys, mode: str,
+    damage: str
+) -> None:
+    at, n_bytes = DAMAGE[damage]
+    src = synth.make_damaged(busy_source, tmp_path / "in" / "busy.mp4", at=at, n_bytes=n_bytes)
+    code = main(["subclip", str(src), "-o", str(tmp_path / "out"), *DAMAGE_ARGS, "--mode", mode,
+                 "-q"])
+    clean, recs = manifest(clean_cuts[mode]), manifest(tmp_path / "out")
+    assert [r["id"] for r in recs] == [r["id"] for r in clean] == ["busy_0", "busy_1"]
+    # Which clips the damage reaches: their span decodes otherwise from the damaged source.
+    reached = [not same(decoded(busy_source, c["start"], c["end"]),
+                        decoded(src, c["start"], c["end"])) for c in clean]
+    assert reached.count(True) == 1  # one clip damaged, one intact: both outcomes are tested
+    assert code == 1
+    err = capsys.readouterr().err.splitlines()
+    for c, r, bad in zip(clean, recs, reached, strict=True):
+        if bad:
+            assert r["status"] == "failed" and r["error"].startswith(f"{src}: damaged ")
+            assert f"in clip {r['id']} ({c['start']:.2f}-{c['end']:.2f}s), not kept" in r["error"]
+            assert err.count(f"vpipe subclip: {r['error']}") == 1
+            assert not (tmp_path / "out" / "busy" / f"{r['id']}.mp4").exists()
+        else:
+            # Kept only when intact: the same pictures and sound as the clean source's clip.
+            assert r["status"] == "ok" and (r["start"], r["end"]) == (c["start"], c["end"])
+            assert same(decoded(clean_cuts[mode] / c["path"]),
+                        decoded(tmp_path / "out" / r["path"]))
+    # The next stage sees only the intact clip.
+    assert main(["extract-frames", str(tmp_path / "out"), "-o", str(tmp_path / "media"),
+                 "--no-audio", "-q"]) == 0
+    kept = [r["id"] for r, bad in zip(recs, reached, strict=True) if not bad]
+    assert [json.loads(x)["id"] for x in (tmp_path / "media" / "manifest.jsonl").read_text()
+            .splitlines()] == kept
+
+
+def test_the_issue_recipe_through_the_cli_names_the_file_and_the_damage(
+    busy_source: Path, tmp_path: Path
+) -> None:
+    # 20 KB overwritten at 40%: `vpipe subclip` used to exit 0 with both clips ok, one of them
+    # missing frames. A real process, as a user runs it.
+    src = synth.make_damaged(busy_source, tmp_path / "busy.mp4")
+    out = tmp_path / "clips"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "subclip", str(src), "-o", str(out),
+                           *DAMAGE_ARGS], capture_output=True, text=True)
+    assert proc.returncode == 1
+    (line,) = [ln for ln in proc.stderr.splitlines() if "damaged" in ln]
+    # The frames lost, from the two sources' own decoding: clip 0's frames the damaged source
+    # does not give at all.
+    clean, damaged = decoded(busy_source, 1.0, 6.0), decoded(src, 1.0, 6.0)
+    lost = sum(1 for k in clean if k[0] == "video" and k not in damaged)
+    assert lost > 0
+    assert line.startswith(f"vpipe subclip: {src}: damaged video data at 4.")
+    assert f"({lost} of 125 frames lost)" in line
+    assert line.endswith(", in clip busy_0 (1.00-6.00s), not kept")
+    # The source counts as failed (it is redone by the next run); its intact clip is kept.
+    assert "0 videos done (1 clips), 0 already done, 0 skipped, 1 failed" in proc.stderr
+    statuses = {r["id"]: r["status"] for r in manifest(out)}
+    assert statuses == {"busy_0": "failed", "busy_1": "ok"}
+
+
+def test_damage_that_reaches_every_clip_fails_the_source_and_writes_nothing(
+    busy_source: Path, tmp_path: Path
+) -> None:
+    src = synth.make_damaged(busy_source, tmp_path / "busy.mp4")
+    out = tmp_path / "clips"
+    # One clip, over the damage at ~4.8 s.
+    assert main(["subclip", str(src), "-o", str(out), "--count", "1", "--duration", "5",
+                 "--start", "2", "-q"]) == 1
+    (r,) = manifest(out)
+    assert (r["id"], r["status"]) == ("busy", "failed")
+    assert r["error"].startswith(f"{src}: damaged video data at 4.")
+    assert r["error"].count(str(src)) == 1
+    assert not (out / "busy").exists() and not list(out.glob(".*"))
+
+
+# --------------------------------------------------------------------------- recorded bounds
+
+
+@pytest.mark.parametrize("mode", ["exact", "keyframe"])
+def test_adjacent_clips_end_where_the_next_starts_on_the_source_frame_grid(
+    media_dir: Path, tmp_path: Path, mode: str
+) -> None:
+    # 60 fps (with B-frames) in a millisecond time base: frames last 16 or 17 ms, so a clip's
+    # last frame duration is a rounding; measured from it, keyframe clip 0 ended at 5.334 and
+    # clip 1 started at 5.333 (issue 11, item 6: "end <= next start", as the contract says).
+    base = synth.make_video(media_dir / "v60.mp4", duration_s=8.0, fps=60, gop=64,
+                            extra=["-sc_threshold", "0"])
+    src = tmp_path / "ms.mp4"
+    subprocess.run([media.ffmpeg_exe(), "-v", "error", "-i", str(base), "-c", "copy",
+                    "-video_track_timescale", "1000", str(src)], check=True)
+    grid = media.frame_times(src)
+    assert len(set(np.round(np.diff(grid.times), 3))) == 2  # 0.016 and 0.017
+    out = tmp_path / "clips"
+    assert main(["subclip", str(src), "-o", str(out), "--count", "3", "--duration", "2",
+                 "--start", "1", "--mode", mode, "-q"]) == 0
+    recs = manifest(out)
+    assert len(recs) == 3 and all(r["mode"] == mode for r in recs)
+    for a, b in zip(recs, recs[1:], strict=False):
+        assert a["end"] == b["start"]  # adjacent: no overlap, no gap
+    times = [round(float(t), 6) for t in grid.times] + [round(grid.end_s, 6)]
+    for r in recs:
+        # start and end are source frame times: the clip's first frame and the one after its
+        # last; the written file holds exactly the frames between.
+        first = times.index(r["start"])
+        assert r["end"] == times[first + r["n_frames"]]
+        assert r["duration"] == round(r["end"] - r["start"], 6)
+        assert len(media.frame_times(out / r["path"]).times) == r["n_frames"]
+        # The sound ends with the picture: exactly in exact mode (the declared length, AAC
+        # padding aside); a stream copy keeps whole AAC frames, at most one past the end.
+        _, n = beep_onsets(out / r["path"])
+        want = r["duration"] * 16000
+        if mode == "exact":
+            assert abs(n - want) <= 16
+        else:
+            assert n <= want + 1024 / 44100 * 16000

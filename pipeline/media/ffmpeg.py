@@ -106,10 +106,15 @@ def media_versions() -> dict[str, str]:
     }
 
 
-def run_ffmpeg(args: Sequence[str], *, what: str) -> None:
-    """Run ffmpeg quietly; a failure raises MediaError with ffmpeg's last message line."""
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-y", "-v", "error", *map(str, args)]
+def run_ffmpeg(args: Sequence[str], *, what: str, loglevel: str = "error") -> list[str]:
+    """Run ffmpeg quietly; a failure raises MediaError with ffmpeg's last message line.
+
+    Returns what ffmpeg said on stderr at ``loglevel`` (its lines) when it succeeded: at
+    ``warning``, a decoder's report of damaged input ("corrupt decoded frame") is among them.
+    """
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-y", "-v", loglevel, *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
     if proc.returncode != 0:
-        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
         raise MediaError(f"{what}: ffmpeg failed: {lines[-1] if lines else proc.returncode}")
+    return lines

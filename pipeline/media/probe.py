@@ -1,5 +1,5 @@
-"""What a file is: a video or not, its streams, duration, size and rotation, and its frame and
-keyframe grids (by demuxing only)."""
+"""What a file is: a video or not, its streams, duration, size and rotation, its frame and
+keyframe grids (by demuxing only), and whether a span of it decodes without damage."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ class MediaInfo:
     audio_channels: int | None = None
     start_s: float = 0.0  # container start time (ffmpeg's -ss and our times count from it)
     video_end_s: float = 0.0  # declared end of the video stream, from the container start
+    video_start_s: float = 0.0  # first video frame, from the container start (audio may lead)
 
 
 # Leading bytes of video containers: a file that starts like one but does not open is damaged,
@@ -124,6 +125,10 @@ def probe(path: str | os.PathLike) -> MediaInfo:
             audio_channels=a.codec_context.channels if a is not None else None,
             start_s=start,
             video_end_s=declared_end(c, v) or duration,
+            video_start_s=(
+                max(0.0, float(v.start_time * v.time_base) - start)
+                if v.start_time is not None and v.time_base is not None else 0.0
+            ),
         )
 
 
@@ -233,3 +238,177 @@ def declared_end(container, stream) -> float:
         return container.duration / 1e6 if container.duration else 0.0
     s0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else start
     return s0 - start + dur
+
+
+# Decoders are asked to flag what a sane encoder never writes, not only what they cannot
+# decode: random bytes inside an H.264 slice often decode "cleanly" into wrong pictures, and only
+# this level marks those frames corrupt. It changes no decoded picture.
+ERR_DETECT = "aggressive"
+
+
+@dataclass(frozen=True)
+class Damage:
+    """What decoding a span of a file met: where (seconds from the container start) and how
+    many of the span's frames the decoder could not give."""
+
+    video: tuple[float, float] | None  # first and last time with a video decoding error
+    audio: tuple[float, float] | None
+    frames_lost: int
+    frames_expected: int
+
+    def describe(self, shift_s: float = 0.0) -> str:
+        """One clause for an error line (times moved by ``shift_s``: a clip's place in its
+        source)."""
+        def at(span: tuple[float, float]) -> str:
+            a, b = (f"{t + shift_s:.2f}" for t in span)
+            return f"{a}s" if a == b else f"{a}-{b}s"
+
+        parts = []
+        if self.video is not None:
+            what = (f"{self.frames_lost} of {self.frames_expected} frames lost"
+                    if self.frames_lost else "frames decoded with errors")
+            parts.append(f"damaged video data at {at(self.video)} ({what})")
+        if self.audio is not None:
+            parts.append(f"damaged audio data at {at(self.audio)}")
+        return ", ".join(parts)
+
+
+def decoding_damage(
+    path: str | os.PathLike,
+    frames: FrameTimes,
+    start_s: float = 0.0,
+    end_s: float = math.inf,
+) -> Damage | None:
+    """Decode the span [start_s, end_s) of a file (its video from the keyframe it needs, and
+    its audio) and say where the decoders met damage; None when every frame decoded cleanly.
+
+    ``frames`` is the file's frame grid (:func:`frame_times`): the span's frames are expected
+    from it, so a frame the decoder drops without a word counts too. Damage is a packet the
+    decoder refuses, a frame it marks corrupt (concealed, or flagged by ERR_DETECT) or a frame
+    missing. A damaged frame between the keyframe and ``start_s`` counts: the span's frames
+    are predicted from it.
+    """
+    path = Path(path)
+    keys = frames.keyframe_times
+    before = keys[keys <= start_s + 1e-6]
+    key_s = float(before[-1]) if len(before) else float(frames.times[0])
+    want = (frames.times >= start_s - 1e-6) & (frames.times < end_s - 1e-6)
+    with open_container(path) as c:
+        v = video_stream(c, path)
+        origin = c.start_time / 1e6 if c.start_time is not None else 0.0
+        tb = float(v.time_base)
+        expected = {round((float(t) + origin) / tb): float(t) for t in frames.times[want]}
+        span = _SpanDecoder(c, v, origin, start_s, end_s)
+        seek_s = key_s - 1.0  # a seek in a file without an index lands on any packet
+        found = seek_s > 0 and span.run(round((key_s + origin) / tb), seek_to=seek_s + origin)
+        if not found:  # from the start (or a seek that went past the keyframe)
+            span = _SpanDecoder(c, v, origin, start_s, end_s)
+            c.seek(0)
+            span.run(round((key_s + origin) / tb), seek_to=None)
+    lost = [t for p, t in expected.items() if p not in span.decoded]
+    video_bad = [t for t in span.video_bad if t < end_s] + lost
+    audio_bad = [t for t in span.audio_bad if start_s - 1e-6 <= t < end_s]
+    if not video_bad and not audio_bad:
+        return None
+    return Damage(
+        video=(min(video_bad), max(video_bad)) if video_bad else None,
+        audio=(min(audio_bad), max(audio_bad)) if audio_bad else None,
+        frames_lost=len(lost),
+        frames_expected=len(expected),
+    )
+
+
+class _SpanDecoder:
+    """One pass of :func:`decoding_damage`: decodes from the keyframe packet to the span's end
+    and collects the pts decoded and the times of errors."""
+
+    def __init__(self, container, video, origin: float, start_s: float, end_s: float) -> None:
+        self.c, self.v = container, video
+        self.a = container.streams.audio[0] if container.streams.audio else None
+        self.origin, self.start_s, self.end_s = origin, start_s, end_s
+        self.decoded: set[int] = set()
+        self.video_bad: list[float] = []
+        self.audio_bad: list[float] = []
+
+    def _secs(self, pts, time_base) -> float:
+        return float(pts * time_base) - self.origin
+
+    def run(self, key_pts: int, *, seek_to: float | None) -> bool:
+        """Decode from the keyframe packet at ``key_pts``; False if the demuxer, after the
+        seek, started past it (nothing decoded then)."""
+        import av
+
+        v = self.v
+        v.thread_type = "AUTO"
+        v.codec_context.options = {"err_detect": ERR_DETECT}
+        if seek_to is not None:
+            try:
+                self.c.seek(round(seek_to / float(v.time_base)), stream=v, backward=True)
+            except av.error.FFmpegError:
+                return False
+        streams = [v] if self.a is None else [v, self.a]
+        started = video_done = False
+        audio_done = self.a is None
+        packets = self.c.demux(*streams)
+        last_t = self.start_s
+        while True:
+            try:
+                packet = next(packets, None)
+            except av.error.FFmpegError:
+                # The demuxer cannot read on (damaged data where it expects a packet): the
+                # frames after it are missing, counted as lost.
+                self.video_bad.append(last_t)
+                return True
+            if packet is None:
+                break
+            if packet.pts is None:
+                continue
+            t = last_t = self._secs(packet.pts, packet.time_base)
+            if packet.stream is v:
+                if not started:
+                    if packet.pts > key_pts:
+                        return False
+                    if not (packet.is_keyframe and packet.pts == key_pts):
+                        continue
+                    started = True
+                if video_done:
+                    continue
+                dts = packet.dts if packet.dts is not None else packet.pts
+                if self._secs(dts, packet.time_base) >= self.end_s:
+                    # Every frame shown before end_s is decoded before this packet.
+                    video_done = True
+                    if audio_done:
+                        break
+                    continue
+            elif audio_done or t < self.start_s - 0.5:  # nothing in the span needs it
+                continue
+            elif t >= self.end_s:
+                audio_done = True
+                if video_done:
+                    break
+                continue
+            try:
+                got = packet.decode()
+            except av.error.FFmpegError:
+                (self.video_bad if packet.stream is v else self.audio_bad).append(t)
+                continue
+            for f in got:
+                self._frame(f, packet.stream is v, t)
+        if started:
+            try:
+                for f in v.codec_context.decode(None):  # the frames the decoder holds back
+                    self._frame(f, True, self.end_s)
+            except av.error.FFmpegError:
+                self.video_bad.append(last_t)
+        return started
+
+    def _frame(self, f, is_video: bool, packet_t: float) -> None:
+        tb = f.time_base or (self.v if is_video else self.a).time_base
+        t = self._secs(f.pts, tb) if f.pts is not None else packet_t
+        if is_video:
+            if f.pts is not None:
+                self.decoded.add(int(f.pts))
+            if f.is_corrupt:
+                self.video_bad.append(t)
+        elif f.is_corrupt:
+            self.audio_bad.append(t)
