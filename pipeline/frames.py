@@ -170,10 +170,16 @@ def extract_clip(item: Item, *, out_dir: Path, opts: FrameOptions) -> dict:
         if not clip.path.exists():
             raise MediaError(f"{clip.path}: subclip file missing (was its folder moved?)")
         info = media.probe(clip.path)
-    start = clip.start_s if clip.start_s is not None else 0.0
-    end = clip.end_s
-    if end is None:  # a whole video: its picture's end (a live-written file declares none)
-        end = info.video_end_s or _demuxed_end(clip.path)
+    if clip.start_s is not None:
+        start, end = clip.start_s, clip.end_s
+    else:  # a whole video: its picture's span (a live-written file declares no end)
+        start = info.video_start_s
+        # An MPEG-TS/PS declares no durations, only guesses: its frames say where it ends.
+        end = info.video_end_s if info.container not in media.UNINDEXED_FORMATS else 0.0
+        end = end or _demuxed_end(clip.path)
+    # The wav ends where the clip's picture does, as subclip cuts it: a soundtrack longer than
+    # the picture, or the AAC frame a stream copy keeps past a keyframe clip's end, is cut.
+    max_samples = round((end - start) * opts.sample_rate_hz) if end > start else None
     want_audio = opts.audio and info.has_audio
     ext = opts.format
     timestamps: list[float] = []
@@ -192,6 +198,8 @@ def extract_clip(item: Item, *, out_dir: Path, opts: FrameOptions) -> dict:
                     _save_image(data, frames_dir / f"{len(timestamps):06d}.{ext}", opts)
                     timestamps.append(t)
                 else:
+                    if max_samples is not None:
+                        data = data[: max(0, max_samples - n_samples)]
                     wav.writeframesraw(data.tobytes())
                     n_samples += len(data)
         finally:

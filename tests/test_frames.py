@@ -232,8 +232,14 @@ def test_audio_longer_or_shorter_than_video_is_not_truncation(
     (ra,) = [json.loads(x) for x in (tmp_path / "a/manifest.jsonl").read_text().splitlines()]
     assert rf["status"] == ra["status"] == "ok"
     assert rf["timestamps"] == [0.0, 1.0, 2.0]
-    # The audio is the stream's own length (aac priming trimmed): audio_s at 16 kHz.
-    assert abs(ra["n_samples"] - audio_s * 16000) <= 1024
+    assert (rf["start"], rf["end"]) == (ra["start"], ra["end"]) == (0.0, 3.0)
+    # The audio is the stream's own length (aac priming trimmed) up to the picture's end:
+    # a longer soundtrack is cut there, as subclip cuts a clip's (issue 11, item 6).
+    assert rf["n_samples"] == ra["n_samples"]
+    if audio_s > 3.0:
+        assert ra["n_samples"] == 3 * 16000
+    else:
+        assert abs(ra["n_samples"] - audio_s * 16000) <= 1024
 
 
 def test_mpegts_audio_is_not_cut_to_the_guessed_stream_duration(tmp_path: Path) -> None:
@@ -248,7 +254,12 @@ def test_mpegts_audio_is_not_cut_to_the_guessed_stream_duration(tmp_path: Path) 
     assert decoded_s - float(a.duration * a.time_base) > 0.2  # the guess is short
     assert main(["extract-audio", str(src), "-o", str(tmp_path / "a"), "--quiet"]) == 0
     rec = manifest(tmp_path / "a")["cam"]
-    assert rec["n_samples"] == pytest.approx((decoded_s - lead_s) * 16000, abs=2)
+    # The clip is the picture's span in the container (its audio leads by lead_s), and the
+    # wav runs to its end: the audio decoded after the first frame, cut at the last frame's end.
+    video_end = media.frame_times(src).end_s
+    assert (rec["start"], rec["end"]) == (round(lead_s, 6), round(video_end, 6))
+    assert rec["n_samples"] == round((rec["end"] - rec["start"]) * 16000)
+    assert rec["n_samples"] <= round((decoded_s - lead_s) * 16000) + 2
     x, *_ = wav_samples(tmp_path / "a" / rec["audio"])
     assert beep_onsets(x, 16000) == pytest.approx([1.0, 3.0], abs=0.002)
 
@@ -268,3 +279,68 @@ def test_a_whole_video_without_a_declared_duration_records_its_true_end(tmp_path
     assert rec["status"] == "ok" and rec["start"] == 0.0
     assert rec["end"] == pytest.approx(2.0, abs=0.05)
     assert rec["timestamps"] == [0.0, 1.0]
+
+
+# --------------------------------------------------------------------------- the wav ends with it
+
+
+def test_a_soundtrack_longer_than_the_picture_is_cut_at_the_recorded_end(tmp_path: Path) -> None:
+    # 5 s of video with 30 s of audio: the record said end 5.0 and the wav held 30 s (issue 11,
+    # item 6). A real process, as a user runs it.
+    import subprocess
+    import sys
+
+    vid = synth.make_video(tmp_path / "v.mp4", duration_s=5.0, audio=False)
+    src = tmp_path / "long.mp4"
+    subprocess.run([media.ffmpeg_exe(), "-y", "-v", "error", "-i", str(vid), "-f", "lavfi",
+                    "-i", "sine=f=440:d=30", "-map", "0:v", "-map", "1:a", "-c:v", "copy",
+                    "-c:a", "aac", str(src)], check=True)
+    assert media.probe(src).duration_s > 29.9
+    for stage, out in (("extract-frames", tmp_path / "f"), ("extract-audio", tmp_path / "a")):
+        subprocess.run([sys.executable, "-m", "pipeline", stage, str(src), "-o", str(out), "-q"],
+                       check=True)
+        rec = manifest(out)["long"]
+        assert (rec["status"], rec["start"], rec["end"]) == ("ok", 0.0, 5.0)
+        assert rec["n_samples"] == round((rec["end"] - rec["start"]) * 16000) == 80000
+        x, *_ = wav_samples(out / rec["audio"])
+        assert len(x) == rec["n_samples"]
+        assert np.abs(x[-160:].astype(int)).max() > 1000  # the tone runs to the end
+
+
+def test_a_whole_video_whose_picture_starts_after_its_sound(numbered_video: Path, tmp_path: Path):
+    # The same streams with the video delayed 0.2 s: the clip is the picture's span, 0.2..8.2 s
+    # of the container, and the wav is its sound, from the first frame on (the 8 s of sound
+    # end 0.2 s before the picture does: nothing is made up after that).
+    import subprocess
+
+    src = tmp_path / "late.mp4"
+    subprocess.run([media.ffmpeg_exe(), "-v", "error", "-itsoffset", "0.2", "-i",
+                    str(numbered_video), "-i", str(numbered_video), "-map", "0:v", "-map", "1:a",
+                    "-c", "copy", str(src)], check=True)
+    assert main(["extract-frames", str(src), "-o", str(tmp_path / "f"), "--fps", "1",
+                 "-q"]) == 0
+    rec = manifest(tmp_path / "f")["late"]
+    assert (rec["start"], rec["end"]) == (pytest.approx(0.2), pytest.approx(8.2))
+    assert rec["n_samples"] == round((8.0 - rec["start"]) * 16000)
+    assert frame_indices(tmp_path / "f", rec) == [25 * i for i in range(8)]
+    x, *_ = wav_samples(tmp_path / "f" / rec["audio"])
+    # beeps at 1.0 and 5.0 s of the sound = 0.8 and 4.8 s after the first frame
+    assert beep_onsets(x, 16000) == pytest.approx([0.8, 4.8], abs=0.002)
+
+
+def test_keyframe_clips_audio_is_cut_to_the_clip(media_dir: Path, tmp_path: Path) -> None:
+    # A stream copy keeps whole AAC frames: keyframe clip 0 of [0, 2) s held 2.020 s of sound.
+    src = synth.make_video(media_dir / "kf-ultrafast.mp4", duration_s=6.0, gop=25,
+                           extra=["-sc_threshold", "0", "-preset", "ultrafast"])
+    clips = tmp_path / "clips"
+    assert main(["subclip", str(src), "-o", str(clips), "--mode", "keyframe", "--count", "2",
+                 "--duration", "2", "--start", "0", "-q"]) == 0
+    raw = [sum(len(d) for _, _, d in media.decode(clips / "kf-ultrafast" / f"kf-ultrafast_{k}.mp4",
+                                                  sampler=None, audio_rate_hz=16000))
+           for k in range(2)]
+    assert raw[0] > 2 * 16000  # what the copy holds: past the clip's end
+    assert main(["extract-audio", str(clips), "-o", str(tmp_path / "a"), "-q"]) == 0
+    for k, rec in enumerate(manifest(tmp_path / "a").values()):
+        assert (rec["start"], rec["end"]) == (2.0 * k, 2.0 * k + 2)
+        assert rec["n_samples"] == min(raw[k], round((rec["end"] - rec["start"]) * 16000))
+        assert len(wav_samples(tmp_path / "a" / rec["audio"])[0]) == rec["n_samples"]
