@@ -9,8 +9,10 @@ of the uninterrupted run.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import shlex
 import shutil
 import subprocess
@@ -23,6 +25,7 @@ import synth
 import torch
 
 from pipeline.cli import main
+from pipeline.files import DiskFull, atomic_path, disk_full, disk_full_said
 from pipeline.records import LOCK, MANIFEST, RUN_INFO, read_manifest
 
 PAGE = os.sysconf("SC_PAGE_SIZE")  # tmpfs counts a file's size in whole pages
@@ -102,6 +105,34 @@ def assert_stopped(step: Step, stage: str, writing: str) -> None:
         f"vpipe {stage}: no space left on device writing {step.disk / writing}"]
     out = step.after / Path(writing).parts[0]
     assert json.loads((out / RUN_INFO).read_text())["ended"] is None
+
+
+# --------------------------------------------------------------------------- the error itself
+
+
+def test_a_full_disk_names_the_output_a_temp_name_becomes_and_survives_a_worker():
+    e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() raises it: no file name
+    full = disk_full(e, "out/.v3_0.tmp-123/frames/000004.jpg")
+    assert str(full) == "no space left on device writing out/v3_0/frames/000004.jpg"
+    quota = disk_full(OSError(errno.EDQUOT, "quota", "out/.shard-00002.h5.tmp-9"), "elsewhere")
+    assert str(quota) == "disk quota exceeded writing out/shard-00002.h5"  # its own file first
+    assert disk_full(OSError(errno.EIO, "I/O error"), "out/x") is None
+    assert disk_full(ValueError("no"), "out/x") is None
+    back = pickle.loads(pickle.dumps(full))  # from a worker process to the stage
+    assert isinstance(back, DiskFull) and str(back) == str(full)
+    said = disk_full_said("[out#1/mp4 @ 0x55] Error closing file: No space left on device")
+    assert str(disk_full(said, "out/v2")) == "no space left on device writing out/v2"
+    assert disk_full_said("moov atom not found") is None
+
+
+def test_atomic_path_turns_a_full_disk_into_one_error_and_leaves_nothing(tmp_path):
+    target = tmp_path / "clip"
+    with pytest.raises(DiskFull, match=f"no space left on device writing {target}$"):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "a.jpg").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- item stages
