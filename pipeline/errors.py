@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class VpipeError(Exception):
     """Base class; ``str(e)`` is the one-line cause shown to the user."""
@@ -37,3 +40,19 @@ class WeightsUnavailable(VpipeError):
 
 class Skip(Exception):
     """Raised by a stage's per-item work to record the item as skipped, with a reason."""
+
+
+# Out of space, or out of the user's quota: no later write to that device can succeed.
+NO_ROOM = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+class DiskFull(VpipeError):
+    """No space (or quota) left where an output is written: the stage stops as a whole."""
+
+    def __init__(self, path: str | os.PathLike | None, code: int = errno.ENOSPC) -> None:
+        super().__init__(None if path is None else str(path), code)  # args: it pickles
+        self.path, self.errno = self.args
+
+    def __str__(self) -> str:
+        what = NO_ROOM.get(self.errno, os.strerror(self.errno))
+        return f"{what} writing {self.path}" if self.path else what

@@ -14,7 +14,6 @@ kept, so the same command completes once there is space.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import re
@@ -22,23 +21,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import VpipeError
+from pipeline.errors import NO_ROOM, DiskFull
 
-# Out of space, or out of the user's quota: no later write to that device can succeed.
-_NO_ROOM = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 _TEMP_PART = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")
-
-
-class DiskFull(VpipeError):
-    """No space (or quota) left where an output is written: the stage stops as a whole."""
-
-    def __init__(self, path: str | os.PathLike | None, code: int = errno.ENOSPC) -> None:
-        super().__init__(None if path is None else str(path), code)  # args: it pickles
-        self.path, self.errno = self.args
-
-    def __str__(self) -> str:
-        what = _NO_ROOM.get(self.errno, os.strerror(self.errno))
-        return f"{what} writing {self.path}" if self.path else what
 
 
 def disk_full(e: BaseException, writing: str | os.PathLike | None = None) -> DiskFull | None:
@@ -49,7 +34,7 @@ def disk_full(e: BaseException, writing: str | os.PathLike | None = None) -> Dis
     """
     if isinstance(e, DiskFull):
         return e if e.path or writing is None else DiskFull(shown_path(writing), e.errno)
-    if isinstance(e, OSError) and e.errno in _NO_ROOM:
+    if isinstance(e, OSError) and e.errno in NO_ROOM:
         path = e.filename if e.filename is not None else writing
         return DiskFull(None if path is None else shown_path(path), e.errno)
     return None
@@ -58,7 +43,7 @@ def disk_full(e: BaseException, writing: str | os.PathLike | None = None) -> Dis
 def disk_full_said(message: str) -> DiskFull | None:
     """A full disk as a program vpipe runs (ffmpeg) says it, in its messages: they name no
     file, which the :func:`atomic_path` or :func:`writing` around the call adds."""
-    code = next((c for c in _NO_ROOM if os.strerror(c) in message), None)
+    code = next((c for c in NO_ROOM if os.strerror(c) in message), None)
     return None if code is None else DiskFull(None, code)
 
 
@@ -119,9 +104,28 @@ def remove(path: Path) -> None:
 
 
 def clean_temp_files(folder: Path) -> None:
-    """Remove leftovers of interrupted writes (``.name.tmp-PID``) under ``folder``."""
-    for p in folder.rglob(".*.tmp-*"):
-        remove(p)
+    """Remove leftovers of interrupted writes (``.name.tmp-PID``) in ``folder``.
+
+    Only its own entries are looked at: every output is renamed into place at the top of its
+    stage's folder (a clip folder is written whole under a temp name), so nothing deeper can
+    be a leftover, and a resume need not walk 100k clip folders (2.3 s at 10k).
+    """
+    with os.scandir(folder) as entries:
+        for e in entries:
+            if _TEMP_PART.match(e.name):
+                remove(Path(e.path))
+
+
+def append_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Append ``data`` to ``path`` with O_APPEND writes until every byte is written: a write on
+    a nearly full disk may be short, and the rest must raise (ENOSPC), not go missing."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def sha256_of(path: str | os.PathLike) -> str:

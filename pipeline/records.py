@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import ParamsChanged, UsageError
-from pipeline.files import atomic_write_text, clean_temp_files
+from pipeline.files import append_bytes, atomic_write_text, clean_temp_files
 
 MANIFEST = "manifest.jsonl"
 RUN_INFO = "vpipe.json"
@@ -378,10 +378,9 @@ class Run:
             for r in recs
         ]
         text = "".join(manifest_line(r) + "\n" for r in [*withdrawn, *recs])
-        # One unbuffered O_APPEND write: a kill leaves the group whole or (at worst) a torn
-        # last line, which read_manifest ignores.
-        with (self.out_dir / MANIFEST).open("ab", buffering=0) as f:
-            f.write(text.encode("utf-8"))
+        # One O_APPEND write (continued if the disk makes it short): a kill leaves the group
+        # whole or (at worst) a torn last line, which read_manifest ignores.
+        append_bytes(self.out_dir / MANIFEST, text.encode("utf-8"))
         for rec in recs:
             self.previous[rec["id"]] = json.loads(json.dumps(rec, default=_json_default))
             ids = self._by_item.setdefault(rec.get("item", rec["id"]), [])
@@ -397,12 +396,19 @@ class Run:
                 **self.previous}
         order = list(dict.fromkeys([*item_order, *recs]))
         lines = [manifest_line(recs[i]) for i in order if i in recs]
-        atomic_write_text(self.out_dir / MANIFEST, "".join(x + "\n" for x in lines))
-        fields: dict[str, Any] = {"ended": now_iso()}
-        if summary is not None:
-            summary.seconds = time.time() - self.started
-            fields["counts"] = summary.counts()
-        write_run_info(self.out_dir, self.stage, fields, self.versions)
+        try:
+            atomic_write_text(self.out_dir / MANIFEST, "".join(x + "\n" for x in lines))
+            fields: dict[str, Any] = {"ended": now_iso()}
+            if summary is not None:
+                summary.seconds = time.time() - self.started
+                fields["counts"] = summary.counts()
+            write_run_info(self.out_dir, self.stage, fields, self.versions)
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Let go of the folder without stamping it as ended (a run a full disk stopped): its
+        records stay as appended, and the next run resumes from them."""
         if self._lock is not None:
             self._lock.release()
             self._lock = None

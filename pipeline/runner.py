@@ -7,7 +7,7 @@ item with its error line on stderr, the counts, the progress bar and the summary
 features``, whose items are encoded in batches that mix clips, drives a Tracker itself.
 
 An item's failure is recorded and the batch goes on, except for a full disk
-(:class:`~pipeline.files.DiskFull`): every later item would fail the same way, so it stops the
+(:class:`~pipeline.errors.DiskFull`): every later item would fail the same way, so it stops the
 stage, leaving the folder as a kill would (finished items recorded, ``vpipe.json`` not stamped
 as ended) for the same command to complete once there is space.
 """
@@ -139,11 +139,12 @@ class Tracker:
         complete) and no summary line follows the error."""
         if self._bar is not None:
             self._bar.close()
+        self.run.abandon()
 
 
 def outcome(work: Callable[[Item], list[dict] | dict], item: Item) -> list[dict]:
     """Run ``work`` and turn its result or exception into manifest records; a full disk is
-    raised as :class:`~pipeline.files.DiskFull` instead, as it stops the stage."""
+    raised as :class:`~pipeline.errors.DiskFull` instead, as it stops the stage."""
     try:
         out = work(item)
         recs = out if isinstance(out, list) else [out]

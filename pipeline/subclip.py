@@ -27,7 +27,6 @@ import numpy as np
 from pipeline import media
 from pipeline.errors import MediaError, TooShort, UsageError
 from pipeline.files import atomic_path
-from pipeline.media.probe import ERR_DETECT, decoding_damage
 from pipeline.records import FAILED, Run, Summary
 from pipeline.runner import Item, run_items
 
@@ -41,7 +40,7 @@ _CLIPS_PER_PROCESS = 4
 # before the keyframe the clip's first frame needs, and drop the frames before it after decoding.
 _SEEK_MARGIN_S = 1.0
 # The decoders of an exact cut flag damage as decoding_damage's do ("corrupt decoded frame").
-_ERR_DETECT = ["-err_detect:v", ERR_DETECT]
+_ERR_DETECT = ["-err_detect:v", media.ERR_DETECT]
 
 
 @dataclass(frozen=True)
@@ -240,7 +239,7 @@ def _measure(
         written = media.frame_times(path)
     except MediaError as e:
         if mode == "exact":  # vpipe's own encode: damage in the source, or a bug
-            damage = decoding_damage(src.path, frames, clip.start_s, clip.end_s)
+            damage = media.decoding_damage(src.path, frames, clip.start_s, clip.end_s)
             if damage is None:
                 raise
             return _failed(path, clip, src, mode, damage.describe())
@@ -254,8 +253,8 @@ def _measure(
     damage = None
     if check or n_frames != planned:
         # Exact mode decoded the source: look there. A stream copy's damage is in the copy.
-        damage = (decoding_damage(src.path, frames, clip.start_s, clip.end_s) if mode == "exact"
-                  else decoding_damage(path, written))
+        damage = (media.decoding_damage(src.path, frames, clip.start_s, clip.end_s)
+                  if mode == "exact" else media.decoding_damage(path, written))
     if damage is not None:
         return _failed(path, clip, src, mode,
                        damage.describe(0.0 if mode == "exact" else clip.start_s))

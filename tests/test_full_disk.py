@@ -25,8 +25,10 @@ import synth
 import torch
 
 from pipeline.cli import main
-from pipeline.files import DiskFull, atomic_path, disk_full, disk_full_said
+from pipeline.errors import DiskFull
+from pipeline.files import atomic_path, disk_full, disk_full_said
 from pipeline.records import LOCK, MANIFEST, RUN_INFO, read_manifest
+from pipeline.shards import open_features
 
 PAGE = os.sysconf("SC_PAGE_SIZE")  # tmpfs counts a file's size in whole pages
 VPIPE = [sys.executable, "-m", "pipeline"]
@@ -190,8 +192,6 @@ def test_a_full_disk_stops_the_clip_stages_with_one_line_and_a_rerun_completes(
     assert counts["already_done"] >= len(done) - (workers != "1")
 
 
-@pytest.mark.xfail(strict=True, reason="needs media.run_ffmpeg to raise files.DiskFull when "
-                   "ffmpeg says its output's disk is full (see files.disk_full_said)")
 def test_a_full_disk_stops_subclip_with_one_line_and_a_rerun_completes(
     namespaces, videos, tmp_path
 ):
@@ -300,3 +300,29 @@ def test_a_full_disk_stops_train_and_the_same_command_resumes_it(namespaces, tmp
                      for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert json.loads((run / RUN_INFO).read_text())["counts"]["already_done"] == 1
     assert not (run / LOCK).exists()
+
+
+def test_a_full_disk_stops_a_workflow_at_the_stage_it_met(namespaces, videos, tmp_path):
+    # The stages after a stage a full disk stopped would each meet the same disk: not run.
+    wf = tmp_path / "wf.toml"
+    wf.write_text(f'name = "wf"\ninputs = ["{videos}"]\n\n[extract-frames]\nevery = 10\n\n'
+                  '[features]\nimage-model = "resnet18"\nimage-weights = "none"\n'
+                  'audio-model = "none"\nworkers = 0\n', encoding="utf-8")
+    ref = tmp_path / "ref"
+    r = vpipe("run", str(wf), "--work-dir", str(ref), "--quiet")
+    assert r.returncode == 0, r.stderr
+    frames = ref / "extract-frames"
+    clips = sorted(rec["id"] for rec in read_manifest(frames).values())
+    records = 2 * pages(frames / RUN_INFO) + pages(frames / MANIFEST) + 1
+    size = records + sum(pages(frames / c) for c in clips[:3]) + pages(frames / clips[3]) // 2
+    full, again = on_small_disk(tmp_path, size * PAGE,
+                                ["run", str(wf), "--work-dir", "DISK/work"], 40 * size * PAGE)
+    assert full.rc == 1, full.err
+    said = [x for x in full.err.splitlines() if "no space left" in x]
+    assert len(said) == 1 and said[0].startswith(
+        f"vpipe extract-frames: no space left on device writing {full.disk / 'work'}/")
+    assert "vpipe run [2/2]" not in full.err  # features did not start
+    assert " features " in full.err and "not run" in full.err  # the summary table says so
+    assert again.rc == 0, again.err
+    with open_features(again.after / "work" / "features") as store:
+        assert sorted(store.clip_ids) == clips

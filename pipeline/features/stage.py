@@ -6,7 +6,7 @@ already in complete shards as done and fails at once the clips whose files are m
 clip's rows, and once a clip's last frame is through adds its VGGish rows and hands it to the
 :class:`ShardSink`. A shard is renamed into place when full, then the index and the manifest
 lines follow, so an interrupted run loses at most the shard in progress. A full disk stops the
-run the same way, the shard in progress removed (:class:`~pipeline.files.DiskFull`).
+run the same way, the shard in progress removed (:class:`~pipeline.errors.DiskFull`).
 """
 
 from __future__ import annotations

@@ -24,9 +24,11 @@ from pipeline.media.ffmpeg import (
     run_ffmpeg,
 )
 from pipeline.media.probe import (
+    ERR_DETECT,
     UNINDEXED_FORMATS,
     FrameTimes,
     MediaInfo,
+    decoding_damage,
     display_rotation,
     frame_times,
     keyframe_times,
@@ -40,6 +42,7 @@ from pipeline.media.scan import (
 )
 
 __all__ = [
+    "ERR_DETECT",
     "FFMPEG_ENV",
     "FFmpeg",
     "FrameSampler",
@@ -49,6 +52,7 @@ __all__ = [
     "UNINDEXED_FORMATS",
     "chosen_ffmpeg",
     "decode",
+    "decoding_damage",
     "display_rotation",
     "ffmpeg_exe",
     "ffmpeg_version",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import MediaError, UsageError
+from pipeline.files import disk_full_said
 
 # Which ffmpeg binary vpipe runs: unset or "bundled" (the default), "system", or a path.
 FFMPEG_ENV = "VPIPE_FFMPEG"
@@ -116,5 +117,8 @@ def run_ffmpeg(args: Sequence[str], *, what: str, loglevel: str = "error") -> li
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
     lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
     if proc.returncode != 0:
+        full = disk_full_said(proc.stderr)  # the output's disk, not the input: stop the stage
+        if full is not None:
+            raise full
         raise MediaError(f"{what}: ffmpeg failed: {lines[-1] if lines else proc.returncode}")
     return lines

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.files import atomic_write_text
+from pipeline.files import append_bytes, atomic_write_text
 from pipeline.shards.schema import INDEX, index_rows, shard_paths
 
 
@@ -30,8 +30,7 @@ def add_to_index(folder: str | os.PathLike, rows: Sequence[dict]) -> None:
     quadratic in the number of shards (``--shard-size 1``: ~1 s per shard at 1000 shards).
     """
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    with (Path(folder) / INDEX).open("ab", buffering=0) as f:
-        f.write(text.encode("utf-8"))
+    append_bytes(Path(folder) / INDEX, text.encode("utf-8"))
 
 
 # What a reader takes from an index line (source too: `sources()` needs it before any shard).

@@ -90,6 +90,11 @@ def _made_no_output(step: Step) -> bool:
     return _is_item_stage(step) and not (step.out / "vpipe.json").is_file()
 
 
+def _stopped(step: Step) -> bool:
+    """An item stage that exited without stamping its end (a full disk stopped it)."""
+    return _is_item_stage(step) and not _run_info(step).get("ended")
+
+
 def _is_item_stage_folder(step: Step) -> bool:
     return _is_item_stage(step) and (step.out / "vpipe.json").is_file()
 
@@ -155,8 +160,10 @@ def run_plan(
         # whose successor then found nothing new (done 0) leaves the stages after it up to date.
         upstream_changed = _changed(step)
         upstream_redone = upstream_redone or (rc in (0, 1) and _redone(step, args, before))
-        # Exit 1 with no record written (e.g. weights missing offline): failed as a whole.
-        made_nothing = rc == 1 and _made_no_output(step)
+        # Exit 1 with no record written (e.g. weights missing offline), or with the run not
+        # stamped as ended (a full disk stopped it): failed as a whole, the next stages would
+        # meet the same.
+        made_nothing = rc == 1 and (_made_no_output(step) or _stopped(step))
         status = "failed" if made_nothing else {0: "ok", 1: "some items failed"}.get(rc, "stopped")
         results.append(StepResult(step.name, status, rc, seconds, step.out))
         if rc not in (0, 1) or made_nothing:
