@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from pipeline.cli import main
+from pipeline.shards import open_features
 from pipeline.train import TrainConfig, evaluate_run, predict_run, train
 from pipeline.train.data import pad_batch
 from pipeline.train.model import SequenceModel
@@ -1020,3 +1021,41 @@ def test_a_damaged_feature_folder_is_one_line_or_read_from_the_shards(tmp_path, 
             err = capsys.readouterr().err
             assert f"vpipe: note: {folder / 'index.jsonl'}: {note}" in err, (name, err)
             assert "Traceback" not in err
+
+
+def test_a_finished_run_is_recognised_before_any_feature_is_read(sets, tmp_path, monkeypatch):
+    # issue 13: a finished run loaded every feature (2.8 GB at 100k clips) before it said so.
+    from pipeline.shards import reader
+
+    folder, csv_path, _ = sets["regression"]
+    cfg = TrainConfig(**dict(FAST, epochs=2))
+    train(folder, csv_path, tmp_path / "run", cfg, quiet=True)
+    reads = []
+    real_read = reader._Shard.read
+    monkeypatch.setattr(reader._Shard, "read",
+                        lambda self, key, sel=(): reads.append(key) or real_read(self, key, sel))
+    again = train(folder, csv_path, tmp_path / "run", cfg, quiet=True)
+    assert again["already_complete"] and reads == []
+    train(folder, csv_path, tmp_path / "other", cfg, quiet=True)
+    assert "image/features" in reads  # the spy sees the reads a real run makes
+
+
+def test_predict_and_evaluate_stream_give_what_they_give_in_ram(sets, tmp_path, capsys):
+    folder, csv_path, _ = sets["multilabel"]
+    run = tmp_path / "run"
+    train(folder, csv_path, run, TrainConfig(**{**FAST, "epochs": 2}), quiet=True)
+    for how in ("ram", "stream"):
+        args = ["--stream"] if how == "stream" else []
+        assert main(["predict", str(run), str(folder), "-o", str(tmp_path / f"{how}.jsonl"),
+                     "--device", "cpu", "-q", *args]) == 0
+        assert main(["evaluate", str(run), str(folder), "--labels", str(csv_path),
+                     "-o", str(tmp_path / f"{how}.json"), "--device", "cpu", *args]) == 0
+    capsys.readouterr()
+    ram, streamed = ([json.loads(x) for x in (tmp_path / f"{h}.jsonl").read_text().splitlines()]
+                     for h in ("ram", "stream"))
+    assert ram == streamed
+    with open_features(folder) as store:  # clip lines in the index's order, then the sources
+        assert [x["id"] for x in ram if x["level"] == "clip"] == store.clip_ids
+    metrics = [json.loads((tmp_path / f"{h}.json").read_text())["metrics"]
+               for h in ("ram", "stream")]
+    assert metrics[0] == metrics[1]

@@ -34,6 +34,11 @@ Checkpoint = Annotated[
     str, typer.Option("--checkpoint", help="Which checkpoint of the run: best or last.")
 ]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")]
+Stream = Annotated[
+    bool,
+    typer.Option("--stream", help="Read features from the shards per batch, shard by shard "
+                 "(feature folders that do not fit in RAM)."),
+]
 
 
 def _checkpoint(name: str) -> str:
@@ -135,6 +140,14 @@ def train(
             help="Read features from the shards per batch (sets that do not fit in RAM).",
         ),
     ] = TrainConfig.stream,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads",
+            help="torch threads for the model (0: half the cores, 1 to 4; more only helps "
+            "large models on an otherwise idle machine).",
+        ),
+    ] = TrainConfig.threads,
     resume: Annotated[
         bool,
         typer.Option(
@@ -178,6 +191,7 @@ def train(
         top_k=top_k,
         device=device,
         stream=stream,
+        threads=threads,
     )
     s = train_run(features, labels, out, cfg, resume=resume, overwrite=overwrite, quiet=quiet)
     if not quiet and not s.get("already_complete"):  # that case was reported already
@@ -213,6 +227,7 @@ def evaluate(
         ),
     ] = "all",
     device: Device = TrainConfig.device,
+    stream: Stream = False,
 ) -> None:
     """Metrics of a trained run on labelled clips, as JSON on stdout."""
     from pipeline.errors import UsageError
@@ -228,6 +243,7 @@ def evaluate(
         checkpoint=_checkpoint(checkpoint),
         split=None if split == "all" else split,
         device=device,
+        stream=stream,
     )
     text = json.dumps(result, indent=2) + "\n"
     if out is not None:
@@ -251,13 +267,15 @@ def predict(
         ),
     ] = None,
     device: Device = TrainConfig.device,
+    stream: Stream = False,
     quiet: Quiet = False,
 ) -> None:
     """Predict every clip of a feature folder, plus the mean per source video, as JSON lines."""
     from pipeline.train import predict_run
 
     r = predict_run(
-        run, features, out, checkpoint=_checkpoint(checkpoint), threshold=threshold, device=device
+        run, features, out, checkpoint=_checkpoint(checkpoint), threshold=threshold,
+        device=device, stream=stream,
     )
     if not quiet:
         print(

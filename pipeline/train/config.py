@@ -43,6 +43,7 @@ class TrainConfig:
     top_k: int = 5
     device: str = "auto"
     stream: bool = False  # read features from HDF5 per batch instead of holding them in RAM
+    threads: int = 0  # torch threads; 0: half the cores, 1 to 4 (device.default_threads)
 
 
 @dataclass

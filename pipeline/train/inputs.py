@@ -37,9 +37,22 @@ class Prepared:
     dims: dict[str, int]
     split_ids: dict[str, list[str]]
     targets: dict[str, np.ndarray]
-    data: dict[str, ClipSequences]
     joined: LabelledClips
     store_attrs: dict[str, dict] = field(default_factory=dict)
+    max_frames: int = 0
+    stream: bool = False
+    _data: dict[str, ClipSequences] | None = None
+
+    @property
+    def data(self) -> dict[str, ClipSequences]:
+        """The sequences per split, read on first use (in RAM: one pass over the labelled
+        clips, shard by shard, shared by the three splits), so that a run found complete
+        reads no feature at all."""
+        if self._data is None:
+            every = ClipSequences(self.store, list(self.joined.labels), self.modalities,
+                                  self.max_frames, self.stream)
+            self._data = {s: every.subset(ids) for s, ids in self.split_ids.items()}
+        return self._data
 
 
 def _positive(x: float) -> bool:
@@ -91,7 +104,8 @@ def open_store(features: str | Path) -> FeatureStore:
 
 
 def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = False) -> Prepared:
-    """Read and check shards and labels, split by source, load the features (no file written)."""
+    """Read and check the index and labels, split by source (no feature read, no file
+    written: :attr:`Prepared.data` reads them when first used)."""
     check_config(cfg)
     store = open_store(features)
     rows = read_labels(labels_csv)
@@ -130,11 +144,9 @@ def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = Fa
     }
     if not quiet:
         warn_empty_clips(store, list(joined.labels), mods, "vpipe train")
-    # One read of the labelled clips (shard by shard), shared by the three splits.
-    every = ClipSequences(store, list(joined.labels), mods, cfg.max_frames, cfg.stream)
-    data = {s: every.subset(ids) for s, ids in split_ids.items()}
     attrs = {m: store.attrs(m) for m in mods}
-    return Prepared(store, space, reason, mods, dims, split_ids, targets, data, joined, attrs)
+    return Prepared(store, space, reason, mods, dims, split_ids, targets, joined, attrs,
+                    cfg.max_frames, cfg.stream)
 
 
 def model_spec(cfg: TrainConfig, p: Prepared) -> ModelSpec:

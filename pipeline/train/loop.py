@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.device import pick_device
+from pipeline.device import pick_device, torch_threads
 from pipeline.errors import UsageError
 from pipeline.records import now_iso
 from pipeline.runner import progress
@@ -74,7 +74,7 @@ def train(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder")
-    with run_folder_lock(out):
+    with run_folder_lock(out), torch_threads(cfg.threads):
         return _train(features, labels_csv, out, cfg, resume, overwrite, quiet)
 
 
@@ -254,7 +254,7 @@ def new_training(
     cfg = spec.config
     torch.manual_seed(cfg.seed)
     model = build_model(spec)
-    model.set_normalisation({m: train_data.frame_stats(m) for m in spec.modalities})
+    model.set_normalisation(train_data.frame_stats_of(spec.modalities))
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")

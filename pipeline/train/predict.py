@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.device import pick_device
+from pipeline.device import pick_device, torch_threads
 from pipeline.errors import UsageError
-from pipeline.files import atomic_write_text, sha256_of
+from pipeline.files import atomic_path, atomic_write_text, sha256_of
 from pipeline.shards import FeatureStore
 from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
 from pipeline.train.data import ClipSequences, present_modalities, warn_empty_clips
@@ -70,11 +70,14 @@ def _open(run: str | Path, features: str | Path, checkpoint: str, prog: str):
     return model, spec, open_checked(features, spec, prog)
 
 
-def _sequences(model, spec: ModelSpec, store: FeatureStore, ids: list[str], device: str):
-    """Move the model to ``device``; the clips ``ids`` as the run reads them, and the device."""
+def _sequences(model, spec: ModelSpec, store: FeatureStore, ids: list[str], device: str,
+               stream: bool = False):
+    """Move the model to ``device``; the clips ``ids`` as the run reads them (in RAM, or per
+    batch with ``stream``), and the device."""
     dev = pick_device(device)
     model.to(dev)
-    data = ClipSequences(store, ids, spec.modalities, spec.config.max_frames, dims=spec.dims)
+    data = ClipSequences(store, ids, spec.modalities, spec.config.max_frames, stream=stream,
+                         dims=spec.dims)
     return data, dev
 
 
@@ -128,6 +131,7 @@ def evaluate_run(
     checkpoint: str = DEFAULT_CHECKPOINT,
     split: str | None = None,
     device: str = TrainConfig.device,
+    stream: bool = False,
 ) -> dict:
     """Metrics of a run on the labelled clips of ``features`` (or on one split of the run)."""
     prog = "vpipe evaluate"
@@ -141,8 +145,9 @@ def evaluate_run(
         if not labels:
             raise UsageError(f"no labelled clip of the run's {split} split is in {features}")
     ids, targets = known_targets(spec, labels, prog)
-    data, dev = _sequences(model, spec, store, ids, device)
-    metrics = evaluate(model, data, targets, spec, dev)  # ids is never empty
+    data, dev = _sequences(model, spec, store, ids, device, stream)
+    with torch_threads():
+        metrics = evaluate(model, data, targets, spec, dev)  # ids is never empty
     store.close()
     return {
         "run": str(run),
@@ -193,8 +198,12 @@ def predict_run(
     checkpoint: str = DEFAULT_CHECKPOINT,
     threshold: float | None = None,
     device: str = TrainConfig.device,
+    stream: bool = False,
 ) -> dict:
-    """Write one JSON line per clip, then one per source video (mean over its clips)."""
+    """Write one JSON line per clip, then one per source video (mean over its clips).
+
+    The clips are run shard by shard (so ``stream`` reads each shard in order, once); the
+    lines are written one at a time, in the index's order."""
     prog = "vpipe predict"
     if threshold is not None and not 0 <= threshold <= 1:
         raise UsageError("--threshold is a score in [0, 1]")
@@ -203,21 +212,23 @@ def predict_run(
     thr = spec.config.threshold if threshold is None else threshold
     ids = store.clip_ids
     warn_empty_clips(store, ids, spec.modalities, prog)
-    data, dev = _sequences(model, spec, store, ids, device)
-    outs, _ = run_model(model, data, None, spec, dev)
-    lines, by_source = [], {}
-    for cid, src, o in zip(ids, store.column("source"), outs, strict=True):
-        by_source.setdefault(src, []).append(o)
-        lines.append({"level": "clip", "id": cid, "source": src, **_describe(spec, o, thr)})
-    for src, os_ in by_source.items():
-        lines.append(
-            {
-                "level": "source",
-                "id": src,
-                "n_clips": len(os_),
-                **_describe(spec, np.mean(np.stack(os_), axis=0), thr),
-            }
-        )
-    write_output(out_path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    order = store.clip_ids_in_read_order()
+    data, dev = _sequences(model, spec, store, order, device, stream)
+    with torch_threads():
+        outs, _ = run_model(model, data, None, spec, dev)
+    at = {cid: k for k, cid in enumerate(order)}
+    by_source: dict[str, list[int]] = {}
+    path = check_output(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for cid, src in zip(ids, store.column("source"), strict=True):
+            o = outs[at[cid]]
+            by_source.setdefault(src, []).append(at[cid])
+            line = {"level": "clip", "id": cid, "source": src, **_describe(spec, o, thr)}
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        for src, ks in by_source.items():
+            mean = np.mean(np.stack([outs[k] for k in ks]), axis=0)
+            line = {"level": "source", "id": src, "n_clips": len(ks), **_describe(spec, mean, thr)}
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
     store.close()
     return {"clips": len(ids), "sources": len(by_source), "out": str(out_path)}

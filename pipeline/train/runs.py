@@ -31,7 +31,7 @@ from pipeline.train.metrics import MAIN_METRIC
 from pipeline.train.model import SequenceModel, build_model
 
 # Options that never change what is learned: they may differ whenever a run is continued.
-OPTIONS_NOT_LEARNED = {"device", "stream"}
+OPTIONS_NOT_LEARNED = {"device", "stream", "threads"}
 # Options that may also change with an explicit --resume (train longer, be more patient).
 OPTIONS_RESUME_MAY_CHANGE = OPTIONS_NOT_LEARNED | {"epochs", "patience"}
 # Parameters (besides the options) that say what a run learns from; "features"/"labels" paths
@@ -42,9 +42,10 @@ INPUT_DIGESTS = ("labels_sha256", "features_fingerprint")
 def features_fingerprint(store, clip_ids: list[str], attrs: dict, dims: dict) -> str:
     """sha256 of what the run sees of a feature folder: each labelled clip's id and sequence
     lengths, and the feature identity (model, weights, sampling...) per modality."""
-    rows = [
-        [c, store.info(c).get("n_frames"), store.info(c).get("n_audio")] for c in sorted(clip_ids)
-    ]
+    ids = sorted(clip_ids)
+    sel = store.select(ids)
+    counts = zip(sel.column("n_frames").tolist(), sel.column("n_audio").tolist(), strict=True)
+    rows = [[c, nf, na] for c, (nf, na) in zip(ids, counts, strict=True)]
     text = json.dumps([rows, attrs, dims], sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
