@@ -217,6 +217,9 @@ def test_schema_datasets_attrs_offsets_and_timestamps(done: Path, media: Path) -
         "a_0": ("ok", "shard-00000.h5", 3), "a_1": ("ok", "shard-00000.h5", 4),
         "b_0": ("ok", "shard-00001.h5", 0), "b_1": ("ok", "shard-00001.h5", 3),
     }
+    # Like every stage's manifest, each line names its input (issue 11, 12): the clip's folder.
+    assert {k: r["input"] for k, r in recs.items()} == {
+        k: str(media / man[k]["frames_dir"]).removesuffix("/frames") for k in recs}
 
 
 def test_inspect_summarises_and_validates(done: Path, tmp_path: Path, capsys) -> None:
