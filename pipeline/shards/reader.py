@@ -35,6 +35,8 @@ class _Shard:
     start: np.ndarray | None = None
     end: np.ndarray | None = None
     row_of: dict[str, int] = field(default_factory=dict)  # from the shard's own /clip_ids
+    # Datasets looked up once: h5py's path lookup cost more than the read of a clip's rows.
+    datasets: dict[str, h5py.Dataset] = field(default_factory=dict)
 
     def open(self) -> h5py.File:
         if self.file is None:
@@ -60,9 +62,17 @@ class _Shard:
         return self.row_of[clip_id]
 
     def read(self, key: str, sel: Any = ()) -> np.ndarray:
-        return read_dataset(self.open(), key, sel)
+        f = self.open()
+        ds = self.datasets.get(key)
+        if ds is None:
+            ds = f.get(key)
+            if not isinstance(ds, h5py.Dataset):
+                return read_dataset(f, key, sel)  # raises, naming the shard and the dataset
+            self.datasets[key] = ds
+        return read_dataset(f, key, sel, ds)
 
     def close(self) -> None:
+        self.datasets.clear()
         if self.file is not None:
             self.file.close()
             self.file = None

@@ -58,10 +58,12 @@ def open_shard(path: Path) -> h5py.File:
         raise DamagedFeatures(f"{path}: damaged shard, cannot be read ({e}); {RECOVER}") from None
 
 
-def read_dataset(f: h5py.File, key: str, sel: Any = ()) -> np.ndarray:
-    """``f[key][sel]``; a failed checksum or a damaged dataset is :class:`DamagedFeatures`."""
+def read_dataset(f: h5py.File, key: str, sel: Any = (), ds: h5py.Dataset | None = None
+                 ) -> np.ndarray:
+    """``f[key][sel]`` (``ds``: that dataset, already looked up); a failed checksum or a damaged
+    dataset is :class:`DamagedFeatures`."""
     try:
-        ds = f[key]
+        ds = f[key] if ds is None else ds
         return ds.asstr()[sel] if h5py.check_string_dtype(ds.dtype) else ds[sel]
     except (OSError, KeyError) as e:
         why = ("fails its fletcher32 checksum (changed after it was written)"
