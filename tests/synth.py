@@ -101,6 +101,17 @@ def make_video(
     return path
 
 
+def with_soundtrack(video: str | Path, dst: str | Path, audio_s: float,
+                    rate: int | None = None) -> Path:
+    """``video``'s picture (copied) with a sine soundtrack of ``audio_s`` seconds (AAC): longer
+    or shorter than the picture, as real files have."""
+    sine = f"sine=d={audio_s}" + (f":r={rate}" if rate else "")
+    subprocess.run([ffmpeg_exe(), "-y", "-v", "error", "-i", str(video), "-f", "lavfi", "-i",
+                    sine, "-map", "0:v", "-map", "1:a", "-c:v", "copy", "-c:a", "aac",
+                    str(dst)], check=True)
+    return Path(dst)
+
+
 def make_lavfi_video(
     path: str | Path,
     *,

@@ -207,16 +207,6 @@ def test_rotated_video_frames_come_out_upright(tmp_path: Path) -> None:
     assert synth.frame_index(np.rot90(got, -1)) == 0
 
 
-def _with_audio(video: Path, dst: Path, audio_s: float) -> Path:
-    import subprocess
-
-    cmd = [media.ffmpeg_exe(), "-y", "-v", "error", "-i", str(video), "-f", "lavfi", "-i",
-           f"sine=d={audio_s}:r=16000", "-map", "0:v", "-map", "1:a", "-c:v", "copy",
-           "-c:a", "aac", str(dst)]
-    subprocess.run(cmd, check=True)
-    return dst
-
-
 @pytest.mark.parametrize("audio_s", [6.0, 1.0])
 def test_audio_longer_or_shorter_than_video_is_not_truncation(
     tmp_path: Path, audio_s: float
@@ -224,7 +214,7 @@ def test_audio_longer_or_shorter_than_video_is_not_truncation(
     # Soundtracks that end apart from the picture used to fail as "truncated" (the container's
     # duration, the longer stream, was compared with the other stream's data).
     vid = synth.make_video(tmp_path / "v.mp4", duration_s=3.0, audio=False)
-    src = _with_audio(vid, tmp_path / "mixed.mp4", audio_s)
+    src = synth.with_soundtrack(vid, tmp_path / "mixed.mp4", audio_s, rate=16000)
     assert main(["extract-frames", str(src), "-o", str(tmp_path / "f"), "--fps", "1",
                  "--quiet"]) == 0
     assert main(["extract-audio", str(src), "-o", str(tmp_path / "a"), "--quiet"]) == 0
@@ -291,10 +281,7 @@ def test_a_soundtrack_longer_than_the_picture_is_cut_at_the_recorded_end(tmp_pat
     import sys
 
     vid = synth.make_video(tmp_path / "v.mp4", duration_s=5.0, audio=False)
-    src = tmp_path / "long.mp4"
-    subprocess.run([media.ffmpeg_exe(), "-y", "-v", "error", "-i", str(vid), "-f", "lavfi",
-                    "-i", "sine=f=440:d=30", "-map", "0:v", "-map", "1:a", "-c:v", "copy",
-                    "-c:a", "aac", str(src)], check=True)
+    src = synth.with_soundtrack(vid, tmp_path / "long.mp4", 30)
     assert media.probe(src).duration_s > 29.9
     for stage, out in (("extract-frames", tmp_path / "f"), ("extract-audio", tmp_path / "a")):
         subprocess.run([sys.executable, "-m", "pipeline", stage, str(src), "-o", str(out), "-q"],

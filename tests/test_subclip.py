@@ -387,10 +387,7 @@ def test_keyframe_mode_on_a_single_keyframe_source_cuts_exactly_with_a_note(
 def test_soundtrack_longer_than_video_is_not_truncation(tmp_path: Path) -> None:
     # The container's duration is the 6 s soundtrack's; the 3 s picture is complete.
     vid = synth.make_video(tmp_path / "v.mp4", duration_s=3.0, audio=False)
-    src = tmp_path / "long_audio.mp4"
-    subprocess.run([media.ffmpeg_exe(), "-y", "-v", "error", "-i", str(vid), "-f", "lavfi",
-                    "-i", "sine=d=6", "-map", "0:v", "-map", "1:a", "-c:v", "copy",
-                    "-c:a", "aac", str(src)], check=True)
+    src = synth.with_soundtrack(vid, tmp_path / "long_audio.mp4", 6)
     info = media.probe(src)
     assert info.duration_s > 5.9 and info.video_end_s == 3.0
     out = tmp_path / "clips"

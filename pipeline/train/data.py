@@ -26,12 +26,13 @@ def warn_empty_clips(
 ) -> list[str]:
     """Say which clips have no rows in any of ``modalities`` (e.g. ``--modalities audio`` on
     silent clips): the model gets an empty sequence for them. Returns those clip ids."""
-    if not modalities:
+    if not modalities or not clip_ids:
         return []
     key = {"image": "n_frames", "audio": "n_audio"}
-    rows = {c: i for i, c in enumerate(store.clip_ids)}
-    counts = sum(store.column(key[m]).astype(np.int64) for m in modalities)
-    empty = [c for c in clip_ids if counts[rows[c]] == 0]
+    ids = list(clip_ids)
+    sel = store.select(ids)
+    counts = sum(sel.column(key[m]).astype(np.int64) for m in modalities)
+    empty = [c for c, n in zip(ids, counts.tolist(), strict=True) if n == 0]
     if empty:
         print(
             f"{prog}: warning: {len(empty)} of {len(clip_ids)} clips have no "
