@@ -15,6 +15,7 @@ import wave
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline import media
 from pipeline.errors import MediaError, UsageError
@@ -119,8 +120,10 @@ def extract_frames(
     overwrite: bool = False,
     quiet: bool = False,
     stage: str = "extract-frames",
+    engine: Any = None,
 ) -> Summary:
-    """The stage: frames (and audio) of every clip in ``inputs`` into ``out_dir``."""
+    """The stage: frames (and audio) of every clip in ``inputs`` into ``out_dir``, on
+    ``engine`` (:mod:`pipeline.engine`; default: ``workers`` local processes)."""
     clips = find_clips(inputs)
     run = Run(
         Path(out_dir), stage, opts.params(), overwrite=overwrite,
@@ -135,7 +138,7 @@ def extract_frames(
             run.forget(c.clip_id)
     items = [Item(c.clip_id, str(c.path), c) for c in clips]
     work = functools.partial(extract_clip, out_dir=Path(out_dir), opts=opts)
-    return run_items(run, items, work, workers=workers, quiet=quiet)
+    return run_items(run, items, work, workers=workers, quiet=quiet, engine=engine)
 
 
 def extract_audio(
@@ -146,12 +149,13 @@ def extract_audio(
     workers: int = 1,
     overwrite: bool = False,
     quiet: bool = False,
+    engine: Any = None,
 ) -> Summary:
     """The audio half alone: ``OUT/<clip_id>/audio.wav`` per clip (n_frames 0)."""
     opts = FrameOptions(fps=None, frames=False, audio=True, sample_rate_hz=sample_rate_hz)
     return extract_frames(
         inputs, out_dir, opts, workers=workers, overwrite=overwrite, quiet=quiet,
-        stage="extract-audio",
+        stage="extract-audio", engine=engine,
     )
 
 

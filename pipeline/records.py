@@ -269,6 +269,8 @@ class Run:
     _by_item: dict[str, list[str]] = field(default_factory=dict, init=False)
     # Records of forgotten items, kept in the compacted manifest unless the item is redone.
     _forgotten: dict[str, dict] = field(default_factory=dict, init=False)
+    # Said of the run in vpipe.json when it closes, beside the counts (e.g. the engine it ran on).
+    extra: dict[str, Any] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -397,8 +399,11 @@ class Run:
         order = list(dict.fromkeys([*item_order, *recs]))
         lines = [manifest_line(recs[i]) for i in order if i in recs]
         try:
+            # What a worker killed mid-write left (a Ray task retried elsewhere): nothing of
+            # this run is still writing now.
+            clean_temp_files(self.out_dir)
             atomic_write_text(self.out_dir / MANIFEST, "".join(x + "\n" for x in lines))
-            fields: dict[str, Any] = {"ended": now_iso()}
+            fields: dict[str, Any] = {"ended": now_iso(), **self.extra}
             if summary is not None:
                 summary.seconds = time.time() - self.started
                 fields["counts"] = summary.counts()

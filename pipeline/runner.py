@@ -3,8 +3,9 @@
 A stage's work is a list of :class:`Item`. :class:`Tracker` is the bookkeeping around them on a
 :class:`~pipeline.records.Run`: which items a previous run finished, one manifest append per
 item with its error line on stderr, the counts, the progress bar and the summary line.
-:func:`run_items` is the common loop over it (``work(item)`` in worker processes); ``vpipe
-features``, whose items are encoded in batches that mix clips, drives a Tracker itself.
+:func:`run_items` is the common loop over it, ``work(item)`` on an engine
+(:mod:`pipeline.engine`: worker processes or Ray tasks); ``vpipe features``, whose items are
+encoded in batches that mix clips, drives a Tracker itself.
 
 An item's failure is recorded and the batch goes on, except for a full disk
 (:class:`~pipeline.errors.DiskFull`): every later item would fail the same way, so it stops the
@@ -14,14 +15,13 @@ as ended) for the same command to complete once there is space.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-import threading
-import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import Skip, VpipeError
@@ -180,35 +180,28 @@ def run_items(
     workers: int = 1,
     quiet: bool = False,
     units: tuple[str, str] | None = None,
+    engine: Any = None,
 ) -> Summary:
-    """Do ``work`` for every item not finished before, in ``workers`` processes; record each.
+    """Do ``work`` for every item not finished before, on ``engine`` (default: this machine,
+    ``workers`` processes); record each as it finishes.
 
     ``work`` must be picklable (a module-level function or a functools.partial of one) when
-    ``workers > 1``. It returns the item's manifest record(s) or raises ``Skip``/``VpipeError``.
+    ``workers > 1`` or on Ray. It returns the item's manifest record(s) or raises
+    ``Skip``/``VpipeError``.
     """
+    from pipeline.engine import LocalEngine
+
+    engine = engine or LocalEngine(workers)
     tracker = Tracker(run, quiet=quiet, units=units)
     todo = tracker.pending(items)
     tracker.start(total=len(todo))
-
-    def handle(it: Item, recs: list[dict]) -> None:
-        tracker.record(it, recs)
-        tracker.advance()
-
     try:
-        if workers <= 1 or len(todo) <= 1:
-            for it in todo:
-                handle(it, outcome(work, it))
-        else:
-            with ProcessPoolExecutor(max_workers=workers, initializer=_end_with_parent) as pool:
-                pending = {pool.submit(outcome, work, it): it for it in todo}
-                try:
-                    while pending:
-                        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for fut in finished:
-                            handle(pending.pop(fut), fut.result())
-                except BaseException:
-                    pool.shutdown(cancel_futures=True)  # the items in flight end as they may
-                    raise
+        if todo:  # a finished folder re-run starts no cluster
+            engine.start(run.out_dir, [Path(todo[0].input)])
+            run.extra["engine"] = engine.describe()
+        for it, recs in engine.results(functools.partial(outcome, work), todo):
+            tracker.record(it, recs)
+            tracker.advance()
     except BaseException as e:
         end_run(tracker, e, lambda: [i for it in items for i in _ids_of(run, it)])
         raise
@@ -221,22 +214,6 @@ def end_run(tracker: Tracker, e: BaseException, item_order: Callable[[], list[st
         tracker.stop()
     else:
         tracker.close(item_order())
-
-
-def _end_with_parent(poll_s: float = 0.5) -> None:
-    """In a pool worker: exit once the vpipe process that started it is gone.
-
-    A parent ended by SIGKILL (``kill -9``, the OOM killer) cannot shut its pool down, and
-    the workers would wait for work forever. A watchdog thread notices the new parent pid.
-    """
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="vpipe-parent-watch", daemon=True).start()
 
 
 def _ids_of(run: Run, item: Item) -> list[str]:

@@ -21,6 +21,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -116,8 +117,10 @@ def subclip_videos(
     workers: int = 1,
     overwrite: bool = False,
     quiet: bool = False,
+    engine: Any = None,
 ) -> Summary:
-    """The stage: every video found in ``inputs`` → subclips in ``out_dir`` (resumable)."""
+    """The stage: every video found in ``inputs`` → subclips in ``out_dir`` (resumable), on
+    ``engine`` (:mod:`pipeline.engine`; default: ``workers`` local processes)."""
     sources = media.scan_sources(inputs)
     run = Run(
         Path(out_dir), "subclip", asdict(opts), overwrite=overwrite,
@@ -125,7 +128,8 @@ def subclip_videos(
     ).open()
     items = [Item(s.source_id, str(s.path), s) for s in sources]
     work = functools.partial(cut_source, out_dir=Path(out_dir), opts=opts)
-    return run_items(run, items, work, workers=workers, quiet=quiet, units=("videos", "clips"))
+    return run_items(run, items, work, workers=workers, quiet=quiet, units=("videos", "clips"),
+                     engine=engine)
 
 
 def clip_files(rec: dict) -> list[str]:

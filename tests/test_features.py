@@ -17,15 +17,12 @@ import pytest
 import soundfile as sf
 import torch
 import torchvision
+from conftest import VGGISH_FILE
 from PIL import Image
 
 from pipeline.cli import main
 from pipeline.records import Run, read_manifest
 from pipeline.shards import open_features, read_index, shard_paths
-
-RESNET18_FILE = "resnet18-f37072fd.pth"  # the names torchvision / torchvggish download to
-VGGISH_FILE = "vggish-10086976.pth"
-PCA_FILE = "vggish_pca_params-970ea276.pth"
 
 
 def make_media(folder: Path, clips: dict[str, tuple[int, float | None]], size=(64, 48)) -> Path:
@@ -54,22 +51,6 @@ def make_media(folder: Path, clips: dict[str, tuple[int, float | None]], size=(6
         run.record(rec)
     run.close()
     return folder
-
-
-@pytest.fixture(scope="session")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Seeded random resnet18 / VGGish / PCA parameters, saved as state-dict files."""
-    from torchvggish.torchvggish import VGG, make_layers
-
-    d = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(1)
-    torch.save(torchvision.models.resnet18().state_dict(), d / RESNET18_FILE)
-    torch.save(VGG(make_layers(), postprocess=False).state_dict(), d / VGGISH_FILE)
-    g = np.random.default_rng(2)
-    pca = {"pca_eigen_vectors": g.standard_normal((128, 128)) * 0.1,
-           "pca_means": g.standard_normal(128)}
-    torch.save(pca, d / PCA_FILE)
-    return {"image": d / RESNET18_FILE, "audio": d / VGGISH_FILE, "pca": d / PCA_FILE}
 
 
 @pytest.fixture(scope="session")

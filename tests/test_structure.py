@@ -12,7 +12,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 # The ground floor every stage uses; it must use nothing above it.
 GROUND_FLOOR = {"pipeline.errors", "pipeline.files", "pipeline.ids", "pipeline.records",
-                "pipeline.runner", "pipeline.media", "pipeline.shards", "pipeline.device"}
+                "pipeline.runner", "pipeline.engine", "pipeline.media", "pipeline.shards",
+                "pipeline.device"}
 
 
 def module_name(path: Path) -> str:

@@ -50,3 +50,32 @@ Overwrite = Annotated[
     bool,
     typer.Option("--overwrite", help="Redo an output folder made with other parameters."),
 ]
+Engine = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        metavar="local|ray",
+        help="Where the items run: local (this machine's worker processes) or ray (Ray tasks "
+        "on a cluster; needs pip install 'vpipe[ray]', and an output folder every node sees).",
+    ),
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="With --engine ray: the cluster to join. [default: RAY_ADDRESS, else a cluster "
+        "started with `ray start` on this machine, else a local one started for the run]",
+        show_default=False,
+    ),
+]
+
+
+def make_engine(name: str, ray_address: str | None, workers: int | None, quiet: bool,
+                stage: str):
+    """The engine the options name; None for the stage's own local worker pool. (Imported
+    here so that `--help` does not load Ray.)"""
+    from pipeline.engine import make_engine as make
+
+    engine = make(name, workers=workers or 1, ray_address=ray_address, quiet=quiet, stage=stage)
+    return None if engine.name == "local" else engine

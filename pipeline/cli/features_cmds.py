@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.app import OutDir, Overwrite, Quiet, app
+from pipeline.cli.app import Engine, OutDir, Overwrite, Quiet, RayAddress, app, make_engine
 from pipeline.features.options import FeatureOptions
 
 OPT = FeatureOptions  # the defaults, written once in the options dataclass
@@ -66,8 +66,8 @@ def features(
         typer.Option(
             "--workers",
             min=0,
-            help="Frame decoding processes (0: in the model's process). "
-            "[default: cores - 1, at least 1]",
+            help="Frame decoding processes (0: in the model's process); not used with --engine "
+            "ray, where Ray tasks decode. [default: cores - 1, at least 1]",
             show_default=False,
         ),
     ] = None,
@@ -117,6 +117,8 @@ def features(
             show_default=False,
         ),
     ] = None,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -127,7 +129,8 @@ def features(
     ($TORCH_HOME/hub/checkpoints), downloaded there on first use when online; offline, put
     the files there or give state-dict files (one error lists every missing file). The
     input folders come from `vpipe extract-frames`; --from-video reads clips (videos, or a
-    `vpipe subclip` folder) instead and decodes them in the loader workers.
+    `vpipe subclip` folder) instead and decodes them in the loader workers. With --engine
+    ray, Ray tasks decode and a pool of actors (one per GPU, else one per node) encodes.
     """
     from pipeline.features import extract_features
     from pipeline.features.options import loader_workers
@@ -150,7 +153,9 @@ def features(
         fps=fps,
         every=every,
     )
-    summary = extract_features(inputs, out, opts, overwrite=overwrite, quiet=quiet)
+    runner = make_engine(engine, ray_address, None, quiet, "features")
+    summary = extract_features(inputs, out, opts, overwrite=overwrite, quiet=quiet,
+                               engine=runner)
     raise typer.Exit(summary.exit_code)
 
 

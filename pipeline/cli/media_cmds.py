@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.app import OutDir, Overwrite, Quiet, app
+from pipeline.cli.app import Engine, OutDir, Overwrite, Quiet, RayAddress, app, make_engine
 from pipeline.errors import UsageError
 from pipeline.frames import FrameOptions
 from pipeline.subclip import SubclipOptions
@@ -37,7 +37,8 @@ Workers = Annotated[
     int | None,
     typer.Option(
         "--workers", min=1, show_default=False,
-        help="Parallel worker processes, one video or clip each. [default: CPU cores, at most 4]",
+        help="Parallel worker processes, one video or clip each; with --engine ray, the most "
+        "Ray tasks at once. [default: CPU cores, at most 4; with Ray: twice the cluster's CPUs]",
     ),
 ]
 SampleRate = Annotated[
@@ -95,6 +96,8 @@ def subclip(
         ),
     ] = SUB.preset,
     workers: Workers = None,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -111,7 +114,7 @@ def subclip(
     )
     summary = subclip_videos(
         inputs, out, opts, workers=workers or _default_workers(), overwrite=overwrite,
-        quiet=quiet,
+        quiet=quiet, engine=make_engine(engine, ray_address, workers, quiet, "subclip"),
     )
     raise typer.Exit(summary.exit_code)
 
@@ -156,6 +159,8 @@ def extract_frames(
         bool, typer.Option("--no-audio", help="Frames only: do not write audio.wav.")
     ] = False,
     workers: Workers = None,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -175,7 +180,7 @@ def extract_frames(
     )
     summary = run_stage(
         clips, out, opts, workers=workers or _default_workers(), overwrite=overwrite,
-        quiet=quiet,
+        quiet=quiet, engine=make_engine(engine, ray_address, workers, quiet, "extract-frames"),
     )
     raise typer.Exit(summary.exit_code)
 
@@ -186,6 +191,8 @@ def extract_audio(
     out: OutDir,
     sample_rate: SampleRate = FRAMES.sample_rate_hz,
     workers: Workers = None,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -199,5 +206,6 @@ def extract_audio(
     summary = run_stage(
         clips, out, sample_rate_hz=sample_rate, workers=workers or _default_workers(),
         overwrite=overwrite, quiet=quiet,
+        engine=make_engine(engine, ray_address, workers, quiet, "extract-audio"),
     )
     raise typer.Exit(summary.exit_code)

@@ -52,6 +52,21 @@ class ClipJob:
         return self.item.id
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """What decoding needs to know of the encoders: the image preprocessing, whether audio
+    examples are wanted, and whether batches go to a GPU (pinned memory). Sent to Ray decode
+    tasks instead of the models."""
+
+    preprocessing: Preprocessing
+    audio: bool
+    pin_memory: bool = False
+
+    @classmethod
+    def of(cls, enc: Encoders) -> Decoding:
+        return cls(enc.image.preprocessing, enc.audio is not None, enc.device.type == "cuda")
+
+
 @dataclass
 class Batch:
     """Frames of one model call, ``owners[k]`` the job index of frame k, and the clips whose
@@ -115,7 +130,7 @@ class FrameFolders:
             raise MediaError(f"{audio}: audio file missing")
         job.frames, job.audio_path = paths, audio
 
-    def batches(self, jobs: list[ClipJob], enc: Encoders, opts: FeatureOptions
+    def batches(self, jobs: list[ClipJob], dec: Decoding, opts: FeatureOptions
                 ) -> Iterator[Batch]:
         """Every frame of ``jobs`` in order, decoded in loader workers; a clip is done once the
         batch holding its last frame is out (its VGGish examples read from its wav here)."""
@@ -129,18 +144,18 @@ class FrameFolders:
             nonlocal nxt
             done = []
             while nxt < len(jobs) and remaining[nxt] == 0:
-                done.append(_wav_done(nxt, jobs[nxt], enc))
+                done.append(_wav_done(nxt, jobs[nxt], dec))
                 nxt += 1
             return done
 
         done = completed()  # clips without frames
         paths = [str(p) for j in jobs for p in j.frames]
         if not paths:
-            c = enc.image.preprocessing.crop_size
+            c = dec.preprocessing.crop_size
             yield Batch(torch.zeros((0, 3, c, c), dtype=torch.uint8), owner, times, done)
             return
         pos = 0
-        for imgs, errors in _frame_loader(paths, enc, opts):
+        for imgs, errors in _frame_loader(paths, dec, opts):
             n = imgs.shape[0]
             own = owner[pos : pos + n]
             for k in range(n):
@@ -199,10 +214,10 @@ def frame_files(rec: dict, folder: Path) -> list[Path]:
     return [frames / f"{i:06d}.{ext}" for i in range(int(rec["n_frames"]))]
 
 
-def _wav_done(j: int, job: ClipJob, enc: Encoders) -> tuple[int, Any, str | None]:
+def _wav_done(j: int, job: ClipJob, dec: Decoding) -> tuple[int, Any, str | None]:
     if job.error is not None:
         return j, None, job.error
-    if enc.audio is None or job.audio_path is None:
+    if not dec.audio or job.audio_path is None:
         return j, None, None
     try:
         return j, wav_examples(job.audio_path), None
@@ -234,16 +249,16 @@ def stack_frames(batch: list[tuple[torch.Tensor, str | None]]
     return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
 
 
-def _frame_loader(paths: Sequence[str], enc: Encoders, opts: FeatureOptions) -> DataLoader:
+def _frame_loader(paths: Sequence[str], dec: Decoding, opts: FeatureOptions) -> DataLoader:
     """A DataLoader over frame files in order, batches mixing clips, workers prefetching."""
     w = opts.workers if len(paths) > opts.batch_size else 0  # a tiny job: no process start-up
     return DataLoader(
-        FrameFiles(paths, enc.image.preprocessing),
+        FrameFiles(paths, dec.preprocessing),
         batch_size=opts.batch_size,
         shuffle=False,
         num_workers=w,
         collate_fn=stack_frames,
-        pin_memory=enc.device.type == "cuda",
+        pin_memory=dec.pin_memory,
         worker_init_fn=_worker_init if w else None,
         persistent_workers=bool(w),
         prefetch_factor=4 if w else None,
@@ -281,19 +296,19 @@ class DecodedVideos:
         elif not Path(ref.path).is_file():
             raise MediaError(f"{ref.path}: subclip file missing (was its folder moved?)")
 
-    def batches(self, jobs: list[ClipJob], enc: Encoders, opts: FeatureOptions
+    def batches(self, jobs: list[ClipJob], dec: Decoding, opts: FeatureOptions
                 ) -> Iterator[Batch]:
         if not jobs:
             return
         clips = [(j, str(job.ref.path)) for j, job in enumerate(jobs)]
         w = min(opts.workers, len(jobs))
-        stream = VideoFrameStream(clips, enc.image.preprocessing, opts.batch_size, self.fps,
-                                  self.every, enc.audio is not None)
+        stream = VideoFrameStream(clips, dec.preprocessing, opts.batch_size, self.fps,
+                                  self.every, dec.audio)
         loader = DataLoader(
             stream,
             batch_size=None,  # the workers batch frames themselves (a worker's clips mix)
             num_workers=w,
-            pin_memory=enc.device.type == "cuda",
+            pin_memory=dec.pin_memory,
             worker_init_fn=_worker_init if w else None,
             prefetch_factor=4 if w else None,
         )

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 
 from pipeline import shards
+from pipeline.features.embed import embed_batches, failed_record
 from pipeline.features.encoders import Encoders, load_encoders
 from pipeline.features.options import FeatureOptions
-from pipeline.features.sources import ClipJob, source_for
+from pipeline.features.sources import ClipJob, Decoding, source_for
 from pipeline.files import writing
-from pipeline.records import FAILED, MANIFEST, OK, Run, Summary, canonical, read_run_info
+from pipeline.records import MANIFEST, OK, Run, Summary, canonical, read_run_info
 from pipeline.runner import Tracker, end_run, failure_record
 
 STAGE = "features"
@@ -124,10 +125,12 @@ def extract_features(
     overwrite: bool = False,
     quiet: bool = False,
     on_shard: Callable[[Path], None] | None = None,
+    engine: Any = None,
 ) -> Summary:
     """Encode every ok clip of ``inputs`` (extract-frames folders; with ``from_video`` clips or
-    videos) into shards in ``out_dir``. ``on_shard`` is called with each finished shard (tests
-    use it to interrupt a run)."""
+    videos) into shards in ``out_dir``, here or on ``engine`` (a
+    :class:`~pipeline.engine.RayEngine`: :mod:`.on_ray`). ``on_shard`` is called with each
+    finished shard (tests use it to interrupt a run)."""
     import h5py
     import torch
 
@@ -163,7 +166,15 @@ def extract_features(
             rec = {**failure_record(job.id, e), "source": job.rec.get("source")}
             tracker.record(job.item, [rec])
     try:
-        encode(todo, source, enc, opts, tracker, out, on_shard)
+        if engine is not None and todo:
+            from pipeline.features.on_ray import encode_on_ray
+
+            engine.start(out, inputs)
+            run.extra["engine"] = engine.describe()
+            encode_on_ray(todo, source, enc, opts, tracker, out, on_shard, engine,
+                          shard_attrs(enc, source), ok_record, failed_record)
+        else:
+            encode(todo, source, enc, opts, tracker, out, on_shard)
     except BaseException as e:
         end_run(tracker, e, lambda: [job.id for job in jobs])
         raise
@@ -173,45 +184,22 @@ def extract_features(
 def encode(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions,
            tracker: Tracker, out: Path, on_shard: Callable[[Path], None] | None) -> None:
     """The loop: image rows batch by batch, audio rows per finished clip, shards as they fill."""
-    attrs = enc.attrs()
-    attrs["image"] = source.image_attrs(attrs["image"])
-    sink = ShardSink(out, enc, opts, tracker, attrs, on_shard)
+    sink = ShardSink(out, enc, opts, tracker, shard_attrs(enc, source), on_shard)
     tracker.start(total=sum(len(j.frames) for j in jobs) or None)
     try:
-        for batch in source.batches(jobs, enc, opts):
-            if batch.images.shape[0]:
-                y = enc.embed_images(batch.images)
-                for k in range(y.shape[0]):
-                    job = jobs[int(batch.owners[k])]
-                    job.rows.append(y[k])
-                    job.times.append(float(batch.times[k]))
-                tracker.advance(y.shape[0])
-            for j, examples, error in batch.done:
-                finish(jobs[j], examples, error, enc, sink, tracker)
+        batches = source.batches(jobs, Decoding.of(enc), opts)
+        for job, clip, error in embed_batches(batches, jobs, enc, tracker.advance):
+            if error is not None:
+                tracker.record(job.item, [failed_record(job, error)])
+            else:
+                sink.add(job, clip)
         sink.close()
     finally:
         sink.abort()
 
 
-def finish(job: ClipJob, examples: Any, error: str | None, enc: Encoders, sink: ShardSink,
-           tracker: Tracker) -> None:
-    """A clip whose frames are all through: its features to the sink, or its failure recorded."""
-    if error is not None:
-        rec = {"id": job.id, "item": job.id, "status": FAILED, "error": error}
-        tracker.record(job.item, [{**rec, "source": job.rec.get("source")}])
-    else:
-        ex, audio_ts = examples if examples is not None else (None, np.zeros(0))
-        r = job.rec
-        image = np.stack(job.rows) if job.rows else np.zeros((0, enc.image.dim), np.float32)
-        clip = shards.ClipFeatures(
-            job.id,
-            str(r.get("source") or job.id),
-            float(r.get("start") or 0.0),
-            float(r.get("end") or 0.0),
-            image,
-            np.asarray(job.times, np.float64),
-            enc.embed_audio(ex),
-            audio_ts,
-        )
-        sink.add(job, clip)
-    job.rows, job.times = [], []  # free the rows: they are in the shard now
+def shard_attrs(enc: Encoders, source: Any) -> dict:
+    """The shards' attributes: the encoders', with how the source sampled the frames."""
+    attrs = enc.attrs()
+    attrs["image"] = source.image_attrs(attrs["image"])
+    return attrs

@@ -1,0 +1,274 @@
+"""Where a stage's per-item work runs: this machine's processes, or a Ray cluster.
+
+An engine takes the items still to do and a picklable ``call(item) -> records`` (the runner's
+:func:`~pipeline.runner.outcome` around the stage's work, which turns a bad input into a failed
+record instead of an exception) and yields ``(item, records)`` as items finish, in any order.
+The driver alone writes the manifest from what is yielded, so resume, the refusal of changed
+parameters and the summary are the same whatever the engine.
+
+- :class:`LocalEngine`: in this process, or a process pool of ``workers``.
+- :class:`RayEngine`: one Ray task per item, its CPU need declared, retried when its worker
+  process or node dies (a crash, not a bad input: those come back as records and are not
+  retried). Tasks write their outputs into the output folder, which every node must see:
+  :meth:`RayEngine.start` checks that from each node before any work.
+
+Ray is an optional dependency (``pip install 'vpipe[ray]'``), imported only by the Ray engine.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UsageError
+from pipeline.records import FAILED
+
+ENGINES = ("local", "ray")
+# A task retried this many times after its worker died is recorded as failed, not retried more.
+TASK_RETRIES = 3
+PROBE_TIMEOUT_S = 120.0
+
+
+class LocalEngine:
+    """Items in this process (``workers`` 1) or in a pool of worker processes."""
+
+    name = "local"
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers
+
+    def start(self, out_dir: Path, inputs: Sequence[Path] = ()) -> None:
+        """Nothing to check on one machine."""
+
+    def results(self, call: Callable[[Any], list[dict]], items: Sequence[Any]
+                ) -> Iterator[tuple[Any, list[dict]]]:
+        if self.workers <= 1 or len(items) <= 1:
+            for it in items:
+                yield it, call(it)
+            return
+        with ProcessPoolExecutor(max_workers=self.workers, initializer=_end_with_parent) as pool:
+            pending = {pool.submit(call, it): it for it in items}
+            try:
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        yield pending.pop(fut), fut.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # the items in flight end as they may
+                raise
+
+    def describe(self) -> dict:
+        return {"engine": "local", "workers": self.workers}
+
+
+class RayEngine:
+    """One Ray task per item on a Ray cluster (joined, or started here).
+
+    ``address``: a cluster to join (``host:port``, ``auto``); None joins the one ``RAY_ADDRESS``
+    or a ``ray start`` on this machine names, else starts a local one. ``max_in_flight`` caps
+    the tasks submitted at once (default: twice the cluster's CPUs), so a million items are not
+    a million pending tasks in the driver.
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, *, cpus_per_task: float = 1.0,
+                 max_in_flight: int | None = None, quiet: bool = False,
+                 stage: str = "vpipe") -> None:
+        self.address, self.cpus_per_task = address, cpus_per_task
+        self.max_in_flight, self.quiet, self.stage = max_in_flight, quiet, stage
+        self.ray: Any = None
+        self.cluster: dict = {}
+
+    def start(self, out_dir: Path, inputs: Sequence[Path] = ()) -> None:
+        """Join or start the cluster, then check every node sees ``out_dir`` and ``inputs``."""
+        self.ray = connect(self.address, quiet=self.quiet, stage=self.stage)
+        self.cluster = cluster_shape(self.ray)
+        check_shared_folder(self.ray, Path(out_dir), [Path(p) for p in inputs])
+
+    def results(self, call: Callable[[Any], list[dict]], items: Sequence[Any]
+                ) -> Iterator[tuple[Any, list[dict]]]:
+        ray = self.ray
+        task = ray.remote(_run_call).options(
+            num_cpus=self.cpus_per_task, max_retries=TASK_RETRIES, retry_exceptions=False
+        )
+        call_ref = ray.put(call)  # the stage's work and options, shipped once
+        limit = self.max_in_flight or max(2, 2 * int(self.cluster.get("cpus", 1)))
+        todo = iter(items)
+        in_flight: dict[Any, Any] = {}
+        try:
+            while True:
+                while len(in_flight) < limit and (it := next(todo, None)) is not None:
+                    in_flight[task.remote(call_ref, it)] = it
+                if not in_flight:
+                    return
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                for ref in ready:
+                    it = in_flight.pop(ref)
+                    yield it, self._get(ref, it)
+        except BaseException:
+            for ref in in_flight:  # the driver is stopping: its tasks need not run on
+                ray.cancel(ref, force=True)
+            raise
+
+    def _get(self, ref: Any, item: Any) -> list[dict]:
+        ray = self.ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            # The work raised what stops a stage (a full disk): raise it here as itself.
+            cause = e.cause if isinstance(e.cause, BaseException) else e
+            raise cause from None
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                ray.exceptions.OutOfMemoryError, ray.exceptions.TaskCancelledError,
+                ray.exceptions.ObjectLostError) as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return [{"id": item.id, "item": item.id, "status": FAILED,
+                     "error": f"its Ray worker died {TASK_RETRIES + 1} times "
+                              f"({type(e).__name__}: {why})"}]
+
+    def describe(self) -> dict:
+        return {"engine": "ray", **self.cluster}
+
+
+def make_engine(name: str, *, workers: int = 1, ray_address: str | None = None,
+                quiet: bool = False, stage: str = "vpipe") -> LocalEngine | RayEngine:
+    """The engine ``--engine`` names; ``workers`` is the local pool's size, or with Ray the
+    most tasks in flight at once (None: twice the cluster's CPUs)."""
+    if name == "local":
+        if ray_address:
+            raise UsageError("--ray-address is for --engine ray")
+        return LocalEngine(workers)
+    if name == "ray":
+        ray_module()  # a missing install is a usage error before any work
+        return RayEngine(ray_address, max_in_flight=workers if workers > 1 else None,
+                         quiet=quiet, stage=stage)
+    raise UsageError(f"--engine {name!r}: use local or ray")
+
+
+def ray_module() -> Any:
+    """The ``ray`` package, or a usage error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(
+            "--engine ray needs Ray: pip install 'vpipe[ray]' (on every node of the cluster)"
+        ) from None
+    return ray
+
+
+def connect(address: str | None, *, quiet: bool = False, stage: str = "vpipe") -> Any:
+    """Join the cluster ``address`` names (None: ``RAY_ADDRESS``, else a ``ray start`` head on
+    this machine, else start a local one); reuse the connection this process has."""
+    ray = ray_module()
+    if ray.is_initialized():
+        return ray
+    common = {"logging_level": "error", "configure_logging": True}
+    if address or os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(address=address, **common)
+        except ConnectionError as e:
+            where = address or os.environ["RAY_ADDRESS"]
+            raise UsageError(f"cannot join the Ray cluster at {where}: {e}") from None
+        how = f"joined the Ray cluster at {address or os.environ['RAY_ADDRESS']}"
+    else:
+        try:
+            ray.init(address="auto", **common)
+            how = "joined the Ray cluster running on this machine"
+        except ConnectionError:
+            ray.init(include_dashboard=False, **common)
+            how = "started a local Ray cluster"
+    if not quiet:
+        c = cluster_shape(ray)
+        print(f"vpipe {stage}: {how} ({c['nodes']} node(s), {c['cpus']:g} CPUs, "
+              f"{c['gpus']:g} GPUs)", file=sys.stderr)
+    return ray
+
+
+def cluster_shape(ray: Any) -> dict:
+    """Nodes, CPUs and GPUs of the cluster as it is now (recorded with the run)."""
+    res = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return {"nodes": len(nodes), "cpus": float(res.get("CPU", 0)), "gpus": float(res.get("GPU", 0))}
+
+
+def check_shared_folder(ray: Any, out_dir: Path, inputs: Sequence[Path] = ()) -> None:
+    """Stop with a clear message unless every node sees ``out_dir`` (a probe file the driver
+    writes there and a task on each node reads back) and the ``inputs``."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    import pipeline
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(8)
+    probe = out_dir / f".vpipe-probe-{token}"
+    probe.write_text(token, encoding="utf-8")
+    try:
+        task = ray.remote(_probe_node)
+        nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+        refs = {
+            task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+                n["NodeID"], soft=False)).remote(str(probe), [str(p.resolve()) for p in inputs]):
+            n for n in nodes
+        }
+        try:
+            answers = ray.get(list(refs), timeout=PROBE_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise UsageError(f"Ray: a node did not answer within {PROBE_TIMEOUT_S:.0f} s "
+                             "(is every node running?)") from None
+        for (ref, node), (seen, missing, version) in zip(refs.items(), answers, strict=True):
+            del ref
+            host = node.get("NodeManagerAddress", node["NodeID"][:12])
+            if seen != token:
+                raise UsageError(
+                    f"{out_dir}: the output folder is not shared with Ray node {host} (it cannot "
+                    "read a file written here): every node must see the same folder at the "
+                    "same path (a shared filesystem such as NFS)"
+                )
+            if missing:
+                raise UsageError(f"{missing}: no such file or folder on Ray node {host} (inputs "
+                                 "must be on a filesystem every node sees)")
+            if version != pipeline.__version__:
+                raise UsageError(f"Ray node {host} has vpipe {version}, this one "
+                                 f"{pipeline.__version__}: install the same version everywhere")
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _probe_node(probe: str, inputs: list[str]) -> tuple[str | None, str | None, str]:
+    import pipeline
+
+    try:
+        seen = Path(probe).read_text(encoding="utf-8")
+    except OSError:
+        seen = None
+    missing = next((p for p in inputs if not os.path.exists(p)), None)
+    return seen, missing, pipeline.__version__
+
+
+def _run_call(call: Callable[[Any], list[dict]], item: Any) -> list[dict]:
+    """The body of a Ray task: one item's work, its records returned to the driver."""
+    return call(item)
+
+
+def _end_with_parent(poll_s: float = 0.5) -> None:
+    """In a pool worker: exit once the vpipe process that started it is gone.
+
+    A parent ended by SIGKILL (``kill -9``, the OOM killer) cannot shut its pool down, and
+    the workers would wait for work forever. A watchdog thread notices the new parent pid.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="vpipe-parent-watch", daemon=True).start()

@@ -1,0 +1,58 @@
+"""The step both engines share: the image encoder over decoded batches (which mix clips), each
+clip's rows gathered, and a clip whose last frame is through turned into its features (its
+VGGish rows added) or into the record of the error that failed it. :mod:`.stage` runs it in
+this process, :mod:`.on_ray` in the actors of a Ray cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from pipeline import shards
+from pipeline.features.encoders import Encoders
+from pipeline.features.sources import Batch, ClipJob
+from pipeline.records import FAILED
+
+
+def embed_batches(batches: Iterable[Batch], jobs: list[ClipJob], enc: Encoders,
+                  advance: Callable[[int], None] = lambda n: None
+                  ) -> Iterator[tuple[ClipJob, shards.ClipFeatures | None, str | None]]:
+    """The image rows of each batch into its clips' jobs; each clip whose last frame is through
+    comes out with its features (its audio rows added), or the error that failed it."""
+    for batch in batches:
+        if batch.images.shape[0]:
+            y = enc.embed_images(batch.images)
+            for k in range(y.shape[0]):
+                job = jobs[int(batch.owners[k])]
+                job.rows.append(y[k])
+                job.times.append(float(batch.times[k]))
+            advance(y.shape[0])
+        for j, examples, error in batch.done:
+            job = jobs[j]
+            yield job, None if error is not None else clip_features(job, examples, enc), error
+            job.rows, job.times = [], []  # free the rows: they are in the shard now
+
+
+def clip_features(job: ClipJob, examples: Any, enc: Encoders) -> shards.ClipFeatures:
+    """A finished clip's rows, its VGGish rows and its record's fields, as a shard stores them."""
+    ex, audio_ts = examples if examples is not None else (None, np.zeros(0))
+    r = job.rec
+    image = np.stack(job.rows) if job.rows else np.zeros((0, enc.image.dim), np.float32)
+    return shards.ClipFeatures(
+        job.id,
+        str(r.get("source") or job.id),
+        float(r.get("start") or 0.0),
+        float(r.get("end") or 0.0),
+        image,
+        np.asarray(job.times, np.float64),
+        enc.embed_audio(ex),
+        audio_ts,
+    )
+
+
+def failed_record(job: ClipJob, error: str) -> dict:
+    """The manifest record of a clip that failed while its frames were read."""
+    return {"id": job.id, "item": job.id, "status": FAILED, "error": error,
+            "source": job.rec.get("source")}
