@@ -212,6 +212,8 @@ BAD = [
     ('[subclip]\ninputs = "x"\n', 6, "'inputs' is set by the workflow"),
     ('[extract-frames]\nno-audio = "yes"\n', 6, "no-audio is a switch"),
     ("bogus = 1\n[subclip]\n", 5, "unknown setting 'bogus'"),
+    ('engine = "spark"\n[subclip]\n', 5, "engine = 'spark': use \"local\" or \"ray\""),
+    ('ray_address = "10.0.0.1:6379"\n[subclip]\n', 5, 'ray_address is for engine = "ray"'),
 ]
 
 
@@ -232,6 +234,22 @@ def test_invalid_workflow_fails_before_any_stage_runs(
     err = capsys.readouterr().err
     assert f"bad.toml:{line}: " in err and message in err
     assert not (tmp_path / "work").exists()
+
+
+def test_engine_goes_to_the_stages_that_take_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`vpipe run --engine ray` (or engine = "ray" in the file) reaches the media and feature
+    stages, with the address; train, which runs on this machine, gets neither."""
+    (tmp_path / "wf.toml").write_text(
+        'inputs = ["videos"]\nengine = "ray"\nlabels = "l.csv"\n[subclip]\n[extract-frames]\n'
+        '[features]\n[train]\n', encoding="utf-8")
+    (tmp_path / "videos").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "wf.toml", "--dry-run", "--ray-address", "10.0.0.1:6379"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ray_words = "--engine ray --ray-address 10.0.0.1:6379"
+    assert [ray_words in x for x in lines] == [True, True, True, False]
+    assert main(["run", "wf.toml", "--dry-run", "--engine", "local"]) == 0
+    assert "ray" not in capsys.readouterr().out
 
 
 def test_not_toml_and_bad_set_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture):

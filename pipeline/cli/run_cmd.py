@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.app import Quiet, app
+from pipeline.cli.app import Quiet, RayAddress, app
 
 
 @app.command("run")
@@ -84,6 +84,17 @@ def run(
             help="Redo the outputs made with other parameters, and the stages after them.",
         ),
     ] = False,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            metavar="local|ray",
+            help="Where the media and feature stages run: local or ray (instead of the file's "
+            "engine = ...; see vpipe features --help).",
+            show_default=False,
+        ),
+    ] = None,
+    ray_address: RayAddress = None,
     quiet: Quiet = False,
 ) -> None:
     """Run the stages a workflow file lists, each feeding the next; resumable.
@@ -99,7 +110,8 @@ def run(
     from pipeline.cli import main
 
     wf = wfl.load_workflow(
-        workflow_file, inputs=inputs, labels=labels, work_dir=work_dir, sets=sets or ()
+        workflow_file, inputs=inputs, labels=labels, work_dir=work_dir, sets=sets or (),
+        engine=engine, ray_address=ray_address,
     )
     commands = typer.main.get_command(app).commands  # the CLI's own commands, nothing else
     steps = wfl.select(wfl.plan(wf, commands, quiet=quiet, overwrite=overwrite), start, until)

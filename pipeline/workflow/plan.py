@@ -43,9 +43,12 @@ STAGES: dict[str, StageSpec] = {
     "evaluate": StageSpec(("run", "features"), "metrics", "evaluation.json", labels=True),
     "predict": StageSpec(("run", "features"), "predictions", "predictions.jsonl"),
 }
-TOP_LEVEL_KEYS = {"name", "description", "inputs", "work_dir", "labels"}
-# Options that change how a stage runs but not what it writes (ignored by "up to date").
-RUN_ONLY_FLAGS = {"--quiet", "-q", "--overwrite", "--resume", "--workers"}
+TOP_LEVEL_KEYS = {"name", "description", "inputs", "work_dir", "labels", "engine", "ray_address"}
+# Options that change how a stage runs but not what it writes (ignored by "up to date"), and
+# those of them that take a value.
+RUN_ONLY_FLAGS = {"--quiet", "-q", "--overwrite", "--resume", "--workers", "--engine",
+                  "--ray-address"}
+RUN_ONLY_VALUES = {"--workers", "--engine", "--ray-address"}
 
 
 @dataclass
@@ -67,6 +70,9 @@ class Workflow:
     stages: list[Stage]
     lines: dict[tuple[str, str | None], int] = field(default_factory=dict)
     overrides: set[tuple[str, str | None]] = field(default_factory=set)
+    # Where the stages that take --engine run (None: their default, this machine).
+    engine: str | None = None
+    ray_address: str | None = None
 
     def line(self, table: str, key: str | None = None) -> int:
         """Line number of ``key`` in ``[table]`` (or of the table header), 0 if unknown."""
@@ -118,6 +124,8 @@ def load_workflow(
     labels: str | None = None,
     work_dir: str | None = None,
     sets: Sequence[str] = (),
+    engine: str | None = None,
+    ray_address: str | None = None,
 ) -> Workflow:
     """Read a workflow file; ``inputs``/``labels``/``work_dir`` override the file's values and
     each of ``sets`` (``"stage.option=value"``, value in TOML syntax or a bare word) one option."""
@@ -156,9 +164,15 @@ def load_workflow(
     if not isinstance(file_inputs, list) or not all(isinstance(x, str) for x in file_inputs):
         raise wf.error("", "inputs", "inputs must be a path or a list of paths")
     wf.inputs = list(inputs) if inputs else file_inputs  # none: plan() says so after the checks
-    for key in ("work_dir", "labels"):
+    for key in ("work_dir", "labels", "engine", "ray_address"):
         if key in data and not isinstance(data[key], str):
-            raise wf.error("", key, f"{key} must be a path (a string)")
+            raise wf.error("", key, f"{key} must be a string")
+    wf.engine = engine or data.get("engine")
+    wf.ray_address = ray_address or data.get("ray_address")
+    if wf.engine not in (None, "local", "ray"):
+        raise wf.error("", "engine", f"engine = {wf.engine!r}: use \"local\" or \"ray\"")
+    if wf.ray_address and wf.engine != "ray":
+        raise wf.error("", "ray_address", "ray_address is for engine = \"ray\"")
     wf.work_dir = work_dir or data.get("work_dir") or f"work/{path.stem}"
     wf.labels = labels or data.get("labels")
     return wf
@@ -287,6 +301,10 @@ def plan(
         if out is not None:
             args += ["-o", out]
         args += option_words
+        if wf.engine and _find_param(command, "engine") is not None and "--engine" not in args:
+            args += ["--engine", wf.engine]
+            if wf.ray_address and "--ray-address" not in args:
+                args += ["--ray-address", wf.ray_address]
         if quiet and _find_param(command, "quiet") is not None and "--quiet" not in args:
             args.append("--quiet")
         if overwrite and _find_param(command, "overwrite") is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.records import first_changed_output, read_run_info
-from pipeline.workflow.plan import RUN_ONLY_FLAGS, STAGES, Step
+from pipeline.workflow.plan import RUN_ONLY_FLAGS, RUN_ONLY_VALUES, STAGES, Step
 
 
 @dataclass
@@ -31,8 +31,8 @@ def _output_args(args: Sequence[str]) -> list[str]:
         if skip:
             skip = False
         elif a in RUN_ONLY_FLAGS:
-            skip = a == "--workers"
-        elif not a.startswith("--workers="):
+            skip = a in RUN_ONLY_VALUES
+        elif a.partition("=")[0] not in RUN_ONLY_VALUES:
             out.append(a)
     return out
 
