@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -124,11 +123,161 @@ def test_shuffled_captions_stay_far_lower(synth_set, tmp_path, monkeypatch) -> N
     train_ids = [c for c, v in splits.items() if v == "train"]
     shuffled = train_ids[:]
     random.Random(1).shuffle(shuffled)
-    mixed = {c: refs[s] if splits[c] == "train" else refs[c]
-             for c, s in zip(refs, [dict(zip(train_ids, shuffled)).get(c, c) for c in refs])}
+    donor = dict(zip(train_ids, shuffled, strict=True))  # a train clip's captions: another's
+    mixed = {c: refs[donor.get(c, c)] for c in refs}
     csv_path = write_captions(tmp_path / "shuffled.csv", mixed, splits)
     monkeypatch.setenv("PATH", "")  # no Java here: meteor is left out (and the test is quick)
     assert main(["train", str(root / "feats"), "--labels", str(csv_path), "-o",
                  str(tmp_path / "run"), *TRAIN]) == 0
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["test"]["bleu4"] < 0.6 and "meteor" not in s["test"]
+
+
+def test_beam_1_is_greedy_and_beam_3_agrees_on_a_clear_task(trained, synth_set) -> None:
+    run, _ = trained
+    root = synth_set[0]
+    model, spec = load_run(run)
+    model.eval()
+    from pipeline.shards import open_features
+    from pipeline.train.data import ClipSequences, pad_batch
+
+    with open_features(root / "feats") as store:
+        ids = store.clip_ids[:6]
+        data = ClipSequences(store, ids, spec.modalities)
+        x = pad_batch([data[i] for i in range(len(ids))], spec.modalities)
+    greedy, g_lp = model.generate(x, 20, beam=1)
+    # greedy by hand: the arg-max word at each step, from <bos>
+    mem, mask, state = model.encode(x)
+    word = torch.full((len(ids),), 1, dtype=torch.long)
+    by_hand = []
+    with torch.no_grad():
+        for _ in range(21):
+            logits, state = model.step(word, state, mem, mask)
+            word = logits.argmax(1)
+            by_hand.append(word)
+    by_hand = torch.stack(by_hand, 1).tolist()
+    for g, h in zip(greedy, by_hand, strict=True):
+        n = g.index(2) + 1  # through <eos>
+        assert g[:n] == h[:n]
+    beam, b_lp = model.generate(x, 20, beam=3)
+    assert [b[: b.index(2)] for b in beam] == [g[: g.index(2)] for g in greedy]  # a clear task
+
+
+def test_a_finished_run_is_reported_complete(trained, synth_set, capsys) -> None:
+    run, s = trained
+    root, csv_path, _, _ = synth_set
+    args = ["train", str(root / "feats"), "--labels", str(csv_path), "-o", str(run), *TRAIN]
+    assert main([a for a in args if a != "--quiet"]) == 0
+    assert "is already complete" in capsys.readouterr().err
+    assert json.loads((run / "summary.json").read_text()) == s
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _captions(tmp_path: Path, synth_set, extra: dict[str, list[str]] | None = None,
+              drop: str | None = None) -> Path:
+    _, _, splits, refs = synth_set
+    refs = {c: list(r) for c, r in refs.items() if c != drop}
+    for c, caps in (extra or {}).items():
+        refs[c] = refs.get(c, []) + caps
+    return write_captions(tmp_path / "c.csv", refs, {c: splits[c] for c in refs})
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("", "empty caption for id"),
+    ("?!...", "has no word"),
+])
+def test_an_empty_caption_is_refused_before_anything_is_written(
+    synth_set, tmp_path, capsys, text, msg
+) -> None:
+    root, _, _, refs = synth_set
+    first = next(iter(refs))
+    csv_path = _captions(tmp_path, synth_set, {first: [text]})
+    out = tmp_path / "run"
+    assert main(["train", str(root / "feats"), "--labels", str(csv_path), "-o", str(out),
+                 *TRAIN]) == 2
+    err = capsys.readouterr().err
+    assert f"{csv_path}:" in err and msg in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_unknown_words_and_uncaptioned_clips_are_reported(synth_set, tmp_path, capsys,
+                                                          monkeypatch) -> None:
+    root, _, splits, refs = synth_set
+    train_ids = [c for c, v in splits.items() if v == "train"]
+    csv_path = _captions(tmp_path, synth_set, {train_ids[0]: ["zebra xylophone quokka"]},
+                         drop=train_ids[1])
+    monkeypatch.setenv("PATH", "")
+    out = tmp_path / "run"
+    assert main(["train", str(root / "feats"), "--labels", str(csv_path), "-o", str(out),
+                 "--task", "caption", "--epochs", "1", "--hidden", "16", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "1 training captions have no word of the vocabulary" in err
+    assert f"1 of {len(refs)} clips have no label, left out (e.g. {train_ids[1]})" in err
+    assert err.count("meteor left out") == 1
+    s = json.loads((out / "summary.json").read_text())
+    assert s["dropped_training_captions"] == 1 and s["unlabeled_clips"] == 1
+    assert "zebra" not in json.loads((out / "vocab.json").read_text())["words"]
+
+
+def test_only_unknown_words_and_bad_options_are_usage_errors(synth_set, tmp_path,
+                                                             capsys) -> None:
+    root, _, splits, _ = synth_set
+    csv_path = write_captions(tmp_path / "odd.csv",
+                              {c: [f"word{k} other{k}"] for k, c in enumerate(splits)}, splits)
+    out = tmp_path / "run"
+    feats = str(root / "feats")
+    assert main(["train", feats, "--labels", str(csv_path), "-o", str(out), *TRAIN]) == 2
+    assert "no training caption has a word seen --min-count 2 times" in capsys.readouterr().err
+    for opt, msg in [(["--attention", "hard"], "--attention 'hard'"),
+                     (["--beam", "0"], "--beam must be at least 1")]:
+        assert main(["train", feats, "--labels", str(csv_path), "-o", str(out), *TRAIN,
+                     *opt]) == 2
+        assert msg in capsys.readouterr().err
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- the workflow
+
+COLOURED = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+
+
+def test_captioning_workflow_at_a_small_size(tmp_path, monkeypatch, capsys) -> None:
+    """workflows/captioning.toml on six 3 s videos (two per colour, one of them in test), two
+    overlapping segments each, captions naming the colour; resnet18 with seeded weights."""
+    import synth
+
+    segs, caps = ["source,start,end,id"], ["id,caption,split"]
+    for colour, rgb in COLOURED.items():
+        for k, split in enumerate(("train", "test")):
+            name = f"{colour}{k}"
+            synth.make_video(tmp_path / "videos" / f"{name}.mp4", duration_s=3.0, size=(64, 48),
+                             color=rgb, audio=False)
+            for a, b in ((0.0, 2.0), (1.0, 3.0)):
+                cid = f"{name}_{a:g}_{b:g}"
+                segs.append(f"{name},{a},{b},{cid}")
+                caps += [f"{cid},A {colour} screen is shown here.,{split}",
+                         f"{cid},The screen shows the colour {colour},{split}"]
+    (tmp_path / "segments.csv").write_text("\n".join(segs) + "\n")
+    (tmp_path / "captions.csv").write_text("\n".join(caps) + "\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "")  # no Java: meteor left out, and the run stays quick
+    sets = ["features.image-model=resnet18", "features.image-weights=none",
+            "features.workers=0", "train.hidden=32", "train.lr=3e-3", "train.epochs=25",
+            "train.min-count=1", "train.device=cpu", "train.batch-size=8", "extract-frames.fps=2"]
+    wf = Path(__file__).resolve().parent.parent / "workflows" / "captioning.toml"
+    args = ["run", str(wf), "--quiet", *[x for s in sets for x in ("--set", s)]]
+    assert main(args) == 0, capsys.readouterr().err
+    work = tmp_path / "work" / "captioning"
+    clips = [json.loads(x) for x in (work / "subclip" / "manifest.jsonl").read_text().splitlines()]
+    assert len(clips) == 12 and all(c["status"] == "ok" for c in clips)
+    s = json.loads((work / "train" / "summary.json").read_text())
+    assert s["n_clips"]["test"] == 6 and s["test"]["bleu4"] >= 0.8, s["test"]
+    preds = [json.loads(x) for x in
+             (work / "train" / "predictions.jsonl").read_text().splitlines()]
+    clip_lines = [p for p in preds if p["level"] == "clip"]
+    assert len(clip_lines) == 12
+    for p in clip_lines:  # every clip, train and test, is captioned with its own colour
+        colour = next(c for c in COLOURED if p["id"].startswith(c))
+        assert colour in p["caption"].split(), p

@@ -45,7 +45,8 @@ class Vocabulary:
         """The words of tokenised ``captions`` seen at least ``min_count`` times (by count,
         then alphabetically, so a vocabulary does not depend on the CSV's line order)."""
         counts = Counter(w for c in captions for w in c)
-        kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        kept = sorted((w for w, n in counts.items() if n >= min_count),
+                      key=lambda w: (-counts[w], w))
         return cls([*SPECIALS, *kept])
 
     def encode(self, words: Sequence[str], max_words: int) -> list[int]:
