@@ -184,7 +184,9 @@ def train(
     an interrupted one continues from its last epoch. Other options, labels or features into
     the same --out are refused (exit 2) unless --overwrite, which starts the run again.
     """
-    from pipeline.train import train as train_run
+    from pipeline.train import train, train_captions
+
+    train_run = train_captions if task == "caption" else train
 
     cfg = TrainConfig(
         task=task,

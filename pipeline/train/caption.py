@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.device import pick_device
+from pipeline.device import pick_device, torch_threads
+from pipeline.errors import UsageError
 from pipeline.records import now_iso
 from pipeline.runner import progress
 from pipeline.shards import FeatureStore
@@ -40,6 +41,7 @@ from pipeline.train.runs import (
     load_weights,
     open_run_folder,
     report_complete,
+    run_folder_lock,
     run_params,
     save_checkpoint,
     start_run_folder,
@@ -49,9 +51,20 @@ from pipeline.train.runs import (
 from pipeline.train.vocab import BOS_ID, PAD_ID, Vocabulary, tokenize
 
 
-def train_captions(features: str | Path, captions_csv: str | Path, out: Path, cfg: TrainConfig,
-                   resume: bool, overwrite: bool, quiet: bool) -> dict:
-    """Train a caption model (the run folder's lock is held by the caller); returns the summary."""
+def train_captions(features: str | Path, captions_csv: str | Path, out: str | Path,
+                   cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+                   quiet: bool = False) -> dict:
+    """Train a caption model on cached features; writes the run folder and returns its
+    summary (``vpipe train --task caption``)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder")
+    with run_folder_lock(out), torch_threads(cfg.threads):
+        return _train_captions(features, captions_csv, out, cfg, resume, overwrite, quiet)
+
+
+def _train_captions(features: str | Path, captions_csv: str | Path, out: Path, cfg: TrainConfig,
+                    resume: bool, overwrite: bool, quiet: bool) -> dict:
     p = prepare_captions(Path(features), Path(captions_csv), cfg, quiet)
     spec = model_spec(cfg, p)
     cfg = spec.config
@@ -264,7 +277,6 @@ def evaluate_captions(model: CaptionModel, spec: ModelSpec, store: FeatureStore,
                       stream: bool, prog: str = "vpipe evaluate") -> tuple[int, dict]:
     """Caption metrics of a run on the captioned clips of ``store`` (only ``split_ids`` when
     given); returns (clips scored, metrics)."""
-    from pipeline.errors import UsageError
     from pipeline.train.labels import LabelRow, join_labels
 
     rows = read_captions(captions_csv)
