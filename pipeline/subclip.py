@@ -5,7 +5,8 @@ Per source: probe it, list its frame times (demux only), plan the clips on that 
 each written clip. Keyframe mode falls back to exact mode, with a note on stderr and in the
 records, for a source whose keyframes cannot place the clips (e.g. a single keyframe). Clips
 land in ``OUT/<source_id>/<clip_id>.mp4``; the source folder is written under a temp name and
-renamed, so a source is either complete or absent.
+renamed, so a source is either complete or absent. With ``--segments`` the clips are the given
+ranges instead (``pipeline.segments``; they may overlap), cut by the same two cutters.
 
 A clip is kept only when it holds exactly its planned frames and its span of the source decodes
 without damage (checked when an exact cut's decoders said anything, and for every stream copy,
