@@ -5,7 +5,8 @@ Per source: probe it, list its frame times (demux only), plan the clips on that 
 each written clip. Keyframe mode falls back to exact mode, with a note on stderr and in the
 records, for a source whose keyframes cannot place the clips (e.g. a single keyframe). Clips
 land in ``OUT/<source_id>/<clip_id>.mp4``; the source folder is written under a temp name and
-renamed, so a source is either complete or absent.
+renamed, so a source is either complete or absent. With ``--segments`` the clips are the given
+ranges instead (``pipeline.segments``; they may overlap), cut by the same two cutters.
 
 A clip is kept only when it holds exactly its planned frames and its span of the source decodes
 without damage (checked when an exact cut's decoders said anything, and for every stream copy,
@@ -26,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from pipeline import media
-from pipeline.errors import MediaError, TooShort, UsageError
-from pipeline.files import atomic_path
+from pipeline.errors import MediaError, Skip, TooShort, UsageError
+from pipeline.files import atomic_path, sha256_of
 from pipeline.records import FAILED, Run, Summary
 from pipeline.runner import Item, run_items
+from pipeline.segments import Segment, plan_segments, read_segments, segments_by_video
 
 MODES = ("exact", "keyframe")
 # Codecs an mp4 can hold as they are (keyframe mode copies streams; others are re-encoded).
@@ -114,20 +116,34 @@ def subclip_videos(
     out_dir: str | os.PathLike,
     opts: SubclipOptions,
     *,
+    segments: str | os.PathLike | None = None,
     workers: int = 1,
     overwrite: bool = False,
     quiet: bool = False,
     engine: Any = None,
 ) -> Summary:
-    """The stage: every video found in ``inputs`` → subclips in ``out_dir`` (resumable), on
+    """The stage: every video found in ``inputs`` → subclips in ``out_dir`` (resumable); with
+    ``segments`` (a CSV of source,start,end[,id]) the given ranges instead of the plan. On
     ``engine`` (:mod:`pipeline.engine`; default: ``workers`` local processes)."""
+    params = asdict(opts)
+    by_video = None
+    if segments is not None:
+        rows = read_segments(segments)  # a bad file is exit 2 before any video is probed
     sources = media.scan_sources(inputs)
+    if segments is not None:
+        by_video, unknown = segments_by_video(rows, sources)
+        if unknown:
+            print(f"vpipe subclip: {segments}: {len(unknown)} sources match no video among the "
+                  f"inputs (e.g. {', '.join(unknown[:3])})", file=sys.stderr)
+        params = {**params, "segments": str(Path(segments).resolve()),
+                  "segments_sha256": sha256_of(segments)}
     run = Run(
-        Path(out_dir), "subclip", asdict(opts), overwrite=overwrite,
+        Path(out_dir), "subclip", params, overwrite=overwrite,
         versions=media.media_versions(), outputs=clip_files,
     ).open()
     items = [Item(s.source_id, str(s.path), s) for s in sources]
-    work = functools.partial(cut_source, out_dir=Path(out_dir), opts=opts)
+    work = functools.partial(cut_source, out_dir=Path(out_dir), opts=opts, segments=by_video,
+                             segments_file=str(segments))
     return run_items(run, items, work, workers=workers, quiet=quiet, units=("videos", "clips"),
                      engine=engine)
 
@@ -137,9 +153,13 @@ def clip_files(rec: dict) -> list[str]:
     return [rec["path"]] if rec.get("path") else []
 
 
-def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions) -> list[dict]:
+def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions,
+               segments: dict[str, list[Segment]] | None = None,
+               segments_file: str = "") -> list[dict]:
     """Work for one source: write its folder of clips, return one manifest record per clip."""
     src: media.SourceRef = item.data
+    if segments is not None and not segments.get(src.source_id):
+        raise Skip(f"{src.path}: no segment of it in {segments_file}")
     src.raise_problem()
     info = src.info
     frames = media.frame_times(src.path)
@@ -157,6 +177,8 @@ def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions) -> list[dict]
         # Cannot be stream-copied into mp4 (an MPEG program stream leaves most video packets
         # without a pts, which the segment muxer cannot place): re-encode.
         opts = replace(opts, mode="exact")
+    if segments is not None:
+        return cut_segments(src, frames, segments[src.source_id], out_dir, opts, segments_file)
     note = None
     if opts.mode == "keyframe":
         note = keyframe_fallback(frames, opts, src.source_id)
@@ -191,6 +213,54 @@ def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions) -> list[dict]
         if len(errors) == len(records):  # nothing to keep: the source failed
             raise MediaError(f"{src.path}: " + "; ".join(errors))
     return records
+
+
+def cut_segments(src: media.SourceRef, frames: media.FrameTimes, segs: list[Segment],
+                 out_dir: Path, opts: SubclipOptions, segments_file: str) -> list[dict]:
+    """Cut the given segments of one source (they may overlap): each is a clip record with
+    the asked and the true bounds, or a failed record saying why it cannot be cut."""
+    planned, problems = plan_segments(frames, segs, opts.mode)
+    clips = [Subclip(*c) for c in planned]
+    asked = {s.clip_id: s for s in segs}
+    records = []
+    with atomic_path(out_dir / src.source_id) as tmp:
+        tmp.mkdir(parents=True)
+        suspects: set[str] = set()
+        if clips and opts.mode == "exact":
+            suspects = _cut_exact(src.path, src.info, frames, clips, tmp, opts)
+        elif clips:
+            for group in _disjoint_groups(clips):  # the segment muxer cuts a partition
+                _cut_keyframe(src.path, src.info, frames, group, tmp)
+            suspects = {c.clip_id for c in clips}
+        for clip in clips:
+            rec = _measure(tmp / f"{clip.clip_id}.mp4", clip, src, opts.mode, frames,
+                           check=clip.clip_id in suspects)
+            rec.pop("cause", None)
+            records.append(rec)
+        for cid, why in problems.items():
+            records.append({
+                "id": cid, "item": src.source_id, "status": FAILED,
+                "error": f"{segments_file}:{asked[cid].line}: {cid}: {why}, not cut",
+                "source": src.source_id, "source_path": str(src.path),
+            })
+    for rec in records:
+        seg = asked[rec["id"]]
+        rec.update({"asked_start": seg.start_s, "asked_end": seg.end_s, "segments_line": seg.line})
+    order = {s.clip_id: k for k, s in enumerate(segs)}
+    return sorted(records, key=lambda r: order[r["id"]])
+
+
+def _disjoint_groups(clips: list[Subclip]) -> list[list[Subclip]]:
+    """Overlapping clips split into groups of clips that do not overlap (first fit)."""
+    groups: list[list[Subclip]] = []
+    for c in sorted(clips, key=lambda c: (c.start_s, c.end_s)):
+        for g in groups:
+            if g[-1].end_s <= c.start_s:
+                g.append(c)
+                break
+        else:
+            groups.append([c])
+    return groups
 
 
 def keyframe_fallback(frames: media.FrameTimes, opts: SubclipOptions, source_id: str) -> str | None:

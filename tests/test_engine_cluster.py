@@ -14,12 +14,12 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs pip install 'vpipe[ray]'")
 
+import synth  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from test_engine import assert_same_outputs, subclip  # noqa: E402
 from test_features import args as feature_args  # noqa: E402
 from test_features import assert_same_features, make_media  # noqa: E402
 
-import synth  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 from pipeline.records import read_manifest  # noqa: E402
 

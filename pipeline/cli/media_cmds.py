@@ -95,13 +95,25 @@ def subclip(
             help="x264 speed preset in exact mode (slower presets: smaller files, slower cuts).",
         ),
     ] = SUB.preset,
+    segments: Annotated[
+        Path | None,
+        typer.Option(
+            "--segments", show_default=False,
+            help="CSV of source,start,end[,id] (seconds; source: a video's file stem or source "
+            "id): cut these ranges instead of the --count/--duration/--start/--gap plan. They "
+            "may overlap; the clip id is id, else <source>_<start>_<end>. A row that cannot be "
+            "cut fails that clip; sources with no video are reported, videos with no row "
+            "skipped.",
+        ),
+    ] = None,
     workers: Workers = None,
     engine: Engine = "local",
     ray_address: RayAddress = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Cut each video into non-overlapping subclips: OUT/<source_id>/<source_id>_<k>.mp4.
+    """Cut each video into non-overlapping subclips (OUT/<source_id>/<source_id>_<k>.mp4), or
+    into the --segments given (which may overlap).
 
     Every subclip starts at timestamp 0, keeps the audio, and is recorded in OUT/manifest.jsonl
     with its true start/end in the source. Re-running resumes; exit 1 if a video failed.
@@ -113,10 +125,33 @@ def subclip(
         min_fraction=min_fraction, crf=crf, preset=preset,
     )
     summary = subclip_videos(
-        inputs, out, opts, workers=workers or _default_workers(), overwrite=overwrite,
-        quiet=quiet, engine=make_engine(engine, ray_address, workers, quiet, "subclip"),
+        inputs, out, opts, segments=segments, workers=workers or _default_workers(),
+        overwrite=overwrite, quiet=quiet,
+        engine=make_engine(engine, ray_address, workers, quiet, "subclip"),
     )
     raise typer.Exit(summary.exit_code)
+
+
+@app.command("convert-msvd")
+def convert_msvd(
+    annotations: Annotated[
+        Path, typer.Argument(help="MSVD's annotation CSV (VideoID,Start,End,WorkerID,Source,"
+                             "AnnotationTime,Language,Description).", show_default=False),
+    ],
+    out: OutDir,
+    language: Annotated[
+        str, typer.Option("--language", help="Descriptions in this Language column value.")
+    ] = "English",
+) -> None:
+    """MSVD annotations -> OUT/segments.csv (for subclip --segments: clips named
+    <VideoID>_<Start>_<End>) and OUT/captions.csv (for train --task caption)."""
+    import sys
+
+    from pipeline.segments import convert_msvd as convert
+
+    seg, cap, n_clips, n_caps = convert(annotations, out, language)
+    print(f"vpipe convert-msvd: {n_clips} clips -> {seg}, {n_caps} captions -> {cap}",
+          file=sys.stderr)
 
 
 @app.command("extract-frames")

@@ -26,7 +26,7 @@ Labels = Annotated[
         "--labels",
         help="CSV with columns id,label[,split] (header in any case); id is a clip id or a "
         "source id, the video's file stem (its clips inherit the label). Multilabel: names "
-        "separated by '|' or ',' (quoted).",
+        "separated by '|' or ',' (quoted). Caption: id,caption[,split], a line per reference.",
         show_default=False,
     ),
 ]
@@ -58,7 +58,8 @@ def train(
         Optional[str],  # noqa: UP045  (typer needs Optional on 3.10)
         typer.Option(
             "--task",
-            help="regression, classification or multilabel (default: inferred from the labels).",
+            help="regression, classification, multilabel (default: inferred from the labels) "
+            "or caption (--labels is then id,caption[,split], one line per reference caption).",
             show_default=False,
         ),
     ] = TrainConfig.task,
@@ -148,6 +149,23 @@ def train(
             "large models on an otherwise idle machine).",
         ),
     ] = TrainConfig.threads,
+    attention: Annotated[
+        str,
+        typer.Option("--attention", help="caption: soft (the decoder attends over the encoded "
+                     "frames at each word, as SA-LSTM) or none (mean-pooled features start it)."),
+    ] = TrainConfig.attention,
+    beam: Annotated[
+        int, typer.Option("--beam", help="caption: beam width of decoding (1: greedy).")
+    ] = TrainConfig.beam,
+    min_count: Annotated[
+        int,
+        typer.Option("--min-count", help="caption: training words seen fewer times are <unk>."),
+    ] = TrainConfig.min_count,
+    max_words: Annotated[
+        int,
+        typer.Option("--max-words", help="caption: words kept of a training caption; "
+                     "decoding stops there."),
+    ] = TrainConfig.max_words,
     resume: Annotated[
         bool,
         typer.Option(
@@ -166,7 +184,9 @@ def train(
     an interrupted one continues from its last epoch. Other options, labels or features into
     the same --out are refused (exit 2) unless --overwrite, which starts the run again.
     """
-    from pipeline.train import train as train_run
+    from pipeline.train import train, train_captions
+
+    train_run = train_captions if task == "caption" else train
 
     cfg = TrainConfig(
         task=task,
@@ -192,6 +212,10 @@ def train(
         device=device,
         stream=stream,
         threads=threads,
+        attention=attention,
+        beam=beam,
+        min_count=min_count,
+        max_words=max_words,
     )
     s = train_run(features, labels, out, cfg, resume=resume, overwrite=overwrite, quiet=quiet)
     if not quiet and not s.get("already_complete"):  # that case was reported already
@@ -270,7 +294,8 @@ def predict(
     stream: Stream = False,
     quiet: Quiet = False,
 ) -> None:
-    """Predict every clip of a feature folder, plus the mean per source video, as JSON lines."""
+    """Predict every clip of a feature folder, plus the mean per source video, as JSON lines
+    (a caption run: each clip's caption, and per source its best-scored clip's)."""
     from pipeline.train import predict_run
 
     r = predict_run(

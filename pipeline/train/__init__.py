@@ -17,6 +17,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pipeline.train.caption import train_captions
     from pipeline.train.config import TrainConfig
     from pipeline.train.inputs import prepare
     from pipeline.train.loop import train
@@ -29,11 +30,13 @@ _HOME = {
     "TrainConfig": "pipeline.train.config",
     "prepare": "pipeline.train.inputs",
     "train": "pipeline.train.loop",
+    "train_captions": "pipeline.train.caption",
     "evaluate_run": "pipeline.train.predict",
     "predict_run": "pipeline.train.predict",
     "load_run": "pipeline.train.runs",
 }
-__all__ = ["TrainConfig", "evaluate_run", "load_run", "predict_run", "prepare", "train"]
+__all__ = ["TrainConfig", "evaluate_run", "load_run", "predict_run", "prepare", "train",
+           "train_captions"]
 
 
 def __getattr__(name: str) -> object:

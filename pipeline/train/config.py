@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-TASKS = ("regression", "classification", "multilabel")
+TASKS = ("regression", "classification", "multilabel", "caption")
+ATTENTION = ("soft", "none")  # the caption decoder: soft attention over frames, or mean-pooled
 MODELS = ("lstm", "attention")
 POOLS = ("last", "mean")  # the lstm model's head; the attention model pools by attention
 CHECKPOINTS = ("best", "last")  # the checkpoints of a run that evaluate and predict may use
@@ -21,7 +22,7 @@ DEFAULT_CHECKPOINT = "best"
 class TrainConfig:
     """Every training option, as plain values (written to ``config.json``)."""
 
-    task: str | None = None  # regression | classification | multilabel; None: from the labels
+    task: str | None = None  # regression | classification | multilabel | caption; None: inferred
     model: str = "lstm"  # lstm (LRCN) | attention (multimodal tagging)
     pool: str = "last"  # lstm head on the last valid step or the mean of steps
     modalities: list[str] | None = None  # None: every modality present in the shards
@@ -44,6 +45,11 @@ class TrainConfig:
     device: str = "auto"
     stream: bool = False  # read features from HDF5 per batch instead of holding them in RAM
     threads: int = 0  # torch threads; 0: half the cores, 1 to 4 (device.default_threads)
+    # caption task (--task caption): the decoder and its vocabulary
+    attention: str = "soft"  # soft: attention over the encoded frames per word; none: mean-pooled
+    beam: int = 3  # beam width of decoding (1: greedy)
+    min_count: int = 2  # a training word seen fewer times is <unk>
+    max_words: int = 20  # captions cut to this many words in training; decoding stops there
 
 
 @dataclass
@@ -56,7 +62,7 @@ class ModelSpec:
 
     config: TrainConfig
     task: str
-    classes: list[str]
+    classes: list[str]  # caption: the vocabulary, <pad> <bos> <eos> <unk> first
     dims: dict[str, int]  # modality -> feature width, in the model's order
     target_norm: tuple[float, float]
     feature_attrs: dict[str, dict]  # modality -> the shards' attributes (model, weights...)
@@ -68,7 +74,7 @@ class ModelSpec:
 
     @property
     def n_outputs(self) -> int:
-        return 1 if self.task == "regression" else len(self.classes)
+        return 1 if self.task == "regression" else len(self.classes)  # caption: the vocabulary
 
     def to_dict(self) -> dict:
         """Plain values only, as ``torch.load(weights_only=True)`` and JSON accept them."""

@@ -103,6 +103,22 @@ def open_store(features: str | Path) -> FeatureStore:
     return store
 
 
+def resolve_modalities(store: FeatureStore, cfg: TrainConfig, features: Path) -> list[str]:
+    """The modalities a run uses: ``--modalities`` or every one present, each checked."""
+    present = present_modalities(store)
+    mods = list(dict.fromkeys(cfg.modalities or present))  # --modalities image,image: once
+    unknown = [m for m in mods if m not in MODALITIES]
+    if unknown:
+        raise UsageError(f"--modalities: unknown {', '.join(unknown)} (use image, audio)")
+    absent = [m for m in mods if m not in present]
+    if absent or not mods:
+        raise UsageError(
+            f"{features}: no {' or '.join(absent or MODALITIES)} features in these shards "
+            f"(present: {', '.join(present) or 'none'})"
+        )
+    return mods
+
+
 def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = False) -> Prepared:
     """Read and check the index and labels, split by source (no feature read, no file
     written: :attr:`Prepared.data` reads them when first used)."""
@@ -119,17 +135,7 @@ def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = Fa
         print(f"vpipe train: task {task} (inferred: {reason})", file=sys.stderr)
     space = LabelSpace.build(task, joined.labels)
 
-    present = present_modalities(store)
-    mods = list(dict.fromkeys(cfg.modalities or present))  # --modalities image,image: once
-    unknown = [m for m in mods if m not in MODALITIES]
-    if unknown:
-        raise UsageError(f"--modalities: unknown {', '.join(unknown)} (use image, audio)")
-    absent = [m for m in mods if m not in present]
-    if absent or not mods:
-        raise UsageError(
-            f"{features}: no {' or '.join(absent or MODALITIES)} features in these shards "
-            f"(present: {', '.join(present) or 'none'})"
-        )
+    mods = resolve_modalities(store, cfg, features)
     dims = {m: store.dim(m) for m in mods}
 
     source_of = dict(zip(store.clip_ids, store.column("source"), strict=True))

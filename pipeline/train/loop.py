@@ -75,6 +75,8 @@ def train(
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder")
     with run_folder_lock(out), torch_threads(cfg.threads):
+        if cfg.task == "caption":  # the caption module builds on this one
+            raise UsageError("captions are trained by pipeline.train.train_captions")
         return _train(features, labels_csv, out, cfg, resume, overwrite, quiet)
 
 

@@ -19,6 +19,7 @@ MAIN_METRIC = {
     "regression": ("mse", False),
     "classification": ("accuracy", True),
     "multilabel": ("gap_at_20", True),
+    "caption": ("cider", True),  # CIDEr-D, caption_metrics
 }
 
 

@@ -118,7 +118,11 @@ class SequenceModel(nn.Module):
 
 
 def build_model(spec: ModelSpec) -> SequenceModel:
-    """The model ``spec`` describes (weights not loaded)."""
+    """The model ``spec`` describes (weights not loaded; a caption run's decoder model)."""
+    if spec.task == "caption":
+        from pipeline.train.caption_model import build_caption_model
+
+        return build_caption_model(spec)
     c = spec.config
     return SequenceModel(
         spec.dims,

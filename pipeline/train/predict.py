@@ -136,6 +136,9 @@ def evaluate_run(
     """Metrics of a run on the labelled clips of ``features`` (or on one split of the run)."""
     prog = "vpipe evaluate"
     model, spec, store = _open(run, features, checkpoint, prog)
+    if spec.task == "caption":
+        return _evaluate_captions(run, model, spec, store, features, labels_csv, checkpoint,
+                                  split, device, stream)
     joined = join_labels(store, read_labels(labels_csv))
     joined.report(len(store), prog)
     labels = joined.labels
@@ -160,6 +163,21 @@ def evaluate_run(
         "n_clips": len(ids),
         "metrics": metrics,
     }
+
+
+def _evaluate_captions(run, model, spec: ModelSpec, store: FeatureStore, features, labels_csv,
+                       checkpoint: str, split: str | None, device: str, stream: bool) -> dict:
+    from pipeline.train.caption import evaluate_captions
+
+    ids = None
+    if split is not None:
+        ids = set(json.loads((Path(run) / "splits.json").read_text(encoding="utf-8"))[split])
+    with torch_threads():
+        n, metrics = evaluate_captions(model, spec, store, labels_csv, ids, device, stream)
+    store.close()
+    return {"run": str(run), "checkpoint": checkpoint, "features": str(features),
+            "labels": str(labels_csv), "labels_sha256": sha256_of(labels_csv),
+            "split": split or "all", "task": "caption", "n_clips": n, "metrics": metrics}
 
 
 def check_output(path: str | Path) -> Path:
@@ -212,6 +230,15 @@ def predict_run(
     thr = spec.config.threshold if threshold is None else threshold
     ids = store.clip_ids
     warn_empty_clips(store, ids, spec.modalities, prog)
+    if spec.task == "caption":  # caption lines; a source's is its best-scored clip's
+        from pipeline.train.caption import write_caption_lines
+
+        path = check_output(out_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch_threads(), atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+            n, n_src = write_caption_lines(model, spec, store, f, device, stream)
+        store.close()
+        return {"clips": n, "sources": n_src, "out": str(out_path)}
     order = store.clip_ids_in_read_order()
     data, dev = _sequences(model, spec, store, order, device, stream)
     with torch_threads():

@@ -216,6 +216,7 @@ def open_run_folder(
     if overwrite:
         return None
     old, new = json.loads(cfg_path.read_text(encoding="utf-8"))["config"], asdict(cfg)
+    old = {**asdict(TrainConfig()), **old}  # an option added since: the run had its default
     may_differ = OPTIONS_RESUME_MAY_CHANGE if resume else OPTIONS_NOT_LEARNED
     diff = [
         k for k in sorted(set(old) | set(new)) if k not in may_differ and old.get(k) != new.get(k)
