@@ -15,10 +15,12 @@ from pipeline.cli.app import Quiet, RayAddress, app
 @app.command("run")
 def run(
     workflow_file: Annotated[
-        Path,
+        str,
         typer.Argument(
-            metavar="WORKFLOW.toml",
-            help="Workflow file (TOML), e.g. workflows/trailer-rating.toml.",
+            metavar="WORKFLOW",
+            help="Workflow file (TOML), or the name of a shipped one (trailer-rating, "
+            "video-tagging, captioning, demo: see vpipe workflows).",
+            show_default=False,
         ),
     ],
     start: Annotated[
@@ -99,6 +101,9 @@ def run(
 ) -> None:
     """Run the stages a workflow file lists, each feeding the next; resumable.
 
+    WORKFLOW is a file, or a shipped workflow's name (`vpipe run trailer-rating` from any
+    folder; `vpipe workflows` lists them and copies one out to edit).
+
     Each stage writes WORK_DIR/<stage>. Finished items are skipped through each stage's
     manifest, an interrupted train run continues from its last epoch, and a stage already
     finished with the same options is reported "up to date".
@@ -108,9 +113,13 @@ def run(
 
     from pipeline import workflow as wfl
     from pipeline.cli import main
+    from pipeline.workflow import shipped
 
+    path = shipped.resolve(workflow_file)
+    if str(path) != workflow_file and not quiet:
+        print(f"vpipe run: {workflow_file}: the shipped workflow {path}", file=sys.stderr)
     wf = wfl.load_workflow(
-        workflow_file, inputs=inputs, labels=labels, work_dir=work_dir, sets=sets or (),
+        path, inputs=inputs, labels=labels, work_dir=work_dir, sets=sets or (),
         engine=engine, ray_address=ray_address,
     )
     commands = typer.main.get_command(app).commands  # the CLI's own commands, nothing else
@@ -126,3 +135,38 @@ def run(
         log(line)
     if code:
         raise typer.Exit(code)
+
+
+@app.command("workflows")
+def workflows(
+    copy: Annotated[
+        str | None,
+        typer.Option(
+            "--copy",
+            metavar="NAME",
+            help="Copy the shipped workflow NAME into the current folder (or DEST) to edit it.",
+            show_default=False,
+        ),
+    ] = None,
+    dest: Annotated[
+        Path,
+        typer.Option("--to", metavar="DEST", help="With --copy: a folder, or a .toml file name."),
+    ] = Path("."),
+    force: Annotated[
+        bool, typer.Option("--force", help="With --copy: replace an existing file.")
+    ] = False,
+) -> None:
+    """List the workflows that come with vpipe (run one by name: vpipe run NAME), or copy one
+    out to edit it."""
+    from pipeline.workflow import shipped
+
+    if copy is not None:
+        target = shipped.copy_out(copy, dest, force=force)
+        typer.echo(f"{target}  (run it: vpipe run {target})")
+        return
+    files = shipped.shipped()
+    width = max((len(n) for n in files), default=0)
+    for name, path in files.items():
+        typer.echo(f"{name:<{width}}  {shipped.summary(path)}")
+    if files:
+        typer.echo(f"\n(in {', '.join(str(d) for d in shipped.folders())})")
