@@ -33,6 +33,7 @@ class FrameOptions:
     fps: float | None = 1.0
     every: int | None = None
     size: int = 256  # short side in pixels; 0 keeps the original size
+    upscale: bool = False  # also scale up frames whose short side is under size
     format: str = "jpg"
     quality: int = 90  # jpg quality 1..100 (png is lossless)
     sample_rate_hz: int = 16000
@@ -54,13 +55,14 @@ class FrameOptions:
             raise UsageError("nothing to extract (no frames and --no-audio)")
 
     def sampler(self) -> media.FrameSampler:
-        return media.FrameSampler(fps=self.fps, every=self.every, size=self.size or None)
+        return media.FrameSampler(fps=self.fps, every=self.every, size=self.size or None,
+                                  upscale=self.upscale)
 
     def params(self) -> dict:
         """The parameters recorded in vpipe.json (only those that shape the outputs)."""
         p = asdict(self)
         if not self.frames:
-            for k in ("fps", "every", "size", "format", "quality"):
+            for k in ("fps", "every", "size", "upscale", "format", "quality"):
                 p.pop(k)
         if not self.audio:
             p.pop("sample_rate_hz")

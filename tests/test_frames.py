@@ -93,6 +93,17 @@ def test_every_45_keeps_frames_0_45_90(numbered_video: Path, tmp_path: Path) -> 
     assert not (out / "numbered" / "audio.wav").exists()
 
 
+def test_small_videos_are_not_scaled_up_unless_asked(numbered_video: Path, tmp_path: Path):
+    """160x120 at the default --size 256 stays 160x120; --upscale makes it 341x256."""
+    for extra, size in (([], (160, 120)), (["--upscale"], (341, 256))):
+        out = tmp_path / f"media{len(extra)}"
+        assert main(["extract-frames", str(numbered_video), "-o", str(out), "--fps", "1",
+                     "--no-audio", "-q", *extra]) == 0
+        assert Image.open(out / "numbered/frames/000000.jpg").size == size
+        params = json.loads((out / "vpipe.json").read_text())["params"]
+        assert params["size"] == 256 and params["upscale"] == bool(extra)
+
+
 def test_audio_wav_has_the_expected_length_and_beeps(numbered_video: Path, tmp_path: Path):
     out = tmp_path / "media"
     main(["extract-frames", str(numbered_video), "-o", str(out), "--fps", "1", "-q"])

@@ -257,6 +257,9 @@ def test_scaled_size_short_side() -> None:
     assert media.scaled_size(1280, 720, 256) == (455, 256)
     assert media.scaled_size(720, 1280, 256) == (256, 455)
     assert media.scaled_size(160, 120, 0) == (160, 120)
+    assert media.scaled_size(176, 144, 256) == (176, 144)  # never scaled up by default
+    assert media.scaled_size(176, 144, 144) == (176, 144)
+    assert media.scaled_size(176, 144, 256, upscale=True) == (313, 256)
 
 
 def _audio(path: Path, rate: int = 16000) -> np.ndarray:

@@ -171,7 +171,9 @@ def extract_frames(
     every: Annotated[
         int | None,
         typer.Option(
-            "--every", min=1, help="Instead of --fps: every Nth decoded frame (0, N, 2N...).",
+            "--every", min=1, help="Instead of --fps: every Nth decoded frame (0, N, 2N...), "
+            "a time step that follows each video's frame rate (45: 1.8 s at 25 fps, 1.5 s at "
+            "29.97).",
             show_default=False,
         ),
     ] = None,
@@ -179,10 +181,15 @@ def extract_frames(
         int,
         typer.Option(
             "--size", min=0,
-            help="Short side in pixels, aspect kept (0: original). Of the stored frames: a "
-            "non-square pixel aspect ratio (SAR) is not applied.",
+            help="Short side in pixels, aspect kept (0: original); a video already at or under "
+            "it keeps its size (see --upscale). Of the stored frames: a non-square pixel "
+            "aspect ratio (SAR) is not applied.",
         ),
     ] = FRAMES.size,
+    upscale: Annotated[
+        bool,
+        typer.Option("--upscale", help="Also scale up videos whose short side is under --size."),
+    ] = False,
     image_format: Annotated[
         str, typer.Option("--format", help="Image format: jpg or png.")
     ] = FRAMES.format,
@@ -210,7 +217,7 @@ def extract_frames(
         raise UsageError("give --fps or --every, not both")
     opts = FrameOptions(
         fps=None if every is not None else (FRAMES.fps if fps is None else fps),
-        every=every, size=size, format=image_format, quality=quality,
+        every=every, size=size, upscale=upscale, format=image_format, quality=quality,
         sample_rate_hz=sample_rate, audio=not no_audio,
     )
     summary = run_stage(

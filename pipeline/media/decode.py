@@ -23,9 +23,11 @@ from pipeline.media.probe import (
 )
 
 
-def scaled_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
-    """(w, h) with the short side set to ``short_side`` and the aspect ratio kept."""
-    if not short_side:
+def scaled_size(width: int, height: int, short_side: int | None, upscale: bool = False
+                ) -> tuple[int, int]:
+    """(w, h) with the short side set to ``short_side`` and the aspect ratio kept; a frame whose
+    short side is already at or under it is kept as it is unless ``upscale``."""
+    if not short_side or (min(width, height) <= short_side and not upscale):
         return width, height
     if width <= height:
         return short_side, max(1, round(height * short_side / width))
@@ -35,11 +37,13 @@ def scaled_size(width: int, height: int, short_side: int | None) -> tuple[int, i
 @dataclass(frozen=True)
 class FrameSampler:
     """Which decoded frames to keep: by time (``fps``) or by count (``every``); ``size`` is
-    the short side of the output (None or 0 = original)."""
+    the short side of the output (None or 0 = original), reached by scaling down only unless
+    ``upscale``."""
 
     fps: float | None = None
     every: int | None = None
     size: int | None = None
+    upscale: bool = False
 
     def __post_init__(self) -> None:
         if (self.fps is None) == (self.every is None):
@@ -166,7 +170,7 @@ class _FramePicker:
         self.plan: dict[int, list[float]] | None = None  # pts -> timestamps, when planned
 
     def _rgb(self, frame) -> np.ndarray:
-        w, h = scaled_size(frame.width, frame.height, self.s.size)
+        w, h = scaled_size(frame.width, frame.height, self.s.size, self.s.upscale)
         if (w, h) == (frame.width, frame.height):
             rgb = frame.to_ndarray(format="rgb24")
         else:
