@@ -15,10 +15,38 @@ from pipeline.cli import train_cmds  # noqa: E402,F401  isort: skip
 from pipeline.cli import run_cmd  # noqa: E402,F401  isort: skip
 
 
+def command():
+    """The click command tree of ``app``, with help texts written for users: values named as
+    in the README (N, X, PATH, TEXT, or the option's own metavar) instead of Python types,
+    arguments in capitals, and each command's first sentence whole in ``vpipe --help``."""
+    import typer.main
+
+    root = typer.main.get_command(app)
+    for cmd in root.commands.values():
+        doc = (cmd.help or "").strip().split("\n\n")[0].replace("\n", " ")
+        cmd.short_help = doc.split(". ")[0].rstrip(".")
+        for p in cmd.params:
+            if p.param_type_name == "argument":
+                p.metavar = (p.metavar or p.name).upper()
+                p.display_type_rich = lambda ctx: None  # the name says it; no Python type
+            elif p.metavar is None and not getattr(p, "is_flag", False):
+                p.metavar = _value_name(p)
+    return root
+
+
+def _value_name(p) -> str:
+    desc = getattr(p, "type_descriptor", None)
+    annotation = getattr(desc, "annotation", None)
+    kind = getattr(annotation, "__name__", str(annotation))
+    if getattr(desc, "is_path", False) or kind == "Path":
+        return "PATH"
+    return {"int": "N", "float": "X"}.get(kind, "TEXT")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vpipe`` console script."""
     try:
-        app(args=argv, prog_name="vpipe", standalone_mode=True)
+        command().main(args=argv, prog_name="vpipe", standalone_mode=True)
     except Exception as e:
         # A full disk, wherever the stage met it: what it was writing, said as the stage's
         # own line (it stops the stage; the same command completes once there is space).

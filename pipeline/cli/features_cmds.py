@@ -18,6 +18,7 @@ def features(
     inputs: Annotated[
         list[Path],
         typer.Argument(
+            metavar="MEDIA",
             help="Output folder(s) of `vpipe extract-frames`; with --from-video: videos, "
             "folders of videos or `vpipe subclip` output folders.",
             show_default=False,
@@ -161,7 +162,9 @@ def features(
 
 @app.command("inspect")
 def inspect(
-    folder: Annotated[Path, typer.Argument(help="Output folder of `vpipe features`.")],
+    folder: Annotated[
+        Path, typer.Argument(metavar="FEATURES", help="Output folder of `vpipe features`.")
+    ],
 ) -> None:
     """Summarise a feature folder and check every shard against index.jsonl (exit 1 if not)."""
     from pipeline.shards import validate

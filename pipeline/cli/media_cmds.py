@@ -69,7 +69,7 @@ def subclip(
     mode: Annotated[
         str,
         typer.Option(
-            "--mode",
+            "--mode", metavar="exact|keyframe",
             help="exact: frame-accurate cuts (re-encoded with x264); keyframe: stream copy, "
             "boundaries snapped to closed-GOP keyframes (fast, clips still never overlap). A video "
             "whose keyframes cannot place a clip (e.g. a single keyframe), whose codec mp4 cannot "
@@ -191,7 +191,7 @@ def extract_frames(
         typer.Option("--upscale", help="Also scale up videos whose short side is under --size."),
     ] = False,
     image_format: Annotated[
-        str, typer.Option("--format", help="Image format: jpg or png.")
+        str, typer.Option("--format", metavar="jpg|png", help="Image format: jpg or png.")
     ] = FRAMES.format,
     quality: Annotated[
         int, typer.Option("--quality", min=1, max=100, help="JPEG quality (1-100).")
