@@ -192,6 +192,8 @@ def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions,
             f"{src.path}: too short ({frames.end_s:.2f}s): the first subclip from "
             f"{opts.start_s:g}s needs more than {need:g}s of video"
         )
+    if len(clips) < opts.count:
+        report_note("subclip", str(src.path), shortfall(len(clips), frames.end_s, opts))
     mode = opts.mode
     folder = out_dir / src.source_id
     records, errors = [], []
@@ -286,6 +288,13 @@ def keyframe_fallback(frames: media.FrameTimes, opts: SubclipOptions, source_id:
         f"keyframe mode cannot cut this video: {why}; "
         "cut in exact mode (re-encoded) instead"
     )
+
+
+def shortfall(made: int, end_s: float, opts: SubclipOptions) -> str:
+    """Why a source gave fewer clips than --count asked (the video ends before them)."""
+    return (f"{made} of {opts.count} clips: the video ends at {end_s:.2f}s, and a clip at or "
+            f"under --min-fraction {opts.min_fraction:g} of --duration {opts.duration_s:g}s "
+            "is not made")
 
 
 def report_note(stage: str, label: str, message: str) -> None:

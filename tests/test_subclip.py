@@ -187,6 +187,19 @@ def test_flv_and_unicode_names_with_spaces(media_dir: Path, tmp_path: Path) -> N
             assert len(read_cv2(out / mode / r["path"])) == r["n_frames"] == 50
 
 
+def test_fewer_clips_than_asked_are_said(tmp_path: Path, capsys) -> None:
+    """5 s of video, 3 x 2 s asked from 0: the third would be 1 s, at --min-fraction 0.5."""
+    src = synth.make_video(tmp_path / "five.mp4", duration_s=5.0)
+    assert main(["subclip", str(src), "-o", str(tmp_path / "o"), "--count", "3", "--duration",
+                 "2", "--start", "0", "--workers", "1", "-q"]) == 0
+    assert len(manifest(tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert f"vpipe subclip: {src}: note: 2 of 3 clips: the video ends at 5.00s" in err
+    assert main(["subclip", str(src), "-o", str(tmp_path / "p"), "--count", "2", "--duration",
+                 "2", "--start", "0", "--workers", "1", "-q"]) == 0
+    assert "note" not in capsys.readouterr().err  # all it asked for
+
+
 def test_no_audio_source_gives_clips_without_audio(tmp_path: Path) -> None:
     src = synth.make_video(tmp_path / "silent.mp4", duration_s=4.0, audio=False)
     out = tmp_path / "o"
