@@ -526,7 +526,8 @@ def test_cli_train_evaluate_predict(sets, tmp_path, capsys):
     assert out == json.loads(m.read_text())
     assert out["split"] == "val" and out["n_clips"] == 16  # round(50 * 0.15) sources
     assert out["labels_sha256"] == hashlib.sha256(csv_path.read_bytes()).hexdigest()
-    assert {"loss", "accuracy", "top3_accuracy", "macro_f1"} == set(out["metrics"])
+    assert {"loss", "accuracy", "top3_accuracy", "macro_f1", "source"} == set(out["metrics"])
+    assert {"n_sources", "accuracy", "top3_accuracy", "macro_f1"} == set(out["metrics"]["source"])
 
     preds = tmp_path / "p.jsonl"
     assert main(["predict", str(run), str(folder), "-o", str(preds)]) == 0

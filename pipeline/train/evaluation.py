@@ -1,4 +1,8 @@
-"""A model's figures on a split, the trivial predictor's, and the summary of a finished run."""
+"""A model's figures on a split, the trivial predictor's, and the summary of a finished run.
+
+Every figure is given twice: per clip, and per source (``"source"``: a source's clips'
+outputs averaged, as `vpipe predict`'s source lines, each source counted once), since labels
+such as a trailer's rating belong to the source and its clips are not independent samples."""
 
 from __future__ import annotations
 
@@ -30,12 +34,51 @@ def evaluate(
     targets: np.ndarray,
     spec: ModelSpec,
     device: torch.device,
+    sources: list[str] | None = None,
 ) -> dict:
-    """Loss and task metrics of the model on one split ({} for an empty split)."""
+    """Loss and task metrics of the model on one split ({} for an empty split); with the
+    clips' ``sources``, also the metrics per source under ``"source"``."""
     if len(data) == 0:
         return {}
     out, loss = run_model(model, data, targets, spec, device)
-    return {"loss": loss, **run_metrics(spec, out, targets)}
+    figures = {"loss": loss, **run_metrics(spec, out, targets)}
+    if sources is not None:
+        figures["source"] = source_metrics(spec, out, targets, sources)
+    return figures
+
+
+def by_source(task: str, outputs: np.ndarray, targets: np.ndarray, sources: list[str]
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """One row per source, in first-seen order: the mean of its clips' outputs (what `vpipe
+    predict` writes on its source lines) and its target: the label its clips share (labels
+    given per clip: their mean for regression, every tag of any clip, the most common class)."""
+    rows: dict[str, list[int]] = {}
+    for k, src in enumerate(sources):
+        rows.setdefault(src, []).append(k)
+    outs, ys = [], []
+    for ks in rows.values():
+        outs.append(outputs[ks].mean(0))
+        t = targets[ks]
+        if task == "regression":
+            ys.append(t.mean())
+        elif task == "classification":
+            ys.append(np.bincount(t).argmax())
+        else:
+            ys.append(t.max(0))
+    return np.stack(outs), np.asarray(ys, dtype=targets.dtype)
+
+
+def source_metrics(spec: ModelSpec, outputs: np.ndarray, targets: np.ndarray,
+                   sources: list[str]) -> dict:
+    """The task metrics with each source (a trailer, a video) counted once."""
+    outs, ys = by_source(spec.task, outputs, targets, sources)
+    return {"n_sources": len(ys), **run_metrics(spec, outs, ys)}
+
+
+def clip_sources(store, ids: list[str]) -> list[str]:
+    """The source of each clip of ``ids``, in that order."""
+    of = dict(zip(store.clip_ids, store.column("source"), strict=True))
+    return [of[c] for c in ids]
 
 
 def baseline_outputs(task: str, train_targets: np.ndarray, n: int, n_classes: int) -> np.ndarray:
@@ -61,12 +104,17 @@ def summarise(
     """``summary.json``: the figures of ``model`` (the best checkpoint's weights) on every
     split beside the trivial predictor's, and what the run was."""
     base = {}
+    sources = {s: clip_sources(p.store, ids) for s, ids in p.split_ids.items()}
     for split in ("val", "test"):
         n = len(p.split_ids[split])
         if n:
             trivial = baseline_outputs(spec.task, p.targets["train"], n, len(spec.classes))
-            base[split] = run_metrics(spec, trivial, p.targets[split])
-    figures = {s: evaluate(model, p.data[s], p.targets[s], spec, device) for s in p.split_ids}
+            base[split] = {
+                **run_metrics(spec, trivial, p.targets[split]),
+                "source": source_metrics(spec, trivial, p.targets[split], sources[split]),
+            }
+    figures = {s: evaluate(model, p.data[s], p.targets[s], spec, device, sources[s])
+               for s in p.split_ids}
     return {
         "task": spec.task,
         "task_source": p.task_reason,

@@ -16,7 +16,7 @@ from pipeline.files import atomic_path, atomic_write_text, sha256_of
 from pipeline.shards import FeatureStore
 from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
 from pipeline.train.data import ClipSequences, present_modalities, warn_empty_clips
-from pipeline.train.evaluation import evaluate
+from pipeline.train.evaluation import clip_sources, evaluate
 from pipeline.train.inputs import open_store
 from pipeline.train.labels import fits_float32, join_labels, read_labels, split_tags
 from pipeline.train.model import run_model
@@ -150,7 +150,8 @@ def evaluate_run(
     ids, targets = known_targets(spec, labels, prog)
     data, dev = _sequences(model, spec, store, ids, device, stream)
     with torch_threads():
-        metrics = evaluate(model, data, targets, spec, dev)  # ids is never empty
+        metrics = evaluate(model, data, targets, spec, dev,  # ids is never empty
+                           clip_sources(store, ids))
     store.close()
     return {
         "run": str(run),
@@ -178,6 +179,16 @@ def _evaluate_captions(run, model, spec: ModelSpec, store: FeatureStore, feature
     return {"run": str(run), "checkpoint": checkpoint, "features": str(features),
             "labels": str(labels_csv), "labels_sha256": sha256_of(labels_csv),
             "split": split or "all", "task": "caption", "n_clips": n, "metrics": metrics}
+
+
+def run_splits(run: str | Path) -> dict[str, str]:
+    """Clip id -> the split ("train", "val", "test") the run put it in; clips the run never
+    saw are absent (their prediction lines say ``"split": null``)."""
+    path = Path(run) / "splits.json"
+    if not path.exists():
+        return {}
+    splits = json.loads(path.read_text(encoding="utf-8"))
+    return {cid: name for name, ids in splits.items() for cid in ids}
 
 
 def check_output(path: str | Path) -> Path:
@@ -244,18 +255,26 @@ def predict_run(
     with torch_threads():
         outs, _ = run_model(model, data, None, spec, dev)
     at = {cid: k for k, cid in enumerate(order)}
+    split_of = run_splits(run)
     by_source: dict[str, list[int]] = {}
+    splits_of: dict[str, set] = {}
     path = check_output(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for cid, src in zip(ids, store.column("source"), strict=True):
             o = outs[at[cid]]
             by_source.setdefault(src, []).append(at[cid])
-            line = {"level": "clip", "id": cid, "source": src, **_describe(spec, o, thr)}
+            split = split_of.get(cid)
+            splits_of.setdefault(src, set()).add(split)
+            line = {"level": "clip", "id": cid, "source": src, "split": split,
+                    **_describe(spec, o, thr)}
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
         for src, ks in by_source.items():
             mean = np.mean(np.stack([outs[k] for k in ks]), axis=0)
-            line = {"level": "source", "id": src, "n_clips": len(ks), **_describe(spec, mean, thr)}
+            seen = splits_of[src]
+            split = next(iter(seen)) if len(seen) == 1 else "mixed"
+            line = {"level": "source", "id": src, "n_clips": len(ks), "split": split,
+                    **_describe(spec, mean, thr)}
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
     store.close()
     return {"clips": len(ids), "sources": len(by_source), "out": str(out_path)}
