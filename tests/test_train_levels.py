@@ -82,3 +82,35 @@ def test_clips_the_run_never_saw_have_no_split(tmp_path: Path) -> None:
     assert len(sources) == 20
     assert all((split is None) == (src not in kept) for src, split in sources.items())
     assert {s for s in sources.values() if s} <= {"train", "val", "test"}
+
+
+def test_tiny_splits_and_a_model_under_its_baseline_are_said(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "features"
+    csv_path, _ = make_feature_set(folder, "regression", n_sources=6, seed=2)
+    run = tmp_path / "run"
+    assert main(["train", str(folder), "--labels", str(csv_path), "-o", str(run), "--epochs",
+                 "1", "--hidden", "4"]) == 0
+    err = capsys.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    n = summary["n_sources"]
+    assert n["test"] < 5 and n["val"] < 5
+    for split in ("val", "test"):
+        text = f"the {split} split holds {n[split]} source"
+        assert any(w.startswith(text) for w in summary["warnings"])
+        assert f"vpipe train: warning: {text}" in err
+    assert f"per source ({n['test']})" in err
+
+
+def test_a_model_that_does_not_beat_its_baseline_is_said() -> None:
+    from pipeline.train.evaluation import caveats
+
+    def summary(task: str, got: float, base: float) -> dict:
+        return {"task": task, "n_sources": {"val": 9, "test": 9}, "val": {},
+                "test": {"source": {"mse": got, "accuracy": got}},
+                "baseline": {"test": {"source": {"mse": base, "accuracy": base}}}}
+
+    assert caveats(summary("regression", 0.5, 1.0)) == []  # lower mse: better
+    assert caveats(summary("regression", 1.2, 1.0)) == [
+        "the model does not beat the trivial baseline on test per source (mse 1.2, baseline 1)"]
+    assert caveats(summary("classification", 0.8, 0.5)) == []
+    assert len(caveats(summary("classification", 0.5, 0.5))) == 1  # a tie does not beat it

@@ -223,13 +223,21 @@ def train(
         side = "test" if s["test"] else "val" if s["val"] else "train"
         got = s[side].get(name)
         base = s["baseline"].get(side, {}).get(name)
+        src = s[side].get("source", {})
+        per_source = ""
+        if src.get(name) is not None:
+            sbase = s["baseline"].get(side, {}).get("source", {}).get(name)
+            per_source = (f"; per source ({src['n_sources']}) {round(src[name], 4)} (baseline "
+                          f"{sbase if sbase is None else round(sbase, 4)})")
         print(
             f"vpipe train: best epoch {s['best_epoch']} of {s['epochs_run']}, {side} {name} "
             f"{got if got is None else round(got, 4)} (trivial baseline "
-            f"{base if base is None else round(base, 4)}), "
+            f"{base if base is None else round(base, 4)}){per_source}, "
             f"{s['seconds_per_epoch']}s/epoch -> {out}",
             file=sys.stderr,
         )
+        for text in s.get("warnings", []):
+            print(f"vpipe train: warning: {text}", file=sys.stderr)
 
 
 @app.command()

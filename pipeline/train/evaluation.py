@@ -115,7 +115,8 @@ def summarise(
             }
     figures = {s: evaluate(model, p.data[s], p.targets[s], spec, device, sources[s])
                for s in p.split_ids}
-    return {
+    n_sources = {s: len(set(v)) for s, v in sources.items()}
+    summary = {
         "task": spec.task,
         "task_source": p.task_reason,
         "model": spec.config.model,
@@ -129,8 +130,7 @@ def summarise(
         "test": figures["test"],
         "baseline": base,
         "n_clips": {s: len(v) for s, v in p.split_ids.items()},
-        "n_sources": {s: len(set(p.store.select(v).column("source")))
-                      for s, v in p.split_ids.items()},
+        "n_sources": n_sources,
         "unlabeled_clips": len(p.joined.unlabeled),
         "unknown_label_ids": len(p.joined.unknown),
         "seconds_per_epoch": round(float(np.mean([r["seconds"] for r in history])), 3)
@@ -138,3 +138,30 @@ def summarise(
         else None,
         "device": str(device),
     }
+    summary["warnings"] = caveats(summary)
+    return summary
+
+
+# Fewer sources than this in a val or test split: its figures say little.
+MIN_SOURCES = 5
+
+
+def caveats(summary: dict) -> list[str]:
+    """What makes the figures of a run weak, in words: splits of too few sources, and a model
+    that does not beat the trivial predictor."""
+    out = []
+    for split in ("val", "test"):
+        n = summary["n_sources"].get(split, 0)
+        if 0 < n < MIN_SOURCES:
+            out.append(f"the {split} split holds {n} source{'s' if n > 1 else ''}: its figures "
+                       f"say little (at least {MIN_SOURCES} would; label more sources or raise "
+                       f"--{split}-fraction)")
+    name, higher = MAIN_METRIC[summary["task"]]
+    side = "test" if summary["test"] else "val" if summary["val"] else None
+    if side is not None:
+        got = summary[side].get("source", {}).get(name)
+        base = summary["baseline"].get(side, {}).get("source", {}).get(name)
+        if got is not None and base is not None and (got <= base if higher else got >= base):
+            out.append(f"the model does not beat the trivial baseline on {side} per source "
+                       f"({name} {got:.4g}, baseline {base:.4g})")
+    return out
