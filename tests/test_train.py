@@ -147,7 +147,8 @@ def test_run_folder_holds_the_contract_files(sets, tmp_path):
     ]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3]
-    assert {"train_loss", "val_loss", "val_accuracy", "test_macro_f1", "seconds"} <= set(lines[0])
+    assert {"train_loss", "val_loss", "val_accuracy", "seconds"} <= set(lines[0])
+    assert not [k for k in lines[0] if k.startswith("test_")]  # test: once, in summary.json
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((run / "config.json").read_text())
     assert config["task"] == "classification" and config["classes"] == ["bump", "down", "up"]

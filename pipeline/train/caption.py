@@ -89,6 +89,7 @@ def _train_captions(features: str | Path, captions_csv: str | Path, out: Path, c
     fit_captions(model, opt, scaler, p, spec, at, out, quiet)
     best_epoch = load_weights(model, out / "best.pt")
     summary = summarise_captions(model, spec, p, at, best_epoch, device, quiet)
+    write_curves(at.history, "caption", out / "curves.png", final=summary)
     finish_run_folder(out, summary, done=at.epochs_done - already, already=already)
     p.store.close()
     return summary
@@ -143,7 +144,7 @@ def fit_captions(model: CaptionModel, opt, scaler, p: CaptionInput, spec: ModelS
             bar.update(len(inp))
         bar.close()
         rec = {"epoch": epoch + 1, "train_loss": total / len(order)}
-        for split in ("val", "test"):
+        for split in ("val",):  # test: once, at the end, with the best weights
             rec[split] = evaluate_split(model, p, split, spec, device)
         rec["seconds"] = round(time.time() - t0, 3)
         monitor = rec["val"] if has_val else {"loss": rec["train_loss"]}

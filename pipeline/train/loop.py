@@ -126,6 +126,7 @@ def _train(
     best_epoch = load_weights(model, out / "best.pt")
     stopped = at.bad_epochs >= cfg.patience
     summary = summarise(model, spec, p, at.history, stopped, best_epoch, device)
+    write_curves(at.history, spec.task, out / "curves.png", final=summary)
     finish_run_folder(out, summary, done=at.epochs_done - already, already=already)
     p.store.close()
     return summary
@@ -168,7 +169,7 @@ def fit(
                 model, opt, scaler, p.data["train"], p.targets["train"], order, spec, desc, quiet
             ),
         }
-        for split in ("val", "test"):
+        for split in ("val",):  # test: once, at the end, with the best weights
             rec[split] = evaluate(model, p.data[split], p.targets[split], spec, device)
         rec["seconds"] = round(time.time() - t0, 3)
 

@@ -172,8 +172,10 @@ def write_metrics(out: Path, history: list[dict]) -> None:
     atomic_write_text(out / "metrics.jsonl", text)
 
 
-def write_curves(history: list[dict], task: str, path: Path) -> None:
-    """Train/val loss and the main metric per epoch, as a PNG (Agg backend, no display)."""
+def write_curves(history: list[dict], task: str, path: Path, final: dict | None = None) -> None:
+    """Train/val loss and the val metric per epoch, as a PNG (Agg backend, no display); with
+    the run's ``final`` summary, its test figure once, at the best epoch (the test split is not
+    scored per epoch, so nothing invites choosing by it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,12 +189,16 @@ def write_curves(history: list[dict], task: str, path: Path) -> None:
         a.plot(ep, [r["val"].get("loss") for r in history], "o-", label="val")
     a.set(xlabel="epoch", ylabel="loss", title="loss")
     a.legend()
-    for split in ("val", "test"):
-        vals = [r.get(split, {}).get(name) for r in history]
-        if any(v is not None for v in vals):
-            b.plot(ep, [math.nan if v is None else v for v in vals], "o-", label=split)
+    vals = [r.get("val", {}).get(name) for r in history]
+    if any(v is not None for v in vals):
+        b.plot(ep, [math.nan if v is None else v for v in vals], "o-", label="val")
+    test = (final or {}).get("test") or {}
+    if test.get(name) is not None:
+        b.plot([final["best_epoch"]], [test[name]], "s", color="black",
+               label="test (best epoch, scored once)")
     b.set(xlabel="epoch", ylabel=name, title=name)
-    b.legend()
+    if b.get_legend_handles_labels()[0]:  # no val split and no test: nothing to name
+        b.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
