@@ -542,8 +542,9 @@ def test_unusable_weights_stop_the_run_at_features(tmp_path: Path, capsys, monke
     assert f"vpipe: error: {bad}: does not fit resnet18 (" in err
     assert "features  stopped" in err and "train     not run" in err
     assert not (tmp_path / "work" / "wf" / "train").exists()
-    # Weights merely missing offline exit 1 (the stage's contract), and the run stops there
-    # too: the stage made no output for train to read.
+    # Weights merely missing offline exit 1 (the stage's contract), said before any stage
+    # runs (the planner looks for them), so nothing is started for want of them.
+    shutil.rmtree(tmp_path / "work", ignore_errors=True)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
     for var in ("https_proxy", "HTTPS_PROXY"):  # any download attempt is refused at once
         monkeypatch.setenv(var, "http://127.0.0.1:9")
@@ -551,7 +552,23 @@ def test_unusable_weights_stop_the_run_at_features(tmp_path: Path, capsys, monke
     (tmp_path / "wf.toml").write_text(wf.replace(bad.name, "imagenet"), encoding="utf-8")
     assert main(["run", "wf.toml"]) == 1
     err = capsys.readouterr().err
-    assert "weights are not in the cache" in err
-    assert "features  failed" in err and "train     not run" in err
-    assert "no such feature folder" not in err
-    assert not (tmp_path / "work" / "wf" / "train").exists()
+    assert "vpipe: error: wf.toml:4: [features] " in err and "weights are not in the cache" in err
+    assert "--set features.image-weights=none" in err  # the hint in the workflow's words
+    assert not (tmp_path / "work").exists()
+    assert main(["run", "wf.toml", "--dry-run"]) == 0  # a dry run looks for no weights
+
+
+def test_conflicting_options_fail_before_any_stage_runs(tmp_path: Path, capsys,
+                                                        monkeypatch) -> None:
+    """Regression: offline overrides gave features --audio-weights none with the release PCA,
+    which stopped the run only after extract-frames had run (hours on a real corpus)."""
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "wf.toml").write_text(
+        'inputs = ["videos"]\n[extract-frames]\nfps = 1\n\n[features]\n'
+        'image-weights = "none"\naudio-weights = "none"\n', encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "wf.toml"]) == 2
+    err = capsys.readouterr().err
+    assert "wf.toml:5: [features] --audio-weights none with the release PCA" in err
+    assert not (tmp_path / "work").exists()
+    assert main(["run", "wf.toml", "--set", "features.audio-postprocess=false", "--dry-run"]) == 0

@@ -202,3 +202,25 @@ def _weights_name(w: object) -> str:
             return str(w.get("file") or w.get("name"))
         return str(w.get("name") or w.get("kind"))  # a shard written without a name
     return str(w)
+
+
+def check_features(params: dict, fetch: bool) -> None:
+    """What `vpipe run` checks of a [features] stage before any stage runs: the options as
+    the command would build them, and (``fetch``) that every weights file is there or can be
+    downloaded now, instead of hours later, after the stages before it."""
+    import dataclasses
+
+    from pipeline.features.weights import check_audio_options, resolve_weights
+
+    names = {f.name for f in dataclasses.fields(FeatureOptions)}
+    opts = FeatureOptions(**{k: v for k, v in params.items() if k in names and v is not None})
+    opts.check()
+    audio = ((opts.audio_weights, opts.audio_postprocess, opts.audio_pca)
+             if opts.audio_model == "vggish" else None)
+    if audio:
+        check_audio_options(*audio)
+    if fetch:
+        resolve_weights(opts.image_model, opts.image_weights, audio)
+
+
+PLAN_CHECKS = {"features": check_features}

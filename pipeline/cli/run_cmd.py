@@ -109,8 +109,6 @@ def run(
     finished with the same options is reported "up to date".
     Relative paths in the file are taken from the current directory.
     """
-    import typer.main
-
     from pipeline import workflow as wfl
     from pipeline.cli import main
     from pipeline.workflow import shipped
@@ -122,8 +120,12 @@ def run(
         path, inputs=inputs, labels=labels, work_dir=work_dir, sets=sets or (),
         engine=engine, ray_address=ray_address,
     )
-    commands = typer.main.get_command(app).commands  # the CLI's own commands, nothing else
-    steps = wfl.select(wfl.plan(wf, commands, quiet=quiet, overwrite=overwrite), start, until)
+    from pipeline.cli import command
+
+    commands = command().commands  # the CLI's own commands, nothing else
+    # Each stage's own checks too (weights looked for: not on a dry run), before any runs.
+    planned = wfl.plan(wf, commands, quiet=quiet, overwrite=overwrite, fetch=not dry_run)
+    steps = wfl.select(planned, start, until)
     if dry_run:
         for step in steps:
             typer.echo(step.command())

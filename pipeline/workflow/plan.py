@@ -238,10 +238,13 @@ def plan(
     *,
     quiet: bool = False,
     overwrite: bool = False,
+    fetch: bool = False,
 ) -> list[Step]:
     """Check the workflow against the CLI's commands and return all its steps, in order.
 
-    ``commands`` maps a command name to its click command (``vpipe``'s own). Every error
+    ``commands`` maps a command name to its click command (``vpipe``'s own). A command with a
+    ``vpipe_check(params, fetch)`` has it run on its parsed options (its own checks of option
+    combinations; ``fetch``: also of what it will need, such as weights files). Every error
     names the file and line; nothing runs before the whole file is known to be valid.
     """
     if not wf.inputs:
@@ -314,7 +317,7 @@ def plan(
             "." if i <= len(positional) and i > 0 and a in earlier else a
             for i, a in enumerate(args)
         ]
-        _check_args(wf, stage, command, trial[1:])
+        _check_args(wf, stage, command, trial[1:], fetch)
         steps.append(Step(stage.name, args, Path(out) if out is not None else None))
         if spec.makes is not None and out is not None:
             made[spec.makes] = out
@@ -343,13 +346,17 @@ def select(steps: Sequence[Step], start: str | None, until: str | None) -> list[
     return list(steps[first : last + 1])
 
 
-def _check_args(wf: Workflow, stage: Stage, command: Any, args: list[str]) -> None:
-    """Let the command parse its argument list (types, ranges, choices) without running it."""
+def _check_args(wf: Workflow, stage: Stage, command: Any, args: list[str],
+                fetch: bool = False) -> None:
+    """Let the command parse its argument list (types, ranges, choices) without running it,
+    then run its own checks of the values (``vpipe_check``), if it has any."""
     from typer._click.exceptions import BadParameter
     from typer._click.exceptions import UsageError as ClickUsageError
 
+    from pipeline.errors import VpipeError
+
     try:
-        command.make_context(stage.name, list(args), resilient_parsing=False)
+        ctx = command.make_context(stage.name, list(args), resilient_parsing=False)
     except BadParameter as e:
         param = getattr(e, "param", None)
         key = _key_of(stage, param)
@@ -360,6 +367,22 @@ def _check_args(wf: Workflow, stage: Stage, command: Any, args: list[str]) -> No
         raise wf.error(stage.name, key, f"[{stage.name}] {e.format_message()}") from None
     except ClickUsageError as e:
         raise wf.error(stage.name, None, f"[{stage.name}] {e.format_message()}") from None
+    check = getattr(command, "vpipe_check", None)
+    if check is None:
+        return
+    try:
+        check(ctx.params, fetch)
+    except UsageError as e:
+        raise wf.error(stage.name, None, f"[{stage.name}] {e}") from None
+    except VpipeError as e:  # e.g. weights missing offline: its own exit code
+        err = VpipeError(
+            f"{wf.path}:{wf.line(stage.name)}: [{stage.name}] {e}\n(in a workflow those "
+            f"options are keys of [{stage.name}], e.g. "
+            f"image-weights = \"none\", or vpipe run ... --set {stage.name}.image-weights=none)"
+            if stage.name == "features" else f"{wf.path}:{wf.line(stage.name)}: [{stage.name}] {e}"
+        )
+        err.exit_code = e.exit_code
+        raise err from None
 
 
 def _key_of(stage: Stage, param: Any) -> str | None:
