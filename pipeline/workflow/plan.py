@@ -39,6 +39,7 @@ STAGES: dict[str, StageSpec] = {
     "extract-audio": StageSpec(("videos",), "media"),
     "features": StageSpec(("media",), "features"),
     "inspect": StageSpec(("features",), None, None),
+    "export": StageSpec(("features",), None),
     "train": StageSpec(("features",), "run", labels=True, whole=True),
     "evaluate": StageSpec(("run", "features"), "metrics", "evaluation.json", labels=True),
     "predict": StageSpec(("run", "features"), "predictions", "predictions.jsonl"),
