@@ -54,7 +54,7 @@ def test_features_equal_the_model_called_on_each_title_alone(tmp_path: Path) -> 
     got = enc.encode(titles, batch_size=3)  # two batches, padded within each
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder).eval()
-    for title, feats in zip(titles, got):
+    for title, feats in zip(titles, got, strict=True):
         ids = tok(title, return_tensors="pt")
         with torch.no_grad():
             ref = model(**ids).last_hidden_state[0].numpy()
@@ -87,7 +87,7 @@ def test_a_hub_name_is_read_from_the_hf_home_cache(tmp_path: Path) -> None:
     assert got["rows"] == 4
 
 
-def test_offline_with_an_empty_cache_names_model_cache_and_the_folder_option(tmp_path: Path) -> None:
+def test_offline_with_an_empty_cache_names_model_cache_and_folder_option(tmp_path: Path) -> None:
     code = (
         "from pipeline.features.text import resolve_text_model\n"
         "resolve_text_model('nghuyong/ernie-1.0-base-zh')"
@@ -126,7 +126,9 @@ def test_titles_csv_and_tsv_with_bom_crlf_and_empty_titles(tmp_path: Path) -> No
         ("", "no titles"),
     ],
 )
-def test_bad_titles_files_say_which_file_and_why(tmp_path: Path, content: str, message: str) -> None:
+def test_bad_titles_files_say_which_file_and_why(
+    tmp_path: Path, content: str, message: str
+) -> None:
     f = tmp_path / "bad.csv"
     f.write_text(content)
     with pytest.raises(UsageError) as e:

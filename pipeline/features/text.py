@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -167,7 +168,9 @@ def resolve_text_model(name: str) -> TextModelInfo:
     folder = Path(name).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
-            raise UsageError(f"--text-model {folder}: no config.json (save it with save_pretrained)")
+            raise UsageError(
+                f"--text-model {folder}: no config.json (save the model with save_pretrained)"
+            )
         sums = {
             f.name: sha256_of(f)
             for f in sorted(folder.iterdir())
@@ -201,7 +204,8 @@ class TextEncoder:
 
         self.tokenizer = AutoTokenizer.from_pretrained(info.folder, local_files_only=True)
         model = AutoModel.from_pretrained(info.folder, local_files_only=True)
-        self.model = model.to(device=device, dtype=dtype or torch.float32).eval().requires_grad_(False)
+        model = model.to(device=device, dtype=dtype or torch.float32)
+        self.model = model.eval().requires_grad_(False)  # frozen: never trained here
         self.device = device
         self.dim = int(model.config.hidden_size)
         # Positions past the model's table cannot be encoded; titles are far shorter anyway.
