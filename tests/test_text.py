@@ -140,3 +140,37 @@ def test_a_repeated_id_with_the_same_title_is_fine(tmp_path: Path) -> None:
     f = tmp_path / "t.csv"
     f.write_text("id,text\na,red\na,red\n")
     assert read_titles(f).by_id == {"a": "red"}
+
+
+def test_textcnn_is_768_dims_and_pools_only_the_title_tokens() -> None:
+    from pipeline.train.text_branch import TextCNN
+
+    torch.manual_seed(0)
+    cnn = TextCNN(dim=8).eval()
+    assert cnn.out_dim == 768
+    x = torch.randn(3, 6, 8)
+    x[1, 3:], x[2] = 0.0, 0.0  # padding is zeros, as the batches give it
+    lengths = torch.tensor([6, 3, 0])
+    y = cnn(x, lengths)
+    assert y.shape == (3, 768)
+    # Padding past a title's end does not change its vector; no title gives zeros.
+    alone = cnn(x[1:2, :3], torch.tensor([3]))
+    torch.testing.assert_close(y[1:2], alone)
+    assert torch.count_nonzero(y[2]) == 0
+    # By hand for the window of 2: tanh(conv) maxed over the 5 positions of the first title.
+    ref = torch.tanh(cnn.convs[0](x[:1].transpose(1, 2))).amax(dim=2)
+    torch.testing.assert_close(y[:1, :256], ref)
+
+
+def test_text_guided_attention_follows_the_formula() -> None:
+    from pipeline.train.text_branch import TextGuidedScore, attend
+
+    torch.manual_seed(0)
+    score = TextGuidedScore(step_dim=4, text_dim=3, hidden=5)
+    h, e = torch.randn(2, 7, 4), torch.randn(2, 3)
+    mask = torch.arange(7)[None, :] < torch.tensor([7, 4])[:, None]
+    pooled = attend(h, score(h, e), mask)
+    for b, n in enumerate((7, 4)):
+        z = torch.cat([h[b, :n], e[b].expand(n, 3)], dim=1)
+        a = torch.softmax(score.w(torch.tanh(score.proj(z))).squeeze(-1), dim=0)
+        torch.testing.assert_close(pooled[b], (a[:, None] * h[b, :n]).sum(0))
