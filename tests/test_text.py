@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_bert
 
 from pipeline.errors import UsageError
 from pipeline.features.text import (
@@ -21,25 +22,7 @@ from pipeline.features.text import (
     resolve_text_model,
 )
 
-WORDS = "red green blue yellow cat dog runs jumps the a video of".split()
 REVISION = "0123456789abcdef0123456789abcdef01234567"
-
-
-def tiny_bert(folder: Path) -> Path:
-    """A random BERT-architecture encoder and a WordPiece vocabulary, saved as a user would."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "##s", "##ed"]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(folder)
-    return folder
 
 
 def test_features_equal_the_model_called_on_each_title_alone(tmp_path: Path) -> None:
@@ -174,3 +157,180 @@ def test_text_guided_attention_follows_the_formula() -> None:
         z = torch.cat([h[b, :n], e[b].expand(n, 3)], dim=1)
         a = torch.softmax(score.w(torch.tanh(score.proj(z))).squeeze(-1), dim=0)
         torch.testing.assert_close(pooled[b], (a[:, None] * h[b, :n]).sum(0))
+
+
+# --------------------------------------------------------------------------- vpipe features --text
+
+
+def _text_args(media: Path, out: Path, weights, model: Path, titles: Path, *extra: str
+               ) -> list[str]:
+    from test_features import args
+
+    return [*args(media, out, weights, "--text", str(titles), "--text-model", str(model),
+                  *extra)]
+
+
+@pytest.fixture(scope="module")
+def titled(tmp_path_factory: pytest.TempPathFactory, weights, text_model: Path):
+    """Four clips of sources a and b: source a titled, clip b_1 its own title, b_0 none, and an
+    id that is no clip; shards of 3 clips, titles cut at 12 characters."""
+    from test_features import make_media
+
+    from pipeline.cli import main
+
+    d = tmp_path_factory.mktemp("titled")
+    media = make_media(d / "media", {"a_0": (3, 2.1), "a_1": (2, None), "b_0": (1, None),
+                                     "b_1": (3, 0.5)})
+    titles = d / "titles.csv"
+    titles.write_text("id,text\na,red cat runs fast\nb_1,the blue dog jumps\nghost,yellow\n")
+    out = d / "features"
+    assert main(_text_args(media, out, weights, text_model, titles, "--shard-size", "3",
+                           "--text-max-chars", "12")) == 0
+    return out, titles
+
+
+def test_text_rows_equal_the_model_on_each_cut_title_alone(titled, text_model: Path) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    from pipeline.shards import open_features
+
+    out, _ = titled
+    tok = AutoTokenizer.from_pretrained(text_model)
+    model = AutoModel.from_pretrained(text_model).eval()
+    want = {"a_0": "red cat runs", "a_1": "red cat runs", "b_1": "the blue dog"}
+    with open_features(out) as store:
+        assert store.has_text and store.dim("text") == 16
+        for cid in store.clip_ids:
+            clip = store[cid]
+            if cid not in want:  # b_0: no title
+                assert clip.text.shape == (0, 16) and clip.text_string == ""
+                continue
+            assert clip.text_string == want[cid]
+            with torch.no_grad():
+                ref = model(**tok(want[cid], return_tensors="pt")).last_hidden_state[0].numpy()
+            assert clip.text.shape == (len(want[cid].split()) + 2, 16)  # [CLS] ... [SEP]
+            np.testing.assert_allclose(clip.text, ref, atol=1e-5, rtol=0)
+        # Iteration reads each shard whole: the same rows.
+        for clip in store:
+            np.testing.assert_array_equal(clip.text, store[clip.clip_id].text)
+
+
+def test_text_group_layout_and_attributes(titled, text_model: Path) -> None:
+    import h5py
+
+    from pipeline.shards import shard_paths
+
+    out, _ = titled
+    strings, rows = [], 0
+    for p in shard_paths(out):
+        with h5py.File(p) as f:
+            g = f["text"]
+            n = f["clip_ids"].shape[0]
+            off = g["offsets"][:]
+            assert off.shape == (n + 1,) and off[0] == 0 and off[-1] == g["features"].shape[0]
+            assert g["features"].shape[1] == 16 and g["features"].fletcher32
+            assert g.attrs["dim"] == 16 and g.attrs["max_chars"] == 12
+            assert g.attrs["model"] == str(text_model)
+            assert g.attrs["tokenizer"].startswith("BertTokenizer")
+            w = json.loads(g.attrs["weights"])
+            assert w["kind"] == "folder" and len(w["sha256"]["model.safetensors"]) == 64
+            strings += list(g["strings"].asstr()[:])
+            rows += g["features"].shape[0]
+    assert sorted(strings) == ["", "red cat runs", "red cat runs", "the blue dog"]
+    assert rows == 5 + 5 + 5
+
+
+def test_untitled_clips_are_counted_and_unmatched_ids_reported(titled) -> None:
+    out, titles = titled
+    info = json.loads((out / "vpipe.json").read_text())
+    assert info["text"] == {"titled": 3, "untitled": 1, "unmatched": ["ghost"],
+                            "empty_titles": 0}
+    assert info["params"]["text"]["file"] == str(titles.resolve())
+    assert info["params"]["text_max_chars"] == 12
+    assert info["params"]["text_model"]["kind"] == "folder"
+
+
+def test_the_summary_line_counts_untitled_clips_and_names_unmatched_ids(
+    tmp_path: Path, weights, text_model: Path, capsys
+) -> None:
+    from test_features import make_media
+
+    from pipeline.cli import main
+
+    media = make_media(tmp_path / "media", {"a_0": (2, None), "b_0": (1, None)})
+    titles = tmp_path / "t.csv"
+    titles.write_text("id,text\na,red cat\nzz,blue\n")
+    cmd = [a for a in _text_args(media, tmp_path / "f", weights, text_model, titles) if a != "-q"]
+    assert main([*cmd, "--audio-model", "none"]) == 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("vpipe features: 2 done")
+    assert f"1 clip(s) without a title (zero text rows); 1 id(s) in {titles} match no clip: zz" \
+        in last
+
+
+def test_inspect_shows_the_text_rows(titled, capsys) -> None:
+    from pipeline.cli import main
+
+    out, _ = titled
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "text: 15 token rows x 16" in text and "3 of 4 clips titled, cut at 12" in text
+
+
+def test_a_store_without_text_reads_as_before(tmp_path: Path, weights) -> None:
+    import h5py
+    from test_features import args, make_media
+
+    from pipeline.cli import main
+    from pipeline.shards import open_features, shard_paths
+
+    media = make_media(tmp_path / "media", {"a_0": (2, None)})
+    assert main(args(media, tmp_path / "f", weights, "--audio-model", "none")) == 0
+    with h5py.File(shard_paths(tmp_path / "f")[0]) as f:
+        assert set(f) == {"clip_ids", "source", "start", "end", "image", "audio"}
+    params = json.loads((tmp_path / "f" / "vpipe.json").read_text())["params"]
+    assert not {"text", "text_max_chars", "text_model"} & set(params)
+    with open_features(tmp_path / "f") as store:
+        clip = store["a_0"]
+        assert not store.has_text and store.attrs("text") == {}
+        assert clip.text.shape == (0, 0) and clip.text_string == ""
+
+
+def test_a_bad_titles_file_is_one_usage_error_before_any_work(
+    tmp_path: Path, weights, text_model: Path, capsys
+) -> None:
+    from test_features import make_media
+
+    from pipeline.cli import main
+
+    media = make_media(tmp_path / "media", {"a_0": (2, None)})
+    titles = tmp_path / "t.csv"
+    titles.write_text("id,text\na,red\na,blue\n")
+    out = tmp_path / "f"
+    assert main(_text_args(media, out, weights, text_model, titles)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'a' has two different titles" in err[0] and str(titles) in err[0]
+    assert not out.exists()
+
+
+def test_offline_with_an_empty_cache_stops_features_before_writing(
+    tmp_path: Path, weights
+) -> None:
+    from test_features import args, make_media
+
+    media = make_media(tmp_path / "media", {"a_0": (2, None)})
+    titles = tmp_path / "t.csv"
+    titles.write_text("id,text\na,red\n")
+    out = tmp_path / "f"
+    cmd = [*args(media, out, weights, "--text", str(titles), "--text-model",
+                 "nghuyong/ernie-1.0-base-zh")]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-m", "pipeline", *cmd], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vpipe: error: text model "), err
+    assert "nghuyong/ernie-1.0-base-zh" in err[0] and str(tmp_path / "empty" / "hub") in err[0]
+    assert "--text-model DIR" in err[0]
+    assert not out.exists()

@@ -212,6 +212,17 @@ class TextEncoder:
         self.max_tokens = int(getattr(model.config, "max_position_embeddings", 512) or 512)
         self.info = TextModelInfo(**{**asdict(info), "tokenizer": type(self.tokenizer).__name__})
 
+    def attrs(self) -> dict[str, Any]:
+        """The /text group's attributes (``max_chars`` is the stage's to add)."""
+        info = self.info
+        return {"model": info.name, "weights": self.identity(), "tokenizer": info.tokenizer,
+                "special_tokens": "included"}
+
+    def identity(self) -> dict[str, Any]:
+        """Where the weights came from: the hub revision, or a folder's files' sha256."""
+        # Not the folder read: a hub snapshot's path depends on this machine's HF_HOME.
+        return {k: v for k, v in self.info.attrs().items() if k != "folder"}
+
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> list[np.ndarray]:
         """Each text's token features ``(tokens, dim)`` float32, batched with padding."""
         import torch
