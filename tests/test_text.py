@@ -334,3 +334,94 @@ def test_offline_with_an_empty_cache_stops_features_before_writing(
     assert "nghuyong/ernie-1.0-base-zh" in err[0] and str(tmp_path / "empty" / "hub") in err[0]
     assert "--text-model DIR" in err[0]
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- vpipe train, text
+
+
+TAGGING = ["--task", "multilabel", "--model", "attention", "--hidden", "64", "--batch-size",
+           "32", "--lr", "1e-3", "--dropout", "0.1", "--threads", "2", "-q"]
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_text_guided_attention_finds_the_part_of_the_video_the_title_names(
+    tmp_path: Path, capsys
+) -> None:
+    from pipeline.cli import main
+    from pipeline.train.synthetic import make_titled_set
+
+    csv_path, tags = make_titled_set(tmp_path / "f", n_sources=800)
+    common = ["train", str(tmp_path / "f"), "--labels", str(csv_path), *TAGGING,
+              "--epochs", "15"]
+    guided = tmp_path / "guided"
+    assert main([*common, "-o", str(guided), "--modalities", "image,text",
+                 "--attention", "text-guided"]) == 0
+    s = _summary(guided)
+    assert s["modalities"] == ["image", "text"] and s["test"]["hit_at_1"] >= 0.9
+    # Image alone sees three colours and three motions: at best it guesses one of them.
+    image = tmp_path / "image"
+    assert main([*common, "-o", str(image), "--modalities", "image", "--epochs", "8"]) == 0
+    assert _summary(image)["test"]["hit_at_1"] <= 0.6
+    # The run predicts from its checkpoint, the title branch rebuilt from the spec.
+    preds = tmp_path / "preds.jsonl"
+    assert main(["predict", str(guided), str(tmp_path / "f"), "-o", str(preds)]) == 0
+    clips = [json.loads(line) for line in preds.read_text().splitlines()]
+    clips = {r["id"]: r for r in clips if r["level"] == "clip"}
+    right = sum(max(r["scores"], key=r["scores"].get) == tags[cid] for cid, r in clips.items())
+    assert len(clips) == 800 and right >= 0.9 * 800
+
+
+def test_the_text_branch_trains_with_the_lstm_model_and_every_modality_by_default(
+    tmp_path: Path
+) -> None:
+    from pipeline.cli import main
+    from pipeline.train.synthetic import make_titled_set
+
+    csv_path, _ = make_titled_set(tmp_path / "f", n_sources=40)
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "f"), "--labels", str(csv_path), "--task",
+                 "classification", "--epochs", "1", "-q", "-o", str(run)]) == 0
+    assert _summary(run)["modalities"] == ["image", "text"]
+    weights = torch.load(run / "best.pt", weights_only=False)["model"]
+    assert weights["branches.text.cnn.convs.2.weight"].shape == (256, 16, 4)
+
+
+@pytest.mark.parametrize(
+    "with_text, extra, message",
+    [
+        (False, ["--attention", "text-guided"], "has no text features (make them with `vpipe "
+         "features --text FILE`)"),
+        (True, ["--attention", "text-guided", "--modalities", "image"],
+         "add text to --modalities"),
+        (True, ["--attention", "text-guided", "--modalities", "text"], "add image or audio"),
+        (False, ["--modalities", "image,text"], "no text features in these shards"),
+        (True, ["--attention", "sideways"], "the attention model takes self or text-guided"),
+    ],
+)
+def test_text_options_that_cannot_work_are_usage_errors_before_training(
+    tmp_path: Path, capsys, with_text: bool, extra: list[str], message: str
+) -> None:
+    from pipeline.cli import main
+    from pipeline.train.synthetic import make_titled_set
+
+    csv_path, _ = make_titled_set(tmp_path / "f", n_sources=20, text=with_text)
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "f"), "--labels", str(csv_path), *TAGGING,
+                 "--epochs", "1", "-o", str(run), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not run.exists()
+
+
+def test_text_guided_is_the_attention_models_option(tmp_path: Path, capsys) -> None:
+    from pipeline.cli import main
+    from pipeline.train.synthetic import make_titled_set
+
+    csv_path, _ = make_titled_set(tmp_path / "f", n_sources=20)
+    assert main(["train", str(tmp_path / "f"), "--labels", str(csv_path), "--model", "lstm",
+                 "--attention", "text-guided", "-o", str(tmp_path / "run")]) == 2
+    assert "add --model attention" in capsys.readouterr().err

@@ -168,6 +168,12 @@ class FeatureStore:
     def dim(self, modality: str) -> int:
         return int(self.attrs(modality).get("dim", 0))
 
+    def text_string(self, clip_id: str) -> str:
+        """The title a clip was given ("" without one), read without its features."""
+        pos = self._position(clip_id)
+        sh = self._shard(self._cols.shard_of(pos))
+        return sh.text_strings[sh.row(clip_id)] if sh.text_strings is not None else ""
+
     @property
     def has_text(self) -> bool:
         """Whether the store was made with ``vpipe features --text`` (its shards have /text)."""

@@ -1,7 +1,8 @@
 """The text branch of the tagging model: a TextCNN over the frozen encoder's token features,
 and the text-guided attention pooling in which its vector steers the image/audio LSTMs' steps.
 
-Not yet wired into :class:`~pipeline.train.model.SequenceModel` (issue 14, item 4 continues).
+:class:`~pipeline.train.model.SequenceModel` uses both: ``--modalities ...,text`` adds the
+TextCNN vector to the fusion, ``--attention text-guided`` scores the other branches' steps by it.
 """
 
 from __future__ import annotations
