@@ -425,3 +425,45 @@ def test_text_guided_is_the_attention_models_option(tmp_path: Path, capsys) -> N
     assert main(["train", str(tmp_path / "f"), "--labels", str(csv_path), "--model", "lstm",
                  "--attention", "text-guided", "-o", str(tmp_path / "run")]) == 2
     assert "add --model attention" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- labels from the TSV
+
+
+def test_labels_read_from_the_tagging_tsv(tmp_path: Path) -> None:
+    from pipeline.train.labels import read_labels
+
+    tsv = tmp_path / "train.txt"
+    tsv.write_bytes("\ufeffvideos/a b.mp4\tred cat\tjump, run\r\n\r\nc.mp4\tx\trun\r\n".encode())
+    rows = read_labels(tsv)
+    assert {k: (r.label, r.split, r.line) for k, r in rows.items()} == {
+        "a-b": ("jump,run", None, 1), "c": ("run", None, 3)}  # ids as sanitize_id makes them
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a.mp4\tred\n", "2 column(s); the tagging TSV is name<TAB>title<TAB>tags"),
+    ("a.mp4\tred\tx\na.mp4\tblue\ty\n", "'a.mp4' has two tag sets"),
+    ("\tred\tx\n", "empty name"),
+])
+def test_bad_tagging_tsv_lines_are_usage_errors(tmp_path: Path, content: str,
+                                                message: str) -> None:
+    from pipeline.train.labels import read_labels
+
+    f = tmp_path / "train.txt"
+    f.write_text(content)
+    with pytest.raises(UsageError) as e:
+        read_labels(f)
+    assert str(f) in str(e.value) and message in str(e.value)
+
+
+def test_train_takes_the_tsv_as_labels(tmp_path: Path) -> None:
+    from pipeline.cli import main
+    from pipeline.train.synthetic import make_titled_set
+
+    _, tags = make_titled_set(tmp_path / "f", n_sources=30)
+    tsv = tmp_path / "train.txt"
+    tsv.write_text("".join(f"clips/{cid[:-2]}.mp4\tsome title\t{t}\n" for cid, t in tags.items()))
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "f"), "--labels", str(tsv), *TAGGING, "--epochs", "1",
+                 "-o", str(run)]) == 0
+    assert sum(_summary(run)["n_clips"].values()) == 30
