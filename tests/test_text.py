@@ -467,3 +467,51 @@ def test_train_takes_the_tsv_as_labels(tmp_path: Path) -> None:
     assert main(["train", str(tmp_path / "f"), "--labels", str(tsv), *TAGGING, "--epochs", "1",
                  "-o", str(run)]) == 0
     assert sum(_summary(run)["n_clips"].values()) == 30
+
+
+# --------------------------------------------------------------------------- the shipped workflow
+
+
+@pytest.mark.slow
+def test_video_tagging_workflow_trains_the_three_branches_offline(
+    tmp_path: Path, weights, text_model: Path, monkeypatch
+) -> None:
+    import synth
+
+    from pipeline.cli import main
+    from pipeline.shards import open_features
+
+    repo = Path(__file__).parents[1]
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220),
+               "yellow": (230, 220, 30)}
+    lines = []
+    for i in range(8):
+        name = list(colours)[i % 4]
+        synth.make_video(tmp_path / "videos" / f"v{i}.mp4", duration_s=2.0, size=(64, 48),
+                         color=colours[name], beeps_at=(0.5,))
+        lines.append(f"v{i}.mp4\ta video of the {name} cat\t{name},{'cat' if i % 2 else 'dog'}\n")
+    (tmp_path / "train.txt").write_text("".join(lines))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))  # the folder is the only way
+    sets = {
+        "features.image-model": '"resnet18"', "features.image-weights": f'"{weights["image"]}"',
+        "features.audio-weights": f'"{weights["audio"]}"', "features.audio-pca":
+        f'"{weights["pca"]}"', "features.text-model": f'"{text_model}"',
+        "features.precision": '"fp32"', "features.workers": "0", "train.epochs": "2",
+        "train.hidden": "16", "train.val-fraction": "0.25", "train.test-fraction": "0.25",
+        "train.device": '"cpu"', "train.batch-size": "4",
+    }
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    assert main(["run", str(repo / "workflows" / "video-tagging.toml"), "--work-dir", "w",
+                 "--quiet", *args]) == 0
+    with open_features(tmp_path / "w" / "features") as store:
+        assert store.has_text and len(store) == 8
+        assert store["v2"].text_string == "a video of the blue cat"[:50]
+        assert store["v2"].text.shape == (8, 16)  # [CLS] + 6 words + [SEP]
+    summary = json.loads((tmp_path / "w" / "train" / "summary.json").read_text())
+    assert summary["modalities"] == ["image", "audio", "text"]
+    run_cfg = json.loads((tmp_path / "w" / "train" / "config.json").read_text())
+    assert json.dumps(run_cfg).count("text-guided") >= 1
+    preds = (tmp_path / "w" / "train" / "predictions.jsonl").read_text().splitlines()
+    assert len([p for p in preds if '"level": "clip"' in p]) == 8
