@@ -225,6 +225,7 @@ class Summary:
     # items and ``outputs`` counts the ok records, named by ``units`` ("videos", "clips").
     outputs: int | None = None
     units: tuple[str, str] | None = None
+    note: str = ""  # a stage's own count, after the others ("2 clip(s) without a title")
 
     @property
     def exit_code(self) -> int:
@@ -238,7 +239,7 @@ class Summary:
         return (
             f"vpipe {self.stage}: {done}, {self.resumed} already done, "
             f"{self.skipped} skipped, {self.failed} failed in {self.seconds:.1f}s"
-        )
+        ) + (f"; {self.note}" if self.note else "")
 
     def counts(self) -> dict[str, Any]:
         return {

@@ -50,3 +50,31 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
            "pca_means": g.standard_normal(128)}
     torch.save(pca, d / PCA_FILE)
     return {"image": d / RESNET18_FILE, "audio": d / VGGISH_FILE, "pca": d / PCA_FILE}
+
+
+TITLE_WORDS = "red green blue yellow cat dog runs jumps the a video of".split()
+
+
+def tiny_bert(folder: Path) -> Path:
+    """A random BERT-architecture encoder (16 dims) and a WordPiece vocabulary, saved with
+    save_pretrained as a user would save a local text model."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TITLE_WORDS, "##s", "##ed"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT folder, for --text-model DIR."""
+    return tiny_bert(tmp_path_factory.mktemp("text") / "bert")

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs pip install 'vpipe[ray]'")
@@ -259,6 +260,28 @@ def test_features_on_ray_equal_local(cluster: str, weights, tmp_path: Path) -> N
     assert main(feature_args(media, on_ray, weights, "--shard-size", "2", "--engine",
                              "ray")) == 1
     assert len(list(on_ray.glob("shard-*.h5"))) == n
+
+
+def test_features_with_titles_on_ray_equal_local(cluster: str, weights, text_model: Path,
+                                                 tmp_path: Path) -> None:
+    from pipeline.shards import open_features
+
+    media = make_media(tmp_path / "media", {"a_0": (3, None), "a_1": (2, None),
+                                            "b_0": (2, None)})
+    titles = tmp_path / "titles.csv"
+    titles.write_text("id,text\na,red cat runs\n")
+    common = ("--shard-size", "2", "--audio-model", "none", "--text", str(titles),
+              "--text-model", str(text_model))
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    assert main(feature_args(media, local, weights, *common)) == 0
+    assert main(feature_args(media, on_ray, weights, *common, "--engine", "ray")) == 0
+    assert_same_features(local, on_ray)
+    with open_features(local) as a, open_features(on_ray) as b:
+        assert b.attrs("text") == a.attrs("text")
+        for cid in a.clip_ids:
+            assert b[cid].text_string == a[cid].text_string
+            np.testing.assert_allclose(b[cid].text, a[cid].text, atol=1e-6, rtol=0)
+        assert b["b_0"].text.shape == (0, 16) and b["a_1"].text.shape == (5, 16)
 
 
 def test_a_killed_feature_actor_is_restarted(cluster: str, weights, tmp_path: Path) -> None:

@@ -133,7 +133,8 @@ def first_run(project: Path) -> dict:
 # --------------------------------------------------------------------------- planning
 
 
-@pytest.mark.parametrize("name", ["trailer-rating", "video-tagging", "demo", "captioning"])
+@pytest.mark.parametrize("name", ["trailer-rating", "video-tagging", "video-tagging-notext",
+                                  "demo", "captioning"])
 def test_shipped_workflows_match_the_real_commands(name: str, capsys: pytest.CaptureFixture):
     assert main(["run", str(REPO / "workflows" / f"{name}.toml"), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -118,6 +118,31 @@ def features(
             show_default=False,
         ),
     ] = None,
+    text: Annotated[
+        Path | None,
+        typer.Option(
+            "--text",
+            help="Titles file: a CSV id,text (a source id, inherited by its clips, or a clip "
+            "id) or the tagging TSV name<TAB>title<TAB>tags. Each clip's title goes through "
+            "--text-model into /text in the shards; clips without one get zero text rows.",
+            show_default=False,
+        ),
+    ] = None,
+    text_max_chars: Annotated[
+        int,
+        typer.Option("--text-max-chars", min=0,
+                     help="A title's first N characters are encoded (0: all of it)."),
+    ] = OPT.text_max_chars,
+    text_model: Annotated[
+        str,
+        typer.Option(
+            "--text-model",
+            help="The title encoder: a Hugging Face transformers name (from the hub cache, "
+            "$HF_HOME/hub) or a folder saved with save_pretrained, tokenizer included. The "
+            "default is multilingual (titles in ~100 languages); nghuyong/ernie-1.0-base-zh "
+            "is the research setup's ERNIE 1.0.",
+        ),
+    ] = OPT.text_model,
     engine: Engine = "local",
     ray_address: RayAddress = None,
     overwrite: Overwrite = False,
@@ -132,6 +157,8 @@ def features(
     input folders come from `vpipe extract-frames`; --from-video reads clips (videos, or a
     `vpipe subclip` folder) instead and decodes them in the loader workers. With --engine
     ray, Ray tasks decode and a pool of actors (one per GPU, else one per node) encodes.
+    With --text, each clip's title is encoded by a frozen transformers model into /text
+    (per token, [CLS] and [SEP] included).
     """
     from pipeline.features import extract_features
     from pipeline.features.options import loader_workers
@@ -153,6 +180,9 @@ def features(
         from_video=from_video,
         fps=fps,
         every=every,
+        text=None if text is None else str(text),
+        text_max_chars=text_max_chars,
+        text_model=text_model,
     )
     runner = make_engine(engine, ray_address, None, quiet, "features")
     summary = extract_features(inputs, out, opts, overwrite=overwrite, quiet=quiet,
@@ -189,6 +219,11 @@ def inspect(
                            f"no checksums in {summary['no_checksums']} of {summary['shards']} "
                            "shards (written before schema 2: damage there cannot be seen)"),
     ]
+    txt = summary.get("text_attrs", {})
+    if txt:
+        lines.insert(3, f"  text: {summary['text_rows']} token rows x {dims.get('text', 0)} "
+                        f"({txt.get('model')}, {summary['titled']} of {summary['clips']} clips "
+                        f"titled, cut at {txt.get('max_chars')} chars)")
     typer.echo("\n".join(lines))
     for p in problems:
         typer.echo(f"invalid: {p}", err=True)

@@ -78,7 +78,8 @@ def train(
         Optional[str],  # noqa: UP045
         typer.Option(
             "--modalities",
-            help="Comma-separated: image, audio (default: every modality in the shards).",
+            help="Comma-separated: image, audio, text (the titles of `vpipe features --text`, "
+            "through a TextCNN) (default: every modality in the shards).",
             show_default=False,
         ),
     ] = TrainConfig.modalities,
@@ -151,8 +152,11 @@ def train(
     ] = TrainConfig.threads,
     attention: Annotated[
         str,
-        typer.Option("--attention", help="caption: soft (the decoder attends over the encoded "
-                     "frames at each word, as SA-LSTM) or none (mean-pooled features start it)."),
+        typer.Option("--attention", help="--model attention: self (each step scored from its "
+                     "own LSTM output; soft is the same) or text-guided (scored against the "
+                     "title's TextCNN vector: needs text in the store). caption: soft (the "
+                     "decoder attends over the encoded frames at each word, as SA-LSTM) or none "
+                     "(mean-pooled features start it)."),
     ] = TrainConfig.attention,
     beam: Annotated[
         int, typer.Option("--beam", help="caption: beam width of decoding (1: greedy).")

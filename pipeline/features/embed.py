@@ -1,7 +1,7 @@
 """The step both engines share: the image encoder over decoded batches (which mix clips), each
 clip's rows gathered, and a clip whose last frame is through turned into its features (its
-VGGish rows added) or into the record of the error that failed it. :mod:`.stage` runs it in
-this process, :mod:`.on_ray` in the actors of a Ray cluster."""
+VGGish rows and its title's token rows added) or into the record of the error that failed it.
+:mod:`.stage` runs it in this process, :mod:`.on_ray` in the actors of a Ray cluster."""
 
 from __future__ import annotations
 
@@ -15,12 +15,17 @@ from pipeline.features.encoders import Encoders
 from pipeline.features.sources import Batch, ClipJob
 from pipeline.records import FAILED
 
+TEXT_BATCH = 64  # finished clips whose titles go through the text encoder in one call
+
 
 def embed_batches(batches: Iterable[Batch], jobs: list[ClipJob], enc: Encoders,
                   advance: Callable[[int], None] = lambda n: None
                   ) -> Iterator[tuple[ClipJob, shards.ClipFeatures | None, str | None]]:
     """The image rows of each batch into its clips' jobs; each clip whose last frame is through
-    comes out with its features (its audio rows added), or the error that failed it."""
+    comes out with its features (its audio rows added), or the error that failed it. With a
+    title encoder, finished clips wait until ``TEXT_BATCH`` of them can have their titles
+    encoded together (or the batches end)."""
+    waiting: list[tuple[ClipJob, shards.ClipFeatures]] = []
     for batch in batches:
         if batch.images.shape[0]:
             y = enc.embed_images(batch.images)
@@ -31,8 +36,28 @@ def embed_batches(batches: Iterable[Batch], jobs: list[ClipJob], enc: Encoders,
             advance(y.shape[0])
         for j, examples, error in batch.done:
             job = jobs[j]
-            yield job, None if error is not None else clip_features(job, examples, enc), error
-            job.rows, job.times = [], []  # free the rows: they are in the shard now
+            clip = None if error is not None else clip_features(job, examples, enc)
+            job.rows, job.times = [], []  # free the rows: they are in the clip now
+            if clip is None or enc.text is None:
+                yield job, clip, error
+            else:
+                waiting.append((job, clip))
+        if len(waiting) >= TEXT_BATCH:
+            yield from with_titles(waiting, enc)
+            waiting = []
+    yield from with_titles(waiting, enc)
+
+
+def with_titles(finished: list[tuple[ClipJob, shards.ClipFeatures]], enc: Encoders
+                ) -> Iterator[tuple[ClipJob, shards.ClipFeatures, None]]:
+    """Finished clips with their titles' token rows, the titles encoded in one batched call;
+    a clip without a title gets zero rows and an empty string."""
+    titles = [job.title for job, _ in finished if job.title]
+    rows = iter(enc.embed_texts(titles))
+    for job, clip in finished:
+        clip.text = next(rows) if job.title else np.zeros((0, enc.text_dim), np.float32)
+        clip.text_string = job.title or ""
+        yield job, clip, None
 
 
 def clip_features(job: ClipJob, examples: Any, enc: Encoders) -> shards.ClipFeatures:

@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline.device import autocast_dtype, pick_device, pick_precision
 from pipeline.features.options import FeatureOptions
+from pipeline.features.text import TextEncoder, resolve_text_model
 from pipeline.features.weights import (
     RANDOM_SEED,
     WeightsInfo,
@@ -288,16 +289,28 @@ def wav_examples(wav_path: str | os.PathLike) -> tuple[torch.Tensor, np.ndarray]
 
 @dataclass
 class Encoders:
-    """The image and (optional) audio encoder of a run, on its device and precision."""
+    """The image and (optional) audio and title encoders of a run, on its device and
+    precision."""
 
     image: ImageEncoder
     audio: AudioEncoder | None
     device: torch.device
     precision: str
+    text: TextEncoder | None = None
 
     @property
     def audio_dim(self) -> int:
         return AUDIO_DIM if self.audio is not None else 0
+
+    @property
+    def text_dim(self) -> int:
+        return self.text.dim if self.text is not None else 0
+
+    def embed_texts(self, titles: list[str]) -> list[np.ndarray]:
+        """Each title's token features ``(tokens, dim)``, all titles in batched calls."""
+        if self.text is None or not titles:
+            return []
+        return self.text.encode(titles)
 
     def embed_images(self, imgs: torch.Tensor) -> np.ndarray:
         """A batch of uint8 images (N, 3, crop, crop) -> float32 features (N, dim): normalised
@@ -327,7 +340,10 @@ class Encoders:
             if self.audio is not None
             else {"model": "none", "dim": 0}
         )
-        return {"image": {**self.image.attrs(), "precision": self.precision}, "audio": audio}
+        out = {"image": {**self.image.attrs(), "precision": self.precision}, "audio": audio}
+        if self.text is not None:
+            out["text"] = {**self.text.attrs(), "precision": self.precision}
+        return out
 
     def identity(self) -> dict[str, Any]:
         """What of the encoders decides the output, for the run's recorded parameters."""
@@ -337,6 +353,8 @@ class Encoders:
             "audio_weights": audio.weights.identity() if audio else None,
             "audio_pca": audio.pca_info.identity() if audio and audio.pca_info else None,
             "precision": self.precision,
+            # Only with --text, so that the parameters of runs without it stay as they were.
+            **({"text_model": self.text.identity()} if self.text is not None else {}),
         }
 
 
@@ -352,6 +370,7 @@ def load_encoders(opts: FeatureOptions) -> Encoders:
         opts.image_weights,
         (opts.audio_weights, opts.audio_postprocess, opts.audio_pca) if want_audio else None,
     )
+    text_info = resolve_text_model(opts.text_model) if opts.text else None
     image = load_image_encoder(opts.image_model, opts.image_weights, image_w)
     audio = None
     if want_audio:
@@ -371,4 +390,6 @@ def load_encoders(opts: FeatureOptions) -> Encoders:
         image.model.to(cast)
     if device.type == "cuda" or cast is not None:
         image.model.to(memory_format=torch.channels_last)  # bf16, 2 cores: +28%
-    return Encoders(image, audio, device, precision)
+    # The title encoder follows the image encoder's device and precision.
+    text = TextEncoder(text_info, device, cast) if text_info is not None else None
+    return Encoders(image, audio, device, precision, text)

@@ -108,7 +108,8 @@ class FeatureActor:
             return [], failed, frames
         opts = self.opts
         writer = shards.ShardWriter(
-            Path(path), image_dim=self.enc.image.dim, audio_dim=self.enc.audio_dim, attrs=attrs,
+            Path(path), image_dim=self.enc.image.dim, audio_dim=self.enc.audio_dim,
+            text_dim=self.enc.text_dim, attrs=attrs,
             dtype=opts.dtype, compression=None if opts.compression == "none" else opts.compression,
         )
         try:

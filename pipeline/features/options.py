@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import UsageError
+from pipeline.features.text import DEFAULT_MAX_CHARS, DEFAULT_TEXT_MODEL
 from pipeline.runner import default_workers
 
 AUDIO_MODELS = ("vggish", "none")
@@ -35,6 +36,10 @@ class FeatureOptions:
     from_video: bool = False
     fps: float | None = None
     every: int | None = None
+    # --text: each clip's title (a titles file) through a frozen transformers encoder.
+    text: str | None = None
+    text_max_chars: int = DEFAULT_MAX_CHARS
+    text_model: str = DEFAULT_TEXT_MODEL
     # Speed only: not part of the recorded parameters.
     batch_size: int = 32
     workers: int = field(default_factory=loader_workers)
@@ -55,6 +60,8 @@ class FeatureOptions:
             raise UsageError(f"--precision {self.precision!r}: use auto, fp32, fp16 or bf16")
         if self.shard_size < 1 or self.batch_size < 1:
             raise UsageError("--shard-size and --batch-size must be at least 1")
+        if self.text_max_chars < 0:
+            raise UsageError("--text-max-chars must be 0 (no cut) or more")
         if self.from_video:
             self.sampler()  # validates fps/every
         elif self.fps is not None or self.every is not None:

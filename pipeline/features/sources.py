@@ -46,6 +46,7 @@ class ClipJob:
     rows: list[np.ndarray] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     error: str | None = None
+    title: str | None = None  # with --text: the clip's title, after the cut (None: it has none)
 
     @property
     def id(self) -> str:

@@ -24,7 +24,8 @@ from pipeline.features.embed import embed_batches, failed_record
 from pipeline.features.encoders import Encoders, load_encoders
 from pipeline.features.options import FeatureOptions
 from pipeline.features.sources import ClipJob, Decoding, source_for
-from pipeline.files import writing
+from pipeline.features.text import Titles, match_titles, read_titles
+from pipeline.files import sha256_of, writing
 from pipeline.records import MANIFEST, OK, Run, Summary, canonical, read_run_info
 from pipeline.runner import Tracker, end_run, failure_record
 
@@ -38,12 +39,39 @@ RECORDED_OPTIONS = ("image_model", "audio_model", "audio_postprocess", "dtype", 
 def run_params(opts: FeatureOptions, enc: Encoders, source: Any,
                inputs: Sequence[Path]) -> dict:
     """Parameters that decide the output (a re-run with others is refused)."""
+    text = {}
+    if opts.text:  # only with --text: the parameters of runs without it stay as they were
+        titles = Path(opts.text)
+        text = {"text": {"file": str(titles.resolve()), "sha256": sha256_of(titles)},
+                "text_max_chars": opts.text_max_chars}
     return {
         "inputs": [str(Path(p).resolve()) for p in inputs],
         **{k: v for k, v in asdict(opts).items() if k in RECORDED_OPTIONS},
         **enc.identity(),
         **source.params(),
+        **text,
     }
+
+
+def give_titles(jobs: list[ClipJob], titles: Titles, max_chars: int) -> dict[str, Any]:
+    """Each job's title (its own, else its source's, cut to ``max_chars``); the counts of clips
+    with and without one and the file's ids that matched no clip."""
+    match = match_titles(titles, [(j.id, str(j.rec.get("source") or j.id)) for j in jobs],
+                         max_chars)
+    for job in jobs:
+        job.title = match.by_clip.get(job.id)
+    return {"titled": len(match.by_clip), "untitled": len(jobs) - len(match.by_clip),
+            "unmatched": match.unmatched, "empty_titles": titles.empty}
+
+
+def title_note(counts: dict[str, Any], path: str) -> str:
+    """The summary's words on titles: clips without one, ids that matched no clip."""
+    note = f"{counts['untitled']} clip(s) without a title (zero text rows)"
+    if counts["unmatched"]:
+        ids = counts["unmatched"]
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        note += f"; {len(ids)} id(s) in {path} match no clip: {shown}"
+    return note
 
 
 class ShardSink:
@@ -65,6 +93,7 @@ class ShardSink:
                 self.out / shards.shard_name(self.number),
                 image_dim=self.enc.image.dim,
                 audio_dim=self.enc.audio_dim,
+                text_dim=self.enc.text_dim,
                 attrs=self.attrs,
                 dtype=self.opts.dtype,
                 compression=None if self.opts.compression == "none" else self.opts.compression,
@@ -72,7 +101,7 @@ class ShardSink:
         self.writer.add(clip)
         self.members.append(job)
         itemsize = np.dtype(self.opts.dtype).itemsize
-        self.bytes += (clip.image.size + clip.audio.size) * itemsize
+        self.bytes += (clip.image.size + clip.audio.size + clip.text.size) * itemsize
         if len(self.members) >= self.opts.shard_size or self.bytes >= SHARD_MAX_BYTES:
             self.close()
 
@@ -136,8 +165,10 @@ def extract_features(
 
     inputs = [Path(p) for p in inputs]
     opts.check()
+    titles = read_titles(opts.text) if opts.text else None  # a bad file: exit 2, before work
     source = source_for(inputs, opts)
     jobs = source.clips()
+    text_counts = give_titles(jobs, titles, opts.text_max_chars) if titles else None
     enc = load_encoders(opts)
     out = Path(out_dir)
     params = run_params(opts, enc, source, inputs)
@@ -150,6 +181,9 @@ def extract_features(
         for p in shards.shard_paths(out):
             p.unlink()
     tracker = Tracker(run, quiet=quiet, unit="frame")
+    if text_counts is not None:
+        run.extra["text"] = text_counts
+        tracker.summary.note = title_note(text_counts, str(opts.text))
 
     in_shards = {r["clip_id"]: r for r in shards.rebuild_index(out)}
     for job in jobs:
@@ -172,7 +206,7 @@ def extract_features(
             engine.start(out, inputs)
             run.extra["engine"] = engine.describe()
             encode_on_ray(todo, source, enc, opts, tracker, out, on_shard, engine,
-                          shard_attrs(enc, source), ok_record, failed_record)
+                          shard_attrs(enc, source, opts), ok_record, failed_record)
         else:
             encode(todo, source, enc, opts, tracker, out, on_shard)
     except BaseException as e:
@@ -184,7 +218,7 @@ def extract_features(
 def encode(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions,
            tracker: Tracker, out: Path, on_shard: Callable[[Path], None] | None) -> None:
     """The loop: image rows batch by batch, audio rows per finished clip, shards as they fill."""
-    sink = ShardSink(out, enc, opts, tracker, shard_attrs(enc, source), on_shard)
+    sink = ShardSink(out, enc, opts, tracker, shard_attrs(enc, source, opts), on_shard)
     tracker.start(total=sum(len(j.frames) for j in jobs) or None)
     try:
         batches = source.batches(jobs, Decoding.of(enc), opts)
@@ -198,8 +232,11 @@ def encode(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions
         sink.abort()
 
 
-def shard_attrs(enc: Encoders, source: Any) -> dict:
-    """The shards' attributes: the encoders', with how the source sampled the frames."""
+def shard_attrs(enc: Encoders, source: Any, opts: FeatureOptions) -> dict:
+    """The shards' attributes: the encoders', with how the source sampled the frames and where
+    the titles were cut."""
     attrs = enc.attrs()
     attrs["image"] = source.image_attrs(attrs["image"])
+    if "text" in attrs:
+        attrs["text"] = {**attrs["text"], "max_chars": opts.text_max_chars}
     return attrs

@@ -7,6 +7,7 @@ thousands of clips is a handful of HDF5 objects (see README "HDF5 schema")::
     /clip_ids (n,) utf-8      /source (n,) utf-8      /start (n,) /end (n,) float64
     /image/features (F, D)    /image/timestamps (F,)  /image/offsets (n+1,)
     /audio/features (A, 128)  /audio/timestamps (A,)  /audio/offsets (n+1,)
+    /text/features (W, D)     /text/strings (n,)      /text/offsets (n+1,)   (with --text)
 
 A shard is written under a temporary name and renamed when complete; every dataset with data
 carries an HDF5 fletcher32 checksum (schema 2), so a changed byte fails the read of its chunk.
@@ -24,6 +25,7 @@ from pipeline.shards.schema import (
     MAX_OPEN_SHARDS,
     MODALITIES,
     SCHEMA_VERSION,
+    TEXT,
     ClipFeatures,
     DamagedFeatures,
     next_shard_number,
@@ -34,8 +36,8 @@ from pipeline.shards.validate import validate
 from pipeline.shards.writer import ShardWriter
 
 __all__ = [
-    "INDEX", "MAX_OPEN_SHARDS", "MODALITIES", "SCHEMA_VERSION", "ClipFeatures", "DamagedFeatures",
-    "FeatureStore",
+    "INDEX", "MAX_OPEN_SHARDS", "MODALITIES", "SCHEMA_VERSION", "TEXT", "ClipFeatures",
+    "DamagedFeatures", "FeatureStore",
     "ShardWriter", "add_to_index", "next_shard_number", "open_features", "read_index",
     "rebuild_index", "shard_name", "shard_paths", "validate",
 ]

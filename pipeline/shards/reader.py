@@ -17,6 +17,7 @@ from pipeline.shards.index import IndexColumns, read_columns
 from pipeline.shards.schema import (
     MAX_OPEN_SHARDS,
     MODALITIES,
+    TEXT,
     ClipFeatures,
     DamagedFeatures,
     index_rows,
@@ -35,6 +36,8 @@ class _Shard:
     start: np.ndarray | None = None
     end: np.ndarray | None = None
     row_of: dict[str, int] = field(default_factory=dict)  # from the shard's own /clip_ids
+    text_strings: list[str] | None = None  # None: a shard without /text
+    text_dim: int = 0
     # Datasets looked up once: h5py's path lookup cost more than the read of a clip's rows.
     datasets: dict[str, h5py.Dataset] = field(default_factory=dict)
 
@@ -47,6 +50,10 @@ class _Shard:
                 self.start = read_dataset(f, "start")
                 self.end = read_dataset(f, "end")
                 self.row_of = {c: i for i, c in enumerate(read_dataset(f, "clip_ids"))}
+                if TEXT in f:
+                    self.offsets[TEXT] = read_dataset(f, f"{TEXT}/offsets")
+                    self.text_strings = list(read_dataset(f, f"{TEXT}/strings"))
+                    self.text_dim = int(f[TEXT]["features"].shape[1])
             except DamagedFeatures:
                 f.close()
                 raise
@@ -154,10 +161,23 @@ class FeatureStore:
         if not len(self._cols):
             return {}
         f = self._shard(self._cols.shard_of(0)).open()
+        if modality is not None and modality not in f:
+            return {}  # /text in a store made without --text
         return read_attrs(f if modality is None else f[modality])
 
     def dim(self, modality: str) -> int:
         return int(self.attrs(modality).get("dim", 0))
+
+    def text_string(self, clip_id: str) -> str:
+        """The title a clip was given ("" without one), read without its features."""
+        pos = self._position(clip_id)
+        sh = self._shard(self._cols.shard_of(pos))
+        return sh.text_strings[sh.row(clip_id)] if sh.text_strings is not None else ""
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the store was made with ``vpipe features --text`` (its shards have /text)."""
+        return self.dim(TEXT) > 0
 
     def __len__(self) -> int:
         return len(self._cols)
@@ -216,6 +236,11 @@ class FeatureStore:
             else:
                 arrays[m] = data[m][a:b]
                 arrays[f"{m}_timestamps"] = data[f"{m}_timestamps"][a:b]
+        if sh.text_strings is not None:
+            a, b = int(sh.offsets[TEXT][i]), int(sh.offsets[TEXT][i + 1])
+            key = f"{TEXT}/features"
+            arrays[TEXT] = sh.read(key, slice(a, b)) if data is None else data[TEXT][a:b]
+            arrays["text_string"] = sh.text_strings[i]
         return ClipFeatures(self._cols.clip_id(pos), self._cols.source_of(pos),
                             float(sh.start[i]), float(sh.end[i]), **arrays)
 
@@ -248,6 +273,8 @@ class FeatureStore:
             for m in MODALITIES:
                 data[m] = sh.read(f"{m}/features")
                 data[f"{m}_timestamps"] = sh.read(f"{m}/timestamps")
+            if sh.text_strings is not None:
+                data[TEXT] = sh.read(f"{TEXT}/features")
             for pos in group[np.argsort(c.row[group], kind="stable")]:
                 yield self._clip(sh, int(c.row[pos]), int(pos), data)
 

@@ -9,7 +9,7 @@ import json
 import os
 import re
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,9 @@ CHECKSUMS = "fletcher32"  # root attribute "checksums" of a shard written with t
 INDEX = "index.jsonl"
 SHARD_RE = re.compile(r"^shard-(\d{5})\.h5$")
 MODALITIES = ("image", "audio")
+# The title's token features: a group only in shards made with ``vpipe features --text``;
+# rows per clip, no timestamps, and the text each clip was given in /text/strings.
+TEXT = "text"
 
 
 def _open_shard_cap() -> int:
@@ -87,6 +90,10 @@ class ClipFeatures:
     image_timestamps: np.ndarray
     audio: np.ndarray
     audio_timestamps: np.ndarray
+    # The title's token features (tokens, dim) and the title as encoded (after the cut); a clip
+    # without a title, or a store without text, has (0, dim) rows and "".
+    text: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    text_string: str = ""
 
     def n(self, modality: str) -> int:
         return int(getattr(self, modality).shape[0])

@@ -13,6 +13,7 @@ from pipeline.shards.index import parse_index
 from pipeline.shards.schema import (
     CHECKSUMS,
     MODALITIES,
+    TEXT,
     DamagedFeatures,
     read_attrs,
     read_dataset,
@@ -23,6 +24,7 @@ ROOT_ATTRS = ("schema_version", "vpipe_version", "created")
 GROUP_ATTRS = {
     "image": ("model", "weights", "layer", "dim", "preprocessing", "sampling"),
     "audio": ("model", "weights", "sample_rate", "window_s", "hop_s", "postprocess", "dim"),
+    TEXT: ("model", "weights", "dim", "max_chars", "tokenizer"),
 }
 
 
@@ -47,8 +49,8 @@ def _verify_checksums(f: h5py.File, name: str) -> list[str]:
 
 def _check_shard(path: Path, rows: list[dict]) -> tuple[dict, list[str]]:
     """Facts about one shard and what is wrong with it (against its index rows)."""
-    facts: dict[str, Any] = {"clips": 0, "image": 0, "audio": 0, "dims": {}, "models": {},
-                             "checksums": False}
+    facts: dict[str, Any] = {"clips": 0, "image": 0, "audio": 0, "text": 0, "titled": 0,
+                             "dims": {}, "models": {}, "checksums": False}
     name = path.name
     try:
         f = h5py.File(path, "r")
@@ -113,6 +115,8 @@ def _check_layout(f: h5py.File, name: str, rows: list[dict], facts: dict) -> lis
                 if i < n and int(counts[i]) != r[key]:
                     problems.append(f"{name}: {r['clip_id']}: index {key} {r[key]} != "
                                     f"{int(counts[i])}")
+    if TEXT in f:
+        problems += _check_text(f, name, n, facts)
     index_ids = [None] * n
     for r in rows:
         if 0 <= r["row"] < n:
@@ -125,6 +129,37 @@ def _check_layout(f: h5py.File, name: str, rows: list[dict], facts: dict) -> lis
         detail = (f" ({len(wrong)} clip(s) with another row, e.g. {wrong[0]}; the reader "
                   "uses the shard's)") if wrong else ""
         problems.append(f"{name}: clip ids differ from index.jsonl{detail}")
+    return problems
+
+
+def _check_text(f: h5py.File, name: str, n: int, facts: dict) -> list[str]:
+    """What is wrong with a shard's /text group (features, offsets, strings, attributes)."""
+    g = f[TEXT]
+    missing = [f"{TEXT}/{d}" for d in ("features", "offsets", "strings") if d not in g]
+    if missing:
+        return [f"{name}: missing datasets {', '.join(missing)}"]
+    problems = []
+    rows, off = g["features"].shape[0], g["offsets"][:]
+    attrs = read_attrs(g)
+    facts[TEXT] = rows
+    facts["dims"][TEXT] = int(g["features"].shape[1])
+    facts["models"][TEXT] = attrs.get("model")
+    problems += [f"{name}: /{TEXT} attribute {a!r} missing"
+                 for a in GROUP_ATTRS[TEXT] if a not in attrs]
+    if int(attrs.get("dim", -1)) != facts["dims"][TEXT]:
+        problems.append(f"{name}: /{TEXT} dim attribute {attrs.get('dim')} != "
+                        f"{facts['dims'][TEXT]}")
+    if g["strings"].shape[0] != n:
+        problems.append(f"{name}: /{TEXT}/strings has {g['strings'].shape[0]} entries for {n} "
+                        "clips")
+    if off.shape[0] != n + 1:
+        problems.append(f"{name}: /{TEXT}/offsets: {off.shape[0]} entries, not {n + 1}")
+    elif off[0] != 0 or np.any(np.diff(off) < 0):
+        problems.append(f"{name}: /{TEXT}/offsets not monotone from 0")
+    elif off[-1] != rows:
+        problems.append(f"{name}: /{TEXT}/offsets ends at {off[-1]}, features have {rows}")
+    else:
+        facts["titled"] = int(np.count_nonzero(np.diff(off)))
     return problems
 
 
@@ -143,7 +178,8 @@ def validate(folder: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
     if len(ids) != len(set(ids)):
         problems.append("index.jsonl: a clip id appears more than once")
     summary: dict[str, Any] = {"folder": str(folder), "shards": len(paths), "clips": 0,
-                               "frames": 0, "audio_rows": 0, "dims": {}, "models": {},
+                               "frames": 0, "audio_rows": 0, "text_rows": 0, "titled": 0,
+                               "dims": {}, "models": {},
                                "bytes": sum(p.stat().st_size for p in paths),
                                "no_checksums": 0}
     for p in paths:
@@ -153,7 +189,9 @@ def validate(folder: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
         summary["clips"] += facts["clips"]
         summary["frames"] += facts["image"]
         summary["audio_rows"] += facts["audio"]
-        for m in MODALITIES:
+        summary["text_rows"] += facts[TEXT]
+        summary["titled"] += facts["titled"]
+        for m in (*MODALITIES, TEXT):
             for key in ("dims", "models"):
                 if m in facts[key]:
                     old = summary[key].setdefault(m, facts[key][m])
@@ -162,12 +200,14 @@ def validate(folder: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
     if summary["clips"] != len(index):
         problems.append(f"index.jsonl has {len(index)} clips, shards hold {summary['clips']}")
     # Model attributes from the first shard that opens (a damaged one is reported above).
-    summary["image_attrs"], summary["audio_attrs"] = {}, {}
+    summary["image_attrs"], summary["audio_attrs"], summary["text_attrs"] = {}, {}, {}
     for p in paths:
         try:
             with h5py.File(p, "r") as f:
                 summary["image_attrs"] = read_attrs(f["image"])
                 summary["audio_attrs"] = read_attrs(f["audio"])
+                if TEXT in f:
+                    summary["text_attrs"] = read_attrs(f[TEXT])
             break
         except (OSError, KeyError):
             continue

@@ -20,6 +20,7 @@ from pipeline.shards.schema import (
     CHECKSUMS,
     MODALITIES,
     SCHEMA_VERSION,
+    TEXT,
     ClipFeatures,
     attr_value,
     index_rows,
@@ -30,7 +31,9 @@ class ShardWriter:
     """Append clips to one shard; ``close()`` renames the finished file into place.
 
     ``attrs`` maps a modality ("image", "audio") to its attributes (model, weights, dim, …);
-    both groups are always created (a modality not computed has dim 0 and no rows).
+    both groups are always created (a modality not computed has dim 0 and no rows). A /text
+    group (``attrs["text"]``) is written only with ``text_dim``: stores without text keep
+    today's layout.
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class ShardWriter:
         *,
         image_dim: int,
         audio_dim: int = 128,
+        text_dim: int = 0,
         attrs: dict[str, dict[str, Any]] | None = None,
         root_attrs: dict[str, Any] | None = None,
         dtype: str = "float32",
@@ -52,6 +56,10 @@ class ShardWriter:
         self._meta: list[tuple[str, str, float, float]] = []
         self._rows = {m: 0 for m in MODALITIES}
         self._offsets: dict[str, list[int]] = {m: [0] for m in MODALITIES}
+        self.text_dim = int(text_dim)
+        self._text_rows = 0
+        self._text_offsets = [0]
+        self._text_strings: list[str] = []
         self.tmp.unlink(missing_ok=True)
         self._file = _ShardFile(self.tmp)
         try:
@@ -95,13 +103,19 @@ class ShardWriter:
                              fletcher32=True)
             for k, v in {"dim": dim, **attrs.get(m, {})}.items():
                 g.attrs[k] = attr_value(v)
+        if self.text_dim:
+            g = self._f.create_group(TEXT)
+            g.create_dataset("features", shape=(0, self.text_dim), maxshape=(None, self.text_dim),
+                             dtype=self.dtype, chunks=(256, self.text_dim), **opts)
+            for k, v in {"dim": self.text_dim, **attrs.get(TEXT, {})}.items():
+                g.attrs[k] = attr_value(v)
 
     def __len__(self) -> int:
         return len(self._meta)
 
     @property
     def n_rows(self) -> int:
-        return sum(self._rows.values())
+        return sum(self._rows.values()) + self._text_rows
 
     def add(self, clip: ClipFeatures) -> int:
         """Write one clip's rows; returns its row number in the shard."""
@@ -128,6 +142,21 @@ class ShardWriter:
                 g["timestamps"][a : a + n] = ts
             self._rows[m] += n
             self._offsets[m].append(self._rows[m])
+        if self.text_dim:
+            self._add_text(clip)
+
+    def _add_text(self, clip: ClipFeatures) -> None:
+        feats = np.asarray(clip.text, dtype=self.dtype)
+        n = feats.shape[0]
+        if n and feats.shape[1] != self.text_dim:
+            raise ValueError(f"{clip.clip_id}: text dim {feats.shape[1]} != {self.text_dim}")
+        if n:
+            ds = self._f[TEXT]["features"]
+            ds.resize(self._text_rows + n, axis=0)
+            ds[self._text_rows : self._text_rows + n] = feats
+        self._text_rows += n
+        self._text_offsets.append(self._text_rows)
+        self._text_strings.append(clip.text_string)
 
     def close(self) -> list[dict]:
         """Finish the shard, rename it into place; returns its index rows. A shard that
@@ -141,6 +170,9 @@ class ShardWriter:
                 _checked(f, "end", np.array([m[3] for m in self._meta], dtype="f8"))
                 for m in MODALITIES:
                     _checked(f, f"{m}/offsets", np.array(self._offsets[m], dtype="i8"))
+                if self.text_dim:
+                    _checked(f, f"{TEXT}/offsets", np.array(self._text_offsets, dtype="i8"))
+                    _checked(f, f"{TEXT}/strings", _utf8(self._text_strings))
                 f.close()
             self._file.close()
         except BaseException:
@@ -251,7 +283,7 @@ def _utf8(strings: list[str]) -> np.ndarray:
     """Fixed-length utf-8 strings (NUL-padded): HDF5 filters, fletcher32 too, cannot apply to
     variable-length ones; ``.asstr()`` reads both the same."""
     enc = [x.encode("utf-8") for x in strings]
-    return np.array(enc, dtype=h5py.string_dtype("utf-8", max(map(len, enc), default=1)))
+    return np.array(enc, dtype=h5py.string_dtype("utf-8", max(1, *map(len, enc))))
 
 
 def _checked(f: h5py.File, key: str, data: np.ndarray) -> None:

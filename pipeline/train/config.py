@@ -12,6 +12,10 @@ from dataclasses import asdict, dataclass
 
 TASKS = ("regression", "classification", "multilabel", "caption")
 ATTENTION = ("soft", "none")  # the caption decoder: soft attention over frames, or mean-pooled
+# The attention model's pooling: each step scored from its own LSTM output (self; "soft", the
+# option's default, means the same) or against the title's TextCNN vector (text-guided).
+TEXT_GUIDED = "text-guided"
+POOLING_ATTENTION = ("self", "soft", TEXT_GUIDED)
 MODELS = ("lstm", "attention")
 POOLS = ("last", "mean")  # the lstm model's head; the attention model pools by attention
 CHECKPOINTS = ("best", "last")  # the checkpoints of a run that evaluate and predict may use
@@ -25,7 +29,7 @@ class TrainConfig:
     task: str | None = None  # regression | classification | multilabel | caption; None: inferred
     model: str = "lstm"  # lstm (LRCN) | attention (multimodal tagging)
     pool: str = "last"  # lstm head on the last valid step or the mean of steps
-    modalities: list[str] | None = None  # None: every modality present in the shards
+    modalities: list[str] | None = None  # None: every modality present in the shards (text too)
     hidden: int = 128
     layers: int = 1
     dropout: float = 0.2
@@ -47,6 +51,7 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0: half the cores, 1 to 4 (device.default_threads)
     # caption task (--task caption): the decoder and its vocabulary
     attention: str = "soft"  # soft: attention over the encoded frames per word; none: mean-pooled
+    # (the attention model: self = soft, or text-guided: the title steers the pooling)
     beam: int = 3  # beam width of decoding (1: greedy)
     min_count: int = 2  # a training word seen fewer times is <unk>
     max_words: int = 20  # captions cut to this many words in training; decoding stops there

@@ -12,13 +12,15 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from pipeline.shards import MODALITIES, FeatureStore
+from pipeline.shards import MODALITIES, TEXT, FeatureStore
 
 
 def present_modalities(store: FeatureStore) -> list[str]:
-    """The modalities that have a dimension and at least one row in the folder."""
+    """The modalities that have a dimension and at least one row in the folder; ``text`` when
+    the shards have titles (made with ``vpipe features --text``)."""
     key = {"image": "n_frames", "audio": "n_audio"}
-    return [m for m in MODALITIES if store.dim(m) > 0 and (store.column(key[m]) > 0).any()]
+    present = [m for m in MODALITIES if store.dim(m) > 0 and (store.column(key[m]) > 0).any()]
+    return [*present, TEXT] if store.has_text else present
 
 
 def warn_empty_clips(
@@ -29,6 +31,10 @@ def warn_empty_clips(
     if not modalities or not clip_ids:
         return []
     key = {"image": "n_frames", "audio": "n_audio"}
+    # Titles are not counted here: `vpipe features --text` reported the clips without one.
+    modalities = [m for m in modalities if m in key]
+    if not modalities:
+        return []
     ids = list(clip_ids)
     sel = store.select(ids)
     counts = sum(sel.column(key[m]).astype(np.int64) for m in modalities)
@@ -88,6 +94,9 @@ class ClipSequences:
             a = getattr(clip, m)
             if a.shape[0] == 0:
                 out[m] = np.zeros((0, self.dims[m]), np.float32)
+                continue
+            if m == TEXT:  # a title's tokens are never sampled: the TextCNN reads them all
+                out[m] = np.asarray(a, np.float32)
                 continue
             out[m] = np.asarray(a[sample_uniform(a.shape[0], self.max_frames)], np.float32)
         return out

@@ -13,8 +13,16 @@ import numpy as np
 from pipeline import __version__
 from pipeline.device import check_device_name
 from pipeline.errors import UsageError
-from pipeline.shards import MODALITIES, FeatureStore, open_features
-from pipeline.train.config import MODELS, POOLS, TASKS, ModelSpec, TrainConfig
+from pipeline.shards import MODALITIES, TEXT, FeatureStore, open_features
+from pipeline.train.config import (
+    MODELS,
+    POOLING_ATTENTION,
+    POOLS,
+    TASKS,
+    TEXT_GUIDED,
+    ModelSpec,
+    TrainConfig,
+)
 from pipeline.train.data import ClipSequences, present_modalities, warn_empty_clips
 from pipeline.train.labels import (
     LabelledClips,
@@ -90,6 +98,13 @@ def check_config(cfg: TrainConfig) -> None:
     if not 0 <= cfg.dropout < 1:
         raise UsageError("--dropout must be in [0, 1)")
     check_device_name(cfg.device)
+    pooling = cfg.task != "caption" and cfg.model == "attention"
+    if pooling and cfg.attention not in POOLING_ATTENTION:
+        raise UsageError(f"--attention {cfg.attention!r}: the attention model takes self or "
+                         "text-guided")
+    if cfg.task != "caption" and cfg.model != "attention" and cfg.attention == TEXT_GUIDED:
+        raise UsageError("--attention text-guided is the attention model's: add --model "
+                         "attention")
 
 
 def open_store(features: str | Path) -> FeatureStore:
@@ -107,15 +122,28 @@ def resolve_modalities(store: FeatureStore, cfg: TrainConfig, features: Path) ->
     """The modalities a run uses: ``--modalities`` or every one present, each checked."""
     present = present_modalities(store)
     mods = list(dict.fromkeys(cfg.modalities or present))  # --modalities image,image: once
-    unknown = [m for m in mods if m not in MODALITIES]
+    unknown = [m for m in mods if m not in (*MODALITIES, TEXT)]
     if unknown:
-        raise UsageError(f"--modalities: unknown {', '.join(unknown)} (use image, audio)")
+        raise UsageError(f"--modalities: unknown {', '.join(unknown)} (use image, audio, text)")
     absent = [m for m in mods if m not in present]
+    if TEXT in absent:
+        raise UsageError(f"{features}: no text features in these shards (make them with "
+                         "`vpipe features --text FILE`)")
     if absent or not mods:
         raise UsageError(
             f"{features}: no {' or '.join(absent or MODALITIES)} features in these shards "
             f"(present: {', '.join(present) or 'none'})"
         )
+    if cfg.task != "caption" and cfg.attention == TEXT_GUIDED:
+        if TEXT not in present:
+            raise UsageError(f"--attention text-guided: {features} has no text features (make "
+                             "them with `vpipe features --text FILE`)")
+        if TEXT not in mods:
+            raise UsageError("--attention text-guided steers by the title: add text to "
+                             "--modalities")
+        if mods == [TEXT]:
+            raise UsageError("--attention text-guided steers the image/audio pooling: add "
+                             "image or audio to --modalities")
     return mods
 
 

@@ -45,12 +45,14 @@ class LabelRow:
 
 
 def read_labels(path: str | Path) -> dict[str, LabelRow]:
-    """Read ``id,label[,split]`` rows; a bad file raises UsageError naming the line."""
+    """Read ``id,label[,split]`` rows, or the tagging data's TSV lines ``name \t title \t
+    tags`` (the name's stem is the source id, tags separated by commas); a bad file raises
+    UsageError naming the line."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such labels file")
     try:
-        rows = _read_rows(path)
+        rows = _read_tsv(path) if _is_tsv(path) else _read_rows(path)
     except UnicodeDecodeError as e:
         raise UsageError(
             f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
@@ -58,6 +60,36 @@ def read_labels(path: str | Path) -> dict[str, LabelRow]:
         ) from None
     if not rows:
         raise UsageError(f"{path}: no label rows")
+    return rows
+
+
+def _is_tsv(path: Path) -> bool:
+    """Whether the file is the tagging TSV: its first non-empty line has a tab."""
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        first = next((line for line in f if line.strip()), "")
+    return "\t" in first
+
+
+def _read_tsv(path: Path) -> dict[str, LabelRow]:
+    """``name \t title \t tags`` lines (the title is for ``features --text``; here unused)."""
+    rows: dict[str, LabelRow] = {}
+    text = path.read_text(encoding="utf-8-sig")
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if len(cols) < 3:
+            raise UsageError(f"{path}:{n}: {len(cols)} column(s); the tagging TSV is "
+                             "name<TAB>title<TAB>tags")
+        name = cols[0].strip()
+        if not name:
+            raise UsageError(f"{path}:{n}: empty name")
+        cid = sanitize_id(Path(name).stem)
+        label = ",".join(split_tags(cols[2]))
+        if cid in rows and rows[cid].label != label:
+            raise UsageError(f"{path}:{n}: {name!r} has two tag sets ({rows[cid].label!r} on "
+                             f"line {rows[cid].line}, {label!r} here)")
+        rows[cid] = LabelRow(cid, label, None, n)
     return rows
 
 

@@ -3,9 +3,10 @@
 ``lstm`` is the LRCN setup: an LSTM over the frame-feature sequence and a linear head on its last
 valid step (or the mean of its steps). ``attention`` is the multimodal tagging setup: each
 modality gets its own (bi)LSTM whose outputs are pooled over time by learned attention, and the
-pooled vectors are concatenated before a small classifier. Both take, per modality, a padded batch
-``(B, T, D)`` and the true lengths; inputs are normalised with training statistics kept as
-buffers, so a checkpoint carries everything predict needs.
+pooled vectors are concatenated before a small classifier; the title (``text``) is a TextCNN
+vector beside them and, with ``--attention text-guided``, steers that pooling. Both take, per
+modality, a padded batch ``(B, T, D)`` and the true lengths; inputs are normalised with
+training statistics kept as buffers, so a checkpoint carries everything predict needs.
 """
 
 from __future__ import annotations
@@ -16,15 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from pipeline.train.config import ModelSpec
+from pipeline.shards import TEXT
+from pipeline.train.config import TEXT_GUIDED, ModelSpec
 from pipeline.train.data import ClipSequences, batches
+from pipeline.train.text_branch import TextCNN, TextGuidedScore, attend
 
 
 class Branch(nn.Module):
-    """One modality: normalise, run the LSTM over the valid steps, pool to one vector."""
+    """One modality: normalise, run the LSTM over the valid steps, pool to one vector. With
+    ``guide_dim`` (text-guided attention) each step is scored against the title's vector."""
 
     def __init__(
-        self, dim: int, hidden: int, layers: int, dropout: float, bidirectional: bool, pool: str
+        self, dim: int, hidden: int, layers: int, dropout: float, bidirectional: bool, pool: str,
+        guide_dim: int = 0,
     ) -> None:
         super().__init__()
         self.pool = pool
@@ -39,12 +44,15 @@ class Branch(nn.Module):
             bidirectional=bidirectional,
         )
         self.out_dim = hidden * (2 if bidirectional else 1)
-        if pool == "attention":
+        if pool == "attention" and guide_dim:
+            self.score = TextGuidedScore(self.out_dim, guide_dim, hidden)
+        elif pool == "attention":
             self.score = nn.Sequential(
                 nn.Linear(self.out_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1)
             )
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor,
+                guide: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         steps = torch.arange(t, device=x.device)
         mask = steps[None, :] < lengths.to(x.device)[:, None]  # (B, T) valid steps
@@ -63,14 +71,33 @@ class Branch(nn.Module):
         m = mask.to(out.dtype)[..., None]
         if self.pool == "mean":
             return (out * m).sum(1) / m.sum(1).clamp(min=1.0)
+        if guide is not None:  # a_t = softmax_t(w^T tanh(W [h_t ; e_text]))
+            return attend(out, self.score(out, guide), mask)
         scores = self.score(out).squeeze(-1).masked_fill(~mask, float("-inf"))
         scores = scores.masked_fill(~mask.any(1, keepdim=True), 0.0)  # no valid step: no NaN
         weights = torch.softmax(scores.float(), dim=1).to(out.dtype)
         return (weights[..., None] * out).sum(1) * has
 
 
+class TitleBranch(nn.Module):
+    """The title: its frozen token features normalised, then the TextCNN (768 dims)."""
+
+    def __init__(self, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.cnn = TextCNN(dim, dropout=dropout)
+        self.out_dim = self.cnn.out_dim
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]
+        return self.cnn((x - self.mean) / self.std * mask[..., None], lengths)
+
+
 class SequenceModel(nn.Module):
-    """Per-modality branches, concatenated, then a head with ``n_outputs`` logits/values."""
+    """Per-modality branches, concatenated, then a head with ``n_outputs`` logits/values. The
+    ``text`` modality is a :class:`TitleBranch`; with ``text_guided`` (the attention model) its
+    vector also steers the attention pooling of the other branches."""
 
     def __init__(
         self,
@@ -83,13 +110,20 @@ class SequenceModel(nn.Module):
         layers: int = 1,
         dropout: float = 0.2,
         bidirectional: bool = False,
+        text_guided: bool = False,
     ) -> None:
         super().__init__()
         pool = "attention" if model == "attention" else pool
         self.modalities = list(dims)
-        self.branches = nn.ModuleDict(
-            {m: Branch(d, hidden, layers, dropout, bidirectional, pool) for m, d in dims.items()}
-        )
+        self.text_guided = text_guided and pool == "attention" and TEXT in dims
+        branches: dict[str, nn.Module] = {}
+        if TEXT in dims:
+            branches[TEXT] = TitleBranch(dims[TEXT], dropout)
+        guide = branches[TEXT].out_dim if self.text_guided else 0
+        for m, d in dims.items():
+            if m != TEXT:
+                branches[m] = Branch(d, hidden, layers, dropout, bidirectional, pool, guide)
+        self.branches = nn.ModuleDict(branches)
         width = sum(b.out_dim for b in self.branches.values())
         if model == "attention":
             # The tagging model puts a fully connected layer between fusion and the classifier.
@@ -110,7 +144,10 @@ class SequenceModel(nn.Module):
             self.branches[m].std.copy_(torch.as_tensor(std))
 
     def forward(self, inputs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        pooled = [self.branches[m](*inputs[m]) for m in self.modalities]
+        text = self.branches[TEXT](*inputs[TEXT]) if TEXT in self.branches else None
+        guide = text if self.text_guided else None
+        pooled = [text if m == TEXT else self.branches[m](*inputs[m], guide=guide)
+                  for m in self.modalities]
         return self.head(torch.cat(pooled, dim=1))
 
 
@@ -133,6 +170,7 @@ def build_model(spec: ModelSpec) -> SequenceModel:
         layers=c.layers,
         dropout=c.dropout,
         bidirectional=c.bidirectional,
+        text_guided=c.attention == TEXT_GUIDED,
     )
 
 

@@ -46,6 +46,8 @@ def features_fingerprint(store, clip_ids: list[str], attrs: dict, dims: dict) ->
     sel = store.select(ids)
     counts = zip(sel.column("n_frames").tolist(), sel.column("n_audio").tolist(), strict=True)
     rows = [[c, nf, na] for c, (nf, na) in zip(ids, counts, strict=True)]
+    if "text" in dims:  # other titles are other inputs (only then: older runs keep theirs)
+        rows = [[*r, sel.text_string(r[0])] for r in rows]
     text = json.dumps([rows, attrs, dims], sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

@@ -107,3 +107,72 @@ def write_labels(path: str | Path, labels: dict[str, str], splits: dict | None =
         for cid, v in labels.items():
             w.writerow([cid, v] + ([splits[cid]] if splits else []))
     return path
+
+
+COLOURS = ("red", "green", "blue", "yellow")
+MOTIONS = ("runs", "jumps", "spins", "falls")  # the tags of the titled set
+FILLER = ("a", "video", "of", "the", "one", "look", "at")
+SEGMENT_STEPS = 5
+
+
+def make_titled_set(
+    folder: str | Path,
+    *,
+    n_sources: int = 240,
+    segments: int = 3,
+    text: bool = True,
+    text_dim: int = 16,
+    n_shards: int = 2,
+    seed: int = 0,
+    labels_csv: str | Path | None = None,
+) -> tuple[Path, dict[str, str]]:
+    """A tagging set whose tag needs the title *and* the part of the video it points to: each
+    clip shows ``segments`` colours in turn, each with its own motion; the title names one of
+    them and the tag is the motion seen while that colour is on screen (the others are
+    distractors). Image rows: colour one-hot (dims 0-3) + motion one-hot (4-7) + noise;
+    text rows: a fixed random vector per word, [CLS]/[SEP] included, as an encoder gives them.
+    Image alone can at best guess one of the clip's motions (~1/segments); returns (csv, tags).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    words = ["[CLS]", "[SEP]", *COLOURS, *FILLER]
+    vectors = {w: rng.normal(0, 1, text_dim).astype(np.float32) for w in words}
+    dim = len(COLOURS) + len(MOTIONS)
+    attrs = {
+        "image": {"model": "synthetic", "weights": "none", "layer": "none"},
+        "audio": {"model": "synthetic", "weights": "none"},
+        "text": {"model": "synthetic", "weights": "none", "max_chars": 50,
+                 "tokenizer": "words"},
+    }
+    writers = [ShardWriter(folder / shard_name(i), image_dim=dim, audio_dim=128,
+                           text_dim=text_dim if text else 0, attrs=attrs)
+               for i in range(n_shards)]
+    tags: dict[str, str] = {}
+    for s in range(n_sources):
+        cid = f"video{s:03d}_0"
+        colours = rng.choice(len(COLOURS), segments, replace=False)
+        motions = rng.choice(len(MOTIONS), segments, replace=False)
+        x = rng.normal(0, 0.3, (segments * SEGMENT_STEPS, dim)).astype(np.float32)
+        for k in range(segments):
+            steps = slice(k * SEGMENT_STEPS, (k + 1) * SEGMENT_STEPS)
+            x[steps, colours[k]] += 1.0
+            x[steps, len(COLOURS) + motions[k]] += 1.0
+        asked = int(rng.integers(segments))
+        tags[cid] = MOTIONS[motions[asked]]
+        fill = list(rng.choice(FILLER, int(rng.integers(1, 4))))
+        title = fill + [COLOURS[colours[asked]]] + list(rng.choice(FILLER, int(rng.integers(3))))
+        tokens = ["[CLS]", *title, "[SEP]"]
+        rows = np.stack([vectors[w] for w in tokens]) + rng.normal(0, 0.05, (len(tokens),
+                                                                           text_dim))
+        clip = ClipFeatures(cid, cid[:-2], 0.0, float(x.shape[0]), x,
+                            np.arange(x.shape[0], dtype=np.float64),
+                            np.zeros((0, 128), np.float32), np.zeros(0),
+                            rows.astype(np.float32), " ".join(title))
+        writers[s % n_shards].add(clip)
+    for w in writers:
+        w.close()
+    rebuild_index(folder)
+    csv_path = Path(labels_csv) if labels_csv else folder.parent / f"{folder.name}-labels.csv"
+    write_labels(csv_path, tags)
+    return csv_path, tags

@@ -1,0 +1,242 @@
+"""The text modality's input side: a titles file read and matched to clips, and the frozen
+Hugging Face encoder that turns each title into per-token features.
+
+Titles come as a CSV ``id,text`` (a source id, inherited by its clips, or a clip id) or as the
+tagging research's TSV lines ``name \\t title \\t tags`` (the file name's stem gives the source
+id). The encoder's weights come through the standard hub cache (``HF_HOME``) or a folder saved
+with ``save_pretrained``; which one, and its revision or files' sha256, is recorded.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UsageError, WeightsUnavailable
+from pipeline.files import sha256_of
+from pipeline.ids import sanitize_id
+
+# Multilingual (about 100 languages, Chinese included), so titles of any language get a
+# meaningful encoding; the research setup's Chinese-only ERNIE 1.0 works by name too.
+DEFAULT_TEXT_MODEL = "bert-base-multilingual-cased"
+DEFAULT_MAX_CHARS = 50  # the research setup's cut
+# Files whose content identifies a local model folder (weights, config, vocabulary).
+_IDENTITY_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
+
+
+@dataclass(frozen=True)
+class Titles:
+    """The titles a file gives, by id, and how many of its lines had an empty title."""
+
+    by_id: dict[str, str]
+    empty: int
+    path: str
+
+
+def read_titles(path: str | Path) -> Titles:
+    """Read a titles file (CSV ``id,text`` or TSV ``name \\t title \\t tags``); UsageError on
+    missing columns or one id given two different titles. A BOM and CRLF line ends are fine."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes().decode("utf-8-sig")  # utf-8-sig: a BOM is not part of the first id
+    except OSError as e:
+        raise UsageError(f"--text {p}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--text {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = raw.splitlines()  # \r\n, \n and \r alike
+    first = next((ln for ln in lines if ln.strip()), "")
+    if not first:
+        raise UsageError(f"--text {p}: no titles in the file")
+    rows = _tsv_rows(p, lines) if "\t" in first else _csv_rows(p, raw)
+    by_id: dict[str, str] = {}
+    where: dict[str, int] = {}
+    empty = 0
+    for line_no, key, text in rows:
+        text = " ".join(text.split())  # inner newlines and runs of spaces: one space
+        if not text:
+            empty += 1
+            continue
+        if key in by_id and by_id[key] != text:
+            raise UsageError(
+                f"--text {p}: id {key!r} has two different titles (line {where[key]}: "
+                f"{by_id[key]!r}; line {line_no}: {text!r})"
+            )
+        by_id.setdefault(key, text)
+        where.setdefault(key, line_no)
+    return Titles(by_id, empty, str(p))
+
+
+def _tsv_rows(p: Path, lines: list[str]) -> list[tuple[int, str, str]]:
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if len(cols) < 2:
+            raise UsageError(
+                f"--text {p}: line {i} has {len(cols)} column(s); expected name<TAB>title<TAB>tags"
+            )
+        out.append((i, sanitize_id(Path(cols[0].strip()).stem), cols[1]))
+    return out
+
+
+def _csv_rows(p: Path, raw: str) -> list[tuple[int, str, str]]:
+    reader = csv.reader(io.StringIO(raw, newline=""))
+    try:
+        header = [h.strip().lower() for h in next(reader)]
+    except (StopIteration, csv.Error) as e:
+        raise UsageError(f"--text {p}: not a CSV file ({e})") from None
+    if "id" not in header or "text" not in header:
+        raise UsageError(
+            f"--text {p}: the header {','.join(header)!r} lacks the columns id and text "
+            "(or give the TSV form name<TAB>title<TAB>tags)"
+        )
+    i_id, i_text = header.index("id"), header.index("text")
+    out = []
+    try:
+        for row in reader:
+            if not any(c.strip() for c in row):
+                continue
+            if len(row) <= max(i_id, i_text):
+                raise UsageError(
+                    f"--text {p}: line {reader.line_num} has {len(row)} column(s); "
+                    f"expected {len(header)} ({','.join(header)})"
+                )
+            out.append((reader.line_num, row[i_id].strip(), row[i_text]))
+    except csv.Error as e:
+        raise UsageError(f"--text {p}: line {reader.line_num}: {e}") from None
+    return out
+
+
+def cut(text: str, max_chars: int) -> str:
+    """The title as the encoder sees it: its first ``max_chars`` characters (0: all)."""
+    return text[:max_chars] if max_chars > 0 else text
+
+
+@dataclass(frozen=True)
+class TitleMatch:
+    """Each clip's title (clips without one absent), and the file's ids that matched no clip."""
+
+    by_clip: dict[str, str]
+    unmatched: list[str]
+
+
+def match_titles(titles: Titles, clips: Sequence[tuple[str, str]], max_chars: int) -> TitleMatch:
+    """Give each ``(clip_id, source_id)`` its title: the clip's own, else its source's."""
+    used: set[str] = set()
+    by_clip: dict[str, str] = {}
+    for clip_id, source_id in clips:
+        key = clip_id if clip_id in titles.by_id else source_id
+        if key in titles.by_id:
+            by_clip[clip_id] = cut(titles.by_id[key], max_chars)
+            used.add(key)
+    return TitleMatch(by_clip, sorted(set(titles.by_id) - used))
+
+
+@dataclass(frozen=True)
+class TextModelInfo:
+    """Which encoder, from where: recorded in the shard attributes and vpipe.json."""
+
+    name: str  # the hub name or the folder given
+    kind: str  # "hub" or "folder"
+    folder: str  # where the files were read from
+    revision: str | None = None  # the hub commit of a cached snapshot
+    sha256: dict[str, str] | None = None  # a folder's files, by name
+    tokenizer: str = ""
+
+    def attrs(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache the encoder's weights are looked for in ($HF_HOME/hub by default)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def resolve_text_model(name: str) -> TextModelInfo:
+    """Find the encoder's files before any work: a local folder, else the hub cache (downloaded
+    there when online). WeightsUnavailable (exit 1) naming the model, the cache and
+    ``--text-model DIR`` when neither has it."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise UsageError(
+                f"--text-model {folder}: no config.json (save the model with save_pretrained)"
+            )
+        sums = {
+            f.name: sha256_of(f)
+            for f in sorted(folder.iterdir())
+            if f.is_file() and f.suffix in _IDENTITY_SUFFIXES
+        }
+        return TextModelInfo(name=str(folder), kind="folder", folder=str(folder), sha256=sums)
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(name, local_files_only=True)
+    except Exception:
+        try:
+            path = snapshot_download(name)
+        except Exception as e:  # offline, unknown name, proxy: all mean the same to the user
+            raise WeightsUnavailable(
+                f"text model {name!r} is not in the Hugging Face cache ({hub_cache_dir()}, "
+                f"$HF_HOME/hub) and could not be downloaded ({type(e).__name__}). Give "
+                "`--text-model DIR` (a folder saved with save_pretrained, tokenizer included), "
+                "or fetch the model into that cache on a machine that is online"
+            ) from None
+    return TextModelInfo(name=name, kind="hub", folder=path, revision=Path(path).name)
+
+
+class TextEncoder:
+    """A frozen ``transformers`` encoder in inference mode: titles in, the last hidden state of
+    every token out, special tokens ([CLS], [SEP]) included, as the TextCNN reads them."""
+
+    def __init__(self, info: TextModelInfo, device: str = "cpu", dtype: Any = None) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(info.folder, local_files_only=True)
+        model = AutoModel.from_pretrained(info.folder, local_files_only=True)
+        model = model.to(device=device, dtype=dtype or torch.float32)
+        self.model = model.eval().requires_grad_(False)  # frozen: never trained here
+        self.device = device
+        self.dim = int(model.config.hidden_size)
+        # Positions past the model's table cannot be encoded; titles are far shorter anyway.
+        self.max_tokens = int(getattr(model.config, "max_position_embeddings", 512) or 512)
+        self.info = TextModelInfo(**{**asdict(info), "tokenizer": type(self.tokenizer).__name__})
+
+    def attrs(self) -> dict[str, Any]:
+        """The /text group's attributes (``max_chars`` is the stage's to add)."""
+        info = self.info
+        return {"model": info.name, "weights": self.identity(), "tokenizer": info.tokenizer,
+                "special_tokens": "included"}
+
+    def identity(self) -> dict[str, Any]:
+        """Where the weights came from: the hub revision, or a folder's files' sha256."""
+        # Not the folder read: a hub snapshot's path depends on this machine's HF_HOME.
+        return {k: v for k, v in self.info.attrs().items() if k != "folder"}
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> list[np.ndarray]:
+        """Each text's token features ``(tokens, dim)`` float32, batched with padding."""
+        import torch
+
+        out: list[np.ndarray] = []
+        for start in range(0, len(texts), batch_size):
+            batch = list(texts[start : start + batch_size])
+            enc = self.tokenizer(
+                batch, padding=True, truncation=True, max_length=self.max_tokens,
+                return_tensors="pt",
+            ).to(self.device)
+            with torch.inference_mode():
+                hidden = self.model(**enc).last_hidden_state.float().cpu().numpy()
+            lengths = enc["attention_mask"].sum(dim=1).tolist()
+            out.extend(hidden[i, : int(n)].copy() for i, n in enumerate(lengths))
+        return out
+
