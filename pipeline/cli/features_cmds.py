@@ -241,8 +241,9 @@ def _weights_name(w: object) -> str:
 
 def check_features(params: dict, fetch: bool) -> None:
     """What `vpipe run` checks of a [features] stage before any stage runs: the options as
-    the command would build them, and (``fetch``) that every weights file is there or can be
-    downloaded now, instead of hours later, after the stages before it."""
+    the command would build them, and (``fetch``) that the titles file reads and every weights
+    file and the text model are there or can be downloaded now, instead of hours later, after the
+    stages before it."""
     import dataclasses
 
     from pipeline.features.weights import check_audio_options, resolve_weights
@@ -254,8 +255,13 @@ def check_features(params: dict, fetch: bool) -> None:
              if opts.audio_model == "vggish" else None)
     if audio:
         check_audio_options(*audio)
-    if fetch:
+    if fetch:  # what the stage will read; a dry run (printing commands) reads none of it
         resolve_weights(opts.image_model, opts.image_weights, audio)
+        if opts.text:
+            from pipeline.features.text import read_titles, resolve_text_model
+
+            read_titles(opts.text)  # a bad titles file: exit 2 now, not after earlier stages
+            resolve_text_model(opts.text_model)
 
 
 PLAN_CHECKS = {"features": check_features}

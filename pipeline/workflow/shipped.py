@@ -34,7 +34,7 @@ def shipped() -> dict[str, Path]:
     """Name (the file's stem) -> path of every shipped workflow."""
     found: dict[str, Path] = {}
     for d in folders():
-        for p in sorted(d.glob("*.toml")):
+        for p in sorted(d.glob("*.toml"), key=lambda p: p.stem):
             found.setdefault(p.stem, p)
     return found
 
