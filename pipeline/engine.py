@@ -34,6 +34,7 @@ ENGINES = ("local", "ray")
 # A task retried this many times after its worker died is recorded as failed, not retried more.
 TASK_RETRIES = 3
 PROBE_TIMEOUT_S = 120.0
+CONNECT_TIMEOUT_S = 5.0
 
 
 class LocalEngine:
@@ -87,10 +88,16 @@ class RayEngine:
         self.ray: Any = None
         self.cluster: dict = {}
 
+    def connect(self) -> None:
+        """Join or start the cluster (the CLI does this before a stage opens its folder, so a
+        cluster that cannot be reached leaves nothing behind)."""
+        if self.ray is None:
+            self.ray = connect(self.address, quiet=self.quiet, stage=self.stage)
+            self.cluster = cluster_shape(self.ray)
+
     def start(self, out_dir: Path, inputs: Sequence[Path] = ()) -> None:
         """Join or start the cluster, then check every node sees ``out_dir`` and ``inputs``."""
-        self.ray = connect(self.address, quiet=self.quiet, stage=self.stage)
-        self.cluster = cluster_shape(self.ray)
+        self.connect()
         check_shared_folder(self.ray, Path(out_dir), [Path(p) for p in inputs])
 
     def results(self, call: Callable[[Any], list[dict]], items: Sequence[Any]
@@ -170,12 +177,15 @@ def connect(address: str | None, *, quiet: bool = False, stage: str = "vpipe") -
     ray = ray_module()
     if ray.is_initialized():
         return ray
+    # Ray's C++ core logs each failed attempt at a cluster as a warning line on stderr.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     common = {"logging_level": "error", "configure_logging": True}
     if address or os.environ.get("RAY_ADDRESS"):
+        where = address or os.environ["RAY_ADDRESS"]
+        reachable(where)
         try:
             ray.init(address=address, **common)
         except ConnectionError as e:
-            where = address or os.environ["RAY_ADDRESS"]
             raise UsageError(f"cannot join the Ray cluster at {where}: {e}") from None
         how = f"joined the Ray cluster at {address or os.environ['RAY_ADDRESS']}"
     else:
@@ -190,6 +200,23 @@ def connect(address: str | None, *, quiet: bool = False, stage: str = "vpipe") -
         print(f"vpipe {stage}: {how} ({c['nodes']} node(s), {c['cpus']:g} CPUs, "
               f"{c['gpus']:g} GPUs)", file=sys.stderr)
     return ray
+
+
+def reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """A usage error within ``timeout_s`` when nothing listens at ``host:port`` (Ray itself
+    retries an unreachable cluster for a minute or more, logging each try)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", "ray://...": Ray's own resolution
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise UsageError(f"cannot reach the Ray cluster at {address} ({why}): is `ray start "
+                         "--head` running there, and the port open?") from None
 
 
 def cluster_shape(ray: Any) -> dict:

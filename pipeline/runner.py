@@ -196,7 +196,7 @@ def run_items(
     todo = tracker.pending(items)
     tracker.start(total=len(todo))
     try:
-        if todo:  # a finished folder re-run starts no cluster
+        if todo:  # nothing to do: no probe of the cluster
             engine.start(run.out_dir, [Path(todo[0].input)])
             run.extra["engine"] = engine.describe()
         for it, recs in engine.results(functools.partial(outcome, work), todo):

@@ -224,6 +224,22 @@ def test_an_output_folder_the_nodes_cannot_see_is_refused(cluster: str, videos: 
     assert not out.exists()  # that was the private tmpfs; nothing leaked to the shared one
 
 
+def test_an_unreachable_cluster_is_one_line_and_leaves_nothing(videos: Path,
+                                                               tmp_path: Path) -> None:
+    """Nothing listens at the address: exit 2 in seconds (Ray alone retries for a minute,
+    logging each try), one line, and no output folder made."""
+    out = tmp_path / "clips"
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "pipeline", *subclip(
+        videos, out, "--engine", "ray", "--ray-address", "127.0.0.1:1")],
+        capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and time.time() - t0 < 30
+    assert r.stderr.strip().splitlines() == [
+        "vpipe: error: cannot reach the Ray cluster at 127.0.0.1:1 (Connection refused): is "
+        "`ray start --head` running there, and the port open?"]
+    assert not out.exists()
+
+
 def shlex_join(words: list[str]) -> str:
     import shlex
 

@@ -78,4 +78,7 @@ def make_engine(name: str, ray_address: str | None, workers: int | None, quiet: 
     from pipeline.engine import make_engine as make
 
     engine = make(name, workers=workers or 1, ray_address=ray_address, quiet=quiet, stage=stage)
-    return None if engine.name == "local" else engine
+    if engine.name == "local":
+        return None
+    engine.connect()  # before the stage opens its folder: an unreachable cluster leaves nothing
+    return engine
