@@ -382,6 +382,14 @@ def test_changed_parameters_refused_then_overwritten(tmp_path: Path, media: Path
     assert len(shard_paths(out)) == 1
 
 
+def test_what_is_loading_is_said_before_the_bar(tmp_path: Path, media: Path, weights,
+                                                capsys) -> None:
+    cmd = [a for a in args(media, tmp_path / "f", weights, "--audio-model", "none") if a != "-q"]
+    assert main(cmd) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"vpipe features: 4 clips; loading resnet18 ({weights['image']}) ...")
+
+
 def test_features_after_real_subprocess(tmp_path: Path, media: Path, weights) -> None:
     """The console script end to end (a fresh process, as users run it)."""
     import subprocess

@@ -12,6 +12,7 @@ run the same way, the shard in progress removed (:class:`~pipeline.errors.DiskFu
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -169,6 +170,14 @@ def extract_features(
     source = source_for(inputs, opts)
     jobs = source.clips()
     text_counts = give_titles(jobs, titles, opts.text_max_chars) if titles else None
+    if not quiet:  # seconds of loading before the bar: say what
+        models = [f"{opts.image_model} ({opts.image_weights})"]
+        if opts.audio_model != "none":
+            models.append(f"{opts.audio_model} ({opts.audio_weights})")
+        if opts.text:
+            models.append(opts.text_model)
+        print(f"vpipe features: {len(jobs)} clips; loading {', '.join(models)} ...",
+              file=sys.stderr, flush=True)
     enc = load_encoders(opts)
     out = Path(out_dir)
     params = run_params(opts, enc, source, inputs)
