@@ -325,3 +325,9 @@ def test_store_columns_follow_clip_ids(tmp_path: Path) -> None:
         view = store.select(["c", "a"])
         assert view.column("source") == ["t", "s"] and "b" not in view and "c" in view
         assert [x.clip_id for x in view] == ["c", "a"]  # shard by shard, first listed first
+
+
+def test_a_clip_prints_as_a_line_not_its_arrays() -> None:
+    c = ClipFeatures("t_0", "t", 10.0, 40.0, np.zeros((30, 2048), np.float32), np.zeros(30),
+                     np.zeros((0, 128), np.float32), np.zeros(0))
+    assert repr(c) == "ClipFeatures('t_0', source='t', 10-40 s, image (30, 2048))"

@@ -171,8 +171,9 @@ def test_label_ids_written_as_file_stems_match_the_safe_source_ids(tmp_path, cap
     assert j.unknown == ["no such"]
     j.report(len(store))
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "vpipe train: 2 label ids matched once written as vpipe writes ids from file names "
-        "(e.g. 'my trailer' as my-trailer, 'Été 2' as Été-2)"
+        "vpipe train: note: 2 label ids are file names that vpipe turned into source ids "
+        "(spaces and unsafe characters replaced); matched as those (e.g. 'my trailer' as "
+        "my-trailer, 'Été 2' as Été-2)"
     )
 
 

@@ -98,6 +98,14 @@ class ClipFeatures:
     def n(self, modality: str) -> int:
         return int(getattr(self, modality).shape[0])
 
+    def __repr__(self) -> str:
+        """A line to read, not the arrays: ``ClipFeatures('t_0', source='t', 10.0-40.0 s,
+        image (30, 2048), audio (31, 128))``."""
+        parts = [f"{m} {tuple(getattr(self, m).shape)}" for m in ("image", "audio", "text")
+                 if getattr(self, m).shape[0]]
+        return (f"ClipFeatures({self.clip_id!r}, source={self.source!r}, "
+                f"{self.start:g}-{self.end:g} s, {', '.join(parts) or 'no rows'})")
+
 
 def attr_value(v: Any) -> Any:
     """HDF5 attributes hold scalars and strings: dicts and lists are stored as JSON text."""

@@ -241,8 +241,9 @@ class LabelledClips:
         if self.renamed:
             eg = ", ".join(f"{a!r} as {b}" for a, b in list(self.renamed.items())[:3])
             print(
-                f"{prefix}: {len(self.renamed)} label ids matched once written as vpipe writes "
-                f"ids from file names (e.g. {eg})",
+                f"{prefix}: note: {len(self.renamed)} label ids are file names that vpipe "
+                f"turned into source ids (spaces and unsafe characters replaced); matched as "
+                f"those (e.g. {eg})",
                 file=sys.stderr,
             )
         if self.ambiguous:
