@@ -1,4 +1,4 @@
-"""The step both engines share: the image encoder over decoded batches (which mix clips), each
+"""The steps both engines share: the image encoder over decoded batches (which mix clips), each
 clip's rows gathered, and a clip whose last frame is through turned into its features (its
 VGGish rows and its title's token rows added) or into the record of the error that failed it.
 :mod:`.stage` runs it in this process, :mod:`.on_ray` in the actors of a Ray cluster."""
@@ -6,6 +6,7 @@ VGGish rows and its title's token rows added) or into the record of the error th
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ import numpy as np
 from pipeline import shards
 from pipeline.features.encoders import Encoders
 from pipeline.features.sources import Batch, ClipJob
-from pipeline.records import FAILED
+from pipeline.records import FAILED, OK
 
 TEXT_BATCH = 64  # finished clips whose titles go through the text encoder in one call
 
@@ -81,3 +82,34 @@ def failed_record(job: ClipJob, error: str) -> dict:
     """The manifest record of a clip that failed while its frames were read."""
     return {"id": job.id, "item": job.id, "status": FAILED, "error": error,
             "source": job.rec.get("source")}
+
+
+def ok_record(rec: dict, row: dict) -> dict:
+    """A clip's manifest record once its shard is in place."""
+    return {
+        "id": rec["id"],
+        "status": OK,
+        "source": rec.get("source"),
+        "start": rec.get("start"),
+        "end": rec.get("end"),
+        "shard": row["shard"],
+        "row": row["row"],
+        "n_frames": row["n_frames"],
+        "n_audio": row["n_audio"],
+    }
+
+
+def commit_shard(out: Path, rows: list[dict], members: list[ClipJob], tracker: Any,
+                 errors: dict[int, str] | None = None) -> None:
+    """A shard just renamed into place: its rows appended to the index, then each member's
+    record (``errors``: member index -> why it failed instead)."""
+    from pipeline.files import writing
+
+    if rows:
+        with writing(out / shards.INDEX):
+            shards.add_to_index(out, rows)
+    index = {r["clip_id"]: r for r in rows}
+    errors = errors or {}
+    for j, job in enumerate(members):
+        rec = failed_record(job, errors[j]) if j in errors else ok_record(job.rec, index[job.id])
+        tracker.record(job.item, [rec])

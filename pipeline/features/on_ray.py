@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline import shards
 from pipeline.engine import TASK_RETRIES, RayEngine
-from pipeline.features.embed import embed_batches
+from pipeline.features.embed import commit_shard, embed_batches, failed_record
 from pipeline.features.encoders import Encoders
 from pipeline.features.options import FeatureOptions
 from pipeline.features.sources import Batch, ClipJob, Decoding
@@ -123,8 +123,7 @@ class FeatureActor:
 
 def encode_on_ray(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions,
                   tracker: Tracker, out: Path, on_shard: Callable[[Path], None] | None,
-                  engine: RayEngine, attrs: dict, ok_record: Callable[[dict, dict], dict],
-                  failed_record: Callable[[ClipJob, str], dict]) -> None:
+                  engine: RayEngine, attrs: dict) -> None:
     """The Ray loop: decode tasks feed the actors; each committed shard is indexed and its
     clips recorded by this process alone."""
     ray = engine.ray
@@ -176,8 +175,7 @@ def encode_on_ray(jobs: list[ClipJob], source: Any, enc: Encoders, opts: Feature
                     raise cause from None
                 fail(c, f"its Ray task failed ({type(e).__name__}: {_first_line(e)})")
                 continue
-            commit(rows, failed, [jobs[j] for j in groups[c]], tracker, out, ok_record,
-                   failed_record)
+            commit_shard(out, rows, [jobs[j] for j in groups[c]], tracker, dict(failed))
             tracker.advance(frames)
             if rows and on_shard is not None:
                 on_shard(path)
@@ -188,24 +186,6 @@ def encode_on_ray(jobs: list[ClipJob], source: Any, enc: Encoders, opts: Feature
     finally:
         for actor in actors:
             ray.kill(actor)
-
-
-def commit(rows: list[dict], failed: list[tuple[int, str]], members: list[ClipJob],
-           tracker: Tracker, out: Path, ok_record: Callable[[dict, dict], dict],
-           failed_record: Callable[[ClipJob, str], dict]) -> None:
-    """A shard in place: its rows into the index, then each of its clips' records."""
-    from pipeline.files import writing
-
-    if rows:
-        with writing(out / shards.INDEX):
-            shards.add_to_index(out, rows)
-    index = {r["clip_id"]: r for r in rows}
-    errors = dict(failed)
-    for j, job in enumerate(members):
-        if j in errors:
-            tracker.record(job.item, [failed_record(job, errors[j])])
-        else:
-            tracker.record(job.item, [ok_record(job.rec, index[job.id])])
 
 
 def start_actors(ray: Any, opts: FeatureOptions, enc: Encoders) -> list[Any]:

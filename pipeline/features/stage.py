@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import shards
-from pipeline.features.embed import embed_batches, failed_record
+from pipeline.features.embed import commit_shard, embed_batches, failed_record, ok_record
 from pipeline.features.encoders import Encoders, load_encoders
 from pipeline.features.options import FeatureOptions
 from pipeline.features.sources import ClipJob, Decoding, source_for
@@ -111,13 +111,9 @@ class ShardSink:
             return
         w, self.writer = self.writer, None
         rows = w.close()  # a shard that cannot be finished is removed, its error raised
-        with writing(self.out / shards.INDEX):
-            shards.add_to_index(self.out, rows)
+        commit_shard(self.out, rows, self.members, self.tracker)
         self.number += 1
         self.bytes = 0
-        index = {r["clip_id"]: r for r in rows}
-        for m in self.members:
-            self.tracker.record(m.item, [ok_record(m.rec, index[m.id])])
         self.members = []
         if self.on_shard is not None:
             self.on_shard(w.path)
@@ -130,21 +126,6 @@ class ShardSink:
 def shard_of(rec: dict) -> list[str]:
     """The file a clip's record names (its size is recorded, for ``vpipe run``'s check)."""
     return [rec["shard"]]
-
-
-def ok_record(rec: dict, row: dict) -> dict:
-    """A clip's manifest record once its shard is in place."""
-    return {
-        "id": rec["id"],
-        "status": OK,
-        "source": rec.get("source"),
-        "start": rec.get("start"),
-        "end": rec.get("end"),
-        "shard": row["shard"],
-        "row": row["row"],
-        "n_frames": row["n_frames"],
-        "n_audio": row["n_audio"],
-    }
 
 
 def extract_features(
@@ -215,7 +196,7 @@ def extract_features(
             engine.start(out, inputs)
             run.extra["engine"] = engine.describe()
             encode_on_ray(todo, source, enc, opts, tracker, out, on_shard, engine,
-                          shard_attrs(enc, source, opts), ok_record, failed_record)
+                          shard_attrs(enc, source, opts))
         else:
             encode(todo, source, enc, opts, tracker, out, on_shard)
     except BaseException as e:

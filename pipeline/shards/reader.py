@@ -149,6 +149,10 @@ class FeatureStore:
             return [names[k] for k in getattr(c, name).tolist()]
         return getattr(c, name).copy()
 
+    def source_of(self) -> dict[str, str]:
+        """Clip id → its source id."""
+        return dict(zip(self.clip_ids, self.column("source"), strict=True))
+
     def sources(self) -> dict[str, list[str]]:
         """Source id → its clip ids, in index order."""
         out: dict[str, list[str]] = {}

@@ -96,12 +96,7 @@ def _check_layout(f: h5py.File, name: str, rows: list[dict], facts: dict) -> lis
         if attrs.get("model", "none") != "none":
             problems += [f"{name}: /{m} attribute {a!r} missing"
                          for a in GROUP_ATTRS[m] if a not in attrs]
-        if off.shape[0] != n + 1:
-            problems.append(f"{name}: /{m}/offsets: {off.shape[0]} entries, not {n + 1}")
-        elif off[0] != 0 or np.any(np.diff(off) < 0):
-            problems.append(f"{name}: /{m}/offsets not monotone from 0")
-        elif off[-1] != rows_m:
-            problems.append(f"{name}: /{m}/offsets ends at {off[-1]}, features have {rows_m}")
+        problems += _offsets_problems(name, m, off, n, rows_m)
         if g["timestamps"].shape[0] != rows_m:
             problems.append(f"{name}: /{m} has {rows_m} rows, {g['timestamps'].shape[0]} times")
         if int(attrs.get("dim", -1)) != facts["dims"][m]:
@@ -132,6 +127,17 @@ def _check_layout(f: h5py.File, name: str, rows: list[dict], facts: dict) -> lis
     return problems
 
 
+def _offsets_problems(name: str, group: str, off: np.ndarray, n: int, rows: int) -> list[str]:
+    """A group's /offsets must hold n + 1 entries rising from 0 to its row count."""
+    if off.shape[0] != n + 1:
+        return [f"{name}: /{group}/offsets: {off.shape[0]} entries, not {n + 1}"]
+    if off[0] != 0 or np.any(np.diff(off) < 0):
+        return [f"{name}: /{group}/offsets not monotone from 0"]
+    if off[-1] != rows:
+        return [f"{name}: /{group}/offsets ends at {off[-1]}, features have {rows}"]
+    return []
+
+
 def _check_text(f: h5py.File, name: str, n: int, facts: dict) -> list[str]:
     """What is wrong with a shard's /text group (features, offsets, strings, attributes)."""
     g = f[TEXT]
@@ -152,13 +158,9 @@ def _check_text(f: h5py.File, name: str, n: int, facts: dict) -> list[str]:
     if g["strings"].shape[0] != n:
         problems.append(f"{name}: /{TEXT}/strings has {g['strings'].shape[0]} entries for {n} "
                         "clips")
-    if off.shape[0] != n + 1:
-        problems.append(f"{name}: /{TEXT}/offsets: {off.shape[0]} entries, not {n + 1}")
-    elif off[0] != 0 or np.any(np.diff(off) < 0):
-        problems.append(f"{name}: /{TEXT}/offsets not monotone from 0")
-    elif off[-1] != rows:
-        problems.append(f"{name}: /{TEXT}/offsets ends at {off[-1]}, features have {rows}")
-    else:
+    bad = _offsets_problems(name, TEXT, off, n, rows)
+    problems += bad
+    if not bad:
         facts["titled"] = int(np.count_nonzero(np.diff(off)))
     return problems
 

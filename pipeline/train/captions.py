@@ -109,7 +109,7 @@ def prepare_captions(features: Path, captions_csv: Path, cfg: TrainConfig,
     if not quiet:
         joined.report(len(store))
     mods = resolve_modalities(store, cfg, features)
-    source_of = dict(zip(store.clip_ids, store.column("source"), strict=True))
+    source_of = store.source_of()
     clip_sources = {c: source_of[c] for c in joined.labels}
     side = split_by_source(clip_sources, cfg.val_fraction, cfg.test_fraction, cfg.seed,
                            joined.splits)

@@ -55,7 +55,7 @@ class FeatureDataset(torch.utils.data.Dataset):
                     else {k: LabelRow(k, str(v), None, 0) for k, v in labels.items()})
             self.labels = join_labels(self.store, rows).labels
             ids = [c for c in ids if c in self.labels]
-        self.sources = dict(zip(self.store.clip_ids, self.store.column("source"), strict=True))
+        self.sources = self.store.source_of()
         self.seqs = ClipSequences(self.store, ids, self.modalities, max_frames, stream)
 
     def __len__(self) -> int:

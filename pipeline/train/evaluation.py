@@ -77,7 +77,7 @@ def source_metrics(spec: ModelSpec, outputs: np.ndarray, targets: np.ndarray,
 
 def clip_sources(store, ids: list[str]) -> list[str]:
     """The source of each clip of ``ids``, in that order."""
-    of = dict(zip(store.clip_ids, store.column("source"), strict=True))
+    of = store.source_of()
     return [of[c] for c in ids]
 
 
@@ -104,7 +104,8 @@ def summarise(
     """``summary.json``: the figures of ``model`` (the best checkpoint's weights) on every
     split beside the trivial predictor's, and what the run was."""
     base = {}
-    sources = {s: clip_sources(p.store, ids) for s, ids in p.split_ids.items()}
+    of = p.store.source_of()  # once for the three splits
+    sources = {s: [of[c] for c in ids] for s, ids in p.split_ids.items()}
     for split in ("val", "test"):
         n = len(p.split_ids[split])
         if n:

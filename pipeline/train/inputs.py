@@ -166,7 +166,7 @@ def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = Fa
     mods = resolve_modalities(store, cfg, features)
     dims = {m: store.dim(m) for m in mods}
 
-    source_of = dict(zip(store.clip_ids, store.column("source"), strict=True))
+    source_of = store.source_of()
     sources = {c: source_of[c] for c in joined.labels}
     side = split_by_source(sources, cfg.val_fraction, cfg.test_fraction, cfg.seed, joined.splits)
     split_ids = {s: [c for c in joined.labels if side[c] == s] for s in ("train", "val", "test")}

@@ -260,7 +260,7 @@ def join_labels(store: FeatureStore, rows: dict[str, LabelRow]) -> LabelledClips
     labels: dict[str, str] = {}
     splits: dict[str, str | None] = {}
     unlabeled = []
-    source_of = dict(zip(store.clip_ids, store.column("source"), strict=True))
+    source_of = store.source_of()
     clip_set, sources = set(source_of), set(source_of.values())
     known = clip_set | sources
     # Source ids are file stems made safe ("my trailer.mp4" -> my-trailer): a label written
