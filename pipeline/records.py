@@ -202,6 +202,9 @@ def write_run_info(folder: Path, stage: str, fields: dict, versions: dict[str, s
         **fields,
         "versions": {**base_versions(), **versions},
         "command": sys.argv,
+        # Where it ran: the command's relative paths are relative to it (vpipe predict
+        # re-runs a feature folder's recorded stages on new videos from anywhere).
+        "cwd": os.getcwd(),
     }
     atomic_write_text(folder / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
 

@@ -287,10 +287,31 @@ def evaluate(
     sys.stdout.write(text)
 
 
+PredictInputs = Annotated[
+    list[Path],
+    typer.Argument(
+        metavar="FEATURES|VIDEOS...",
+        help="A feature folder written by `vpipe features`, or videos (files or folders) to take "
+        "through the stages the run's features were made with.",
+        show_default=False,
+    ),
+]
+
+
+def _is_feature_folder(path: Path) -> bool:
+    from pipeline.records import read_run_info
+
+    try:
+        info = read_run_info(path) if path.is_dir() else None
+    except (OSError, ValueError):
+        return False
+    return bool(info and info.get("stage") == "features") or (path / "index.jsonl").is_file()
+
+
 @app.command()
 def predict(
     run: RunDir,
-    features: Features,
+    inputs: PredictInputs,
     out: Annotated[
         Path,
         typer.Option("-o", "--out", help="Predictions file (JSON lines).", show_default=False),
@@ -304,15 +325,62 @@ def predict(
     ] = None,
     device: Device = TrainConfig.device,
     stream: Stream = False,
+    work_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--work-dir",
+            metavar="DIR",
+            help="With videos: where their subclips, frames and features go (default: "
+            "RUN/predict-cache/<key of the videos and options>, reused by the same command).",
+            show_default=False,
+        ),
+    ] = None,
+    titles: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--titles",
+            metavar="CSV",
+            help="With videos, for a run whose features include titles: the new videos' titles "
+            "(id,text; id = the file stem).",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Predict every clip of a feature folder, plus the mean per source video, as JSON lines
-    (a caption run: each clip's caption, and per source its best-scored clip's)."""
-    from pipeline.train import predict_run
+    """Predict every clip of a feature folder, or of new videos, plus the mean per source video,
+    as JSON lines (a caption run: each clip's caption, and per source its best-scored clip's).
 
+    Given videos, the stages the run's features were made with run again on them, with the
+    options recorded in their folders (subclip plan, sampling, encoders and weights), into a
+    cache folder; the new features must be made exactly as the run's were (same weights by
+    content, same preprocessing and sampling), else nothing is predicted. What cannot be
+    reproduced (the stage folders gone, weights missing, clips cut from a segments file) is
+    refused before any stage runs.
+    """
+    from pipeline.train import predict_run
+    from pipeline.train.predict import check_output
+
+    features, new_videos = inputs[0], False
+    if not (len(inputs) == 1 and _is_feature_folder(inputs[0])):
+        from pipeline import workflow as wfl
+        from pipeline.cli import command, main
+        from pipeline.workflow.replay import plan_replay
+
+        check_output(out)  # refused before any stage runs, not after
+        steps = plan_replay(run, inputs, command().commands, work_dir=work_dir, titles=titles,
+                            quiet=quiet)
+        log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+        code, _ = wfl.run_plan(steps, main, log=log, prog="vpipe predict")
+        if code not in (0, 1):
+            raise typer.Exit(code)
+        features, new_videos = steps[-1].out, True
+    elif work_dir is not None or titles is not None:
+        from pipeline.errors import UsageError
+
+        raise UsageError("--work-dir and --titles are for videos; a feature folder is used as is")
     r = predict_run(
         run, features, out, checkpoint=_checkpoint(checkpoint), threshold=threshold,
-        device=device, stream=stream,
+        device=device, stream=stream, new_videos=new_videos,
     )
     if not quiet:
         print(

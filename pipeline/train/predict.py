@@ -36,8 +36,32 @@ FEATURE_IDENTITY = (
 )
 
 
-def open_checked(features: str | Path, spec: ModelSpec, prog: str) -> FeatureStore:
-    """Open a feature folder and check it against what the run was trained on."""
+def _identity(key: str, value):
+    """An attribute as it decides the features: a weights file by its content, not its path."""
+    if key == "weights" and isinstance(value, dict) and value.get("kind") == "file":
+        return {k: v for k, v in value.items() if k not in ("name", "file")}
+    return value
+
+
+def feature_differences(spec: ModelSpec, store: FeatureStore) -> list[str]:
+    """Where the folder's feature attributes differ from the ones the run was trained on."""
+    present = present_modalities(store)
+    out = []
+    for m in spec.dims:
+        if m not in present:
+            continue  # the attributes of a modality without rows say nothing
+        trained, now = spec.feature_attrs.get(m, {}), store.attrs(m)
+        for k in FEATURE_IDENTITY:
+            if k in trained and _identity(k, trained.get(k)) != _identity(k, now.get(k)):
+                out.append(f"{m} {k}: {trained.get(k)!r} there, {now.get(k)!r} here")
+    return out
+
+
+def open_checked(
+    features: str | Path, spec: ModelSpec, prog: str, strict: bool = False
+) -> FeatureStore:
+    """Open a feature folder and check it against what the run was trained on (``strict``:
+    any difference in how the features were made is an error, not a warning)."""
     store = open_store(features)
     present = present_modalities(store)
     for m, dim in spec.dims.items():
@@ -47,27 +71,30 @@ def open_checked(features: str | Path, spec: ModelSpec, prog: str) -> FeatureSto
                 "empty sequences",
                 file=sys.stderr,
             )
-            continue  # the attributes of a modality without rows say nothing
+            continue
         if store.dim(m) != dim:
             raise UsageError(
                 f"{features}: {m} features have dim {store.dim(m)}, the run was trained on {dim}"
             )
-        trained, now = spec.feature_attrs.get(m, {}), store.attrs(m)
-        diff = [k for k in FEATURE_IDENTITY if k in trained and trained.get(k) != now.get(k)]
-        if diff:
-            k = diff[0]
-            print(
-                f"{prog}: warning: {m} features differ from the training ones "
-                f"({k}: {trained.get(k)!r} there, {now.get(k)!r} here)",
-                file=sys.stderr,
-            )
+    diff = feature_differences(spec, store)
+    if diff and strict:
+        store.close()
+        raise UsageError(
+            f"{features}: the features of the new videos are not made as the run's were "
+            f"({'; '.join(diff)})"
+        )
+    for d in diff[:1]:
+        m = d.split(" ", 1)[0]
+        print(f"{prog}: warning: {m} features differ from the training ones ({d.split(' ', 1)[1]})",
+              file=sys.stderr)
     return store
 
 
-def _open(run: str | Path, features: str | Path, checkpoint: str, prog: str):
+def _open(run: str | Path, features: str | Path, checkpoint: str, prog: str,
+          strict: bool = False):
     """The run's model and spec, and the feature folder checked against them."""
     model, spec = load_run(run, checkpoint)
-    return model, spec, open_checked(features, spec, prog)
+    return model, spec, open_checked(features, spec, prog, strict)
 
 
 def _sequences(model, spec: ModelSpec, store: FeatureStore, ids: list[str], device: str,
@@ -228,16 +255,19 @@ def predict_run(
     threshold: float | None = None,
     device: str = TrainConfig.device,
     stream: bool = False,
+    new_videos: bool = False,
 ) -> dict:
     """Write one JSON line per clip, then one per source video (mean over its clips).
 
     The clips are run shard by shard (so ``stream`` reads each shard in order, once); the
-    lines are written one at a time, in the index's order."""
+    lines are written one at a time, in the index's order. ``new_videos``: the features were
+    just made from videos given to predict, so they must be made exactly as the run's were,
+    and no clip belongs to a split of the run (even one whose file name matches)."""
     prog = "vpipe predict"
     if threshold is not None and not 0 <= threshold <= 1:
         raise UsageError("--threshold is a score in [0, 1]")
     check_output(out_path)  # refused before the model runs, not after
-    model, spec, store = _open(run, features, checkpoint, prog)
+    model, spec, store = _open(run, features, checkpoint, prog, strict=new_videos)
     thr = spec.config.threshold if threshold is None else threshold
     ids = store.clip_ids
     warn_empty_clips(store, ids, spec.modalities, prog)
@@ -255,7 +285,7 @@ def predict_run(
     with torch_threads():
         outs, _ = run_model(model, data, None, spec, dev)
     at = {cid: k for k, cid in enumerate(order)}
-    split_of = run_splits(run)
+    split_of = {} if new_videos else run_splits(run)
     by_source: dict[str, list[int]] = {}
     splits_of: dict[str, set] = {}
     path = check_output(out_path)

@@ -125,6 +125,7 @@ def run_plan(
     call: Callable[[list[str]], int],
     *,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    prog: str = "vpipe run",
 ) -> tuple[int, list[StepResult]]:
     """Run the steps in order through ``call(args) -> exit code``; returns the run's exit code.
 
@@ -136,7 +137,7 @@ def run_plan(
     code = 0
     upstream_changed = upstream_redone = False
     for n, step in enumerate(steps, start=1):
-        head = f"vpipe run [{n}/{len(steps)}] {step.name}"
+        head = f"{prog} [{n}/{len(steps)}] {step.name}"
         args = _args_for(step, n == 1, upstream_changed)
         if args is None:
             log(f"{head}: up to date ({step.out})")
