@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.device import autocast_dtype, pick_device, pick_precision
+from pipeline.features.batching import ModelBatch
 from pipeline.features.options import FeatureOptions
 from pipeline.features.text import TextEncoder, resolve_text_model
 from pipeline.features.weights import (
@@ -297,6 +298,8 @@ class Encoders:
     device: torch.device
     precision: str
     text: TextEncoder | None = None
+    batching: ModelBatch | None = None  # None: each batch in one call, as given
+    channels_last: bool = False
 
     @property
     def audio_dim(self) -> int:
@@ -313,13 +316,20 @@ class Encoders:
         return self.text.encode(titles)
 
     def embed_images(self, imgs: torch.Tensor) -> np.ndarray:
-        """A batch of uint8 images (N, 3, crop, crop) -> float32 features (N, dim): normalised
-        as the weights' preset says, cast to the precision, channels-last where it pays."""
+        """A batch of uint8 images (N, 3, crop, crop) -> float32 features (N, dim), in model
+        calls of the size :attr:`batching` chose."""
+        if self.batching is None:
+            return self._embed_call(imgs)
+        return self.batching.run(imgs, self._embed_call)
+
+    def _embed_call(self, imgs: torch.Tensor) -> np.ndarray:
+        """One model call: normalised as the weights' preset says, cast to the precision, in
+        the model's memory layout."""
         x = self.image.preprocessing.normalize(imgs.to(self.device, non_blocking=True))
         cast = autocast_dtype(self.precision)
         if cast is not None:
             x = x.to(cast)
-        if self.device.type == "cuda" or cast is not None:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             return self.image.model(x).float().cpu().numpy()
@@ -388,8 +398,16 @@ def load_encoders(opts: FeatureOptions) -> Encoders:
         # Half-precision weights rather than autocast: the BN-folded convs are all there is,
         # and autocast would re-cast every weight at every call (bf16, 2 cores: +7%).
         image.model.to(cast)
-    if device.type == "cuda" or cast is not None:
-        image.model.to(memory_format=torch.channels_last)  # bf16, 2 cores: +28%
+    channels_last = use_channels_last(device, precision)
+    if channels_last:
+        image.model.to(memory_format=torch.channels_last)
     # The title encoder follows the image encoder's device and precision.
     text = TextEncoder(text_info, device, cast) if text_info is not None else None
-    return Encoders(image, audio, device, precision, text)
+    return Encoders(image, audio, device, precision, text, ModelBatch(device.type, opts.batch_size),
+                    channels_last)
+
+
+def use_channels_last(device: torch.device, precision: str) -> bool:
+    """The memory layout the image model runs in: channels last on CUDA and in bf16 on a CPU
+    (bf16, 2 cores: +28%); fp32 on a CPU stays contiguous (see benchmarks/README.md)."""
+    return device.type == "cuda" or precision != "fp32"

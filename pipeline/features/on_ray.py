@@ -133,6 +133,8 @@ def encode_on_ray(jobs: list[ClipJob], source: Any, enc: Encoders, opts: Feature
     decode = ray.remote(decode_chunk).options(num_cpus=1, max_retries=TASK_RETRIES)
     source_ref, dec = ray.put(source), Decoding.of(enc)
     dec = dataclasses.replace(dec, pin_memory=False)
+    # Decoded in batches of the loader's size; each actor cuts them into its own model calls.
+    loader_opts = dataclasses.replace(opts, batch_size=enc.batching.loader_batch)
     tracker.start(total=sum(len(j.frames) for j in jobs) or None)
 
     number = shards.next_shard_number(out)
@@ -150,7 +152,8 @@ def encode_on_ray(jobs: list[ClipJob], source: Any, enc: Encoders, opts: Feature
             room = QUEUED_PER_ACTOR * len(actors) - len(decoding) - sum(load)
             while waiting and room > 0:
                 c = waiting.pop()
-                decoding[decode.remote(source_ref, [jobs[j] for j in groups[c]], dec, opts)] = c
+                decoding[decode.remote(source_ref, [jobs[j] for j in groups[c]], dec,
+                                       loader_opts)] = c
                 room -= 1
             ready, _ = ray.wait([*decoding, *encoding], num_returns=1)
             ref = ready[0]

@@ -41,7 +41,7 @@ class FeatureOptions:
     text_max_chars: int = DEFAULT_MAX_CHARS
     text_model: str = DEFAULT_TEXT_MODEL
     # Speed only: not part of the recorded parameters.
-    batch_size: int = 32
+    batch_size: int = 0  # 0: chosen by timing the run's first frames (.batching)
     workers: int = field(default_factory=loader_workers)
     device: str = "auto"
     precision: str = "auto"
@@ -58,8 +58,10 @@ class FeatureOptions:
             raise UsageError(f"--compression {self.compression!r}: use none, gzip or lzf")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision!r}: use auto, fp32, fp16 or bf16")
-        if self.shard_size < 1 or self.batch_size < 1:
-            raise UsageError("--shard-size and --batch-size must be at least 1")
+        if self.shard_size < 1:
+            raise UsageError("--shard-size must be at least 1")
+        if self.batch_size < 0:
+            raise UsageError("--batch-size must be 0 (chosen by measuring) or more")
         if self.text_max_chars < 0:
             raise UsageError("--text-max-chars must be 0 (no cut) or more")
         if self.from_video:

@@ -11,6 +11,7 @@ run the same way, the shard in progress removed (:class:`~pipeline.errors.DiskFu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -199,6 +200,8 @@ def extract_features(
                           shard_attrs(enc, source, opts))
         else:
             encode(todo, source, enc, opts, tracker, out, on_shard)
+            if todo:
+                run.extra["model_batch"] = enc.batching.report()
     except BaseException as e:
         end_run(tracker, e, lambda: [job.id for job in jobs])
         raise
@@ -211,7 +214,9 @@ def encode(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions
     sink = ShardSink(out, enc, opts, tracker, shard_attrs(enc, source, opts), on_shard)
     tracker.start(total=sum(len(j.frames) for j in jobs) or None)
     try:
-        batches = source.batches(jobs, Decoding.of(enc), opts)
+        # The loader's batches; the encoders cut them into model calls of the size they chose.
+        loader_opts = dataclasses.replace(opts, batch_size=enc.batching.loader_batch)
+        batches = source.batches(jobs, Decoding.of(enc), loader_opts)
         for job, clip, error in embed_batches(batches, jobs, enc, tracker.advance):
             if error is not None:
                 tracker.record(job.item, [failed_record(job, error)])
