@@ -43,6 +43,10 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
+    # k-fold cross-validation by source (``train_folds``): folds K >= 2, and the fold (1..K) a
+    # run of it is; 0: one train/val/test split
+    folds: int = 0
+    fold: int = 0
     max_frames: int = 0  # 0: every step; else uniform sampling down to this many
     threshold: float = 0.5
     top_k: int = 5
