@@ -126,8 +126,8 @@ def train(
         int,
         typer.Option(
             "--folds",
-            help="k-fold cross-validation by source: K >= 2 runs OUT/fold-1..K, each testing "
-            "on its own K-th of the source videos (every source tested once) and validating on "
+            help="Cross-validation by source: N >= 2 runs OUT/fold-1..N, each testing on one "
+            "of N groups of the source videos (every source tested once) and validating on "
             "--val-fraction of the others (--test-fraction unused); OUT/summary.json holds "
             "each fold's test figures and their mean and std, OUT/predictions.jsonl the "
             "out-of-fold predictions. 0: one train/val/test split.",
@@ -198,7 +198,7 @@ def train(
     The same command again is safe: a finished run is reported complete (nothing retrained),
     an interrupted one continues from its last epoch. Other options, labels or features into
     the same --out are refused (exit 2) unless --overwrite, which starts the run again.
-    With --folds K, the same holds for each fold's run OUT/fold-k; evaluate and predict take
+    With --folds N, the same holds for each fold's run OUT/fold-k; evaluate and predict take
     one fold's run.
     """
     from pipeline.train import train, train_captions, train_folds

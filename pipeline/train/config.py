@@ -22,6 +22,10 @@ CHECKPOINTS = ("best", "last")  # the checkpoints of a run that evaluate and pre
 DEFAULT_CHECKPOINT = "best"
 
 
+# TrainConfig fields that no command takes: set by train_folds on each fold's run.
+NOT_OPTIONS = ("fold",)
+
+
 @dataclass
 class TrainConfig:
     """Every training option, as plain values (written to ``config.json``)."""
