@@ -196,6 +196,9 @@ def test_other_options_into_a_folds_run_are_refused(store, done, tmp_path, capsy
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert main([*args, "--resume", "--epochs", "3", "--quiet"]) == 0  # train longer: allowed
     assert [read(out / f"fold-{k}" / "summary.json")["epochs_run"] for k in (1, 2, 3)] == [3] * 3
+    assert main(folds_args(store, out, "--overwrite", "--quiet", folds=2)) == 0  # start again
+    assert sorted(p.name for p in out.glob("fold-*")) == ["fold-1", "fold-2"]
+    assert read(out / "summary.json")["folds"] == 2
 
 
 def test_evaluate_and_predict_given_a_folds_run_name_a_fold(store, done, tmp_path, capsys):

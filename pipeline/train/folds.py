@@ -84,16 +84,19 @@ def _train_folds(features: Path, labels_csv: Path, out: Path, cfg: TrainConfig, 
     spec = model_spec(replace(cfg, fold=1), first)
     fingerprint = features_fingerprint(first.store, list(first.joined.labels),
                                        first.store_attrs, first.dims)
-    first.store.close()
     params = run_params(replace(spec.config, fold=0), features, labels_csv, fingerprint)
-    open_folds_folder(out, params, resume, overwrite)
+    try:
+        open_folds_folder(out, params, resume, overwrite)
+    except BaseException:
+        first.store.close()
+        raise
     started = now_iso()
     write_run_info(out, {"started": started, "ended": None, "params": params, "result": None})
 
     folds = []
     for k in range(1, cfg.folds + 1):
         fold_cfg = replace(cfg, fold=k)
-        p = prepare(features, labels_csv, fold_cfg, quiet=True)
+        p = first if k == 1 else prepare(features, labels_csv, fold_cfg, quiet=True)
         source_of = p.store.source_of()
         sources = {s: sorted({source_of[c] for c in ids}) for s, ids in p.split_ids.items()}
         run = fold_dir(out, k)
