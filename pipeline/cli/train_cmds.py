@@ -122,6 +122,17 @@ def train(
     seed: Annotated[
         int, typer.Option("--seed", help="Seed (0 to 2^32-1) of the split, init and batch order.")
     ] = TrainConfig.seed,
+    folds: Annotated[
+        int,
+        typer.Option(
+            "--folds",
+            help="Cross-validation by source: N >= 2 runs OUT/fold-1..N, each testing on one "
+            "of N groups of the source videos (every source tested once) and validating on "
+            "--val-fraction of the others (--test-fraction unused); OUT/summary.json holds "
+            "each fold's test figures and their mean and std, OUT/predictions.jsonl the "
+            "out-of-fold predictions. 0: one train/val/test split.",
+        ),
+    ] = TrainConfig.folds,
     max_frames: Annotated[
         int,
         typer.Option(
@@ -187,10 +198,12 @@ def train(
     The same command again is safe: a finished run is reported complete (nothing retrained),
     an interrupted one continues from its last epoch. Other options, labels or features into
     the same --out are refused (exit 2) unless --overwrite, which starts the run again.
+    With --folds N, the same holds for each fold's run OUT/fold-k; evaluate and predict take
+    one fold's run.
     """
-    from pipeline.train import train, train_captions
+    from pipeline.train import train, train_captions, train_folds
 
-    train_run = train_captions if task == "caption" else train
+    train_run = train_folds if folds else train_captions if task == "caption" else train
 
     cfg = TrainConfig(
         task=task,
@@ -210,6 +223,7 @@ def train(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,
+        folds=folds,
         max_frames=max_frames,
         threshold=threshold,
         top_k=top_k,
@@ -222,7 +236,12 @@ def train(
         max_words=max_words,
     )
     s = train_run(features, labels, out, cfg, resume=resume, overwrite=overwrite, quiet=quiet)
-    if not quiet and not s.get("already_complete"):  # that case was reported already
+    if folds and not quiet:  # each fold's figure and the mean ± std, also when all were done
+        from pipeline.train.folds import result_lines
+
+        for line in [*result_lines(s, out), *(f"warning: {w}" for w in s["warnings"])]:
+            print(f"vpipe train: {line}", file=sys.stderr)
+    elif not quiet and not s.get("already_complete"):  # that case was reported already
         name = s["main_metric"]
         side = "test" if s["test"] else "val" if s["val"] else "train"
         got = s[side].get(name)

@@ -5,7 +5,8 @@ says the model is); ``labels`` joins a labels CSV to the clips of a feature fold
 them by source video; ``data`` holds the clips' sequences and pads batches; ``inputs`` checks all
 of that before a file is written; ``model`` holds the two models (``lstm``: LRCN,
 ``attention``: per-modality LSTM with attention pooling) and how their outputs are read;
-``loop`` the one training loop; ``evaluation`` and ``metrics`` the per-task figures and the run's
+``loop`` the one training loop; ``folds`` k-fold cross-validation by source over it;
+``evaluation`` and ``metrics`` the per-task figures and the run's
 summary; ``runs`` the run folder (checkpoints, resume checks, metrics.jsonl, curves.png);
 ``predict`` evaluation and prediction from a run; ``synthetic`` feature sets with known answers
 for tests and demos.
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pipeline.train.caption import train_captions
     from pipeline.train.config import TrainConfig
+    from pipeline.train.folds import train_folds
     from pipeline.train.inputs import prepare
     from pipeline.train.loop import train
     from pipeline.train.predict import evaluate_run, predict_run
@@ -31,12 +33,13 @@ _HOME = {
     "prepare": "pipeline.train.inputs",
     "train": "pipeline.train.loop",
     "train_captions": "pipeline.train.caption",
+    "train_folds": "pipeline.train.folds",
     "evaluate_run": "pipeline.train.predict",
     "predict_run": "pipeline.train.predict",
     "load_run": "pipeline.train.runs",
 }
 __all__ = ["TrainConfig", "evaluate_run", "load_run", "predict_run", "prepare", "train",
-           "train_captions"]
+           "train_captions", "train_folds"]
 
 
 def __getattr__(name: str) -> object:

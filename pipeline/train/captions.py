@@ -88,6 +88,9 @@ class CaptionInput(Prepared):
 
 
 def check_caption_config(cfg: TrainConfig) -> None:
+    if cfg.folds:
+        raise UsageError("--folds is not supported with --task caption (train one "
+                         "train/val/test split, e.g. with --test-fraction)")
     if cfg.attention not in ATTENTION:
         raise UsageError(f"--attention {cfg.attention!r}: choose soft or none")
     for name in ("beam", "min_count", "max_words"):

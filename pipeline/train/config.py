@@ -22,6 +22,10 @@ CHECKPOINTS = ("best", "last")  # the checkpoints of a run that evaluate and pre
 DEFAULT_CHECKPOINT = "best"
 
 
+# TrainConfig fields that no command takes: set by train_folds on each fold's run.
+NOT_OPTIONS = ("fold",)
+
+
 @dataclass
 class TrainConfig:
     """Every training option, as plain values (written to ``config.json``)."""
@@ -43,6 +47,10 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
+    # k-fold cross-validation by source (``train_folds``): folds K >= 2, and the fold (1..K) a
+    # run of it is; 0: one train/val/test split
+    folds: int = 0
+    fold: int = 0
     max_frames: int = 0  # 0: every step; else uniform sampling down to this many
     threshold: float = 0.5
     top_k: int = 5

@@ -139,6 +139,8 @@ def summarise(
         else None,
         "device": str(device),
     }
+    if spec.config.folds:  # one fold of train_folds: its test split is the fold's sources
+        summary["fold"] = {"fold": spec.config.fold, "of": spec.config.folds}
     summary["warnings"] = caveats(summary)
     return summary
 
@@ -154,9 +156,11 @@ def caveats(summary: dict) -> list[str]:
     for split in ("val", "test"):
         n = summary["n_sources"].get(split, 0)
         if 0 < n < MIN_SOURCES:
+            remedy = ("use fewer --folds" if split == "test" and summary.get("fold")
+                      else f"raise --{split}-fraction")
             out.append(f"the {split} split holds {n} source{'s' if n > 1 else ''}: its figures "
-                       f"say little (at least {MIN_SOURCES} would; label more sources or raise "
-                       f"--{split}-fraction)")
+                       f"say little (at least {MIN_SOURCES} would; label more sources or "
+                       f"{remedy})")
     name, higher = MAIN_METRIC[summary["task"]]
     side = "test" if summary["test"] else "val" if summary["val"] else None
     if side is not None:

@@ -30,6 +30,7 @@ from pipeline.train.labels import (
     infer_task,
     join_labels,
     read_labels,
+    split_by_fold,
     split_by_source,
 )
 
@@ -81,6 +82,8 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("hidden", "layers", "epochs", "batch_size", "patience", "top_k"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.folds and cfg.folds < 2:
+        raise UsageError("--folds must be at least 2 (or 0: one train/val/test split)")
     if cfg.max_frames < 0:
         raise UsageError("--max-frames must be 0 (all frames) or more")
     for name in ("lr", "clip_grad"):  # 0 would leave the weights where they started
@@ -168,7 +171,12 @@ def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = Fa
 
     source_of = store.source_of()
     sources = {c: source_of[c] for c in joined.labels}
-    side = split_by_source(sources, cfg.val_fraction, cfg.test_fraction, cfg.seed, joined.splits)
+    if cfg.folds:
+        side = split_by_fold(sources, cfg.folds, cfg.fold, cfg.val_fraction, cfg.seed,
+                             joined.splits)
+    else:
+        side = split_by_source(sources, cfg.val_fraction, cfg.test_fraction, cfg.seed,
+                               joined.splits)
     split_ids = {s: [c for c in joined.labels if side[c] == s] for s in ("train", "val", "test")}
     if not split_ids["train"]:
         raise UsageError("no labelled clip falls in the train split")

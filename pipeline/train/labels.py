@@ -335,3 +335,52 @@ def split_by_source(
     side = {s: "val" for s in sources[:n_val]}
     side.update({s: "test" for s in sources[n_val : n_val + n_test]})
     return {c: side.get(s, "train") for c, s in clip_sources.items()}
+
+
+def fold_groups(sources: Sequence[str], folds: int, seed: int) -> list[list[str]]:
+    """The sources of each of ``folds`` disjoint groups (sizes differing by one at most),
+    drawn with ``seed``: the test sources of each fold of a cross-validation."""
+    order = sorted(set(sources))
+    if not 2 <= folds <= len(order):
+        raise UsageError(f"--folds {folds}: needs 2 to {len(order)} folds (the labelled clips "
+                         f"come from {len(order)} source videos; each fold tests on whole ones)")
+    random.Random(seed).shuffle(order)
+    size, extra = divmod(len(order), folds)
+    groups, at = [], 0
+    for k in range(folds):
+        n = size + (k < extra)
+        groups.append(order[at : at + n])
+        at += n
+    return groups
+
+
+def split_by_fold(
+    clip_sources: dict[str, str],
+    folds: int,
+    fold: int,
+    val_fraction: float,
+    seed: int,
+    fixed: dict[str, str | None] | None = None,
+) -> dict[str, str]:
+    """Clip id -> train|val|test for fold ``fold`` (1..folds) of a cross-validation by source:
+    test is the fold's group of :func:`fold_groups`, val a ``val_fraction`` share of the other
+    sources (at least one when above 0), train the rest."""
+    if fixed and any(v is not None for v in fixed.values()):
+        raise UsageError("--folds makes its own splits: the labels CSV has a split column "
+                         "(drop the column, or train without --folds)")
+    if not 0 <= val_fraction < 1:
+        raise UsageError("--val-fraction must be in [0, 1)")
+    groups = fold_groups(list(clip_sources.values()), folds, seed)
+    if not 1 <= fold <= folds:
+        raise UsageError(f"fold {fold}: a run of {folds} folds has folds 1 to {folds}")
+    test = set(groups[fold - 1])
+    rest = [s for k, g in enumerate(groups) if k != fold - 1 for s in g]
+    n_val = max(1, round(len(rest) * val_fraction)) if val_fraction > 0 else 0
+    if len(rest) - n_val < 1:
+        raise UsageError(
+            f"{len(rest) + len(test)} source videos are too few for --folds {folds} with "
+            f"--val-fraction {val_fraction} (each fold needs one whole video to train on)"
+        )
+    side = {s: "test" for s in test}
+    side.update({s: "val" for s in rest[:n_val]})
+    return {c: side.get(s, "train") for c, s in clip_sources.items()}

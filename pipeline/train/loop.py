@@ -90,6 +90,21 @@ def _train(
     quiet: bool,
 ) -> dict:
     p = prepare(Path(features), Path(labels_csv), cfg, quiet)
+    return train_prepared(p, features, labels_csv, out, cfg, resume, overwrite, quiet)
+
+
+def train_prepared(
+    p: Prepared,
+    features: str | Path,
+    labels_csv: str | Path,
+    out: Path,
+    cfg: TrainConfig,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+) -> dict:
+    """The run of checked input ``p`` in ``out`` (its lock held): resumed, reported complete
+    or trained; closes ``p``'s store. One run, or one fold of ``train_folds``."""
     spec = model_spec(cfg, p)
     cfg = spec.config  # the options with the modalities used
     fingerprint = features_fingerprint(p.store, list(p.joined.labels), p.store_attrs, p.dims)

@@ -260,9 +260,9 @@ def predict_run(
     """Write one JSON line per clip, then one per source video (mean over its clips).
 
     The clips are run shard by shard (so ``stream`` reads each shard in order, once); the
-    lines are written one at a time, in the index's order. ``new_videos``: the features were
-    just made from videos given to predict, so they must be made exactly as the run's were,
-    and no clip belongs to a split of the run (even one whose file name matches)."""
+    lines are in the index's order. ``new_videos``: the features were just made from videos
+    given to predict, so they must be made exactly as the run's were, and no clip belongs to a
+    split of the run (even one whose file name matches)."""
     prog = "vpipe predict"
     if threshold is not None and not 0 <= threshold <= 1:
         raise UsageError("--threshold is a score in [0, 1]")
@@ -280,31 +280,54 @@ def predict_run(
             n, n_src = write_caption_lines(model, spec, store, f, device, stream)
         store.close()
         return {"clips": n, "sources": n_src, "out": str(out_path)}
-    order = store.clip_ids_in_read_order()
+    split_of = {} if new_videos else run_splits(run)
+    path = check_output(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        n_src = write_prediction_lines(f, model, spec, store, ids, split_of, thr, device, stream)
+    store.close()
+    return {"clips": len(ids), "sources": n_src, "out": str(out_path)}
+
+
+def prediction_lines(
+    model, spec: ModelSpec, store: FeatureStore, ids: list[str], split_of: dict[str, str],
+    threshold: float, device: str, stream: bool = False, extra: dict | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """The clip lines of ``ids`` (in that order) and one line per source (the mean of its
+    clips among ``ids``), each with ``extra`` fields after the id. The clips are run shard by
+    shard (so ``stream`` reads each shard in order, once)."""
+    order = store.select(ids).clip_ids_in_read_order()
     data, dev = _sequences(model, spec, store, order, device, stream)
     with torch_threads():
         outs, _ = run_model(model, data, None, spec, dev)
     at = {cid: k for k, cid in enumerate(order)}
-    split_of = {} if new_videos else run_splits(run)
+    source_of = store.source_of()
+    extra = extra or {}
     by_source: dict[str, list[int]] = {}
     splits_of: dict[str, set] = {}
-    path = check_output(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
-        for cid, src in zip(ids, store.column("source"), strict=True):
-            o = outs[at[cid]]
-            by_source.setdefault(src, []).append(at[cid])
-            split = split_of.get(cid)
-            splits_of.setdefault(src, set()).add(split)
-            line = {"level": "clip", "id": cid, "source": src, "split": split,
-                    **_describe(spec, o, thr)}
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        for src, ks in by_source.items():
-            mean = np.mean(np.stack([outs[k] for k in ks]), axis=0)
-            seen = splits_of[src]
-            split = next(iter(seen)) if len(seen) == 1 else "mixed"
-            line = {"level": "source", "id": src, "n_clips": len(ks), "split": split,
-                    **_describe(spec, mean, thr)}
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    store.close()
-    return {"clips": len(ids), "sources": len(by_source), "out": str(out_path)}
+    clips, sources = [], []
+    for cid in ids:
+        src = source_of[cid]
+        by_source.setdefault(src, []).append(at[cid])
+        split = split_of.get(cid)
+        splits_of.setdefault(src, set()).add(split)
+        clips.append({"level": "clip", "id": cid, "source": src, **extra, "split": split,
+                      **_describe(spec, outs[at[cid]], threshold)})
+    for src, ks in by_source.items():
+        mean = np.mean(np.stack([outs[k] for k in ks]), axis=0)
+        seen = splits_of[src]
+        split = next(iter(seen)) if len(seen) == 1 else "mixed"
+        sources.append({"level": "source", "id": src, "n_clips": len(ks), **extra,
+                        "split": split, **_describe(spec, mean, threshold)})
+    return clips, sources
+
+
+def write_prediction_lines(f, model, spec: ModelSpec, store: FeatureStore, ids: list[str],
+                           split_of: dict[str, str], threshold: float, device: str,
+                           stream: bool = False) -> int:
+    """Write :func:`prediction_lines` to ``f``, clips first; returns the number of sources."""
+    clips, sources = prediction_lines(model, spec, store, ids, split_of, threshold, device,
+                                      stream)
+    for line in (*clips, *sources):
+        f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return len(sources)

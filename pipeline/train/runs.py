@@ -220,11 +220,31 @@ def open_run_folder(
         return None
     cfg_path = out / "config.json"
     if not cfg_path.exists():
+        if folds_of(out):
+            raise UsageError(f"{out}: holds a --folds {folds_of(out)} run; train it with "
+                             "--folds again, or choose another --out")
         raise UsageError(f"{out}: exists and is not a vpipe train run; choose another --out")
     if overwrite:
         return None
-    old, new = json.loads(cfg_path.read_text(encoding="utf-8"))["config"], asdict(cfg)
+    old = json.loads(cfg_path.read_text(encoding="utf-8"))["config"]
+    check_same_options(out, old, asdict(cfg), resume)
+    splits = out / "splits.json"
+    if splits.exists() and json.loads(splits.read_text(encoding="utf-8")) != split_ids:
+        raise ParamsChanged(
+            f"{out}: the run there started with other labelled clips or splits "
+            "(labels or features changed); use --overwrite to start again"
+        )
+    check_same_inputs(out, (read_run_info(out) or {}).get("params", {}), params)
+    clean_temp_files(out)  # a write cut by a crash; its target still holds the previous file
+    last = out / "last.pt"
+    return torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
+
+
+def check_same_options(out: Path, old: dict, new: dict, resume: bool) -> None:
+    """Refuse (``ParamsChanged``) options ``new`` that differ from the run's ``old`` in what
+    is learned: with ``resume``, ``epochs`` and ``patience`` may change too."""
     old = {**asdict(TrainConfig()), **old}  # an option added since: the run had its default
+    new = {**asdict(TrainConfig()), **new}
     may_differ = OPTIONS_RESUME_MAY_CHANGE if resume else OPTIONS_NOT_LEARNED
     diff = [
         k for k in sorted(set(old) | set(new)) if k not in may_differ and old.get(k) != new.get(k)
@@ -241,13 +261,10 @@ def open_run_folder(
             else "use --overwrite to start again, or choose another --out"
         )
         raise ParamsChanged(f"{out}: a run with other options is there ({shown}); {hint}")
-    splits = out / "splits.json"
-    if splits.exists() and json.loads(splits.read_text(encoding="utf-8")) != split_ids:
-        raise ParamsChanged(
-            f"{out}: the run there started with other labelled clips or splits "
-            "(labels or features changed); use --overwrite to start again"
-        )
-    before = (read_run_info(out) or {}).get("params", {})
+
+
+def check_same_inputs(out: Path, before: dict, params: dict) -> None:
+    """Refuse other labels or features (by content) than the run's ``vpipe.json`` params."""
     changed = [k for k in INPUT_DIGESTS if k in before and before[k] != params.get(k)]
     if changed:
         what = " and ".join("labels" if k == "labels_sha256" else "features" for k in changed)
@@ -255,9 +272,6 @@ def open_run_folder(
             f"{out}: the run there was trained on other {what} (same clip ids, other content); "
             "use --overwrite to start again"
         )
-    clean_temp_files(out)  # a write cut by a crash; its target still holds the previous file
-    last = out / "last.pt"
-    return torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
 
 
 def load_run(
@@ -265,6 +279,12 @@ def load_run(
 ) -> tuple[SequenceModel, ModelSpec]:
     """The model of ``RUN/best.pt`` (or ``last``) with its weights, and its spec."""
     path = Path(run) / f"{checkpoint}.pt"
+    if not path.exists() and folds_of(Path(run)):
+        raise UsageError(
+            f"{run}: a --folds {folds_of(Path(run))} run holds one model per fold: use one "
+            f"fold's run, e.g. {Path(run) / 'fold-1'} (the out-of-fold predictions are in "
+            f"{Path(run) / 'predictions.jsonl'})"
+        )
     if not path.exists():
         raise UsageError(f"{path}: no such checkpoint (is {run} a vpipe train run?)")
     ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -272,6 +292,16 @@ def load_run(
     model = build_model(spec)
     model.load_state_dict(ck["model"])
     return model, spec
+
+
+def folds_of(out: Path) -> int:
+    """K when ``out`` holds a ``train --folds K`` run (its ``vpipe.json`` says so), else 0."""
+    try:
+        info = read_run_info(out) or {}
+    except (OSError, ValueError):
+        return 0
+    params = info.get("params") or {}
+    return int(params.get("folds") or 0) if not params.get("fold") else 0
 
 
 def is_complete(out: Path, state: dict, epochs: int, patience: int) -> bool:
