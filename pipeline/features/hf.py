@@ -34,7 +34,7 @@ class HFModelInfo:
     def identity(self) -> dict[str, Any]:
         """Where the weights came from: the hub revision, or a folder's files' sha256."""
         # Not the folder read: a hub snapshot's path depends on this machine's HF_HOME.
-        return {k: v for k, v in self.attrs().items() if k != "folder"}
+        return {k: v for k, v in self.attrs().items() if k != "folder" and v != ""}
 
 
 def hub_cache_dir() -> Path:
