@@ -1,15 +1,18 @@
-"""Benchmark of `vpipe features` against the model's own throughput and the seed-style loop.
+"""Benchmark of `vpipe features` against the model's own ceiling and the seed-style loop.
 
-Prints, in one run and for each precision asked:
-  (a) pure model throughput: the ResNet on random tensors at the same batch size,
-  (b) the features stage end to end (frames/s over the whole `extract_features` call: model
-      load, loader start-up, JPEG decode, preprocessing, inference, HDF5 writing),
+Prints, in one run:
+  (a) the model alone (as the stage builds it) swept over batch size, memory layout and
+      precision on random tensors, before and after (b), best of the two; its best
+      configuration is the ceiling,
+  (b) the features stage with its defaults (or the options given), frames/s over the whole
+      `extract_features` call and in steady state (the difference of that run and a 9-frame
+      one), with the model-call size it chose,
   (c) the seed-style way: PIL load + the weights' transforms + one ResNet call per frame,
 and the ratios b/a and b/c. Frames are JPEGs at the size `vpipe extract-frames` writes by
 default (short side 256) unless --size says otherwise. Weights are random (same speed as the
 published ones, and no download needed)::
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/features.py --frames 384 --precision fp32 auto
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/features.py --frames 384
 """
 
 from __future__ import annotations
@@ -81,25 +84,62 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def model_throughput(
-    model, batch: int, precision: str, seconds: float = 8.0
-) -> tuple[float, float]:
-    """Frames/s and CPU-ms/frame of the model alone on random input, run as the stage runs it."""
+def sweep(model_name: str, weights: Path, batches: Sequence[int], precisions: Sequence[str],
+          seconds: float, rounds: int = 2) -> dict[tuple[str, str, int], float]:
+    """The model alone (as the stage builds it: BatchNorm folded) over precision x memory
+    layout x batch size, frames/s, best of ``rounds`` interleaved rounds (so that a change in
+    the machine's load hits every configuration alike)."""
     import torch
 
     from pipeline.device import autocast_dtype
+    from pipeline.features.encoders import load_image_encoder
+    from pipeline.features.weights import resolve_image_weights
 
-    cast = autocast_dtype(precision)
-    x = torch.randn(batch, 3, 224, 224)
-    if cast is not None:  # as the stage feeds it: weights and input in bf16, channels last
-        x = x.to(cast).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        model(x)  # warm-up: first-call allocations and kernel selection
-        n, t0, c0 = 0, time.perf_counter(), cpu_seconds()
-        while time.perf_counter() - t0 < seconds:
-            model(x)
-            n += batch
-    return n / (time.perf_counter() - t0), (cpu_seconds() - c0) / n * 1e3
+    models = {}
+    for prec in precisions:
+        for layout in ("contiguous", "channels_last"):
+            enc = load_image_encoder(model_name, str(weights),
+                                     resolve_image_weights(model_name, str(weights)))
+            m = enc.model
+            if (cast := autocast_dtype(prec)) is not None:
+                m.to(cast)
+            if layout == "channels_last":
+                m.to(memory_format=torch.channels_last)
+            models[prec, layout] = m
+    best: dict[tuple[str, str, int], float] = {}
+    for _ in range(rounds):
+        for (prec, layout), m in models.items():
+            for b in batches:
+                x = torch.randn(b, 3, 224, 224)
+                if (cast := autocast_dtype(prec)) is not None:
+                    x = x.to(cast)
+                if layout == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode():
+                    m(x)  # warm-up: kernel choice, allocations
+                    n, t0 = 0, time.perf_counter()
+                    while n == 0 or time.perf_counter() - t0 < seconds:
+                        m(x)
+                        n += b
+                fps = n / (time.perf_counter() - t0)
+                key = (prec, layout, b)
+                best[key] = max(best.get(key, 0.0), fps)
+                print(f"  sweep {prec} {layout} batch {b}: {fps:.1f} frames/s", flush=True)
+    return best
+
+
+def stage_rate(media: Path, out: Path, opts, n_frames: int) -> tuple[float, float, dict]:
+    """Frames/s of one whole `extract_features` call, its CPU ms/frame, and what it recorded
+    about its model calls (``model_batch``)."""
+    import json
+
+    from pipeline.features import extract_features
+
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    extract_features([media], out, opts, quiet=True)
+    dt = time.perf_counter() - t0
+    info = json.loads((out / "vpipe.json").read_text())
+    return n_frames / dt, (cpu_seconds() - c0) / n_frames * 1e3, info.get("model_batch", {})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -109,26 +149,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--clips", type=int, default=8)
     ap.add_argument("--seed-frames", type=int, default=48, help="frames for (c)")
     ap.add_argument("--size", default="455x256", help="frame size WxH")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=0, help="the stage's (0: its default)")
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--precision", nargs="+", default=["fp32", "auto"])
+    ap.add_argument("--precision", nargs="+", default=["auto"], help="the stage's")
+    ap.add_argument("--sweep-batches", default="1,4,8,16,32")
+    ap.add_argument("--sweep-precisions", default=None,
+                    help="default: fp32, plus bf16 where the CPU has native bf16")
+    ap.add_argument("--sweep-seconds", type=float, default=2.0)
     a = ap.parse_args(argv)
 
     import torch
     import torchvision
 
-    from pipeline.features import FeatureOptions, extract_features, load_encoders
+    from pipeline.device import cpu_has_bf16
+    from pipeline.features import FeatureOptions
     from pipeline.features.options import loader_workers
 
     workers = loader_workers() if a.workers is None else a.workers
     size = tuple(int(v) for v in a.size.split("x"))
-    print(f"# {a.model}, batch {a.batch_size}, {workers} loader worker(s), frames {a.size}, "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+    precisions = (a.sweep_precisions.split(",") if a.sweep_precisions
+                  else ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"])
+    print(f"# {a.model}, {workers} loader worker(s), frames {a.size}, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, native bf16: "
+          f"{cpu_has_bf16()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        media = make_frames(tmp / "media", a.clips, -(-a.frames // a.clips), size)
-        n_frames = a.clips * -(-a.frames // a.clips)
+        per_clip = -(-a.frames // a.clips)
+        media = make_frames(tmp / "media", a.clips, per_clip, size)
+        small = make_frames(tmp / "small", 1, 9, size)  # the fixed cost: a 9-frame run
+        n_frames = a.clips * per_clip
         torch.manual_seed(0)
         model = torchvision.models.get_model(a.model)
         model.fc = torch.nn.Identity()
@@ -140,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         t0 = time.perf_counter()
         seed_features(paths, model)
         seed = len(paths) / (time.perf_counter() - t0)
+        print(f"(c) seed-style: {seed:.1f} frames/s", flush=True)
+
+        batches = [int(b) for b in a.sweep_batches.split(",")]
+        ceiling = sweep(a.model, weights, batches, precisions, a.sweep_seconds, rounds=1)
 
         rows = []
         for prec in a.precision:
@@ -147,29 +200,39 @@ def main(argv: Sequence[str] | None = None) -> None:
                 image_model=a.model, image_weights=str(weights), audio_model="none",
                 batch_size=a.batch_size, workers=workers, device="cpu", precision=prec,
             )
-            enc = load_encoders(opts)  # (a) runs the very model the stage runs
-            # (a) is measured before and after (b) and averaged: other load on a shared
-            # machine then hits both figures alike.
-            before, cpu_a1 = model_throughput(enc.image.model, a.batch_size, enc.precision)
-            t0, c0 = time.perf_counter(), cpu_seconds()
-            extract_features([media], tmp / f"out-{prec}", opts, quiet=True)
-            e2e = n_frames / (time.perf_counter() - t0)
-            cpu_b = (cpu_seconds() - c0) / n_frames * 1e3
-            after, cpu_a2 = model_throughput(enc.image.model, a.batch_size, enc.precision)
-            pure, cpu_a = (before + after) / 2, (cpu_a1 + cpu_a2) / 2
-            rows.append((f"{prec} ({enc.precision})", pure, e2e, seed, cpu_a, cpu_b))
-            print(f"{prec}: a={before:.2f}/{after:.2f} b={e2e:.2f} c={seed:.2f} "
-                  f"cpu ms/frame a={cpu_a:.0f} b={cpu_b:.0f}", flush=True)
+            big, cpu_b, chosen = stage_rate(media, tmp / f"out-{prec}", opts, n_frames)
+            small_rate, _, _ = stage_rate(small, tmp / f"small-{prec}", opts, 9)
+            # Steady state: the difference of the big and the 9-frame run (the fixed cost out).
+            t_big, t_small = n_frames / big, 9 / small_rate
+            steady = (n_frames - 9) / max(t_big - t_small, 1e-9)
+            rows.append((prec, big, steady, cpu_b, chosen, t_small))
+            print(f"(b) stage {prec}: {big:.1f} frames/s whole call, {steady:.1f} steady, "
+                  f"9-frame run {t_small:.2f} s, model calls {chosen}", flush=True)
+        # The sweep again, after the stage: the ceiling is the best of both rounds.
+        for k, v in sweep(a.model, weights, batches, precisions, a.sweep_seconds,
+                          rounds=1).items():
+            ceiling[k] = max(ceiling[k], v)
 
     print()
-    print("| precision | (a) model only | (b) vpipe features | (c) seed-style | b/a | b/c "
-          "| CPU ms/frame (a) / (b) |")
+    print("| model alone | " + " | ".join(f"batch {b}" for b in batches) + " |")
+    print("|---|" + "---|" * len(batches))
+    for prec in precisions:
+        for layout in ("contiguous", "channels_last"):
+            cells = " | ".join(f"{ceiling[prec, layout, b]:.1f}" for b in batches)
+            print(f"| {prec} {layout} | {cells} |")
+    top = max(ceiling, key=ceiling.get)
+    print(f"\nbest model-alone configuration: {top[0]} {top[1]} batch {top[2]}: "
+          f"{ceiling[top]:.1f} frames/s")
+    print()
+    print("| stage precision | (b) whole call | (b) steady | b steady / best model | "
+          "b / (c) seed | 9-frame run s | model calls |")
     print("|---|---|---|---|---|---|---|")
-    for name, pure, e2e, seed, cpu_a, cpu_b in rows:
-        print(f"| {name} | {pure:.1f} | {e2e:.1f} | {seed:.1f} | {e2e / pure:.2f} | "
-              f"{e2e / seed:.2f} | {cpu_a:.0f} / {cpu_b:.0f} |")
-    print(f"\nframes/s; (b) over {n_frames} frames in {a.clips} clips, (c) over {len(paths)} "
-          "frames (fp32, as the seed script ran)")
+    for prec, big, steady, _cpu, chosen, t_small in rows:
+        print(f"| {prec} | {big:.1f} | {steady:.1f} | {steady / ceiling[top]:.2f} | "
+              f"{big / seed:.2f} | {t_small:.2f} | size {chosen.get('size')} "
+              f"({chosen.get('chosen')}) |")
+    print(f"\nframes/s; (b) over {n_frames} frames in {a.clips} clips (steady: minus a 9-frame "
+          f"run), (c) over {len(paths)} frames (fp32, as the seed script ran)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import device
 from pipeline.errors import UsageError, WeightsUnavailable
-from pipeline.features import encoders, weights
+from pipeline.features import encoders, images, weights
 from pipeline.files import sha256_of
 
 
@@ -28,7 +28,7 @@ def frame(tmp_path: Path) -> Path:
 
 
 def test_uint8_part_then_batched_normalise_equals_the_preset(frame: Path) -> None:
-    pre = encoders.Preprocessing()
+    pre = images.Preprocessing()
     preset = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()
     u8 = pre.load_uint8(frame)
     assert u8.dtype == torch.uint8 and u8.shape == (3, 224, 224)
@@ -56,7 +56,7 @@ def test_folded_batchnorm_keeps_the_features() -> None:
     folded = torchvision.models.resnet18()
     folded.fc = torch.nn.Identity()
     folded.load_state_dict(plain.state_dict())
-    encoders.fuse_batchnorm(folded.eval())
+    images.fuse_batchnorm(folded.eval())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -67,7 +67,7 @@ def test_folded_batchnorm_keeps_the_features() -> None:
 def test_weights_file_is_recorded_with_its_sha256(tmp_path: Path) -> None:
     path = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    enc = encoders.load_image_encoder("resnet18", str(path))
+    enc = images.load_image_encoder("resnet18", str(path))
     assert enc.dim == 512
     assert enc.weights.kind == "file" and enc.weights.sha256 == sha256_of(path)
     assert enc.attrs()["preprocessing"]["crop_size"] == 224
@@ -77,19 +77,24 @@ def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
     with pytest.raises(WeightsUnavailable, match="does not fit resnet34"):
-        encoders.load_image_encoder("resnet34", str(path))
+        images.load_image_encoder("resnet34", str(path))
 
 
 def test_unknown_model_or_missing_file_is_a_usage_error(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="choose one of resnet18"):
-        weights.resolve_image_weights("vgg16", "none")
+    with pytest.raises(UsageError) as e:
+        weights.resolve_image_weights("resnet5", "none")
+    msg = str(e.value)
+    assert "\n" not in msg and "--image-model 'resnet5'" in msg
+    assert "did you mean resnet50" in msg and "vit_b_16" in msg and "hf:" in msg
+    with pytest.raises(UsageError, match="SqueezeNet ends in a conv classifier"):
+        weights.resolve_image_weights("squeezenet1_1", "none")
     with pytest.raises(UsageError, match="nor an existing file"):
         weights.resolve_image_weights("resnet18", str(tmp_path / "nope.pth"))
 
 
 def test_random_weights_are_seeded_so_reruns_agree() -> None:
-    a = encoders.load_image_encoder("resnet18", "none")
-    b = encoders.load_image_encoder("resnet18", "none")
+    a = images.load_image_encoder("resnet18", "none")
+    b = images.load_image_encoder("resnet18", "none")
     assert a.weights.attrs() == {"kind": "random", "name": "random", "seed": 0}
     for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(pa, pb)

@@ -300,6 +300,28 @@ def test_features_with_titles_on_ray_equal_local(cluster: str, weights, text_mod
         assert b["b_0"].text.shape == (0, 16) and b["a_1"].text.shape == (5, 16)
 
 
+def test_clip_features_on_ray_equal_local(cluster: str, weights, tmp_path: Path) -> None:
+    """An hf: image encoder through the actors: its preprocessing travels to the decode
+    tasks, its model loads in each actor; the shards equal the local engine's."""
+    from test_images import tiny_clip
+
+    from pipeline.shards import open_features
+
+    clip = tiny_clip(tmp_path / "clip")
+    media = make_media(tmp_path / "media", {"a_0": (3, None), "b_0": (4, None)}, size=(95, 51))
+    common = ("--shard-size", "1", "--audio-model", "none", "--image-model", f"hf:{clip}")
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    # feature_args names resnet18 and its weights file; the later --image-* options win.
+    assert main([*feature_args(media, local, weights, *common), "--image-weights",
+                 "imagenet"]) == 0
+    assert main([*feature_args(media, on_ray, weights, *common), "--image-weights",
+                 "imagenet", "--engine", "ray"]) == 0
+    assert_same_features(local, on_ray)
+    with open_features(local) as a, open_features(on_ray) as b:
+        assert b.attrs("image")["preprocessing"] == a.attrs("image")["preprocessing"]
+        assert b["b_0"].image.shape == (4, 24)
+
+
 def test_a_killed_feature_actor_is_restarted(cluster: str, weights, tmp_path: Path) -> None:
     media = make_media(tmp_path / "media", {f"k_{i}": (40, 1.0) for i in range(6)})
     local, on_ray = tmp_path / "local", tmp_path / "ray"

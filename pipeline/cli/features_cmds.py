@@ -1,4 +1,4 @@
-"""``vpipe features`` (ResNet + VGGish into HDF5 shards) and ``vpipe inspect`` (check a store)."""
+"""``vpipe features`` (frame encoder + VGGish into HDF5 shards) and ``vpipe inspect``."""
 
 from __future__ import annotations
 
@@ -26,14 +26,24 @@ def features(
     ],
     out: OutDir,
     image_model: Annotated[
-        str, typer.Option("--image-model", help="resnet18|34|50|101|152.")
+        str,
+        typer.Option(
+            "--image-model",
+            help="resnet18|34|50|101|152 (global average pool), any other torchvision "
+            "classification model by name (vit_b_16, convnext_tiny, efficientnet_b0, "
+            "mobilenet_v3_small, regnet_y_400mf, ...: the input of its classifier's last "
+            "Linear), or hf:NAME / hf:DIR, a Hugging Face CLIP-style model (its projected "
+            "image embedding, get_image_features).",
+        ),
     ] = OPT.image_model,
     image_weights: Annotated[
         str,
         typer.Option(
             "--image-weights",
-            help="imagenet (torchvision IMAGENET1K_V1, from the torch hub "
-            "cache), imagenet-v2, none (seeded random init), or a state-dict file.",
+            help="imagenet (from the torch hub cache: IMAGENET1K_V1 for the ResNets, the "
+            "model's DEFAULT weights for the others), imagenet-v2, a registered weights name "
+            "(e.g. IMAGENET1K_SWAG_E2E_V1), none (seeded random init), or a state-dict file. "
+            "hf: models bring their own weights.",
         ),
     ] = OPT.image_weights,
     audio_model: Annotated[
@@ -154,11 +164,14 @@ def features(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Frame features (ResNet, global average pool) and audio features (VGGish) into shards.
+    """Frame features (a ResNet's global average pool, another torchvision classifier's
+    penultimate layer, or an hf: CLIP-style image embedding) and audio features (VGGish) into
+    shards.
 
     Writes OUT/shard-00000.h5 ... and OUT/index.jsonl; re-running skips clips already in
     complete shards. Published weights (imagenet, release) come from the torch hub cache
-    ($TORCH_HOME/hub/checkpoints), downloaded there on first use when online; offline, put
+    ($TORCH_HOME/hub/checkpoints), hf: models from the Hugging Face cache ($HF_HOME/hub),
+    downloaded there on first use when online; offline, put
     the files there or give state-dict files (one error lists every missing file). The
     input folders come from `vpipe extract-frames`; --from-video reads clips (videos, or a
     `vpipe subclip` folder) instead and decodes them in the loader workers. With --engine
@@ -253,11 +266,12 @@ def check_features(params: dict, fetch: bool) -> dict | None:
     (``vpipe predict`` compares them with the run's before taking new videos through)."""
     import dataclasses
 
-    from pipeline.features.weights import check_audio_options, resolve_weights
+    from pipeline.features.weights import check_audio_options, check_image_model, resolve_weights
 
     names = {f.name for f in dataclasses.fields(FeatureOptions)}
     opts = FeatureOptions(**{k: v for k, v in params.items() if k in names and v is not None})
     opts.check()
+    check_image_model(opts.image_model)  # a misspelt model: exit 2 now, dry run or not
     audio = ((opts.audio_weights, opts.audio_postprocess, opts.audio_pca)
              if opts.audio_model == "vggish" else None)
     if audio:

@@ -1,9 +1,12 @@
-"""``vpipe features``: ResNet frame features and VGGish audio features into HDF5 shards.
+"""``vpipe features``: frame features (ResNet, any torchvision classifier, ``hf:`` CLIP-style
+encoders) and VGGish audio features into HDF5 shards.
 
 One job per module: :mod:`.options` (the stage's options), :mod:`.weights` (where weights come
-from), :mod:`.encoders` (the networks and their inputs), :mod:`.sources` (where frames come from:
-extract-frames folders or decoded videos) and :mod:`.stage` (plan, the batching loop, the shard
-sink). ``extract_features`` and ``load_encoders`` load torch, so they are imported on first use.
+from), :mod:`.hf` (Hugging Face models found in a folder or the hub cache), :mod:`.images` (the
+frame encoders and their preprocessing), :mod:`.encoders` (VGGish and the set a run uses),
+:mod:`.sources` (where frames come from: extract-frames folders or decoded videos) and
+:mod:`.stage` (plan, the batching loop, the shard sink). ``extract_features`` and
+``load_encoders`` load torch, so they are imported on first use.
 """
 
 from __future__ import annotations

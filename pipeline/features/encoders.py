@@ -1,18 +1,14 @@
-"""The networks of ``vpipe features``: ResNet frame encoders and VGGish, with their inputs.
-
-A ResNet runs up to its global average pool with BatchNorm folded into the convs; its frame
-preprocessing is the one its weights define (torchvision's ``ImageClassification`` preset),
-split so that the uint8 part (decode, resize, crop) runs in loader workers and the float part
-(scale, normalise) runs batched next to the model, with the same numbers as the preset applied
-one frame at a time. VGGish takes log-mel examples of 16 kHz mono PCM, as torchvggish builds
-them, with the AudioSet release's PCA and quantisation when asked. :class:`Encoders` is the set
-a run uses, on its device and precision; where the weights come from is :mod:`.weights`.
+"""The networks of ``vpipe features`` as a run uses them: VGGish with its input, and
+:class:`Encoders`, the frame encoder (:mod:`.images`), VGGish and the title encoder on the
+run's device and precision. VGGish takes log-mel examples of 16 kHz mono PCM, as torchvggish
+builds them, with the AudioSet release's PCA and quantisation when asked; where the weights
+come from is :mod:`.weights`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +17,7 @@ from torch import nn
 
 from pipeline.device import autocast_dtype, pick_device, pick_precision
 from pipeline.features.batching import ModelBatch
+from pipeline.features.images import ImageEncoder, Preprocessing, load_image_encoder
 from pipeline.features.options import FeatureOptions
 from pipeline.features.text import TextEncoder, resolve_text_model
 from pipeline.features.weights import (
@@ -28,139 +25,14 @@ from pipeline.features.weights import (
     WeightsInfo,
     WeightsRefused,
     assign_state_dict,
-    hub_path,
     load_state_dict,
     resolve_audio_weights,
-    resolve_image_weights,
     resolve_weights,
 )
 
+__all__ = ["AudioEncoder", "Encoders", "ImageEncoder", "Preprocessing", "load_encoders"]
+
 AUDIO_DIM = 128
-
-
-# --------------------------------------------------------------------------- images
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """The weights' preprocessing: resize shorter side, centre crop, ImageNet normalisation."""
-
-    resize_size: int = 256
-    crop_size: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "bilinear"
-    antialias: bool = True
-
-    def attrs(self) -> dict[str, Any]:
-        return {**asdict(self), "decode": "PIL, RGB", "scale": "1/255"}
-
-    def load_uint8(self, path: str | os.PathLike) -> torch.Tensor:
-        """Decode one frame file and resize/crop it: (3, crop, crop) uint8, as the preset does."""
-        import torchvision.transforms.functional as F
-        from PIL import Image
-        from torchvision.transforms import InterpolationMode
-
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-        return self.uint8_from_image(im, F, InterpolationMode)
-
-    def uint8_from_image(self, im: Any, F: Any = None, modes: Any = None) -> torch.Tensor:
-        """Resize/crop a PIL image (or a uint8 CHW tensor) to the model's input, still uint8."""
-        if F is None:
-            import torchvision.transforms.functional as F
-            from torchvision.transforms import InterpolationMode as modes
-        im = F.resize(
-            im,
-            [self.resize_size],
-            interpolation=modes(self.interpolation),
-            antialias=self.antialias,
-        )
-        im = F.center_crop(im, [self.crop_size])
-        return im if isinstance(im, torch.Tensor) else F.pil_to_tensor(im)
-
-    def normalize(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """uint8 (N, 3, H, W) → normalised float, batched (same ops as the preset per frame)."""
-        x = batch.to(dtype) / 255
-        mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=dtype, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-
-@dataclass
-class ImageEncoder:
-    """A ResNet up to its global average pool, with its preprocessing and provenance."""
-
-    name: str
-    model: nn.Module
-    dim: int
-    preprocessing: Preprocessing
-    weights: WeightsInfo
-
-    def attrs(self) -> dict[str, Any]:
-        return {
-            "model": self.name,
-            "weights": self.weights.attrs(),
-            "layer": "avgpool (global average pool, fc removed)",
-            "dim": self.dim,
-            "preprocessing": self.preprocessing.attrs(),
-        }
-
-
-def load_image_encoder(
-    model_name: str, weights: str, resolved: tuple[WeightsInfo, Any] | None = None
-) -> ImageEncoder:
-    """Build the ResNet with ``fc`` removed and its weights loaded (CPU, eval mode).
-
-    ``resolved``: what :func:`resolve_image_weights` returned, when the caller already ran it.
-    """
-    import torchvision
-
-    info, w = resolved or resolve_image_weights(model_name, weights)
-    if info.kind == "random":
-        torch.manual_seed(RANDOM_SEED)
-        model = torchvision.models.get_model(model_name, weights=None)
-    else:
-        with torch.device("meta"):  # no random init of weights about to be replaced
-            model = torchvision.models.get_model(model_name, weights=None)
-    dim = model.fc.in_features
-    model.fc = nn.Identity()  # the features are the global-average-pool output
-    if info.kind != "random":
-        path = hub_path(info)
-        sd = load_state_dict(path, model_name)
-        sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-        assign_state_dict(model, sd, path, model_name)
-    fuse_batchnorm(model.eval())
-    t = w.transforms()
-    pre = Preprocessing(
-        resize_size=int(t.resize_size[0]),
-        crop_size=int(t.crop_size[0]),
-        mean=tuple(float(v) for v in t.mean),
-        std=tuple(float(v) for v in t.std),
-        interpolation=t.interpolation.value,
-        antialias=bool(t.antialias),
-    )
-    return ImageEncoder(model_name, model, dim, pre, info)
-
-
-def fuse_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold each eval-mode BatchNorm into the conv before it (same maths, one pass less).
-
-    On a 2-core CPU this is the difference between memory-bound BN/ReLU passes over every
-    activation and none; results agree with the unfused model to ~1e-7 relative.
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    pairs = [(model, "conv1", "bn1")]
-    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
-        for block in layer:
-            pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(block, f"bn{i}")]
-            if block.downsample is not None:
-                pairs.append((block.downsample, "0", "1"))
-    for parent, conv, bn in pairs:
-        setattr(parent, conv, fuse_conv_bn_eval(getattr(parent, conv), getattr(parent, bn)))
-        setattr(parent, bn, nn.Identity())
-    return model
 
 
 # --------------------------------------------------------------------------- audio

@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.errors import MediaError, UsageError, VpipeError
-from pipeline.features.encoders import Encoders, Preprocessing, audio_examples, wav_examples
+from pipeline.features.encoders import Encoders, audio_examples, wav_examples
+from pipeline.features.images import Preprocessing
 from pipeline.features.options import FeatureOptions
 from pipeline.records import OK, read_manifest, read_run_info
 from pipeline.runner import Item

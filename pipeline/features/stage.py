@@ -153,7 +153,8 @@ def extract_features(
     jobs = source.clips()
     text_counts = give_titles(jobs, titles, opts.text_max_chars) if titles else None
     if not quiet:  # seconds of loading before the bar: say what
-        models = [f"{opts.image_model} ({opts.image_weights})"]
+        hf = opts.image_model.startswith("hf:")  # its weights come with it
+        models = [opts.image_model if hf else f"{opts.image_model} ({opts.image_weights})"]
         if opts.audio_model != "none":
             models.append(f"{opts.audio_model} ({opts.audio_weights})")
         if opts.text:

@@ -18,16 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UsageError, WeightsUnavailable
-from pipeline.files import sha256_of
+from pipeline.errors import UsageError
+from pipeline.features.hf import HFModelInfo, resolve_hf_model
 from pipeline.ids import sanitize_id
 
 # Multilingual (about 100 languages, Chinese included), so titles of any language get a
 # meaningful encoding; the research setup's Chinese-only ERNIE 1.0 works by name too.
 DEFAULT_TEXT_MODEL = "bert-base-multilingual-cased"
 DEFAULT_MAX_CHARS = 50  # the research setup's cut
-# Files whose content identifies a local model folder (weights, config, vocabulary).
-_IDENTITY_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
 
 
 @dataclass(frozen=True)
@@ -139,59 +137,15 @@ def match_titles(titles: Titles, clips: Sequence[tuple[str, str]], max_chars: in
     return TitleMatch(by_clip, sorted(set(titles.by_id) - used))
 
 
-@dataclass(frozen=True)
-class TextModelInfo:
-    """Which encoder, from where: recorded in the shard attributes and vpipe.json."""
-
-    name: str  # the hub name or the folder given
-    kind: str  # "hub" or "folder"
-    folder: str  # where the files were read from
-    revision: str | None = None  # the hub commit of a cached snapshot
-    sha256: dict[str, str] | None = None  # a folder's files, by name
-    tokenizer: str = ""
-
-    def attrs(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-def hub_cache_dir() -> Path:
-    """The hub cache the encoder's weights are looked for in ($HF_HOME/hub by default)."""
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
+# The title encoder's identity: a Hugging Face model's (see :mod:`.hf`).
+TextModelInfo = HFModelInfo
 
 
 def resolve_text_model(name: str) -> TextModelInfo:
     """Find the encoder's files before any work: a local folder, else the hub cache (downloaded
     there when online). WeightsUnavailable (exit 1) naming the model, the cache and
     ``--text-model DIR`` when neither has it."""
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise UsageError(
-                f"--text-model {folder}: no config.json (save the model with save_pretrained)"
-            )
-        sums = {
-            f.name: sha256_of(f)
-            for f in sorted(folder.iterdir())
-            if f.is_file() and f.suffix in _IDENTITY_SUFFIXES
-        }
-        return TextModelInfo(name=str(folder), kind="folder", folder=str(folder), sha256=sums)
-    from huggingface_hub import snapshot_download
-
-    try:
-        path = snapshot_download(name, local_files_only=True)
-    except Exception:
-        try:
-            path = snapshot_download(name)
-        except Exception as e:  # offline, unknown name, proxy: all mean the same to the user
-            raise WeightsUnavailable(
-                f"text model {name!r} is not in the Hugging Face cache ({hub_cache_dir()}, "
-                f"$HF_HOME/hub) and could not be downloaded ({type(e).__name__}). Give "
-                "`--text-model DIR` (a folder saved with save_pretrained, tokenizer included), "
-                "or fetch the model into that cache on a machine that is online"
-            ) from None
-    return TextModelInfo(name=name, kind="hub", folder=path, revision=Path(path).name)
+    return resolve_hf_model(name, "--text-model", "text model", "tokenizer included")
 
 
 class TextEncoder:
@@ -220,8 +174,7 @@ class TextEncoder:
 
     def identity(self) -> dict[str, Any]:
         """Where the weights came from: the hub revision, or a folder's files' sha256."""
-        # Not the folder read: a hub snapshot's path depends on this machine's HF_HOME.
-        return {k: v for k, v in self.info.attrs().items() if k != "folder"}
+        return self.info.identity()
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> list[np.ndarray]:
         """Each text's token features ``(tokens, dim)`` float32, batched with padding."""

@@ -19,9 +19,14 @@ from torch import nn
 from pipeline.errors import UsageError, WeightsUnavailable
 from pipeline.files import sha256_of
 
-IMAGE_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# The ResNets keep their own path (BatchNorm folded, "imagenet" = V1); every other torchvision
+# classification model is taken by name with its registered weights; "hf:NAME" is a Hugging
+# Face image encoder (CLIP and kin).
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+HF_PREFIX = "hf:"
 # "imagenet" means the classic ImageNet weights (IMAGENET1K_V1, resize 256 / crop 224) for every
-# depth, the ones the captioning and tagging work used; V2 (resize 232) is there when asked.
+# ResNet depth, the ones the captioning and tagging work used; V2 (resize 232) is there when
+# asked. For the other models "imagenet" is the model's DEFAULT registered weights.
 IMAGE_WEIGHT_NAMES = {
     "imagenet": "IMAGENET1K_V1",
     "imagenet-v1": "IMAGENET1K_V1",
@@ -180,25 +185,78 @@ def _mismatch(model: nn.Module, sd: dict, e: RuntimeError) -> str:
 # --------------------------------------------------------------------------- resolving
 
 
+def torchvision_models() -> list[str]:
+    """The torchvision image classification models, by name (resnet18, vit_b_16, ...)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_image_model(model_name: str) -> None:
+    """UsageError for an --image-model that is neither a torchvision classification model nor
+    ``hf:NAME``: one line, with the nearest names and a few valid ones."""
+    if model_name.startswith(HF_PREFIX):
+        if not model_name[len(HF_PREFIX):].strip():
+            raise UsageError(f"--image-model {model_name!r}: give hf:ORG/NAME or hf:DIR")
+        return
+    names = torchvision_models()
+    if model_name.startswith("squeezenet"):  # its classifier is a conv: no Linear to remove
+        raise UsageError(
+            f"--image-model {model_name!r}: SqueezeNet ends in a conv classifier, not a "
+            "Linear, so it has no feature layer to take; e.g. mobilenet_v3_small is as small"
+        )
+    if model_name in names:
+        return
+    import difflib
+
+    near = difflib.get_close_matches(model_name, names, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(near)}? " if near else ""
+    raise UsageError(
+        f"--image-model {model_name!r}: not a torchvision classification model; {hint}"
+        f"e.g. resnet50, vit_b_16, convnext_tiny, efficientnet_b0, mobilenet_v3_small "
+        f"({len(names)} in all: torchvision.models.list_models()), or "
+        "hf:openai/clip-vit-base-patch32 (a Hugging Face image encoder)"
+    )
+
+
 def _weights_enum(model_name: str) -> Any:
     from torchvision.models import get_model_weights
 
     return get_model_weights(model_name)
 
 
-def resolve_image_weights(model_name: str, weights: str) -> tuple[WeightsInfo, Any]:
-    """Find the weights before any work starts; returns their info and the torchvision enum."""
-    if model_name not in IMAGE_MODELS:
-        raise UsageError(f"--image-model {model_name!r}: choose one of {', '.join(IMAGE_MODELS)}")
-    enum = _weights_enum(model_name)
+def preset_weights(model_name: str, enum: Any) -> Any:
+    """The registered weights whose architecture and preprocessing a weights file or a random
+    init gets: IMAGENET1K_V1 for the ResNets (as before), the DEFAULT ones for the rest."""
+    return enum.IMAGENET1K_V1 if model_name in RESNETS else enum.DEFAULT
+
+
+def _weights_tag(model_name: str, enum: Any, weights: str) -> str | None:
+    """The registered weights' name ``weights`` asks for (imagenet, imagenet-v2, or an enum
+    member such as IMAGENET1K_SWAG_E2E_V1), or None when it names none."""
     key = weights.lower()
-    if key == "none":
-        return WeightsInfo("random", "random", seed=RANDOM_SEED), enum.IMAGENET1K_V1
+    if key == "imagenet" and model_name not in RESNETS:
+        return enum.DEFAULT.name  # DEFAULT is an alias: record the member it stands for
     if key in IMAGE_WEIGHT_NAMES:
-        tag = IMAGE_WEIGHT_NAMES[key]
-        if not hasattr(enum, tag):
+        return IMAGE_WEIGHT_NAMES[key]
+    member = enum.__members__.get(weights.upper())
+    return member.name if member is not None else None
+
+
+def resolve_image_weights(model_name: str, weights: str) -> tuple[Any, Any]:
+    """Find the weights before any work starts; returns their info and the torchvision enum
+    member (for ``hf:`` models the model's :class:`HFModelInfo` and None)."""
+    check_image_model(model_name)
+    if model_name.startswith(HF_PREFIX):
+        return resolve_hf_image_model(model_name, weights), None
+    enum = _weights_enum(model_name)
+    if weights.lower() == "none":
+        return WeightsInfo("random", "random", seed=RANDOM_SEED), preset_weights(model_name, enum)
+    tag = _weights_tag(model_name, enum, weights)
+    if tag is not None:
+        if tag not in enum.__members__:
             raise UsageError(f"--image-weights {weights}: {model_name} has no {tag} weights")
-        w = getattr(enum, tag)
+        w = enum[tag]
         path = hub_checkpoint(
             w.url,
             f"{model_name} {tag}",
@@ -207,11 +265,29 @@ def resolve_image_weights(model_name: str, weights: str) -> tuple[WeightsInfo, A
         return WeightsInfo("hub", f"{enum.__name__}.{tag}", file=path.name, url=w.url), w
     path = Path(weights)
     if not path.is_file():
+        named = ", ".join(m for m in enum.__members__ if m != "DEFAULT")
         raise UsageError(
-            f"--image-weights {weights}: neither imagenet, imagenet-v2, none, nor an existing file"
+            f"--image-weights {weights}: neither imagenet, imagenet-v2, none, one of "
+            f"{model_name}'s weights ({named}), nor an existing file"
         )
     return WeightsInfo("file", str(path.resolve()), file=path.name, sha256=sha256_of(path)), (
-        enum.IMAGENET1K_V1
+        preset_weights(model_name, enum)
+    )
+
+
+def resolve_hf_image_model(model_name: str, weights: str) -> Any:
+    """An ``hf:`` image encoder's files (its weights come with it: --image-weights stays at
+    its default)."""
+    from pipeline.features.hf import resolve_hf_model
+
+    if weights.lower() != "imagenet":
+        raise UsageError(
+            f"--image-weights {weights}: {model_name} brings its own weights; leave "
+            "--image-weights out (use hf:DIR for a folder saved with save_pretrained)"
+        )
+    return resolve_hf_model(
+        model_name[len(HF_PREFIX):], "--image-model", "image model",
+        "preprocessor_config.json included", prefix=HF_PREFIX,
     )
 
 
