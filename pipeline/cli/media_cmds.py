@@ -116,10 +116,11 @@ def subclip(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Plan non-overlapping subclips of each video, or the --segments given (which may
-    overlap): cut into files (OUT/<source_id>/<source_id>_<k>.mp4, --mode exact|keyframe), or
-    with --mode ranges recorded as ranges of the sources, no video written (what the shipped
-    workflows use).
+    """Cut each video into non-overlapping subclips (OUT/<source_id>/<source_id>_<k>.mp4), or
+    into the --segments given (which may overlap); --mode ranges writes no video.
+
+    With --mode ranges (what the shipped workflows use) each clip is recorded as a range of its
+    source and the next stages decode that range from the source.
 
     Every subclip is recorded in OUT/manifest.jsonl with its true start/end in the source (a
     clip file starts at timestamp 0 and keeps the audio). Re-running resumes; exit 1 if a video
