@@ -65,7 +65,7 @@ def main() -> None:
               f"{'clips folder':>13} {'frames':>7}")
         for mode, t_sub, t_fr, size, n in rows:
             print(f"{mode:<8} {t_sub:>10.2f} {t_fr:>17.2f} {t_sub + t_fr:>8.2f} "
-                  f"{size / 1e6:>11.2f}MB {n:>7}")
+                  f"{size / 1e3:>10.1f} kB {n:>7}")
     finally:
         if not a.keep and a.work is None:
             shutil.rmtree(work, ignore_errors=True)
