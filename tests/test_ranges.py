@@ -78,6 +78,29 @@ def test_span_audio_is_the_sources_samples_over_the_range(sparse: Path) -> None:
     assert np.abs(got[round(0.1 * RATE):round(0.15 * RATE)]).max() > 1000  # the 1.6 s beep
 
 
+def test_span_on_an_mpeg_ts_with_b_frames_seeks_without_an_index(media_dir: Path) -> None:
+    """MPEG-TS has no seek index (a seek lands on any packet) and starts its clock at 1.4 s;
+    B-frames put packets out of display order. Frames and audio still equal the whole decode."""
+    src = synth.make_video(media_dir / "sparse.ts", duration_s=8.0, gop=50,
+                           extra=["-sc_threshold", "0", "-bf", "2"], beeps_at=(2.5,))
+    grid = media.frame_times(src)
+    frames, pcm = whole(src)
+    v0 = float(grid.times[0])  # the whole decode's audio sample 0 is the first video frame
+    assert v0 > 0.01
+    for a, b in ((37, 101), (120, 180), (0, 30)):
+        start, end = float(grid.times[a]), float(grid.times[b])
+        got = list(media.decode(src, sampler=media.FrameSampler(every=3), span=(start, end),
+                                audio_rate_hz=RATE))
+        picked = [d for k, _t, d in got if k == "frame"]
+        assert [synth.frame_index(d) for d in picked] == list(range(a, b, 3))
+        for d, i in zip(picked, range(a, b, 3), strict=True):
+            np.testing.assert_array_equal(d, frames[i])
+        audio = np.concatenate([d for k, _t, d in got if k == "audio"])
+        first = round((start - v0) * RATE)
+        assert len(audio) == round((end - start) * RATE)
+        np.testing.assert_array_equal(audio, pcm[first:first + len(audio)])
+
+
 def subclip(src: Path, out: Path, *extra: str) -> int:
     return main(["subclip", str(src), "-o", str(out), *PLAN, "-q", *extra])
 

@@ -420,7 +420,6 @@ class _SpanFrames:
         return plan
 
     def run(self) -> Iterator[tuple[str, float, np.ndarray]]:
-        import av
 
         c = open_container(self.path)
         try:
@@ -434,36 +433,19 @@ class _SpanFrames:
             self._seek(c, v, None)
             pts, key = self._range_packets(c, v)
             if key is None or not pts or pts[0] < self.start_pts:
-                c.seek(v.start_time or 0, stream=v, backward=True)  # from the first packet
+                c.seek(0)  # from the first packet
                 pts, key = self._range_packets(c, v)
             if not pts:
                 raise MediaError(f"{self.path}: no video frames in "
                                  f"{self.start_s:.3f}-{self.end_s:.3f}s")
             plan = self._plan(pts)
             n_wanted = sum(len(t) for t in plan.values())
-            self._seek(c, v, key)
             v.thread_type = "AUTO"
-            ctx = v.codec_context
             picker = _FramePicker(self.s, 0.0, v)
-            started = False
-            try:
-                for packet in c.demux(v):
-                    if packet.pts is None:
-                        continue
-                    if not started:
-                        if not (packet.is_keyframe and packet.pts == key):
-                            continue  # (an unindexed file's seek lands before the keyframe)
-                        started = True
-                    if packet.dts is not None and packet.dts >= self.end_pts:
-                        break  # every frame shown before the end is decoded before this one
-                    ctx.skip_frame = "DEFAULT" if packet.pts in plan else "NONREF"
-                    for frame in packet.decode():
-                        yield from self._emit(picker, plan, frame)
-                ctx.skip_frame = "DEFAULT"
-                for frame in v.decode(None):  # the frames the decoder holds back
-                    yield from self._emit(picker, plan, frame)
-            except av.error.FFmpegError as e:
-                raise MediaError(f"{self.path}: decoding failed ({av_reason(e)})") from None
+            self._seek(c, v, key)
+            if not (yield from self._decode(c, v, key, plan, picker)):
+                c.seek(0)  # the seek went past the keyframe (a file without a seek index)
+                yield from self._decode(c, v, key, plan, picker)
             if plan:
                 missing = sum(len(t) for t in plan.values())
                 raise MediaError(
@@ -472,6 +454,35 @@ class _SpanFrames:
                 )
         finally:
             c.close()
+
+    def _decode(self, c, v, key: int, plan: dict[int, list[float]], picker: _FramePicker):
+        """Decode from the keyframe packet ``key`` to the range's end, yielding the planned
+        frames; returns False (nothing yielded) when the demuxer starts past that packet."""
+        import av
+
+        ctx = v.codec_context
+        started = False
+        try:
+            for packet in c.demux(v):
+                if packet.pts is None:
+                    continue
+                if not started:
+                    if packet.dts is not None and packet.dts > key:
+                        return False
+                    if not (packet.is_keyframe and packet.pts == key):
+                        continue  # (an unindexed file's seek lands before the keyframe)
+                    started = True
+                if packet.dts is not None and packet.dts >= self.end_pts:
+                    break  # every frame shown before the end is decoded before this one
+                ctx.skip_frame = "DEFAULT" if packet.pts in plan else "NONREF"
+                for frame in packet.decode():
+                    yield from self._emit(picker, plan, frame)
+            ctx.skip_frame = "DEFAULT"
+            for frame in v.decode(None):  # the frames the decoder holds back
+                yield from self._emit(picker, plan, frame)
+        except av.error.FFmpegError as e:
+            raise MediaError(f"{self.path}: decoding failed ({av_reason(e)})") from None
+        return started
 
     @staticmethod
     def _emit(picker: _FramePicker, plan: dict[int, list[float]], frame
