@@ -169,6 +169,8 @@ def extract_frames(
             round(c.start_s, 6), round(c.end_s, 6)
         ):
             run.forget(c.clip_id)
+        elif old and c.identity is not None and old.get("source_identity") != c.identity:
+            run.forget(c.clip_id)  # a ranges clip whose source was replaced since
     items = [Item(c.clip_id, str(c.path), c) for c in clips]
     work = functools.partial(extract_clip, out_dir=Path(out_dir), opts=opts)
     return run_items(run, items, work, workers=workers, quiet=quiet, engine=engine)
@@ -258,6 +260,7 @@ def extract_clip(item: Item, *, out_dir: Path, opts: FrameOptions) -> dict:
         "audio": f"{clip.clip_id}/audio.wav" if want_audio else None,
         "sample_rate": opts.sample_rate_hz if opts.audio else None,
         "n_samples": n_samples,
+        **({"source_identity": clip.identity} if clip.identity is not None else {}),
     }
 
 

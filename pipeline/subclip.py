@@ -145,11 +145,27 @@ def subclip_videos(
         Path(out_dir), "subclip", params, overwrite=overwrite,
         versions=media.media_versions(), outputs=clip_files,
     ).open()
+    for s in sources:
+        if _source_changed(run.previous_records(s.source_id), s.path):
+            run.forget(s.source_id)  # a ranges record names the file as it was: plan it again
     items = [Item(s.source_id, str(s.path), s) for s in sources]
     work = functools.partial(cut_source, out_dir=Path(out_dir), opts=opts, segments=by_video,
                              segments_file=str(segments))
     return run_items(run, items, work, workers=workers, quiet=quiet, units=("videos", "clips"),
                      engine=engine)
+
+
+def _source_changed(records: list[dict], path: Path) -> bool:
+    """A ranges record of this source whose size/mtime are not the file's any more."""
+    ranges = [r for r in records if r.get("mode") == "ranges" and r.get("status") == "ok"]
+    if not ranges:
+        return False
+    try:
+        now = source_identity(path)
+    except OSError:
+        return True
+    keys = ("source_path", "source_bytes", "source_mtime_ns")
+    return any({k: r.get(k) for k in keys} != now for r in ranges)
 
 
 def clip_files(rec: dict) -> list[str]:

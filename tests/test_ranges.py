@@ -221,3 +221,25 @@ def test_features_from_video_decodes_the_range(sparse: Path, tmp_path: Path, wei
             assert c.start == float(grid.times[first])
     info = json.loads((out / "vpipe.json").read_text())
     assert info["params"]["from_video"] is True
+
+
+def test_a_replaced_source_is_planned_and_extracted_again(sparse: Path, tmp_path: Path,
+                                                          capsys) -> None:
+    """Same parameters again after the source was rewritten: subclip and extract-frames redo
+    its clips (the records named the old file) instead of calling them done."""
+    src = Path(shutil.copy(sparse, tmp_path / "v.mp4"))
+    clips, frames = tmp_path / "clips", tmp_path / "frames"
+    steps = (["subclip", str(src), "-o", str(clips), *PLAN, "--mode", "ranges"],
+             ["extract-frames", str(clips), "-o", str(frames), "--every", "25", "--size", "0",
+              "--format", "png", "--no-audio"])
+    for cmd in steps:
+        assert main(cmd) == 0
+    synth.make_video(src, duration_s=7.0, gop=50, color=(200, 40, 40), audio=False)
+    capsys.readouterr()
+    for cmd in steps:
+        assert main(cmd) == 0
+    err = capsys.readouterr().err
+    assert "1 videos done (2 clips), 0 already done" in err
+    assert read_manifest(clips)["v_0"]["source_bytes"] == src.stat().st_size
+    png = np.asarray(Image.open(frames / "v_0" / "frames" / "000000.png"))
+    assert np.abs(png[-5, 5].astype(int) - (200, 40, 40)).max() <= 12  # the new video's colour
