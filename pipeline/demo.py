@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vpipe demo: finished with exit {code} in {time.time() - t0:.0f}s. Where things went:")
     rows = [
         (videos, f"{args.trailers} synthetic trailers; ratings in {labels}"),
-        (out / "subclip", "subclips <source_id>/<clip_id>.mp4 + manifest.jsonl"),
+        (out / "subclip", "subclips as ranges of the trailers (manifest.jsonl, no video)"),
         (out / "extract-frames", "<clip_id>/frames/*.jpg and audio.wav per subclip"),
         (out / "features", "HDF5 shards (ResNet + VGGish features) + index.jsonl"),
         (out / "train", "model (best.pt), metrics.jsonl, summary.json, curves.png"),

@@ -1,7 +1,8 @@
 """``vpipe extract-frames`` and ``vpipe extract-audio``: sampled frames and PCM audio per clip.
 
 Inputs are a ``vpipe subclip`` output folder (its manifest gives the clips with their source
-and times) or any videos/folders. Each clip is decoded once (media.decode): the sampled frames
+and times; a ranges-mode clip is its source's range, decoded from the source) or any
+videos/folders. Each clip is decoded once (media.decode): the sampled frames
 are written as images, the audio as a 16 kHz mono s16 wav, into ``OUT/<clip_id>/`` under a temp
 name that is renamed when the clip is complete. Frames come out upright: a display rotation
 (portrait phone videos store frames sideways) is applied, as players do.
@@ -79,6 +80,30 @@ class ClipRef:
     start_s: float | None  # None: unknown until probed (the whole video: 0 .. duration)
     end_s: float | None
     source_ref: media.SourceRef | None = None  # set for plain videos (carries probe problems)
+    # A ranges-mode clip: ``path`` is its source, decoded over [start_s, end_s) only, and
+    # ``identity`` what subclip saw of that file (source_path, source_bytes, source_mtime_ns).
+    identity: dict | None = None
+
+    @property
+    def span(self) -> tuple[float, float] | None:
+        return (self.start_s, self.end_s) if self.identity is not None else None
+
+    def check_source(self) -> None:
+        """A ranges clip's source must be the file subclip planned on (moved, deleted or
+        rewritten since: a MediaError naming it); other clips' files must exist."""
+        if self.identity is None:
+            if not self.path.exists():
+                raise MediaError(f"{self.path}: subclip file missing (was its folder moved?)")
+            return
+        try:
+            st = self.path.stat()
+        except OSError:
+            raise MediaError(f"{self.path}: source of ranges clip {self.clip_id} is missing "
+                             "(moved or deleted since subclip)") from None
+        if (st.st_size, st.st_mtime_ns) != (self.identity.get("source_bytes"),
+                                            self.identity.get("source_mtime_ns")):
+            raise MediaError(f"{self.path}: source of ranges clip {self.clip_id} changed since "
+                             "subclip (size or modification time differ); run subclip again")
 
 
 def find_clips(inputs: Sequence[str | os.PathLike]) -> list[ClipRef]:
@@ -89,6 +114,12 @@ def find_clips(inputs: Sequence[str | os.PathLike]) -> list[ClipRef]:
         info = read_run_info(p) if p.is_dir() else None
         if info is not None and info.get("stage") == "subclip":
             for rec in ok_records(p):
+                if rec.get("mode") == "ranges":
+                    ident = {k: rec.get(k) for k in
+                             ("source_path", "source_bytes", "source_mtime_ns")}
+                    clips.append(ClipRef(Path(rec["source_path"]), rec["id"], rec["source"],
+                                         rec["start"], rec["end"], identity=ident))
+                    continue
                 rel = rec.get("path") or f"{rec['source']}/{rec['id']}.mp4"
                 clips.append(
                     ClipRef(p / rel, rec["id"], rec["source"], rec["start"], rec["end"])
@@ -138,6 +169,8 @@ def extract_frames(
             round(c.start_s, 6), round(c.end_s, 6)
         ):
             run.forget(c.clip_id)
+        elif old and c.identity is not None and old.get("source_identity") != c.identity:
+            run.forget(c.clip_id)  # a ranges clip whose source was replaced since
     items = [Item(c.clip_id, str(c.path), c) for c in clips]
     work = functools.partial(extract_clip, out_dir=Path(out_dir), opts=opts)
     return run_items(run, items, work, workers=workers, quiet=quiet, engine=engine)
@@ -173,8 +206,7 @@ def extract_clip(item: Item, *, out_dir: Path, opts: FrameOptions) -> dict:
         clip.source_ref.raise_problem()
         info = clip.source_ref.info
     else:
-        if not clip.path.exists():
-            raise MediaError(f"{clip.path}: subclip file missing (was its folder moved?)")
+        clip.check_source()
         info = media.probe(clip.path)
     if clip.start_s is not None:
         start, end = clip.start_s, clip.end_s
@@ -199,6 +231,7 @@ def extract_clip(item: Item, *, out_dir: Path, opts: FrameOptions) -> dict:
                 clip.path,
                 sampler=opts.sampler() if opts.frames else None,
                 audio_rate_hz=opts.sample_rate_hz if want_audio else None,
+                span=clip.span,
             ):
                 if kind == "frame":
                     _save_image(data, frames_dir / f"{len(timestamps):06d}.{ext}", opts)
@@ -227,6 +260,7 @@ def extract_clip(item: Item, *, out_dir: Path, opts: FrameOptions) -> dict:
         "audio": f"{clip.clip_id}/audio.wav" if want_audio else None,
         "sample_rate": opts.sample_rate_hz if opts.audio else None,
         "n_samples": n_samples,
+        **({"source_identity": clip.identity} if clip.identity is not None else {}),
     }
 
 

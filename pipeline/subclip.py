@@ -7,6 +7,9 @@ records, for a source whose keyframes cannot place the clips (e.g. a single keyf
 land in ``OUT/<source_id>/<clip_id>.mp4``; the source folder is written under a temp name and
 renamed, so a source is either complete or absent. With ``--segments`` the clips are the given
 ranges instead (``pipeline.segments``; they may overlap), cut by the same two cutters.
+Ranges mode plans as exact mode does and writes no video: each record names the source (path,
+size, mtime) and the clip's frames on its grid, and the next stages decode that range from the
+source (``media.decode_span``); the output folder holds only its manifest and vpipe.json.
 
 A clip is kept only when it holds exactly its planned frames and its span of the source decodes
 without damage (checked when an exact cut's decoders said anything, and for every stream copy,
@@ -33,7 +36,7 @@ from pipeline.records import FAILED, Run, Summary
 from pipeline.runner import Item, run_items
 from pipeline.segments import Segment, plan_segments, read_segments, segments_by_video
 
-MODES = ("exact", "keyframe")
+MODES = ("ranges", "exact", "keyframe")
 # Codecs an mp4 can hold as they are (keyframe mode copies streams; others are re-encoded).
 _MP4_VIDEO = {"h264", "hevc", "mpeg4", "av1", "libdav1d", "vp9", "mpeg2video", "mjpeg"}
 _MP4_AUDIO = {"aac", "mp3", "mp3float", "opus", "flac", "ac3", "alac"}
@@ -54,7 +57,7 @@ class SubclipOptions:
     duration_s: float = 30.0
     start_s: float = 10.0
     gap_s: float = 0.0
-    mode: str = "exact"
+    mode: str = "exact"  # the shipped workflows use "ranges"; a bare `vpipe subclip` makes files
     min_fraction: float = 0.5
     crf: int = 18
     preset: str = "ultrafast"
@@ -90,11 +93,12 @@ def plan_subclips(
     duration (the source's end cut it short) is dropped, as in the seed.
     """
     end = frames.end_s
-    grid = frames.times if opts.mode == "exact" else frames.keyframe_times
+    on_frames = opts.mode != "keyframe"  # ranges: the frames exact mode would cut at
+    grid = frames.times if on_frames else frames.keyframe_times
     grid = np.append(grid, end)
 
     def snap(t: float) -> float:
-        if opts.mode == "exact":
+        if on_frames:
             i = int(np.searchsorted(grid, t - 1e-6, side="left"))
             return float(grid[min(i, len(grid) - 1)])
         return float(grid[int(np.argmin(np.abs(grid - t)))])
@@ -141,11 +145,27 @@ def subclip_videos(
         Path(out_dir), "subclip", params, overwrite=overwrite,
         versions=media.media_versions(), outputs=clip_files,
     ).open()
+    for s in sources:
+        if _source_changed(run.previous_records(s.source_id), s.path):
+            run.forget(s.source_id)  # a ranges record names the file as it was: plan it again
     items = [Item(s.source_id, str(s.path), s) for s in sources]
     work = functools.partial(cut_source, out_dir=Path(out_dir), opts=opts, segments=by_video,
                              segments_file=str(segments))
     return run_items(run, items, work, workers=workers, quiet=quiet, units=("videos", "clips"),
                      engine=engine)
+
+
+def _source_changed(records: list[dict], path: Path) -> bool:
+    """A ranges record of this source whose size/mtime are not the file's any more."""
+    ranges = [r for r in records if r.get("mode") == "ranges" and r.get("status") == "ok"]
+    if not ranges:
+        return False
+    try:
+        now = source_identity(path)
+    except OSError:
+        return True
+    keys = ("source_path", "source_bytes", "source_mtime_ns")
+    return any({k: r.get(k) for k in keys} != now for r in ranges)
 
 
 def clip_files(rec: dict) -> list[str]:
@@ -180,6 +200,13 @@ def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions,
     if segments is not None:
         return cut_segments(src, frames, segments[src.source_id], out_dir, opts, segments_file)
     note = None
+    if opts.mode == "ranges":
+        clips = plan_subclips(frames, opts, src.source_id)
+        if not clips:
+            raise TooShort(_too_short(src, frames, opts))
+        if len(clips) < opts.count:
+            report_note("subclip", str(src.path), shortfall(len(clips), frames.end_s, opts))
+        return range_records(clips, src, frames)
     if opts.mode == "keyframe":
         note = keyframe_fallback(frames, opts, src.source_id)
         if note:
@@ -187,11 +214,7 @@ def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions,
             report_note("subclip", str(src.path), note)
     clips = plan_subclips(frames, opts, src.source_id)
     if not clips:
-        need = opts.start_s + opts.min_fraction * opts.duration_s
-        raise TooShort(
-            f"{src.path}: too short ({frames.end_s:.2f}s): the first subclip from "
-            f"{opts.start_s:g}s needs more than {need:g}s of video"
-        )
+        raise TooShort(_too_short(src, frames, opts))
     if len(clips) < opts.count:
         report_note("subclip", str(src.path), shortfall(len(clips), frames.end_s, opts))
     mode = opts.mode
@@ -217,13 +240,82 @@ def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions,
     return records
 
 
+def _too_short(src: media.SourceRef, frames: media.FrameTimes, opts: SubclipOptions) -> str:
+    need = opts.start_s + opts.min_fraction * opts.duration_s
+    return (f"{src.path}: too short ({frames.end_s:.2f}s): the first subclip from "
+            f"{opts.start_s:g}s needs more than {need:g}s of video")
+
+
+def source_identity(path: Path) -> dict:
+    """What a ranges record keeps of its source to tell, later, that it is the same file: its
+    absolute path, size and modification time (a stat, not a digest: sources are large)."""
+    st = path.stat()
+    return {"source_path": str(path.resolve()), "source_bytes": st.st_size,
+            "source_mtime_ns": st.st_mtime_ns}
+
+
+def range_records(clips: list[Subclip], src: media.SourceRef, frames: media.FrameTimes
+                  ) -> list[dict]:
+    """Ranges mode: one record per planned clip, nothing written. The bounds are frame times
+    of the source's grid (as an exact cut's), with the clip's first and last frame index on
+    it; ``n_frames`` is what the range holds."""
+    info = src.info
+    rotation = media.display_rotation(src.path)
+    width, height = media.upright_size(info.width, info.height, rotation)
+    ident = source_identity(src.path)
+    records = []
+    for clip in clips:
+        inside = np.flatnonzero(
+            (frames.times >= clip.start_s - 1e-6) & (frames.times < clip.end_s - 1e-6))
+        records.append({
+            "id": clip.clip_id,
+            "item": src.source_id,
+            "source": src.source_id,
+            **ident,
+            "path": None,
+            "start": round(clip.start_s, 6),
+            "end": round(clip.end_s, 6),
+            "duration": round(clip.end_s - clip.start_s, 6),
+            "mode": "ranges",
+            "first_frame": int(inside[0]),
+            "last_frame": int(inside[-1]),
+            "n_frames": len(inside),
+            "fps": round(info.fps, 6),
+            "width": width,
+            "height": height,
+            "rotation": rotation,
+            "has_audio": info.has_audio,
+        })
+    return records
+
+
 def cut_segments(src: media.SourceRef, frames: media.FrameTimes, segs: list[Segment],
                  out_dir: Path, opts: SubclipOptions, segments_file: str) -> list[dict]:
     """Cut the given segments of one source (they may overlap): each is a clip record with
     the asked and the true bounds, or a failed record saying why it cannot be cut."""
-    planned, problems = plan_segments(frames, segs, opts.mode)
+    planned, problems = plan_segments(
+        frames, segs, "exact" if opts.mode == "ranges" else opts.mode)
     clips = [Subclip(*c) for c in planned]
     asked = {s.clip_id: s for s in segs}
+    if opts.mode == "ranges":
+        records = range_records(clips, src, frames) if clips else []
+    else:
+        records = _cut_segment_files(src, frames, clips, out_dir, opts)
+    for cid, why in problems.items():
+        records.append({
+            "id": cid, "item": src.source_id, "status": FAILED,
+            "error": f"{segments_file}:{asked[cid].line}: {cid}: {why}, not cut",
+            "source": src.source_id, "source_path": str(src.path),
+        })
+    for rec in records:
+        seg = asked[rec["id"]]
+        rec.update({"asked_start": seg.start_s, "asked_end": seg.end_s, "segments_line": seg.line})
+    order = {s.clip_id: k for k, s in enumerate(segs)}
+    return sorted(records, key=lambda r: order[r["id"]])
+
+
+def _cut_segment_files(src: media.SourceRef, frames: media.FrameTimes, clips: list[Subclip],
+                       out_dir: Path, opts: SubclipOptions) -> list[dict]:
     records = []
     with atomic_path(out_dir / src.source_id) as tmp:
         tmp.mkdir(parents=True)
@@ -239,17 +331,7 @@ def cut_segments(src: media.SourceRef, frames: media.FrameTimes, segs: list[Segm
                            check=clip.clip_id in suspects)
             rec.pop("cause", None)
             records.append(rec)
-        for cid, why in problems.items():
-            records.append({
-                "id": cid, "item": src.source_id, "status": FAILED,
-                "error": f"{segments_file}:{asked[cid].line}: {cid}: {why}, not cut",
-                "source": src.source_id, "source_path": str(src.path),
-            })
-    for rec in records:
-        seg = asked[rec["id"]]
-        rec.update({"asked_start": seg.start_s, "asked_end": seg.end_s, "segments_line": seg.line})
-    order = {s.clip_id: k for k, s in enumerate(segs)}
-    return sorted(records, key=lambda r: order[r["id"]])
+    return records
 
 
 def _disjoint_groups(clips: list[Subclip]) -> list[list[Subclip]]:

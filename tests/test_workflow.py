@@ -148,7 +148,7 @@ def test_trailer_rating_dry_run_is_the_lrcn_setup(capsys: pytest.CaptureFixture)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == (
         "vpipe subclip 'my trailers' -o w/subclip --count 3 --duration 30 "
-        "--start 10 --min-fraction 0.5 --mode exact"
+        "--start 10 --min-fraction 0.5 --mode ranges"
     )
     assert lines[1] == "vpipe extract-frames w/subclip -o w/extract-frames --every 45 --no-audio"
     assert lines[2].startswith(

@@ -69,10 +69,14 @@ def subclip(
     mode: Annotated[
         str,
         typer.Option(
-            "--mode", metavar="exact|keyframe",
-            help="exact: frame-accurate cuts (re-encoded with x264); keyframe: stream copy, "
-            "boundaries snapped to closed-GOP keyframes (fast, clips still never overlap). A video "
-            "whose keyframes cannot place a clip (e.g. a single keyframe), whose codec mp4 cannot "
+            "--mode", metavar="ranges|exact|keyframe",
+            help="ranges: no video written; each clip is a frame-exact range of its source "
+            "(planned as exact mode plans it), recorded with the source's path, size and mtime, "
+            "and extract-frames / extract-audio / features --from-video decode that range from "
+            "the source (its own frames, bit-identical). exact: frame-accurate clip files "
+            "(re-encoded with x264); keyframe: stream copy, boundaries snapped to closed-GOP "
+            "keyframes (fast, clips still never overlap). In keyframe mode a video whose "
+            "keyframes cannot place a clip (e.g. a single keyframe), whose codec mp4 cannot "
             "hold, or an MPEG program stream (.mpg/.vob) is cut in exact mode instead, with "
             "mode: exact in its records (a note on stderr where the keyframes were the cause).",
         ),
@@ -113,10 +117,14 @@ def subclip(
     quiet: Quiet = False,
 ) -> None:
     """Cut each video into non-overlapping subclips (OUT/<source_id>/<source_id>_<k>.mp4), or
-    into the --segments given (which may overlap).
+    into the --segments given (which may overlap); --mode ranges writes no video.
 
-    Every subclip starts at timestamp 0, keeps the audio, and is recorded in OUT/manifest.jsonl
-    with its true start/end in the source. Re-running resumes; exit 1 if a video failed.
+    With --mode ranges (what the shipped workflows use) each clip is recorded as a range of its
+    source and the next stages decode that range from the source.
+
+    Every subclip is recorded in OUT/manifest.jsonl with its true start/end in the source (a
+    clip file starts at timestamp 0 and keeps the audio). Re-running resumes; exit 1 if a video
+    failed.
     """
     from pipeline.subclip import subclip_videos
 

@@ -8,7 +8,8 @@ stage loop (:mod:`.stage`) is the same for every source; a new kind of input is 
 - :class:`FrameFolders`: the JPEG/PNG frames and ``audio.wav`` of ``vpipe extract-frames``,
   decoded, resized and cropped in DataLoader worker processes.
 - :class:`DecodedVideos` (``--from-video``): clips (a subclip output folder, or videos) decoded
-  by :func:`pipeline.media.decode` in the loader workers, no intermediate files.
+  by :func:`pipeline.media.decode` in the loader workers, no intermediate files (a ranges-mode
+  clip: just its range of the source).
 """
 
 from __future__ import annotations
@@ -295,14 +296,14 @@ class DecodedVideos:
         ref = job.ref
         if ref.source_ref is not None:
             ref.source_ref.raise_problem()
-        elif not Path(ref.path).is_file():
-            raise MediaError(f"{ref.path}: subclip file missing (was its folder moved?)")
+        else:
+            ref.check_source()
 
     def batches(self, jobs: list[ClipJob], dec: Decoding, opts: FeatureOptions
                 ) -> Iterator[Batch]:
         if not jobs:
             return
-        clips = [(j, str(job.ref.path)) for j, job in enumerate(jobs)]
+        clips = [(j, str(job.ref.path), job.ref.span) for j, job in enumerate(jobs)]
         w = min(opts.workers, len(jobs))
         stream = VideoFrameStream(clips, dec.preprocessing, opts.batch_size, self.fps,
                                   self.every, dec.audio)
@@ -333,7 +334,7 @@ class DecodedVideos:
 
 
 def iter_video_batches(
-    clips: Sequence[tuple[int, str]],
+    clips: Sequence[tuple[int, str, tuple[float, float] | None]],
     preprocessing: Preprocessing,
     batch_size: int,
     fps: float | None,
@@ -360,11 +361,12 @@ def iter_video_batches(
         x = torch.stack(imgs) if imgs else torch.zeros((0, 3, c, c), dtype=torch.uint8)
         return x, np.array(owners, np.int64), np.array(times, np.float64), list(events)
 
-    for j, path in mine:
+    for j, path, span in mine:
         n, pcm = 0, []
         try:
             for kind, t, data in media.decode(
-                path, sampler=sampler, audio_rate_hz=AUDIO_RATE_HZ if audio else None
+                path, sampler=sampler, audio_rate_hz=AUDIO_RATE_HZ if audio else None,
+                span=span,
             ):
                 if kind == "audio":
                     pcm.append(data)

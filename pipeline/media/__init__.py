@@ -9,6 +9,7 @@ from __future__ import annotations
 from pipeline.media.decode import (
     FrameSampler,
     decode,
+    decode_span,
     iter_frames,
     scaled_size,
     snap_down_us,
@@ -52,6 +53,7 @@ __all__ = [
     "UNINDEXED_FORMATS",
     "chosen_ffmpeg",
     "decode",
+    "decode_span",
     "decoding_damage",
     "display_rotation",
     "ffmpeg_exe",

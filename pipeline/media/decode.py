@@ -77,6 +77,7 @@ def decode(
     *,
     sampler: FrameSampler | None,
     audio_rate_hz: int | None = None,
+    span: tuple[float, float] | None = None,
 ) -> Iterator[tuple[str, float, np.ndarray]]:
     """One demux/decode pass over a clip yielding ``("frame", t, rgb)`` for sampled frames and
     ``("audio", t, int16 mono samples)`` chunks resampled to ``audio_rate_hz`` (mono is
@@ -86,9 +87,16 @@ def decode(
     (padded or cut at the start, cut to the stream's declared length at the end). Frames that
     the sampler drops are never converted or scaled, and when the frames to keep are known
     from a demux pass, the non-reference ones among the others are not even decoded.
+
+    ``span`` = (start_s, end_s), seconds from the container start on the file's frame grid
+    (:func:`frame_times`): the clip is that range of the file, not the whole file
+    (:func:`decode_span`); times are then seconds from its first frame.
     """
     import av
 
+    if span is not None:
+        yield from decode_span(path, span, sampler=sampler, audio_rate_hz=audio_rate_hz)
+        return
     path = Path(path)
     c = open_container(path)
     try:
@@ -303,6 +311,187 @@ class _AudioAligner:
             t = self.n / self.rate
             self.n += len(x)
             yield "audio", t, x
+
+
+def decode_span(
+    path: str | os.PathLike,
+    span: tuple[float, float],
+    *,
+    sampler: FrameSampler | None,
+    audio_rate_hz: int | None = None,
+) -> Iterator[tuple[str, float, np.ndarray]]:
+    """:func:`decode` of the range [start_s, end_s) of a file, as if it were a clip cut there
+    frame-exactly: the frames of the file's grid in the range, sampled from the first of them
+    (``every`` counts the range's frames, ``fps`` ticks from its start), times from its start.
+
+    Video: one seek to the keyframe at or before the start, a demux of the range (which frames
+    it holds, so the sampler's plan and the non-reference skips work as in :func:`decode`),
+    then a second seek and the decode, frames before the start dropped, stopping once a packet
+    is decoded at or after the end. The frames are the file's own decoded frames, bit-identical
+    to decoding the whole file. Audio: the file's audio as :func:`decode` gives it for the
+    whole file (decoded and resampled from the stream's start, so that the resampler's phase
+    and history are the same computation), samples ``round((start_s - v0) * rate)`` on, for
+    ``round((end_s - start_s) * rate)`` samples, with v0 the first video frame's time.
+    """
+    path = Path(path)
+    start_s, end_s = span
+    if sampler is not None:
+        yield from _SpanFrames(path, start_s, end_s, sampler).run()
+    if audio_rate_hz:
+        yield from _span_audio(path, start_s, end_s, audio_rate_hz)
+
+
+def _span_audio(path: Path, start_s: float, end_s: float, rate: int
+                ) -> Iterator[tuple[str, float, np.ndarray]]:
+    with open_container(path) as c:
+        if not c.streams.audio:
+            return
+        v = video_stream(c, path)
+        c0 = c.start_time / 1e6 if c.start_time is not None else 0.0
+        v0 = (float(v.start_time * v.time_base) if v.start_time is not None else 0.0) - c0
+    first = round((start_s - v0) * rate)
+    n = round((end_s - start_s) * rate)
+    at = 0  # the whole file's sample index of the chunk's first sample
+    out = 0  # samples of the range given
+    chunks = decode(path, sampler=None, audio_rate_hz=rate)
+    try:
+        for _kind, _t, x in chunks:
+            lo, hi = max(first - at, 0), min(first + n - at, len(x))
+            at += len(x)
+            if hi > lo:
+                yield "audio", out / rate, x[lo:hi]
+                out += hi - lo
+            if at >= first + n:
+                break
+    finally:
+        chunks.close()
+
+
+class _SpanFrames:
+    """The video half of :func:`decode_span`."""
+
+    def __init__(self, path: Path, start_s: float, end_s: float, sampler: FrameSampler) -> None:
+        self.path, self.start_s, self.end_s, self.s = path, start_s, end_s, sampler
+
+    def _seek(self, c, v, key_pts: int | None) -> None:
+        """To the keyframe at or before the start; a file without a seek index (MPEG-TS/PS)
+        may land on any packet, so there the seek aims a second before it."""
+        target = self.start_pts if key_pts is None else key_pts
+        if c.format.name in UNINDEXED_FORMATS:
+            target -= round(1.0 / self.tb)
+        c.seek(max(target, v.start_time or 0), stream=v, backward=True, any_frame=False)
+
+    def _range_packets(self, c, v):
+        """(pts sorted, keyframe pts at or before the start) of the range, by demuxing only;
+        the keyframe is None when the seek landed past it (then everything is read from 0)."""
+        import av
+
+        key, pts = None, []
+        try:
+            for p in c.demux(v):
+                if p.pts is None or not p.size:
+                    continue
+                if p.is_keyframe and p.pts <= self.start_pts:
+                    key = p.pts
+                if p.dts is not None and p.dts >= self.end_pts:
+                    break
+                if self.start_pts <= p.pts < self.end_pts:
+                    pts.append(p.pts)
+        except av.error.FFmpegError as e:
+            raise MediaError(f"{self.path}: unreadable video data ({av_reason(e)})") from None
+        return sorted(pts), key
+
+    def _plan(self, pts: list[int]) -> dict[int, list[float]]:
+        times = [round(p * self.tb - self.c0 - self.start_s, 6) for p in pts]
+        if self.s.every is not None:
+            return {p: [t] for p, t in zip(pts[:: self.s.every], times[:: self.s.every],
+                                           strict=True)}
+        arr = np.asarray(times)
+        frame_s = float(np.median(np.diff(arr))) if len(arr) > 1 else self.end_rel
+        tol = 1e-6 + 1e-3 * frame_s
+        # As decode: a tick in the last quarter of the last frame is the clip's end.
+        end = arr[-1] + 0.75 * (self.end_rel - arr[-1])
+        plan: dict[int, list[float]] = {}
+        k = 0
+        while k / self.s.fps < end:
+            j = max(0, int(np.searchsorted(arr, k / self.s.fps + tol, side="right")) - 1)
+            plan.setdefault(pts[j], []).append(round(k / self.s.fps, 6))
+            k += 1
+        return plan
+
+    def run(self) -> Iterator[tuple[str, float, np.ndarray]]:
+
+        c = open_container(self.path)
+        try:
+            v = video_stream(c, self.path)
+            self.tb = float(v.time_base)
+            self.c0 = c.start_time / 1e6 if c.start_time is not None else 0.0
+            # Grid times are rounded to the µs: the pts of a frame is the nearest one.
+            self.start_pts = round((self.start_s + self.c0) / self.tb - 1e-3)
+            self.end_pts = round((self.end_s + self.c0) / self.tb - 1e-3)
+            self.end_rel = self.end_s - self.start_s
+            self._seek(c, v, None)
+            pts, key = self._range_packets(c, v)
+            if key is None or not pts or pts[0] < self.start_pts:
+                c.seek(0)  # from the first packet
+                pts, key = self._range_packets(c, v)
+            if not pts:
+                raise MediaError(f"{self.path}: no video frames in "
+                                 f"{self.start_s:.3f}-{self.end_s:.3f}s")
+            plan = self._plan(pts)
+            n_wanted = sum(len(t) for t in plan.values())
+            v.thread_type = "AUTO"
+            picker = _FramePicker(self.s, 0.0, v)
+            self._seek(c, v, key)
+            if not (yield from self._decode(c, v, key, plan, picker)):
+                c.seek(0)  # the seek went past the keyframe (a file without a seek index)
+                yield from self._decode(c, v, key, plan, picker)
+            if plan:
+                missing = sum(len(t) for t in plan.values())
+                raise MediaError(
+                    f"{self.path}: {missing} of the {n_wanted} sampled frames of "
+                    f"{self.start_s:.3f}-{self.end_s:.3f}s did not decode"
+                )
+        finally:
+            c.close()
+
+    def _decode(self, c, v, key: int, plan: dict[int, list[float]], picker: _FramePicker):
+        """Decode from the keyframe packet ``key`` to the range's end, yielding the planned
+        frames; returns False (nothing yielded) when the demuxer starts past that packet."""
+        import av
+
+        ctx = v.codec_context
+        started = False
+        try:
+            for packet in c.demux(v):
+                if packet.pts is None:
+                    continue
+                if not started:
+                    if packet.dts is not None and packet.dts > key:
+                        return False
+                    if not (packet.is_keyframe and packet.pts == key):
+                        continue  # (an unindexed file's seek lands before the keyframe)
+                    started = True
+                if packet.dts is not None and packet.dts >= self.end_pts:
+                    break  # every frame shown before the end is decoded before this one
+                ctx.skip_frame = "DEFAULT" if packet.pts in plan else "NONREF"
+                for frame in packet.decode():
+                    yield from self._emit(picker, plan, frame)
+            ctx.skip_frame = "DEFAULT"
+            for frame in v.decode(None):  # the frames the decoder holds back
+                yield from self._emit(picker, plan, frame)
+        except av.error.FFmpegError as e:
+            raise MediaError(f"{self.path}: decoding failed ({av_reason(e)})") from None
+        return started
+
+    @staticmethod
+    def _emit(picker: _FramePicker, plan: dict[int, list[float]], frame
+              ) -> Iterator[tuple[str, float, np.ndarray]]:
+        ticks = plan.pop(frame.pts, ())
+        if ticks:
+            rgb = picker._rgb(frame)
+            for n, tick in enumerate(ticks):
+                yield "frame", tick, rgb if n == 0 else rgb.copy()
 
 
 def snap_down_us(t: float) -> str:
