@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import wave
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -173,7 +174,27 @@ def extract_frames(
             run.forget(c.clip_id)  # a ranges clip whose source was replaced since
     items = [Item(c.clip_id, str(c.path), c) for c in clips]
     work = functools.partial(extract_clip, out_dir=Path(out_dir), opts=opts)
-    return run_items(run, items, work, workers=workers, quiet=quiet, engine=engine)
+    summary = run_items(run, items, work, workers=workers, quiet=quiet, engine=engine)
+    if opts.frames and opts.every:
+        note = mixed_rates_note(ok_records(out_dir), opts.every)
+        if note:
+            print(f"vpipe {stage}: warning: {note}", file=sys.stderr)
+    return summary
+
+
+def mixed_rates_note(records: Sequence[dict], every: int) -> str | None:
+    """What ``--every N`` means when the clips have different frame rates: a frame every N
+    frames is a frame every N / fps seconds, so not the same times in every clip."""
+    rates: dict[float, int] = {}
+    for r in records:
+        if r.get("fps"):
+            rates[round(float(r["fps"]), 3)] = rates.get(round(float(r["fps"]), 3), 0) + 1
+    if len(rates) < 2:
+        return None
+    shown = ", ".join(f"{every / fps:.2f} s at {fps:g} fps ({n} clips)"
+                      for fps, n in sorted(rates.items()))
+    return (f"--every {every} counts frames, and these clips have {len(rates)} frame rates: "
+            f"a frame every {shown}; --fps samples every clip at the same times")
 
 
 def extract_audio(
@@ -252,6 +273,7 @@ def extract_clip(item: Item, *, out_dir: Path, opts: FrameOptions) -> dict:
         "source": clip.source,
         "start": round(start, 6),
         "end": round(end, 6),
+        "fps": round(info.fps, 6),
         "n_frames": len(timestamps),
         "timestamps": timestamps,
         "frames_dir": f"{clip.clip_id}/frames",

@@ -342,3 +342,24 @@ def test_keyframe_clips_audio_is_cut_to_the_clip(media_dir: Path, tmp_path: Path
         assert (rec["start"], rec["end"]) == (2.0 * k, 2.0 * k + 2)
         assert rec["n_samples"] == min(raw[k], round((rec["end"] - rec["start"]) * 16000))
         assert len(wav_samples(tmp_path / "a" / rec["audio"])[0]) == rec["n_samples"]
+
+
+def test_every_over_mixed_frame_rates_is_said(tmp_path: Path, capsys) -> None:
+    """--every N is N / fps seconds: 2 s apart at 25 fps (every 50), 1.67 s at 30 fps."""
+    src = tmp_path / "src"
+    synth.make_video(src / "pal.mp4", duration_s=2.0, fps=25, size=(64, 48), audio=False)
+    synth.make_video(src / "ntsc.mp4", duration_s=2.0, fps=30, size=(64, 48), audio=False)
+    assert main(["extract-frames", str(src), "-o", str(tmp_path / "e"), "--every", "50",
+                 "--no-audio", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --every 50 counts frames, and these clips have 2 frame rates" in err
+    assert "1.67 s at 30 fps (1 clips)" in err and "2.00 s at 25 fps (1 clips)" in err
+    rates = sorted(r["fps"] for r in map(json.loads, (tmp_path / "e" / "manifest.jsonl")
+                                         .read_text().splitlines()))
+    assert rates == [25.0, 30.0]
+    # Sampling by time, or one frame rate: nothing to say.
+    assert main(["extract-frames", str(src), "-o", str(tmp_path / "f"), "--fps", "1",
+                 "--no-audio", "-q"]) == 0
+    assert main(["extract-frames", str(src / "pal.mp4"), "-o", str(tmp_path / "g"),
+                 "--every", "50", "--no-audio", "-q"]) == 0
+    assert "warning" not in capsys.readouterr().err
