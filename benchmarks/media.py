@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/media.py [--work DIR] [--duration 150] [--repeat N] [--keep]
 
-Times, in the same run: ``vpipe subclip`` (3 x 30 s from 10 s, exact and keyframe mode) vs
+Times, in the same run: ``vpipe subclip`` (3 x 30 s from 10 s, exact, keyframe and ranges mode) vs
 moviepy 2.x's ``ffmpeg_extract_subclip`` (stream copy with -copyts), and ``vpipe
 extract-frames --every 45`` vs an OpenCV ``cap.read()`` loop that keeps every 45th frame with
-``cv2.imwrite``. Also counts how many frames OpenCV manages to read from moviepy's subclips.
+``cv2.imwrite``, and extract-frames against its floor: the same frames decoded alone by PyAV
+(frame threads, frames discarded). Also counts how many frames OpenCV manages to read from
+moviepy's subclips.
 ``seed_subclips`` and ``seed_frames`` are imported by the end-to-end benchmark.
 """
 
@@ -71,6 +73,36 @@ def seed_frames(clip: str | os.PathLike, out_dir: str | os.PathLike, frequency: 
     return _seed_read(clip, Path(out_dir), frequency)[1]
 
 
+# --------------------------------------------------------------------------- the floor
+
+# Decoding alone, as fast as PyAV goes: frame threads, every frame decoded and discarded (no
+# conversion, no writing), in a fresh process like the vpipe commands it is compared with.
+FLOOR = r"""
+import sys, av
+for spec in sys.argv[1:]:
+    path, start, end = spec.split("|")
+    with av.open(path) as c:
+        v = c.streams.video[0]
+        v.thread_type = "AUTO"
+        if start:
+            c.seek(int(float(start) / v.time_base), stream=v, backward=True)
+        for f in c.decode(v):
+            if end and f.time is not None and f.time >= float(end):
+                break
+"""
+
+
+def decode_floor(spans: list[tuple[Path, float | None, float | None]]) -> float:
+    """Best wall time of decoding ``spans`` (whole files when start/end are None) alone."""
+    specs = [f"{p}|{'' if a is None else a}|{'' if b is None else b}" for p, a, b in spans]
+    best = float("inf")
+    for _ in range(REPEAT):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", FLOOR, *specs], check=True)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 # --------------------------------------------------------------------------- the benchmark
 
 
@@ -133,6 +165,7 @@ def main() -> None:
     sub = ["--count", "3", "--duration", "30", "--start", "10"]
     t_exact = vpipe("subclip", trailer, "-o", work / "exact", *sub, "--mode", "exact")
     t_key = vpipe("subclip", trailer, "-o", work / "keyframe", *sub, "--mode", "keyframe")
+    t_ranges = vpipe("subclip", trailer, "-o", work / "ranges", *sub, "--mode", "ranges")
     t_seed, seed_clips = timed(seed_subclips, work / "seed", trailer)
     clips = sorted((work / "exact" / "trailer").glob("*.mp4"))
     key_clips = sorted((work / "keyframe" / "trailer").glob("*.mp4"))
@@ -141,6 +174,15 @@ def main() -> None:
                    "--size", "0", "--no-audio")
     t_256 = vpipe("extract-frames", work / "exact", "-o", work / "frames256", *every)
     t_kf_256 = vpipe("extract-frames", work / "keyframe", "-o", work / "frames-kf", *every)
+    t_r_256 = vpipe("extract-frames", work / "ranges", "-o", work / "frames-r", *every)
+    t_r_noaudio = vpipe("extract-frames", work / "ranges", "-o", work / "frames-r-na", *every,
+                        "--no-audio")
+    t_x_noaudio = vpipe("extract-frames", work / "exact", "-o", work / "frames-x-na", *every,
+                        "--no-audio")
+    # The floor: the same frames decoded alone (clip files; the source over each range).
+    spans = [(trailer, 10.0 + 30 * k, 40.0 + 30 * k) for k in range(3)]
+    floor_ranges = decode_floor(spans)
+    floor_clips = decode_floor([(c, None, None) for c in clips])
     # The seed's loop over clips that OpenCV reads completely (vpipe's): a fair time.
     t_seed_frames = sum(
         timed(seed_frames, work / "seed-frames" / c.stem, c, frequency=45)[0] for c in clips
@@ -153,11 +195,23 @@ def main() -> None:
         ("extract-frames --every 45, 256 px + 16 kHz wav", t_256, t_seed_frames),
         ("end to end: exact + frames 256 + wav", t_exact + t_256, t_seed_all),
         ("end to end: keyframe + frames 256 + wav", t_key + t_kf_256, t_seed_all),
+        ("subclip 3 x 30 s, ranges (no video written)", t_ranges, t_seed),
+        ("extract-frames --every 45, 256 px + wav, ranges", t_r_256, t_seed_frames),
+        ("end to end: ranges + frames 256 + wav", t_ranges + t_r_256, t_seed_all),
     ]
     print()
     print(f"{'work':50s} {'vpipe s':>8s} {'seed s':>8s} {'seed/vpipe':>11s}")
     for name, ours, seed in rows:
         print(f"{name:50s} {ours:8.2f} {seed:8.2f} {seed / ours:10.2f}x")
+
+    print()
+    print(f"{'extract-frames --every 45, 256 px, no audio':50s} {'vpipe s':>8s} {'floor s':>8s} "
+          f"{'vpipe/floor':>11s}")
+    for name, ours, floor in (("on exact clip files", t_x_noaudio, floor_clips),
+                              ("on ranges of the source", t_r_noaudio, floor_ranges)):
+        print(f"{name:50s} {ours:8.2f} {floor:8.2f} {ours / floor:10.2f}x")
+    print("(floor: PyAV decoding the same spans alone, frame threads, frames discarded, in a "
+          "fresh process)")
 
     # What OpenCV reads back from each tool's subclips (30 s at 25 fps = 750 frames).
     print()

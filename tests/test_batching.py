@@ -64,7 +64,11 @@ def frames(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       {f"s_{k}": (40, None) for k in range(5)}, size=(40, 30))
 
 
-def test_tuned_run_records_its_choice_and_equals_a_fixed_size(frames, tmp_path, weights):
+def test_tuned_run_records_its_choice_and_equals_a_fixed_size(frames, tmp_path, weights,
+                                                               monkeypatch):
+    from pipeline.features import batching
+
+    monkeypatch.setattr(batching, "TUNE_FROM_FRAMES", 100)  # tune these 200 frames
     base = ["--image-model", "resnet18", "--image-weights", str(weights["image"]),
             "--audio-model", "none", "--precision", "fp32", "--workers", "0", "-q"]
     assert main(["features", str(frames), "-o", str(tmp_path / "auto"), *base]) == 0
@@ -82,3 +86,30 @@ def test_tuned_run_records_its_choice_and_equals_a_fixed_size(frames, tmp_path, 
         assert a.clip_ids == b.clip_ids
         for cid in a.clip_ids:
             np.testing.assert_allclose(a[cid].image, b[cid].image, rtol=1e-4, atol=1e-5)
+
+
+def test_a_short_run_keeps_the_default_size(frames, tmp_path, weights):
+    from pipeline.features.batching import DEFAULT, TUNE_FROM_FRAMES
+
+    assert TUNE_FROM_FRAMES > 200
+    assert main(["features", str(frames), "-o", str(tmp_path / "f"), "--image-model", "resnet18",
+                 "--image-weights", str(weights["image"]), "--audio-model", "none",
+                 "--precision", "fp32", "--workers", "0", "-q"]) == 0
+    rep = json.loads((tmp_path / "f" / "vpipe.json").read_text())["model_batch"]
+    assert rep["size"] == DEFAULT["cpu"] and "short run (200 frames" in rep["chosen"]
+
+
+def test_compiled_model_gives_the_same_features_with_one_call_size(frames, tmp_path, weights):
+    """--compile: torch.compile (tens of seconds here), one size, the last call padded."""
+    base = ["--image-model", "resnet18", "--image-weights", str(weights["image"]),
+            "--audio-model", "none", "--precision", "fp32", "--workers", "0", "-q"]
+    assert main(["features", str(frames), "-o", str(tmp_path / "plain"), *base]) == 0
+    assert main(["features", str(frames), "-o", str(tmp_path / "comp"), *base, "--compile",
+                 "--batch-size", "12"]) == 0
+    rep = json.loads((tmp_path / "comp" / "vpipe.json").read_text())["model_batch"]
+    assert rep == {"size": 12, "chosen": "--compile: one size (the given or the default)",
+                   "compiled": True}
+    with open_features(tmp_path / "plain") as a, open_features(tmp_path / "comp") as b:
+        assert a.clip_ids == b.clip_ids
+        for cid in a.clip_ids:  # 200 frames in calls of 12: the last one (8 frames) padded
+            np.testing.assert_allclose(a[cid].image, b[cid].image, rtol=1e-4, atol=1e-4)

@@ -78,6 +78,15 @@ def features(
             "(32-256 on CUDA), timed on the run's first frames and recorded in vpipe.json.",
         ),
     ] = OPT.batch_size,
+    compile_model: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the image model: faster per frame after a compile of tens of "
+            "seconds, so only for long runs (break-even in benchmarks/README.md); one call "
+            "size (--batch-size, or the default), recorded in vpipe.json.",
+        ),
+    ] = OPT.compile,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -193,6 +202,7 @@ def features(
         compression=compression,
         shard_size=shard_size,
         batch_size=batch_size,
+        compile=compile_model,
         workers=loader_workers() if workers is None else workers,
         device=device,
         precision=precision,

@@ -43,6 +43,7 @@ class FeatureOptions:
     # Speed only: not part of the recorded parameters.
     batch_size: int = 0  # 0: chosen by timing the run's first frames (.batching)
     workers: int = field(default_factory=loader_workers)
+    compile: bool = False  # torch.compile the image model (pays off on long runs only)
     device: str = "auto"
     precision: str = "auto"
 

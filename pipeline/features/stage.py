@@ -213,7 +213,10 @@ def encode(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions
            tracker: Tracker, out: Path, on_shard: Callable[[Path], None] | None) -> None:
     """The loop: image rows batch by batch, audio rows per finished clip, shards as they fill."""
     sink = ShardSink(out, enc, opts, tracker, shard_attrs(enc, source, opts), on_shard)
-    tracker.start(total=sum(len(j.frames) for j in jobs) or None)
+    total = sum(len(j.frames) for j in jobs)
+    tracker.start(total=total or None)
+    if total:  # unknown (0) with --from-video until decoded: the tuning decides
+        enc.batching.expect(total)
     try:
         # The loader's batches; the encoders cut them into model calls of the size they chose.
         loader_opts = dataclasses.replace(opts, batch_size=enc.batching.loader_batch)
