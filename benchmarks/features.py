@@ -128,6 +128,43 @@ def sweep(model_name: str, weights: Path, batches: Sequence[int], precisions: Se
     return best
 
 
+def compile_break_even(model_name: str, weights: Path, batch: int, precision: str,
+                       seconds: float) -> dict[str, float]:
+    """torch.compile of the stage's model at one call size: compile seconds, eager and
+    compiled frames/s, and the frames a run needs before the compile has paid for itself."""
+    import torch
+
+    from pipeline.features import FeatureOptions, load_encoders
+
+    def rate(m, x) -> float:
+        with torch.inference_mode():
+            m(x)
+            n, t0 = 0, time.perf_counter()
+            while n == 0 or time.perf_counter() - t0 < seconds:
+                m(x)
+                n += batch
+        return n / (time.perf_counter() - t0)
+
+    opts = FeatureOptions(image_model=model_name, image_weights=str(weights), audio_model="none",
+                          device="cpu", precision=precision, batch_size=batch)
+    enc = load_encoders(opts)
+    x = torch.randn(batch, 3, 224, 224)
+    if (cast := next(enc.image.model.parameters()).dtype) != torch.float32:
+        x = x.to(cast)
+    if enc.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    eager = rate(enc.image.model, x)
+    compiled = torch.compile(enc.image.model, dynamic=False)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        compiled(x)
+    compile_s = time.perf_counter() - t0
+    fast = rate(compiled, x)
+    gain = 1 / eager - 1 / fast  # seconds saved per frame
+    return {"compile_s": compile_s, "eager": eager, "compiled": fast,
+            "break_even_frames": compile_s / gain if gain > 0 else float("inf")}
+
+
 def stage_rate(media: Path, out: Path, opts, n_frames: int) -> tuple[float, float, dict]:
     """Frames/s of one whole `extract_features` call, its CPU ms/frame, and what it recorded
     about its model calls (``model_batch``)."""
@@ -156,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--sweep-precisions", default=None,
                     help="default: fp32, plus bf16 where the CPU has native bf16")
     ap.add_argument("--sweep-seconds", type=float, default=2.0)
+    ap.add_argument("--compile", action="store_true",
+                    help="also measure torch.compile's break-even (compiles for minutes)")
     a = ap.parse_args(argv)
 
     import torch
@@ -212,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         for k, v in sweep(a.model, weights, batches, precisions, a.sweep_seconds,
                           rounds=1).items():
             ceiling[k] = max(ceiling[k], v)
+        top = max(ceiling, key=ceiling.get)
+        compiled = (compile_break_even(a.model, weights, top[2], top[0], a.sweep_seconds * 2)
+                    if a.compile else None)
 
     print()
     print("| model alone | " + " | ".join(f"batch {b}" for b in batches) + " |")
@@ -233,6 +275,11 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"({chosen.get('chosen')}) |")
     print(f"\nframes/s; (b) over {n_frames} frames in {a.clips} clips (steady: minus a 9-frame "
           f"run), (c) over {len(paths)} frames (fp32, as the seed script ran)")
+    if compiled is not None:
+        print(f"\ntorch.compile at batch {top[2]} ({top[0]}): compile "
+              f"{compiled['compile_s']:.1f} s, eager {compiled['eager']:.1f} vs compiled "
+              f"{compiled['compiled']:.1f} frames/s: "
+              f"pays off after {compiled['break_even_frames']:.0f} frames")
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ class Encoders:
     precision: str
     text: TextEncoder | None = None
     batching: ModelBatch | None = None  # None: each batch in one call, as given
-    channels_last: bool = False
+    channels_last: bool = True  # the image model's memory layout (and its inputs')
 
     @property
     def audio_dim(self) -> int:
@@ -270,9 +270,10 @@ def load_encoders(opts: FeatureOptions) -> Encoders:
         # Half-precision weights rather than autocast: the BN-folded convs are all there is,
         # and autocast would re-cast every weight at every call (bf16, 2 cores: +7%).
         image.model.to(cast)
-    channels_last = use_channels_last(device, precision)
-    if channels_last:
-        image.model.to(memory_format=torch.channels_last)
+    # Channels last on a CPU as on CUDA, in every precision. ResNet-50 alone, batch 8, 2 cores:
+    # fp32 13.4 frames/s against 10.6 contiguous (AMD EPYC, no AVX512); bf16 +28% (a Xeon).
+    channels_last = True
+    image.model.to(memory_format=torch.channels_last)
     if opts.compile:
         # Compiled on its first call (tens of seconds on a CPU), for the one call size.
         image.model = torch.compile(image.model, dynamic=False)
@@ -280,9 +281,3 @@ def load_encoders(opts: FeatureOptions) -> Encoders:
     text = TextEncoder(text_info, device, cast) if text_info is not None else None
     batching = ModelBatch(device.type, opts.batch_size, compiled=opts.compile)
     return Encoders(image, audio, device, precision, text, batching, channels_last)
-
-
-def use_channels_last(device: torch.device, precision: str) -> bool:
-    """The memory layout the image model runs in: channels last on CUDA and in bf16 on a CPU
-    (bf16, 2 cores: +28%); fp32 on a CPU stays contiguous (see benchmarks/README.md)."""
-    return device.type == "cuda" or precision != "fp32"

@@ -202,7 +202,8 @@ def extract_features(
         else:
             encode(todo, source, enc, opts, tracker, out, on_shard)
             if todo:
-                run.extra["model_batch"] = enc.batching.report()
+                layout = "channels_last" if enc.channels_last else "contiguous"
+                run.extra["model_batch"] = {**enc.batching.report(), "memory_format": layout}
     except BaseException as e:
         end_run(tracker, e, lambda: [job.id for job in jobs])
         raise
