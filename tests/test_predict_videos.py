@@ -181,3 +181,42 @@ def test_what_new_videos_cannot_reproduce_is_said():
     assert "segments file (/d/segs.csv)" in why[0]
     assert "--titles CSV" in why[1]
     assert refusals([text], titles="new.csv") == []
+
+
+def test_outputs_that_would_overwrite_an_input_or_the_run_are_refused(project, fresh, tmp_path,
+                                                                       capsys):
+    run = project / "w" / "train"
+    video = tmp_path / "x.mp4"
+    shutil.copy(fresh, video)
+    assert main(["predict", str(run), str(video), "-o", str(video)]) == 2
+    assert "that is an input" in capsys.readouterr().err
+    assert video.stat().st_size == fresh.stat().st_size
+    before = (run / "vpipe.json").read_bytes()
+    assert main(["predict", str(run), str(project / "w" / "features"), "-o",
+                 str(run / "vpipe.json")]) == 2
+    assert "a file of the run" in capsys.readouterr().err
+    assert (run / "vpipe.json").read_bytes() == before
+    # A feature folder and videos together: one or the other.
+    assert main(["predict", str(run), str(project / "w" / "features"), str(fresh), "-o",
+                 str(tmp_path / "p.jsonl")]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_a_work_dir_of_other_videos_is_refused_and_failed_videos_exit_1(project, fresh, tmp_path,
+                                                                       capsys):
+    run = project / "w" / "train"
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(fresh, new / "blue.mp4")
+    (new / "broken.mp4").write_bytes(b"not a video at all")
+    # Named on the command line, a file that is no video fails (found in a folder: skipped).
+    code = main(["predict", str(run), str(new / "blue.mp4"), str(new / "broken.mp4"), "-o",
+                 str(tmp_path / "p.jsonl"), "--work-dir", str(tmp_path / "wd")])
+    err = capsys.readouterr().err
+    assert code == 1 and "broken.mp4" in err and "some videos failed" in err
+    assert {p["source"] if p["level"] == "clip" else p["id"]
+            for p in lines(tmp_path / "p.jsonl")} == {"blue"}
+    # The same folder for other videos would mix their clips into these predictions.
+    assert main(["predict", str(run), str(fresh), "-o", str(tmp_path / "q.jsonl"),
+                 "--work-dir", str(tmp_path / "wd")]) == 2
+    assert "holds the stages of other videos" in capsys.readouterr().err

@@ -376,26 +376,35 @@ def predict(
     reproduced (the stage folders gone, weights missing, clips cut from a segments file) is
     refused before any stage runs.
     """
+    from pipeline.errors import UsageError
     from pipeline.train import predict_run
     from pipeline.train.predict import check_output
 
-    features, new_videos = inputs[0], False
-    if not (len(inputs) == 1 and _is_feature_folder(inputs[0])):
+    check_output(out)  # a folder given as the file: refused before any stage runs
+    _check_predict_output(out, run, inputs)
+    features, new_videos, code = inputs[0], False, 0
+    folders = [p for p in inputs if _is_feature_folder(p)]
+    if folders and len(inputs) > 1:
+        raise UsageError(f"{folders[0]} is a feature folder: give one feature folder, or videos, "
+                         "not both")
+    if not folders:
         from pipeline import workflow as wfl
         from pipeline.cli import command, main
+        from pipeline.records import ok_records
+        from pipeline.train.runs import load_run
         from pipeline.workflow.replay import plan_replay
 
-        check_output(out)  # refused before any stage runs, not after
+        load_run(run, _checkpoint(checkpoint))  # a folds run or no checkpoint: refused now
         steps = plan_replay(run, inputs, command().commands, work_dir=work_dir, titles=titles,
                             quiet=quiet)
         log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
         code, _ = wfl.run_plan(steps, main, log=log, prog="vpipe predict")
         if code not in (0, 1):
             raise typer.Exit(code)
+        if not ok_records(steps[0].out):
+            raise UsageError("no clip was made from the videos given (see the errors above)")
         features, new_videos = steps[-1].out, True
     elif work_dir is not None or titles is not None:
-        from pipeline.errors import UsageError
-
         raise UsageError("--work-dir and --titles are for videos; a feature folder is used as is")
     r = predict_run(
         run, features, out, checkpoint=_checkpoint(checkpoint), threshold=threshold,
@@ -405,3 +414,19 @@ def predict(
         print(
             f"vpipe predict: {r['clips']} clips, {r['sources']} sources -> {out}", file=sys.stderr
         )
+    if code:  # some videos failed in a stage: their lines are missing, and the exit code says so
+        print("vpipe predict: some videos failed (see above): they have no lines", file=sys.stderr)
+        raise typer.Exit(code)
+
+
+def _check_predict_output(out: Path, run: Path, inputs: list[Path]) -> None:
+    """Refuse an output file that is one of the inputs or a file of the run (it would be
+    overwritten), before anything runs."""
+    from pipeline.errors import UsageError
+
+    target = out.resolve()
+    for p in inputs:
+        if p.is_file() and p.resolve() == target:
+            raise UsageError(f"-o {out}: that is an input; give another file name")
+    if target.parent == run.resolve() and target.name != "predictions.jsonl" and target.exists():
+        raise UsageError(f"-o {out}: a file of the run {run}; give another file name")

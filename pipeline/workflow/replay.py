@@ -265,7 +265,10 @@ def cache_key(steps: Sequence[Step], videos: Sequence[Path], extra: str = "") ->
 
 def run_features(run: Path) -> Path:
     """The feature folder a run was trained on, as its ``vpipe.json`` records it."""
-    info = read_run_info(run) if (run / "vpipe.json").is_file() else None
+    try:
+        info = read_run_info(run) if (run / "vpipe.json").is_file() else None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{run}/vpipe.json: unreadable ({e})") from None
     if not info or info.get("stage") != "train" or "features" not in info.get("params", {}):
         raise UsageError(f"{run}: not a run folder written by vpipe train (no vpipe.json)")
     return Path(info["params"]["features"])
@@ -304,9 +307,35 @@ def plan_replay(
     found = find_videos(given)
     if not found:
         raise UsageError(f"no videos in {', '.join(map(str, videos))}")
+    # The run's own folder is part of the key: the cache records absolute paths, so a copied
+    # run starts a cache of its own instead of meeting the original's.
     key = cache_key(replay_steps(chain, given, Path("."), titles), found,
-                    sha256_of(titles) if titles else "")
+                    (sha256_of(titles) if titles else "") + str(run.resolve()))
     work = Path(work_dir) if work_dir is not None else run / "predict-cache" / key
     steps = replay_steps(chain, given, work, titles, quiet=quiet)
     check_steps(steps, commands, chain)
+    claim_work_dir(work, key)
     return steps
+
+
+KEY_FILE = "predict-key.txt"
+
+
+def claim_work_dir(work: Path, key: str) -> None:
+    """Mark ``work`` as the cache of these videos and options; one holding the work of other
+    videos is refused (its clips would join the predictions)."""
+    marker = work / KEY_FILE
+    if marker.is_file():
+        if marker.read_text(encoding="utf-8").strip() != key:
+            raise UsageError(
+                f"--work-dir {work}: holds the stages of other videos or options (its clips "
+                "would join these predictions); give another folder, or remove it"
+            )
+        return
+    if work.is_dir() and any(work.iterdir()):
+        raise UsageError(f"--work-dir {work}: not empty and not a vpipe predict cache; give "
+                         "another folder")
+    from pipeline.files import atomic_write_text
+
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, key + "\n")
