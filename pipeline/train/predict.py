@@ -271,6 +271,9 @@ def predict_run(
     thr = spec.config.threshold if threshold is None else threshold
     ids = store.clip_ids
     warn_empty_clips(store, ids, spec.modalities, prog)
+    if new_videos and len(spec.modalities) > 1:  # e.g. a video without sound, an audio branch
+        for m in spec.modalities:
+            warn_empty_clips(store, ids, [m], prog)
     if spec.task == "caption":  # caption lines; a source's is its best-scored clip's
         from pipeline.train.caption import write_caption_lines
 
