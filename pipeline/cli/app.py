@@ -3,6 +3,9 @@ one module per group of stages; each only parses options and calls library funct
 
 from __future__ import annotations
 
+import gc
+import importlib
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -82,3 +85,22 @@ def make_engine(name: str, ray_address: str | None, workers: int | None, quiet: 
         return None
     engine.connect()  # before the stage opens its folder: an unreachable cluster leaves nothing
     return engine
+
+
+def preload(*modules: str) -> None:
+    """Import ``modules`` (torch, torchvision) with the garbage collector off, then freeze what
+    they made out of its way. torch and torchvision make some 330,000 long-lived objects on
+    import; collecting them while they are made, and again at every later full collection,
+    is wasted: 0.2-0.5 s of a 51-frame `vpipe features` on 2 cores (benchmarks/startup.py).
+    A no-op once they are imported (a second stage of `vpipe run`, a test)."""
+    if all(m in sys.modules for m in modules):
+        return
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for name in modules:
+            importlib.import_module(name)
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()

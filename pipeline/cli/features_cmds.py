@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.app import Engine, OutDir, Overwrite, Quiet, RayAddress, app, make_engine
+from pipeline.cli.app import (
+    Engine,
+    OutDir,
+    Overwrite,
+    Quiet,
+    RayAddress,
+    app,
+    make_engine,
+    preload,
+)
 from pipeline.features.options import FeatureOptions
 
 OPT = FeatureOptions  # the defaults, written once in the options dataclass
@@ -189,6 +198,7 @@ def features(
     With --text, each clip's title is encoded by a frozen transformers model into /text
     (per token, [CLS] and [SEP] included).
     """
+    preload("torch", *(() if image_model.startswith("hf:") else ("torchvision",)))
     from pipeline.features import extract_features
     from pipeline.features.options import loader_workers
 

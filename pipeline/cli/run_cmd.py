@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.app import Quiet, RayAddress, app
+from pipeline.cli.app import Quiet, RayAddress, app, preload
 
 
 @app.command("run")
@@ -122,6 +122,7 @@ def run(
     )
     from pipeline.cli import command
 
+    _preload(wf.stages)
     commands = command().commands  # the CLI's own commands, nothing else
     # Each stage's own checks too (weights looked for: not on a dry run), before any runs.
     planned = wfl.plan(wf, commands, quiet=quiet, overwrite=overwrite, fetch=not dry_run)
@@ -172,3 +173,14 @@ def workflows(
         typer.echo(f"{name:<{width}}  {shipped.summary(path)}")
     if files:
         typer.echo(f"\n(in {', '.join(str(d) for d in shipped.folders())})")
+
+
+def _preload(stages: list) -> None:
+    """torch, and torchvision for a torchvision image model, before the plan's checks import
+    them (:func:`~pipeline.cli.app.preload`)."""
+    torch_stages = [s for s in stages if s.name in ("features", "train", "evaluate", "predict")]
+    if torch_stages:
+        vision = any(s.name == "features"
+                     and not str(s.options.get("image-model", "")).startswith("hf:")
+                     for s in torch_stages)
+        preload("torch", *(("torchvision",) if vision else ()))
