@@ -8,9 +8,11 @@ Prints, in one run:
       `extract_features` call and in steady state (the difference of that run and a 9-frame
       one), with the model-call size it chose,
   (c) the seed-style way: PIL load + the weights' transforms + one ResNet call per frame,
-and the ratios b/a and b/c. Frames are JPEGs at the size `vpipe extract-frames` writes by
-default (short side 256) unless --size says otherwise. Weights are random (same speed as the
-published ones, and no download needed)::
+  (d) --pairs rounds of (b) each beside the best configuration of (a) alone, measured next to
+      each other, so that a change in the machine's load hits both alike,
+and the ratios b/a, b/c and each round's of (d). Frames are JPEGs at the size
+`vpipe extract-frames` writes by default (short side 256) unless --size says otherwise.
+Weights are random (same speed as the published ones, and no download needed)::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/features.py --frames 384
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -85,7 +88,9 @@ def cpu_seconds() -> float:
 
 
 def sweep(model_name: str, weights: Path, batches: Sequence[int], precisions: Sequence[str],
-          seconds: float, rounds: int = 2) -> dict[tuple[str, str, int], float]:
+          seconds: float, rounds: int = 2,
+          layouts: Sequence[str] = ("contiguous", "channels_last"), quiet: bool = False,
+          ) -> dict[tuple[str, str, int], float]:
     """The model alone (as the stage builds it: BatchNorm folded) over precision x memory
     layout x batch size, frames/s, best of ``rounds`` interleaved rounds (so that a change in
     the machine's load hits every configuration alike)."""
@@ -97,7 +102,7 @@ def sweep(model_name: str, weights: Path, batches: Sequence[int], precisions: Se
 
     models = {}
     for prec in precisions:
-        for layout in ("contiguous", "channels_last"):
+        for layout in layouts:
             enc = load_image_encoder(model_name, str(weights),
                                      resolve_image_weights(model_name, str(weights)))
             m = enc.model
@@ -124,7 +129,8 @@ def sweep(model_name: str, weights: Path, batches: Sequence[int], precisions: Se
                 fps = n / (time.perf_counter() - t0)
                 key = (prec, layout, b)
                 best[key] = max(best.get(key, 0.0), fps)
-                print(f"  sweep {prec} {layout} batch {b}: {fps:.1f} frames/s", flush=True)
+                if not quiet:
+                    print(f"  sweep {prec} {layout} batch {b}: {fps:.1f} frames/s", flush=True)
     return best
 
 
@@ -193,6 +199,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--sweep-precisions", default=None,
                     help="default: fp32, plus bf16 where the CPU has native bf16")
     ap.add_argument("--sweep-seconds", type=float, default=2.0)
+    ap.add_argument("--pairs", type=int, default=3,
+                    help="rounds of the stage (first --precision) beside the best model-alone "
+                    "configuration, each giving a ratio of two adjacent measurements")
     ap.add_argument("--compile", action="store_true",
                     help="also measure torch.compile's break-even (compiles for minutes)")
     a = ap.parse_args(argv)
@@ -252,6 +261,25 @@ def main(argv: Sequence[str] | None = None) -> None:
                           rounds=1).items():
             ceiling[k] = max(ceiling[k], v)
         top = max(ceiling, key=ceiling.get)
+        # Paired rounds: the stage and the best configuration alone measured next to each
+        # other, so that the machine's changing load hits both alike (this machine's share of
+        # its host varies by 10-30% over minutes; the table's ceiling is a best of two).
+        pairs = []
+        for _ in range(a.pairs):
+            opts = FeatureOptions(
+                image_model=a.model, image_weights=str(weights), audio_model="none",
+                batch_size=a.batch_size, workers=workers, device="cpu", precision=a.precision[0],
+            )
+            shutil.rmtree(tmp / "pair", ignore_errors=True)
+            shutil.rmtree(tmp / "pair-small", ignore_errors=True)
+            big, _, _ = stage_rate(media, tmp / "pair", opts, n_frames)
+            small_rate, _, _ = stage_rate(small, tmp / "pair-small", opts, 9)
+            steady = (n_frames - 9) / max(n_frames / big - 9 / small_rate, 1e-9)
+            alone = sweep(a.model, weights, [top[2]], [top[0]], n_frames / big / 2, rounds=1,
+                          layouts=[top[1]], quiet=True)[top]
+            pairs.append((steady, alone))
+            print(f"(pair) stage steady {steady:.1f}, model alone {alone:.1f} frames/s: "
+                  f"{steady / alone:.2f}", flush=True)
         compiled = (compile_break_even(a.model, weights, top[2], top[0], a.sweep_seconds * 2)
                     if a.compile else None)
 
@@ -273,6 +301,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| {prec} | {big:.1f} | {steady:.1f} | {steady / ceiling[top]:.2f} | "
               f"{big / seed:.2f} | {t_small:.2f} | size {chosen.get('size')} "
               f"({chosen.get('chosen')}) |")
+    if pairs:
+        ratios = sorted(st / al for st, al in pairs)
+        print(f"\npaired rounds (stage steady / best configuration alone, measured next to "
+              f"each other): {', '.join(f'{r:.2f}' for r in ratios)}; median "
+              f"{ratios[len(ratios) // 2]:.2f}")
     print(f"\nframes/s; (b) over {n_frames} frames in {a.clips} clips (steady: minus a 9-frame "
           f"run), (c) over {len(paths)} frames (fp32, as the seed script ran)")
     if compiled is not None:
