@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if argv is None:
             # The process ends next: without this, its teardown walks every object torch and
-            # torchvision made, 0.9 s of a 51-frame `vpipe features` (1.2 s to 0.26 s at exit).
+            # torchvision made: 1.18 s against 0.25 s after a freeze (benchmarks/startup.py).
             gc.freeze()
 
 
