@@ -242,17 +242,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         batches = [int(b) for b in a.sweep_batches.split(",")]
         ceiling = sweep(a.model, weights, batches, precisions, a.sweep_seconds, rounds=1)
 
-        rows = []
-        for prec in a.precision:
+        def stage(prec: str, name: str) -> tuple[float, float, float, dict, float]:
+            """(b): whole-call and steady frames/s (the difference of the big and a 9-frame
+            run: the fixed cost out), CPU ms/frame, the model calls, the 9-frame run's s."""
             opts = FeatureOptions(
                 image_model=a.model, image_weights=str(weights), audio_model="none",
                 batch_size=a.batch_size, workers=workers, device="cpu", precision=prec,
             )
-            big, cpu_b, chosen = stage_rate(media, tmp / f"out-{prec}", opts, n_frames)
-            small_rate, _, _ = stage_rate(small, tmp / f"small-{prec}", opts, 9)
-            # Steady state: the difference of the big and the 9-frame run (the fixed cost out).
-            t_big, t_small = n_frames / big, 9 / small_rate
-            steady = (n_frames - 9) / max(t_big - t_small, 1e-9)
+            for d in (tmp / name, tmp / f"{name}-small"):
+                shutil.rmtree(d, ignore_errors=True)
+            big, cpu_b, chosen = stage_rate(media, tmp / name, opts, n_frames)
+            small_rate, _, _ = stage_rate(small, tmp / f"{name}-small", opts, 9)
+            t_small = 9 / small_rate
+            steady = (n_frames - 9) / max(n_frames / big - t_small, 1e-9)
+            return big, steady, cpu_b, chosen, t_small
+
+        rows = []
+        for prec in a.precision:
+            big, steady, cpu_b, chosen, t_small = stage(prec, f"out-{prec}")
             rows.append((prec, big, steady, cpu_b, chosen, t_small))
             print(f"(b) stage {prec}: {big:.1f} frames/s whole call, {steady:.1f} steady, "
                   f"9-frame run {t_small:.2f} s, model calls {chosen}", flush=True)
@@ -266,15 +273,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # its host varies by 10-30% over minutes; the table's ceiling is a best of two).
         pairs = []
         for _ in range(a.pairs):
-            opts = FeatureOptions(
-                image_model=a.model, image_weights=str(weights), audio_model="none",
-                batch_size=a.batch_size, workers=workers, device="cpu", precision=a.precision[0],
-            )
-            shutil.rmtree(tmp / "pair", ignore_errors=True)
-            shutil.rmtree(tmp / "pair-small", ignore_errors=True)
-            big, _, _ = stage_rate(media, tmp / "pair", opts, n_frames)
-            small_rate, _, _ = stage_rate(small, tmp / "pair-small", opts, 9)
-            steady = (n_frames - 9) / max(n_frames / big - 9 / small_rate, 1e-9)
+            big, steady, *_ = stage(a.precision[0], "pair")
             alone = sweep(a.model, weights, [top[2]], [top[0]], n_frames / big / 2, rounds=1,
                           layouts=[top[1]], quiet=True)[top]
             pairs.append((steady, alone))

@@ -71,3 +71,17 @@ def test_only_the_console_entry_freezes_at_its_end(argv: str, frozen: bool) -> N
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
                          stdout=subprocess.PIPE, text=True).stdout.split()
     assert out[-2:] == ["0", str(frozen)]
+
+
+@pytest.mark.parametrize("model, vision", [("resnet50", True), ("hf:openai/clip-vit-base-patch32",
+                                                                  False), (None, False)])
+def test_preload_torch_takes_torchvision_only_for_a_torchvision_model(model, vision) -> None:
+    code = (
+        "import sys\n"
+        "from pipeline.cli.app import preload_torch\n"
+        f"preload_torch({model!r})\n"
+        "print('torch' in sys.modules, 'torchvision' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                         stdout=subprocess.PIPE, text=True).stdout.split()
+    assert out[-2:] == ["True", str(vision)]

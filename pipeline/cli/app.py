@@ -104,3 +104,10 @@ def preload(*modules: str) -> None:
         gc.freeze()
         if enabled:
             gc.enable()
+
+
+def preload_torch(image_model: str | None = None) -> None:
+    """:func:`preload` torch, and torchvision too for ``image_model`` unless it is a Hugging
+    Face one (``hf:NAME``, which does not use torchvision's models)."""
+    vision = image_model is not None and not image_model.startswith("hf:")
+    preload("torch", *(("torchvision",) if vision else ()))

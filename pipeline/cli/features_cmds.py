@@ -15,7 +15,7 @@ from pipeline.cli.app import (
     RayAddress,
     app,
     make_engine,
-    preload,
+    preload_torch,
 )
 from pipeline.features.options import FeatureOptions
 
@@ -198,7 +198,7 @@ def features(
     With --text, each clip's title is encoded by a frozen transformers model into /text
     (per token, [CLS] and [SEP] included).
     """
-    preload("torch", *(() if image_model.startswith("hf:") else ("torchvision",)))
+    preload_torch(image_model)
     from pipeline.features import extract_features
     from pipeline.features.options import loader_workers
 

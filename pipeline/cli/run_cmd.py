@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.app import Quiet, RayAddress, app, preload
+from pipeline.cli.app import Quiet, RayAddress, app, preload_torch
 
 
 @app.command("run")
@@ -175,12 +175,12 @@ def workflows(
         typer.echo(f"\n(in {', '.join(str(d) for d in shipped.folders())})")
 
 
+
 def _preload(stages: list) -> None:
-    """torch, and torchvision for a torchvision image model, before the plan's checks import
-    them (:func:`~pipeline.cli.app.preload`)."""
-    torch_stages = [s for s in stages if s.name in ("features", "train", "evaluate", "predict")]
-    if torch_stages:
-        vision = any(s.name == "features"
-                     and not str(s.options.get("image-model", "")).startswith("hf:")
-                     for s in torch_stages)
-        preload("torch", *(("torchvision",) if vision else ()))
+    """torch (and torchvision for the features stage's image model) before the plan's checks
+    import them (:func:`~pipeline.cli.app.preload_torch`)."""
+    features = [s for s in stages if s.name == "features"]
+    if features:
+        preload_torch(str(features[0].options.get("image-model", "")))
+    elif any(s.name in ("train", "evaluate", "predict") for s in stages):
+        preload_torch()

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli.app import OutDir, Overwrite, Quiet, app, preload
+from pipeline.cli.app import OutDir, Overwrite, Quiet, app, preload_torch
 from pipeline.train.config import CHECKPOINTS, DEFAULT_CHECKPOINT, TrainConfig
 
 Features = Annotated[
@@ -201,7 +201,7 @@ def train(
     With --folds N, the same holds for each fold's run OUT/fold-k; evaluate and predict take
     one fold's run.
     """
-    preload("torch")
+    preload_torch()
     from pipeline.train import train, train_captions, train_folds
 
     train_run = train_folds if folds else train_captions if task == "caption" else train
@@ -286,7 +286,7 @@ def evaluate(
     stream: Stream = False,
 ) -> None:
     """Metrics of a trained run on labelled clips, as JSON on stdout."""
-    preload("torch")
+    preload_torch()
     from pipeline.errors import UsageError
     from pipeline.train import evaluate_run
     from pipeline.train.predict import write_output
@@ -378,7 +378,7 @@ def predict(
     reproduced (the stage folders gone, weights missing, clips cut from a segments file) is
     refused before any stage runs.
     """
-    preload("torch")
+    preload_torch()
     from pipeline.errors import UsageError
     from pipeline.train import predict_run
     from pipeline.train.predict import check_output
