@@ -16,6 +16,12 @@ from pipeline.cli.app import preload
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def fresh_python(code: str) -> list[str]:
+    """The words ``code`` prints in a new interpreter (where nothing is imported yet)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                          stdout=subprocess.PIPE, text=True).stdout.split()
+
+
 @pytest.fixture
 def probe_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A module that records, as it is imported, whether the collector was on."""
@@ -68,8 +74,7 @@ def test_only_the_console_entry_freezes_at_its_end(argv: str, frozen: bool) -> N
         f"rc = main({argv})\n"
         "print(rc, gc.get_freeze_count() > 0)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
-                         stdout=subprocess.PIPE, text=True).stdout.split()
+    out = fresh_python(code)
     assert out[-2:] == ["0", str(frozen)]
 
 
@@ -82,6 +87,5 @@ def test_preload_torch_takes_torchvision_only_for_a_torchvision_model(model, vis
         f"preload_torch({model!r})\n"
         "print('torch' in sys.modules, 'torchvision' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
-                         stdout=subprocess.PIPE, text=True).stdout.split()
+    out = fresh_python(code)
     assert out[-2:] == ["True", str(vision)]
