@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 
 class VpipeError(Exception):
@@ -56,3 +57,20 @@ class DiskFull(VpipeError):
     def __str__(self) -> str:
         what = NO_ROOM.get(self.errno, os.strerror(self.errno))
         return f"{what} writing {self.path}" if self.path else what
+
+
+# Control characters (a newline, a CR, an escape) in a file name must not split, overwrite or
+# colour the one line that names it.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters written as escapes (``\\n``, ``\\r``, ``\\x1b``)."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def quote_path(path: str | os.PathLike) -> str:
+    """A path as a message shows it: as it is, or quoted with escapes where it holds a control
+    character (``'clip\\n1.mp4'``), so that the line stays one line and says where the name ends."""
+    text = os.fspath(path)
+    return repr(text) if _CONTROL.search(text) else text

@@ -59,7 +59,7 @@ def export_features(folder: str | os.PathLike, out_dir: str | os.PathLike,
                   "features": str(folder.resolve()), "features_attrs": store.attrs()}
         ids = store.clip_ids
     run = Run(Path(out_dir), "export", params, overwrite=overwrite,
-              outputs=lambda rec: rec.get("files", [])).open()
+              outputs=lambda rec: rec.get("files", []), inputs=[folder]).open()
     items = [Item(c, f"{folder}:{c}", None) for c in ids]
     work = functools.partial(export_clip, folder=str(folder), out_dir=Path(out_dir), opts=opts)
     try:

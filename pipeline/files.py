@@ -18,10 +18,10 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from pipeline.errors import NO_ROOM, DiskFull
+from pipeline.errors import NO_ROOM, DiskFull, UsageError, quote_path
 
 _TEMP_PART = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")
 
@@ -135,3 +135,26 @@ def sha256_of(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def check_out_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse an output folder that would mix a stage's outputs with its inputs, before it is
+    made: a file system root, an existing file, an input itself, a folder inside an input
+    folder (the same command again would take its own outputs for new inputs) or a folder
+    that holds an input. The message names ``-o`` as given and the input it collides with."""
+    target = Path(out).resolve()
+    where = f"-o {quote_path(out)}"
+    if target.parent == target:
+        raise UsageError(f"{where}: the root of a file system; choose a folder of its own")
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{where}: an existing file, not a folder; choose another --out")
+    for given in inputs:
+        path = Path(given).resolve()
+        name = quote_path(given)
+        if path == target:
+            raise UsageError(f"{where}: that is an input; choose another --out")
+        if path.is_dir() and target.is_relative_to(path):
+            raise UsageError(f"{where}: inside the input folder {name}: the same command "
+                             "again would read its outputs as inputs; choose another --out")
+        if path.is_relative_to(target):
+            raise UsageError(f"{where}: holds the input {name}; choose another --out")

@@ -161,7 +161,7 @@ def extract_frames(
     clips = find_clips(inputs)
     run = Run(
         Path(out_dir), stage, opts.params(), overwrite=overwrite,
-        versions=media.media_versions(), outputs=clip_outputs,
+        versions=media.media_versions(), outputs=clip_outputs, inputs=inputs,
     ).open()
     for c in clips:
         # A clip re-cut since (subclip rerun with --overwrite) is not finished: redo it.

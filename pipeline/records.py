@@ -10,6 +10,7 @@ The per-item loop over a run (workers, progress, error lines) is :mod:`pipeline.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -24,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.errors import ParamsChanged, UsageError
-from pipeline.files import append_bytes, atomic_write_text, clean_temp_files
+from pipeline.errors import ParamsChanged, UsageError, quote_path
+from pipeline.files import append_bytes, atomic_write_text, check_out_dir, clean_temp_files
 
 MANIFEST = "manifest.jsonl"
 RUN_INFO = "vpipe.json"
@@ -40,6 +41,9 @@ ITEM_RECORDS = "item_records"
 # On each ok record of a stage that writes files: their sizes, {path under OUT: bytes} (a folder:
 # the total of the files in it). A resume redoes an item whose outputs are gone or changed size.
 OUTPUT_BYTES = "output_bytes"
+# On each record: a digest of the parameters it was made with. Should vpipe.json be lost, the
+# records alone still tell a resume with the same parameters from a run with others.
+PARAMS_DIGEST = "params_digest"
 
 
 def now_iso() -> str:
@@ -49,26 +53,46 @@ def now_iso() -> str:
 # --------------------------------------------------------------------------- manifests
 
 
-def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
-    """Last record per id from ``folder/manifest.jsonl`` (a torn last line is ignored)."""
+def read_manifest(folder: str | os.PathLike, *, warn: bool = True) -> dict[str, dict]:
+    """Last record per id from ``folder/manifest.jsonl``.
+
+    A line cut short by a crash (valid JSON up to where it stops) is ignored: its item is
+    simply redone. A line that is damaged anywhere else, or that is JSON but no record, is
+    ignored too, but said on stderr with its line number (``warn``): its item is redone or, in
+    the next stage, missing, and nobody should learn that from a count.
+    """
     path = Path(folder) / MANIFEST
     records: dict[str, dict] = {}
     if not path.exists():
         return records
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.endswith("\n"):
+                break  # the last line, cut off by a kill before its end: redone, nothing to say
+            if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash: that item is simply redone
+            rec, why = _parse_record(line)
+            if rec is None:
+                if warn:
+                    print(f"vpipe: {quote_path(path)} line {n}: {why}; ignored (its item is "
+                          "redone, or missing from the next stage)", file=sys.stderr)
+                continue
             if rec.get("status") == SUPERSEDED:
                 records.pop(rec["id"], None)
                 continue
             records[rec["id"]] = rec
     return records
+
+
+def _parse_record(line: str) -> tuple[dict | None, str]:
+    """A whole manifest line as a record, or ``None`` and why it is not one."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"damaged record ({e.msg} at column {e.colno})"
+    if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+        return None, "not a record (no id)"
+    return rec, ""
 
 
 def ok_records(folder: str | os.PathLike) -> list[dict]:
@@ -182,11 +206,47 @@ def _same_file(fd: int, path: Path) -> bool:
 # --------------------------------------------------------------------------- vpipe.json
 
 
-def read_run_info(folder: str | os.PathLike) -> dict | None:
-    path = Path(folder) / RUN_INFO
-    if not path.exists():
+class DamagedRecord(UsageError):
+    """A record vpipe wrote (``vpipe.json``, a run's ``config.json``) that does not read as
+    one: cut off, edited, garbled."""
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in ``path``; ``None`` when there is no such file; a damaged file is
+    :class:`DamagedRecord` naming it and where it stops making sense."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    except IsADirectoryError:
+        raise DamagedRecord(f"{quote_path(path)}: a folder, not a vpipe record") from None
+    fix = "restore it, or use --overwrite to redo the folder"
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DamagedRecord(f"{quote_path(path)}: damaged (not UTF-8 at byte {e.start}); "
+                            f"{fix}") from None
+    except json.JSONDecodeError as e:
+        cut = ", the end of the file: cut off" if e.pos >= len(e.doc.rstrip()) else ""
+        raise DamagedRecord(f"{quote_path(path)}: damaged ({e.msg} at line {e.lineno} column "
+                            f"{e.colno}{cut}); {fix}") from None
+
+
+def read_run_info(folder: str | os.PathLike) -> dict | None:
+    """``folder/vpipe.json`` as a dict; ``None`` when there is none (:func:`read_json`)."""
+    path = Path(folder) / RUN_INFO
+    info = read_json(path)
+    if info is not None and not isinstance(info, dict):
+        raise DamagedRecord(f"{quote_path(path)}: damaged (not a JSON object); restore it, "
+                            "or use --overwrite to redo the folder")
+    return info
+
+
+def params_digest(params: dict) -> str:
+    """16 hex digits that differ when the (canonical) parameters do."""
+    text = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def base_versions() -> dict[str, str]:
@@ -196,8 +256,12 @@ def base_versions() -> dict[str, str]:
 def write_run_info(folder: Path, stage: str, fields: dict, versions: dict[str, str]) -> None:
     """Update ``folder/vpipe.json`` with ``fields``: the one writer of every stage's record
     (the item stages through :class:`Run`, ``vpipe train`` directly), so all share a layout."""
+    try:
+        before = read_run_info(folder) or {}
+    except DamagedRecord:  # replaced whole: only a run given --overwrite gets this far
+        before = {}
     info = {
-        **(read_run_info(folder) or {}),
+        **before,
         "stage": stage,
         **fields,
         "versions": {**base_versions(), **versions},
@@ -229,6 +293,7 @@ class Summary:
     outputs: int | None = None
     units: tuple[str, str] | None = None
     note: str = ""  # a stage's own count, after the others ("2 clip(s) without a title")
+    interrupted: bool = False  # Ctrl-C ended it: what is done stays, nothing counts as finished
 
     @property
     def exit_code(self) -> int:
@@ -239,10 +304,12 @@ class Summary:
         if self.units is not None:
             item, out = self.units
             done = f"{self.done} {item} done ({self.outputs} {out})"
-        return (
-            f"vpipe {self.stage}: {done}, {self.resumed} already done, "
-            f"{self.skipped} skipped, {self.failed} failed in {self.seconds:.1f}s"
+        line = (
+            f"vpipe {self.stage}: {'interrupted after ' if self.interrupted else ''}{done}, "
+            f"{self.resumed} already done, {self.skipped} skipped, {self.failed} failed in "
+            f"{self.seconds:.1f}s"
         ) + (f"; {self.note}" if self.note else "")
+        return line + ("; the same command resumes" if self.interrupted else "")
 
     def counts(self) -> dict[str, Any]:
         return {
@@ -266,6 +333,8 @@ class Run:
     # The files an ok record's item wrote, as paths under out_dir: their sizes are recorded,
     # and a resume checks them (existence and size) before calling the item finished.
     outputs: Callable[[dict], Iterable[str]] | None = None
+    # What the stage reads: an output folder that is, holds or sits in one of them is refused.
+    inputs: Sequence[str | os.PathLike] = ()
     previous: dict[str, dict] = field(default_factory=dict, init=False)
     started: float = field(default=0.0, init=False)
     _lock: FolderLock | None = field(default=None, init=False, repr=False)
@@ -273,6 +342,7 @@ class Run:
     _by_item: dict[str, list[str]] = field(default_factory=dict, init=False)
     # Records of forgotten items, kept in the compacted manifest unless the item is redone.
     _forgotten: dict[str, dict] = field(default_factory=dict, init=False)
+    _digest: str = field(default="", init=False, repr=False)
     # Said of the run in vpipe.json when it closes, beside the counts (e.g. the engine it ran on).
     extra: dict[str, Any] = field(default_factory=dict, init=False)
 
@@ -281,6 +351,7 @@ class Run:
 
     def open(self) -> Run:
         """Create the folder, check parameters, load the previous manifest, write vpipe.json."""
+        check_out_dir(self.out_dir, self.inputs)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # Before anything is read or cleaned: a second copy must not touch the first's files.
         self._lock = FolderLock(self.out_dir)
@@ -294,19 +365,14 @@ class Run:
 
     def _load(self) -> None:
         params = canonical(self.params)
-        info = read_run_info(self.out_dir)
-        if info is not None:
-            old = info.get("params", {})
-            if info.get("stage") != self.stage or old != params:
-                if not self.overwrite:
-                    raise ParamsChanged(
-                        f"{self.out_dir}: made by `vpipe {info.get('stage')}` with other "
-                        f"parameters ({_diff(old, params)}); use --overwrite to redo it, "
-                        "or choose another --out"
-                    )
-                (self.out_dir / MANIFEST).unlink(missing_ok=True)
+        self._digest = params_digest(params)
+        if why := self._made_otherwise(params):
+            if not self.overwrite:
+                raise ParamsChanged(f"{self.out_dir}: {why}; use --overwrite to redo it, "
+                                    "or choose another --out")
+            (self.out_dir / MANIFEST).unlink(missing_ok=True)
         clean_temp_files(self.out_dir)
-        _end_torn_line(self.out_dir / MANIFEST)
+        _drop_torn_line(self.out_dir / MANIFEST)
         self.previous = read_manifest(self.out_dir)
         self._by_item = {}
         for rec in self.previous.values():
@@ -315,9 +381,37 @@ class Run:
         write_run_info(
             self.out_dir,
             self.stage,
-            {"started": now_iso(), "ended": None, "params": params},
+            # An earlier run's interruption or error is not this one's.
+            {"started": now_iso(), "ended": None, "interrupted": None, "error": None,
+             "params": params},
             self.versions,
         )
+
+    def _made_otherwise(self, params: dict) -> str | None:
+        """Why the folder's records were not made by this stage with ``params``, or ``None``.
+
+        ``vpipe.json`` says so; without it (deleted, or damaged and --overwrite given) the
+        records' own parameter digests do: the same parameters resume, others are refused.
+        """
+        try:
+            info = read_run_info(self.out_dir)
+        except DamagedRecord:
+            if not self.overwrite:
+                raise
+            return "a damaged vpipe.json"
+        if info is not None:
+            old = info.get("params", {})
+            if info.get("stage") != self.stage or old != params:
+                return (f"made by `vpipe {info.get('stage')}` with other parameters "
+                        f"({_diff(old, params)})")
+            return None
+        records = read_manifest(self.out_dir, warn=False).values()
+        digests = {r.get(PARAMS_DIGEST) for r in records}
+        if not records or digests == {self._digest}:
+            return None
+        what = "other" if digests - {None} else "unrecorded"
+        return (f"{RUN_INFO} is missing, and {len(records)} record(s) of {MANIFEST} were made "
+                f"with {what} parameters")
 
     # -- resume -------------------------------------------------------------------------------
 
@@ -380,7 +474,8 @@ class Run:
 
     def _append(self, recs: list[dict], withdrawn: Sequence[dict] = ()) -> list[dict]:
         recs = [
-            {"id": r["id"], "status": r.get("status", OK), "error": r.get("error"), **r}
+            {"id": r["id"], "status": r.get("status", OK), "error": r.get("error"), **r,
+             PARAMS_DIGEST: self._digest}
             for r in recs
         ]
         text = "".join(manifest_line(r) + "\n" for r in [*withdrawn, *recs])
@@ -394,9 +489,15 @@ class Run:
                 ids.append(rec["id"])
         return recs
 
-    def close(self, summary: Summary | None = None, item_order: Iterable[str] = ()) -> None:
+    def close(self, summary: Summary | None = None, item_order: Iterable[str] = (), *,
+              stopped_by: BaseException | None = None) -> None:
         """Rewrite the manifest compactly (one line per id, ``item_order`` first) and stamp the
-        end time and ``summary``'s counts into vpipe.json."""
+        end time and ``summary``'s counts into vpipe.json.
+
+        A run that ``stopped_by`` an exception is not finished: ``ended`` stays empty, and
+        vpipe.json says ``interrupted`` (Ctrl-C) or the ``error``, so that neither a resume
+        nor `vpipe run` takes the folder for complete.
+        """
         # What the file holds, kept in memory as it was read and appended: not read again.
         recs = {**{i: r for i, r in self._forgotten.items() if i not in self.previous},
                 **self.previous}
@@ -408,6 +509,10 @@ class Run:
             clean_temp_files(self.out_dir)
             atomic_write_text(self.out_dir / MANIFEST, "".join(x + "\n" for x in lines))
             fields: dict[str, Any] = {"ended": now_iso(), **self.extra}
+            if isinstance(stopped_by, KeyboardInterrupt):
+                fields.update(ended=None, interrupted=now_iso())
+            elif stopped_by is not None:
+                fields.update(ended=None, error=f"{type(stopped_by).__name__}: {stopped_by}")
             if summary is not None:
                 summary.seconds = time.time() - self.started
                 fields["counts"] = summary.counts()
@@ -437,14 +542,25 @@ def manifest_line(rec: dict) -> str:
     return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
-def _end_torn_line(path: Path) -> None:
-    """Terminate a line cut by a crash, so the next record does not join (and spoil) it."""
+def _drop_torn_line(path: Path) -> None:
+    """Cut off a last line that a kill left without its end, so that every later line is
+    whole and a damaged line in the middle of a manifest can only be damage (and is said)."""
     if not path.exists() or path.stat().st_size == 0:
         return
     with path.open("rb+") as f:
         f.seek(-1, os.SEEK_END)
-        if f.read(1) != b"\n":
-            f.write(b"\n")
+        if f.read(1) == b"\n":
+            return
+        size = f.seek(0, os.SEEK_END)
+        start = max(0, size - (1 << 20))
+        while True:
+            f.seek(start)
+            tail = f.read(size - start)
+            cut = tail.rfind(b"\n")
+            if cut >= 0 or start == 0:
+                f.truncate(start + cut + 1)
+                return
+            start = max(0, start - (1 << 20))
 
 
 def _json_default(o: Any) -> Any:

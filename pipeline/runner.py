@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import Skip, VpipeError
+from pipeline.errors import Skip, VpipeError, one_line, quote_path
 from pipeline.files import disk_full, writing
 from pipeline.records import FAILED, MANIFEST, OK, SKIPPED, Run, Summary
 
@@ -63,8 +63,10 @@ def progress(iterable=None, *, total: int | None = None, desc: str = "", quiet: 
 def report_error(stage: str, where: str, message: str) -> None:
     """The one-line stderr message of a failed or skipped item."""
     # Media errors already name their file; do not print the path twice.
-    prefix = "" if message.startswith(where) else f"{where}: "
-    print(f"vpipe {stage}: {prefix}{message}", file=sys.stderr)
+    text = message if message.startswith(where) else f"{where}: {message}"
+    if where and quote_path(where) != where:  # a name holding a newline: quoted, kept one line
+        text = text.replace(where, quote_path(where))
+    print(f"vpipe {stage}: {one_line(text)}", file=sys.stderr)
 
 
 class Tracker:
@@ -132,6 +134,18 @@ class Tracker:
         if not self.quiet:
             print(self.summary.line(), file=sys.stderr)
         return self.summary
+
+    def interrupt(self, item_order: Iterable[str], e: BaseException) -> None:
+        """End a run that ``e`` (Ctrl-C, or an unexpected error) cut short: what it finished
+        stays recorded, the manifest compacted, and vpipe.json says why it did not end. A
+        Ctrl-C gets its one line here, the counts so far (the CLI then exits 130)."""
+        if self._bar is not None:
+            self._bar.close()
+        self.summary.interrupted = isinstance(e, KeyboardInterrupt)
+        self.run.close(self.summary, item_order, stopped_by=e)
+        if self.summary.interrupted:
+            print(self.summary.line(), file=sys.stderr)
+            e.vpipe_said = True  # type: ignore[attr-defined]  # the CLI adds no second line
 
     def stop(self) -> None:
         """End a run that a full disk stopped, as a kill would: the finished items stay
@@ -209,11 +223,12 @@ def run_items(
 
 
 def end_run(tracker: Tracker, e: BaseException, item_order: Callable[[], list[str]]) -> None:
-    """After ``e`` ended a stage's loop: stop the run on a full disk, else close it."""
+    """After ``e`` ended a stage's loop early: stop the run on a full disk, else record it as
+    interrupted; either way it does not count as finished."""
     if disk_full(e) is not None:
         tracker.stop()
     else:
-        tracker.close(item_order())
+        tracker.interrupt(item_order(), e)
 
 
 def _ids_of(run: Run, item: Item) -> list[str]:

@@ -144,6 +144,7 @@ def subclip_videos(
     run = Run(
         Path(out_dir), "subclip", params, overwrite=overwrite,
         versions=media.media_versions(), outputs=clip_files,
+        inputs=[*inputs, *([segments] if segments is not None else [])],
     ).open()
     for s in sources:
         if _source_changed(run.previous_records(s.source_id), s.path):

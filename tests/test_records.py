@@ -287,3 +287,166 @@ def test_deleted_clip_frames_and_wav_are_redone_on_resume(trailers: Path, tmp_pa
     assert {c.split("/")[1] for c in changed} == {"t1", "t2_1", "t3_0"}
     assert main(frames) == 0
     assert read_run_info(media)["counts"] == {**read_run_info(media)["counts"], "done": 0}
+
+
+# --------------------------------------------------------------------------- damaged or lost state
+
+
+def test_a_deleted_run_info_resumes_the_same_parameters_and_refuses_others(
+    trailers: Path, tmp_path: Path, capsys
+) -> None:
+    # Regression (issue 24, 2): without vpipe.json other parameters were let through, "8 already
+    # done", and the folder kept 2 s clips under a record of 1 s ones.
+    out = tmp_path / "clips"
+    assert main(["subclip", str(trailers), "-o", str(out), *SUBCLIP]) == 0
+    digests = {r["params_digest"] for r in lines(out)}
+    assert len(digests) == 1 and len(digests.pop()) == 16
+    (out / "vpipe.json").unlink()
+    assert main(["subclip", str(trailers), "-o", str(out), *SUBCLIP[:-1]]) == 0
+    assert "0 videos done (0 clips), 4 already done" in capsys.readouterr().err
+    (out / "vpipe.json").unlink()
+    other = ["--count", "3", "--duration", "1", "--start", "0.5", "-q"]
+    assert main(["subclip", str(trailers), "-o", str(out), *other]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"vpipe: error: {out}: vpipe.json is missing, and 8 record(s) of "
+                   "manifest.jsonl were made with other parameters; use --overwrite to redo "
+                   "it, or choose another --out\n")
+    assert not (out / "vpipe.json").exists()
+    assert main(["subclip", str(trailers), "-o", str(out), *other, "--overwrite"]) == 0
+    assert {r["duration"] for r in read_manifest(out).values()} == {1.0}
+    assert read_run_info(out)["params"]["duration_s"] == 1.0
+
+
+def test_records_without_a_digest_and_without_run_info_are_refused(tmp_path: Path) -> None:
+    from pipeline.errors import ParamsChanged
+
+    (tmp_path / "manifest.jsonl").write_text('{"id": "a", "status": "ok"}\n')
+    with pytest.raises(ParamsChanged, match=r"1 record\(s\) of manifest.jsonl were made with "
+                                            "unrecorded parameters"):
+        Run(tmp_path, "demo", {"a": 1}).open()
+
+
+@pytest.mark.parametrize("damage", [b'{"stage": "subclip", "params": ', b"\xff\xfe{", b"[1, 2]"])
+def test_a_damaged_run_info_is_one_line_and_overwrite_redoes_the_folder(
+    trailers: Path, tmp_path: Path, capsys, damage: bytes
+) -> None:
+    # Regression (issue 24, 9): a cut-off vpipe.json was a JSONDecodeError traceback in
+    # subclip, extract-frames, features and train.
+    one = trailers / "t0.mp4"
+    clips, frames = tmp_path / "clips", tmp_path / "frames"
+    assert main(["subclip", str(one), "-o", str(clips), *SUBCLIP]) == 0
+    assert main(["extract-frames", str(clips), "-o", str(frames), "--fps", "1", "-q"]) == 0
+    (clips / "vpipe.json").write_bytes(damage)
+    capsys.readouterr()
+    for cmd in (["subclip", str(one), "-o", str(clips), *SUBCLIP],
+                ["extract-frames", str(clips), "-o", str(tmp_path / "f2"), "--fps", "1", "-q"]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"vpipe: error: {clips / 'vpipe.json'}: damaged (")
+        assert err.count("\n") == 1 and "use --overwrite to redo the folder" in err
+        assert not (tmp_path / "f2").exists()
+    if damage.endswith(b": "):
+        assert "the end of the file: cut off" in err
+    assert main(["subclip", str(one), "-o", str(clips), *SUBCLIP, "--overwrite"]) == 0
+    assert read_run_info(clips)["params"]["count"] == 2 and len(read_manifest(clips)) == 2
+
+
+def test_a_garbled_middle_line_is_said_and_its_item_redone(tmp_path: Path, capsys) -> None:
+    run = Run(tmp_path, "demo", {"a": 1}).open()
+    for i in ("a", "b", "c"):
+        run.record_item(i, [{"id": i}])
+    run.close()
+    manifest = tmp_path / "manifest.jsonl"
+    first, second, third = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([first, second.replace('"b"', '"b', 1), third]) + "\n")
+    capsys.readouterr()
+    reopened = Run(tmp_path, "demo", {"a": 1}).open()
+    err = capsys.readouterr().err
+    assert err.startswith(f"vpipe: {manifest} line 2: damaged record (")
+    assert err.endswith("; ignored (its item is redone, or missing from the next stage)\n")
+    assert reopened.finished("a") and not reopened.finished("b") and reopened.finished("c")
+    reopened.close()
+    assert sorted(read_manifest(tmp_path)) == ["a", "c"]  # compacted: the damage is gone
+    assert capsys.readouterr().err == ""
+
+
+def test_a_torn_last_line_is_cut_off_silently(tmp_path: Path, capsys) -> None:
+    run = Run(tmp_path, "demo", {"a": 1}).open()
+    run.record_item("a", [{"id": "a"}])
+    del run  # killed: no close
+    manifest = tmp_path / "manifest.jsonl"
+    whole = manifest.read_bytes()
+    manifest.write_bytes(whole + b'{"id": "b", "sta')
+    reopened = Run(tmp_path, "demo", {"a": 1}).open()
+    assert manifest.read_bytes() == whole and not reopened.finished("b")
+    reopened.record_item("b", [{"id": "b"}])
+    reopened.close()
+    assert sorted(read_manifest(tmp_path)) == ["a", "b"]
+    assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+def test_an_output_folder_that_is_holds_or_sits_in_an_input_is_refused(
+    trailers: Path, tmp_path: Path, capsys
+) -> None:
+    # Regression (issue 24, 4): `subclip IN -o IN` cut clips into IN, and again took them for
+    # sources (clips of clips); `-o /` wrote a manifest and folders into /.
+    videos = tmp_path / "videos"
+    shutil.copytree(trailers, videos)
+    before = sorted(p.relative_to(videos) for p in videos.rglob("*"))
+    blank = tmp_path / "a-file"
+    blank.write_text("x")
+    cases = {
+        str(videos): "that is an input",
+        str(videos / "clips"): f"inside the input folder {videos}: the same command again "
+                               "would read its outputs as inputs",
+        str(tmp_path): f"holds the input {videos}",
+        "/": "the root of a file system",
+        str(blank): "an existing file, not a folder",
+    }
+    for out, why in cases.items():
+        assert main(["subclip", str(videos), "-o", out, *SUBCLIP]) == 2, out
+        assert capsys.readouterr().err == f"vpipe: error: -o {out}: {why}; choose " + (
+            "a folder of its own\n" if out == "/" else "another --out\n")
+    assert sorted(p.relative_to(videos) for p in videos.rglob("*")) == before
+    assert not Path("/manifest.jsonl").exists() and blank.read_text() == "x"
+    # A file among the inputs: its own folder holds it.
+    assert main(["subclip", str(videos / "t0.mp4"), "-o", str(videos), *SUBCLIP]) == 2
+    assert f"holds the input {videos / 't0.mp4'}" in capsys.readouterr().err
+
+
+def test_a_file_name_with_a_newline_is_quoted_on_its_one_line(tmp_path: Path, capsys) -> None:
+    videos = tmp_path / "in"
+    videos.mkdir()
+    bad = videos / "bad\nname\r.mp4"
+    bad.write_bytes(b"not a video at all")
+    assert main(["subclip", str(videos), "-o", str(tmp_path / "out"), *SUBCLIP]) == 0  # skipped
+    err = capsys.readouterr().err
+    failed = [x for x in err.splitlines() if "bad" in x]
+    assert len(failed) == 1 and repr(str(bad)) in failed[0], err
+    assert "\r" not in err
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_exit_130(
+    trailers: Path, tmp_path: Path
+) -> None:
+    # Regression (issue 24, 9): Ctrl-C in the first half second was a traceback from imports.
+    # A SIGINT that comes before the interpreter has started is CPython's own affair (it has
+    # no handler yet): such a try is repeated later; every one that reaches vpipe must hold.
+    cmd = [sys.executable, "-m", "pipeline", "subclip", str(trailers), "-o",
+           str(tmp_path / "out"), *SUBCLIP]
+    reached = 0
+    for delay_s in (0.1, 0.2, 0.3, 0.5, 0.8, 1.2):
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay_s)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode == -signal.SIGINT or "init_import_site" in err:
+            continue  # before Python could raise KeyboardInterrupt anywhere
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert err.startswith("vpipe subclip: interrupted"), err
+        reached += 1
+    assert reached >= 3

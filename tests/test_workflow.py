@@ -573,3 +573,44 @@ def test_conflicting_options_fail_before_any_stage_runs(tmp_path: Path, capsys,
     assert "wf.toml:5: [features] --audio-weights none with the release PCA" in err
     assert not (tmp_path / "work").exists()
     assert main(["run", "wf.toml", "--set", "features.audio-postprocess=false", "--dry-run"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("marker", ["extract-frames/manifest.jsonl", "features/index.jsonl"])
+def test_ctrl_c_in_a_stage_is_not_finished_and_the_rerun_completes_it(
+    project: Path, first_run: dict, marker: str
+):
+    """Regression: Ctrl-C stamped the stage as ended, so the rerun called it up to date and
+    trained on the clips done before the interrupt. SIGINT goes to the whole process group,
+    as a terminal sends it."""
+    stage = marker.split("/")[0]
+    work = f"ctrl-c-{stage}"
+    cmd = [VPIPE, "run", "tiny.toml", "--work-dir", work, "--set", "features.shard-size=1",
+           "--set", "features.batch-size=1", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=project, env=env, start_new_session=True,
+                            stderr=subprocess.PIPE, text=True)
+    target = project / work / marker
+    deadline = time.time() + 120
+    while not (target.exists() and target.stat().st_size) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    said = [x for x in err.splitlines() if x.startswith(f"vpipe {stage}: interrupted after ")]
+    assert said and said[0].endswith("; the same command resumes"), err
+    info = json.loads((project / work / stage / "vpipe.json").read_text())
+    assert info["ended"] is None and info["interrupted"], info
+    done = len(read_manifest(project / work / stage))
+    assert 0 < done < 8  # the interrupt came mid-stage
+    assert not (project / work / "train").exists()
+
+    rerun = subprocess.run(cmd[:-1], cwd=project, env=env, stderr=subprocess.PIPE, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{stage}: up to date" not in rerun.stderr
+    info = json.loads((project / work / stage / "vpipe.json").read_text())
+    assert info["ended"] and info["interrupted"] is None
+    assert info["counts"]["already_done"] == done and info["counts"]["done"] == 8 - done
+    assert_same(outputs(project / work), first_run)

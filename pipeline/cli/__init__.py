@@ -1,50 +1,23 @@
-"""``vpipe`` command line. ``main`` turns a user-actionable error into one line and an exit code."""
+"""``vpipe`` command line. ``main`` turns a user-actionable error into one line and an exit code.
+
+This module imports nothing but the standard library until ``main`` runs, so that a Ctrl-C
+in the first half second (while Typer, the commands and torch load) is one line and exit 130
+rather than a traceback from an import.
+"""
 
 from __future__ import annotations
 
 import gc
 import sys
 
-from pipeline.cli.app import app
-from pipeline.errors import VpipeError
-from pipeline.files import disk_full
-
-# Importing the command modules registers their commands on ``app`` (order = --help order).
-from pipeline.cli import media_cmds  # noqa: E402,F401  isort: skip
-from pipeline.cli import features_cmds  # noqa: E402,F401  isort: skip
-from pipeline.cli import train_cmds  # noqa: E402,F401  isort: skip
-from pipeline.cli import run_cmd  # noqa: E402,F401  isort: skip
-from pipeline.cli import export_cmd  # noqa: E402,F401  isort: skip
+INTERRUPTED = 130  # the shells' code for a process ended by SIGINT
 
 
 def command():
-    """The click command tree of ``app``, with help texts written for users: values named as
-    in the README (N, X, PATH, TEXT, or the option's own metavar) instead of Python types,
-    arguments in capitals, and each command's first sentence whole in ``vpipe --help``."""
-    import typer.main
+    """The click command tree of the CLI (:func:`pipeline.cli.tree.command`)."""
+    from pipeline.cli.tree import command as tree
 
-    root = typer.main.get_command(app)
-    for name, check in features_cmds.PLAN_CHECKS.items():
-        root.commands[name].vpipe_check = check  # run by the workflow planner
-    for cmd in root.commands.values():
-        doc = (cmd.help or "").strip().split("\n\n")[0].replace("\n", " ")
-        cmd.short_help = doc.split(". ")[0].rstrip(".")
-        for p in cmd.params:
-            if p.param_type_name == "argument":
-                p.metavar = (p.metavar or p.name).upper()
-                p.display_type_rich = lambda ctx: None  # the name says it; no Python type
-            elif p.metavar is None and not getattr(p, "is_flag", False):
-                p.metavar = _value_name(p)
-    return root
-
-
-def _value_name(p) -> str:
-    desc = getattr(p, "type_descriptor", None)
-    annotation = getattr(desc, "annotation", None)
-    kind = getattr(annotation, "__name__", str(annotation))
-    if getattr(desc, "is_path", False) or kind == "Path":
-        return "PATH"
-    return {"int": "N", "float": "X"}.get(kind, "TEXT")
+    return tree()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     `vpipe run` and the tests call it with theirs)."""
     try:
         return _main(argv)
+    except KeyboardInterrupt:  # before Typer took over (importing it) or after it let go
+        _say_interrupted(argv)
+        return INTERRUPTED
     finally:
         if argv is None:
             # The process ends next: without this, its teardown walks every object torch and
@@ -60,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from pipeline.errors import VpipeError, one_line
+    from pipeline.files import disk_full
+
     try:
         command().main(args=argv, prog_name="vpipe", standalone_mode=True)
     except Exception as e:
@@ -67,16 +46,34 @@ def _main(argv: list[str] | None) -> int:
         # own line (it stops the stage; the same command completes once there is space).
         full = disk_full(e)
         if full is not None:
-            print(f"vpipe {_command(argv)}: {full}", file=sys.stderr)
+            print(one_line(f"vpipe {_command(argv)}: {full}"), file=sys.stderr)
             return full.exit_code
         if not isinstance(e, VpipeError):
             raise
-        print(f"vpipe: error: {e}", file=sys.stderr)
+        print(one_line(f"vpipe: error: {e}"), file=sys.stderr)
         return e.exit_code
     except SystemExit as e:
         code = e.code
+        if code == INTERRUPTED and not _said(e):
+            _say_interrupted(argv)
         return code if isinstance(code, int) else (0 if code is None else 1)
     return 0
+
+
+def _said(e: BaseException) -> bool:
+    """Whether the Ctrl-C behind Typer's exit 130 already had its line (a stage's summary).
+    An exit 130 with no Ctrl-C behind it (`vpipe run` passing on a stage's) says nothing."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return getattr(seen, "vpipe_said", False)
+        seen = seen.__cause__ or seen.__context__
+    return True
+
+
+def _say_interrupted(argv: list[str] | None) -> None:
+    name = _command(argv)
+    print(f"vpipe {name}: interrupted" if name else "vpipe: interrupted", file=sys.stderr)
 
 
 def _command(argv: list[str] | None) -> str:

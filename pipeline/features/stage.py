@@ -27,7 +27,7 @@ from pipeline.features.encoders import Encoders, load_encoders
 from pipeline.features.options import FeatureOptions
 from pipeline.features.sources import ClipJob, Decoding, source_for
 from pipeline.features.text import Titles, match_titles, read_titles
-from pipeline.files import sha256_of, writing
+from pipeline.files import check_out_dir, sha256_of, writing
 from pipeline.records import MANIFEST, OK, Run, Summary, canonical, read_run_info
 from pipeline.runner import Tracker, end_run, failure_record
 
@@ -148,6 +148,7 @@ def extract_features(
 
     inputs = [Path(p) for p in inputs]
     opts.check()
+    check_out_dir(out_dir, [*inputs, *([opts.text] if opts.text else [])])  # before any loading
     titles = read_titles(opts.text) if opts.text else None  # a bad file: exit 2, before work
     source = source_for(inputs, opts)
     jobs = source.clips()
@@ -167,7 +168,7 @@ def extract_features(
     info = read_run_info(out) if out.is_dir() else None
     versions = {"torch": torch.__version__, "h5py": h5py.__version__}
     run = Run(out, STAGE, params, overwrite=overwrite, versions=versions,
-              outputs=shard_of).open()
+              outputs=shard_of, inputs=inputs).open()
     # Only once the folder's lock is held: a second copy must not delete the first one's shards.
     if overwrite and info is not None and info.get("params") != canonical(params):
         for p in shards.shard_paths(out):

@@ -57,9 +57,7 @@ def train_captions(features: str | Path, captions_csv: str | Path, out: str | Pa
     """Train a caption model on cached features; writes the run folder and returns its
     summary (``vpipe train --task caption``)."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a folder")
-    with run_folder_lock(out), torch_threads(cfg.threads):
+    with run_folder_lock(out, [features, captions_csv]), torch_threads(cfg.threads):
         return _train_captions(features, captions_csv, out, cfg, resume, overwrite, quiet)
 
 

@@ -66,14 +66,12 @@ def train_folds(
     """Cross-validate over ``cfg.folds`` groups of sources; writes ``OUT/fold-1..K`` and the
     folds' summary, and returns that summary (``already_complete`` when no fold trained)."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a folder")
     if cfg.task == "caption":
         raise UsageError("--folds is not supported with --task caption (train one "
                          "train/val/test split, e.g. with --test-fraction)")
     if cfg.folds < 2:
         raise UsageError("--folds must be at least 2 (or 0: one train/val/test split)")
-    with run_folder_lock(out), torch_threads(cfg.threads):
+    with run_folder_lock(out, [features, labels_csv]), torch_threads(cfg.threads):
         return _train_folds(Path(features), Path(labels_csv), out, cfg, resume, overwrite, quiet)
 
 

@@ -72,9 +72,7 @@ def train(
 ) -> dict:
     """Train a model on cached features; writes the run folder and returns its summary."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a folder")
-    with run_folder_lock(out), torch_threads(cfg.threads):
+    with run_folder_lock(out, [features, labels_csv]), torch_threads(cfg.threads):
         if cfg.task == "caption":  # the caption module builds on this one
             raise UsageError("captions are trained by pipeline.train.train_captions")
         return _train(features, labels_csv, out, cfg, resume, overwrite, quiet)

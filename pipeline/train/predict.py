@@ -13,6 +13,7 @@ import numpy as np
 from pipeline.device import pick_device, torch_threads
 from pipeline.errors import UsageError
 from pipeline.files import atomic_path, atomic_write_text, sha256_of
+from pipeline.records import read_json
 from pipeline.shards import FeatureStore
 from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
 from pipeline.train.data import ClipSequences, present_modalities, warn_empty_clips
@@ -170,7 +171,7 @@ def evaluate_run(
     joined.report(len(store), prog)
     labels = joined.labels
     if split is not None:
-        ids = set(json.loads((Path(run) / "splits.json").read_text(encoding="utf-8"))[split])
+        ids = set(read_json(Path(run) / "splits.json")[split])
         labels = {c: v for c, v in labels.items() if c in ids}
         if not labels:
             raise UsageError(f"no labelled clip of the run's {split} split is in {features}")
@@ -199,7 +200,7 @@ def _evaluate_captions(run, model, spec: ModelSpec, store: FeatureStore, feature
 
     ids = None
     if split is not None:
-        ids = set(json.loads((Path(run) / "splits.json").read_text(encoding="utf-8"))[split])
+        ids = set(read_json(Path(run) / "splits.json")[split])
     with torch_threads():
         n, metrics = evaluate_captions(model, spec, store, labels_csv, ids, device, stream)
     store.close()
@@ -214,7 +215,7 @@ def run_splits(run: str | Path) -> dict[str, str]:
     path = Path(run) / "splits.json"
     if not path.exists():
         return {}
-    splits = json.loads(path.read_text(encoding="utf-8"))
+    splits = read_json(path)
     return {cid: name for name, ids in splits.items() for cid in ids}
 
 

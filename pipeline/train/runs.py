@@ -16,7 +16,7 @@ import io
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,8 +24,15 @@ import torch
 
 from pipeline import records
 from pipeline.errors import ParamsChanged, UsageError
-from pipeline.files import atomic_path, atomic_write_text, clean_temp_files, remove, sha256_of
-from pipeline.records import now_iso, read_run_info
+from pipeline.files import (
+    atomic_path,
+    atomic_write_text,
+    check_out_dir,
+    clean_temp_files,
+    remove,
+    sha256_of,
+)
+from pipeline.records import DamagedRecord, now_iso, read_json, read_run_info
 from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
 from pipeline.train.metrics import MAIN_METRIC
 from pipeline.train.model import SequenceModel, build_model
@@ -77,13 +84,15 @@ def write_run_info(out: Path, fields: dict) -> None:
 
 
 @contextlib.contextmanager
-def run_folder_lock(out: Path) -> Iterator[None]:
+def run_folder_lock(out: Path, inputs: Sequence[str | Path] = ()) -> Iterator[None]:
     """Hold ``RUN/.vpipe.lock`` for a whole train call: a second copy into the same run folder
     is refused naming the holder's pid (exit 2), and a killed holder blocks nothing.
 
-    Taken before anything is read or cleaned there. A folder made here for the lock is
-    removed again if the call leaves it empty (refused input leaves no run behind).
+    Taken before anything is read or cleaned there, once ``out`` is known not to be, hold or
+    sit in one of ``inputs``. A folder made here for the lock is removed again if the call
+    leaves it empty (refused input leaves no run behind).
     """
+    check_out_dir(out, inputs)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = records.FolderLock(out)
@@ -226,10 +235,14 @@ def open_run_folder(
         raise UsageError(f"{out}: exists and is not a vpipe train run; choose another --out")
     if overwrite:
         return None
-    old = json.loads(cfg_path.read_text(encoding="utf-8"))["config"]
+    recorded = read_json(cfg_path)
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
+        raise DamagedRecord(f"{cfg_path}: damaged (no options recorded); restore it, or use "
+                            "--overwrite to start again")
+    old = recorded["config"]
     check_same_options(out, old, asdict(cfg), resume)
     splits = out / "splits.json"
-    if splits.exists() and json.loads(splits.read_text(encoding="utf-8")) != split_ids:
+    if splits.exists() and read_json(splits) != split_ids:
         raise ParamsChanged(
             f"{out}: the run there started with other labelled clips or splits "
             "(labels or features changed); use --overwrite to start again"
@@ -298,7 +311,7 @@ def folds_of(out: Path) -> int:
     """K when ``out`` holds a ``train --folds K`` run (its ``vpipe.json`` says so), else 0."""
     try:
         info = read_run_info(out) or {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, DamagedRecord):
         return 0
     params = info.get("params") or {}
     return int(params.get("folds") or 0) if not params.get("fold") else 0
@@ -315,7 +328,7 @@ def report_complete(
 ) -> dict:
     """Report a finished run instead of training it again; returns its summary, marked
     ``already_complete`` (a key that is not in summary.json)."""
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    summary = read_json(out / "summary.json")
     # Recorded like any stage's re-run: nothing done, every epoch already done.
     write_run_info(
         out, {"started": started, "ended": now_iso(), "counts": epoch_counts(0, state["epoch"])}
