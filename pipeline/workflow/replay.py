@@ -105,7 +105,7 @@ def read_stage(folder: Path, commands: Mapping[str, Any]) -> Recorded:
     """The command recorded in ``folder/vpipe.json``, and the stage folders it read from."""
     try:
         info = read_run_info(folder)
-    except (OSError, json.JSONDecodeError) as e:
+    except OSError as e:  # a damaged one is its own one-line error (records.DamagedRecord)
         raise UsageError(f"{folder}/vpipe.json: unreadable ({e})") from None
     if not info or info.get("stage") not in MEDIA_STAGES or not info.get("command"):
         raise UsageError(

@@ -3,7 +3,6 @@ clearing the ones after a step redone with other options."""
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import sys
@@ -12,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.records import first_changed_output, read_run_info
+from pipeline.records import DamagedRecord, first_changed_output, read_run_info
 from pipeline.workflow.plan import RUN_ONLY_FLAGS, RUN_ONLY_VALUES, STAGES, Step
 
 
@@ -42,10 +41,7 @@ def up_to_date(step: Step) -> bool:
     and every output its manifest records is still there with the size it was written at."""
     if step.out is None or not step.out.is_dir():
         return False
-    try:
-        info = read_run_info(step.out)
-    except (OSError, json.JSONDecodeError):
-        return False
+    info = _run_info(step)
     if not info or not info.get("ended") or info.get("stage") != step.name:
         return False
     if (info.get("counts") or {}).get("failed", 1) != 0:
@@ -58,14 +54,19 @@ def up_to_date(step: Step) -> bool:
 
 def _changed(step: Step) -> bool:
     """Did the step write anything new (so the stages after it must run again)?"""
-    info = read_run_info(step.out) if step.out is not None and step.out.is_dir() else None
-    counts = (info or {}).get("counts")
+    counts = _run_info(step).get("counts")
     return counts is None or counts.get("done", 1) > 0
 
 
 def _run_info(step: Step) -> dict:
-    info = read_run_info(step.out) if step.out is not None and step.out.is_dir() else None
-    return info or {}
+    """The step's ``vpipe.json``; empty when there is none or it is damaged (the stage itself
+    then says so when it runs)."""
+    if step.out is None or not step.out.is_dir():
+        return {}
+    try:
+        return read_run_info(step.out) or {}
+    except (OSError, DamagedRecord):
+        return {}
 
 
 def _redone(step: Step, args: list[str], before: dict) -> bool:
