@@ -25,6 +25,7 @@ import io
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,6 +143,18 @@ def sha256_of(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISDIR, "a folder"))
+
+
+def not_regular(mode: int) -> str | None:
+    """What a file of ``st_mode`` is when it is not a regular file ("a FIFO (named pipe)", "a
+    character device"...), else None. Such a file is never opened: reading a FIFO waits for a
+    writer, and a device has no size (``/dev/zero`` says 0 bytes and never ends)."""
+    return next((what for test, what in _NOT_REGULAR if test(mode)), None)
 
 
 def read_user_text(path: str | os.PathLike) -> str:
