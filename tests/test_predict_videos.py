@@ -230,12 +230,15 @@ def test_a_dangling_link_among_the_videos_is_one_failed_line(project, fresh, tmp
     shutil.copy(fresh, new / "blue.mp4")
     (new / "gone.mp4").symlink_to(tmp_path / "moved.mp4")
     (tmp_path / "named.mp4").symlink_to(tmp_path / "deleted.mp4")
-    code = main(["predict", str(run), str(new), str(tmp_path / "named.mp4"), "-o",
-                 str(tmp_path / "p.jsonl"), "--work-dir", str(tmp_path / "wd")])
+    (tmp_path / "loop.mp4").symlink_to("loop.mp4")
+    code = main(["predict", str(run), str(new), str(tmp_path / "named.mp4"),
+                 str(tmp_path / "loop.mp4"), "-o", str(tmp_path / "p.jsonl"), "--work-dir",
+                 str(tmp_path / "wd")])
     err = capsys.readouterr().err
     assert code == 1, err
     assert f"{new / 'gone.mp4'}: broken symbolic link (to {tmp_path / 'moved.mp4'})" in err
     assert f"{tmp_path / 'named.mp4'}: broken symbolic link (to {tmp_path / 'deleted.mp4'})" in err
+    assert f"{tmp_path / 'loop.mp4'}: symbolic link loop" in err
     assert "some videos failed" in err and "Traceback" not in err
     assert {p["source"] if p["level"] == "clip" else p["id"]
             for p in lines(tmp_path / "p.jsonl")} == {"blue"}
