@@ -9,15 +9,23 @@ A full disk is not a fault of one item: every later write would fail the same wa
 that fails for want of space becomes :class:`DiskFull`, naming the output being written, and
 stops the stage; the temp file is removed as for any failed write, and what was complete is
 kept, so the same command completes once there is space.
+
+The tables a user gives (labels, captions, segments, titles: CSV or TSV) are read here too, so
+that each refuses the same faults with the same one line: bytes that are not UTF-8 (a Latin-1
+export) and a quote left open (which would swallow every line after it into one field).
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import csv
 import hashlib
+import io
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -158,3 +166,55 @@ def check_out_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
                              "again would read its outputs as inputs; choose another --out")
         if path.is_relative_to(target):
             raise UsageError(f"{where}: holds the input {name}; choose another --out")
+
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISDIR, "a folder"))
+
+
+def not_regular(mode: int) -> str | None:
+    """What a file of ``st_mode`` is when it is not a regular file ("a FIFO (named pipe)", "a
+    character device"...), else None. Such a file is never opened: reading a FIFO waits for a
+    writer, and a device has no size (``/dev/zero`` says 0 bytes and never ends)."""
+    return next((what for test, what in _NOT_REGULAR if test(mode)), None)
+
+
+def read_user_text(path: str | os.PathLike) -> str:
+    """A text file the user gives (a CSV or TSV table, a workflow), a leading BOM dropped.
+    Bytes that are not UTF-8 are a UsageError naming the file, the byte's offset and its
+    line (the whole file is decoded at once: a streamed decode's offset counts from a block)."""
+    data = Path(path).read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        line = data.count(b"\n", 0, at) + 1
+        raise UsageError(f"{path}: not UTF-8 text (byte 0x{data[at]:02x} at offset {at}, line "
+                         f"{line}); save it as UTF-8") from None
+
+
+# Appended to a CSV's text: a record of its own when every quote is closed, swallowed into the
+# open field when one is not (csv reads an open quote to the end of the text without a word).
+_END_OF_TEXT = "\x1evpipe: end of text\x1e"
+
+
+def csv_rows(path: str | os.PathLike, text: str) -> Iterator[tuple[int, list[str]]]:
+    """The records of CSV ``text`` (read from ``path``), each with the line it starts on (a
+    quoted field may span lines), empty lines left out. A quote left open, which would take
+    every line after it as one field, is a UsageError naming the line it opens on."""
+    reader = csv.reader(io.StringIO(f"{text}\n{_END_OF_TEXT}\n", newline=""))
+    last: tuple[int, list[str]] | None = None
+    while True:
+        line = reader.line_num + 1
+        row = next(reader, None)
+        if row is None:
+            break
+        if last is not None:
+            yield last
+        last = (line, row) if row else None
+    if last is None or last[1] != [_END_OF_TEXT]:
+        where = last[0] if last is not None else reader.line_num
+        raise UsageError(f"{path}:{where}: unclosed quote (the quoted field opened on this "
+                         "line runs to the end of the file)")

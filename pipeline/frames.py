@@ -130,7 +130,7 @@ def find_clips(inputs: Sequence[str | os.PathLike]) -> list[ClipRef]:
                 f"{p}: this is the output of `vpipe {info.get('stage')}`; give videos or a "
                 "`vpipe subclip` output folder"
             )
-        elif not p.exists():
+        elif not os.path.lexists(p):  # a dangling link is there: scan_sources reports it
             raise UsageError(f"{p}: no such file or folder")
         else:
             others.append(p)

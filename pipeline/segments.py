@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline import media
 from pipeline.errors import UsageError
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, csv_rows, read_user_text
 from pipeline.ids import sanitize_id
 
 
@@ -58,35 +58,35 @@ def read_segments(path: str | Path) -> list[Segment]:
         raise UsageError(f"{path}: no such segments file")
     out: list[Segment] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-        missing = [c for c in ("source", "start", "end") if c not in cols]
-        if missing:
-            raise UsageError(
-                f"{path}: segments CSV needs the columns source,start,end[,id] (missing "
-                f"{','.join(missing)}; found: {','.join(cols) or 'nothing'})"
-            )
-        reader.fieldnames = cols
-        for n, rec in enumerate(reader, start=2):
-            src = (rec.get("source") or "").strip()
-            a, b = (rec.get("start") or "").strip(), (rec.get("end") or "").strip()
-            if not src:
-                raise UsageError(f"{path}:{n}: empty source")
-            cid = sanitize_id((rec.get("id") or "").strip() or clip_id_of(src, a, b))
-            if cid in seen:
-                raise UsageError(f"{path}:{n}: clip id {cid!r} is also on line {seen[cid]}")
-            seen[cid] = n
-            start, end = _number(a), _number(b)
-            problem = None
-            if start is None or end is None:
-                bad = a if start is None else b
-                problem = f"{'start' if start is None else 'end'} {bad!r} is not a number"
-            elif start < 0:
-                problem = f"start {start:g} s is before the video's start"
-            elif end <= start:
-                problem = f"end {end:g} s is not after start {start:g} s"
-            out.append(Segment(cid, src, start or 0.0, end or 0.0, n, problem))
+    rows = csv_rows(path, read_user_text(path))
+    _, header = next(rows, (1, []))
+    cols = [c.strip().lower() for c in header]
+    missing = [c for c in ("source", "start", "end") if c not in cols]
+    if missing:
+        raise UsageError(
+            f"{path}: segments CSV needs the columns source,start,end[,id] (missing "
+            f"{','.join(missing)}; found: {','.join(cols) or 'nothing'})"
+        )
+    for n, row in rows:
+        rec = dict(zip(cols, row, strict=False))  # a short row: those columns absent
+        src = (rec.get("source") or "").strip()
+        a, b = (rec.get("start") or "").strip(), (rec.get("end") or "").strip()
+        if not src:
+            raise UsageError(f"{path}:{n}: empty source")
+        cid = sanitize_id((rec.get("id") or "").strip() or clip_id_of(src, a, b))
+        if cid in seen:
+            raise UsageError(f"{path}:{n}: clip id {cid!r} is also on line {seen[cid]}")
+        seen[cid] = n
+        start, end = _number(a), _number(b)
+        problem = None
+        if start is None or end is None:
+            bad = a if start is None else b
+            problem = f"{'start' if start is None else 'end'} {bad!r} is not a number"
+        elif start < 0:
+            problem = f"start {start:g} s is before the video's start"
+        elif end <= start:
+            problem = f"end {end:g} s is not after start {start:g} s"
+        out.append(Segment(cid, src, start or 0.0, end or 0.0, n, problem))
     if not out:
         raise UsageError(f"{path}: no segment rows")
     return out
@@ -160,21 +160,22 @@ def convert_msvd(annotations: str | Path, out_dir: str | Path,
         raise UsageError(f"{annotations}: no such annotations file")
     segs: dict[str, tuple[str, str, str]] = {}
     caps: list[tuple[str, str]] = []
-    with annotations.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in MSVD_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UsageError(f"{annotations}: not MSVD's layout (missing {','.join(missing)})")
-        for rec in reader:
-            if (rec["Language"] or "").strip() != language:
-                continue
-            vid, a, b = rec["VideoID"].strip(), rec["Start"].strip(), rec["End"].strip()
-            text = " ".join((rec["Description"] or "").split())
-            if not vid or not text:
-                continue
-            cid = clip_id_of(vid, a, b)
-            segs.setdefault(cid, (vid, a, b))
-            caps.append((cid, text))
+    rows = csv_rows(annotations, read_user_text(annotations))
+    _, header = next(rows, (1, []))
+    missing = [c for c in MSVD_COLUMNS if c not in header]
+    if missing:
+        raise UsageError(f"{annotations}: not MSVD's layout (missing {','.join(missing)})")
+    for _, row in rows:
+        rec = dict(zip(header, row, strict=False))
+        if (rec.get("Language") or "").strip() != language:
+            continue
+        vid, a, b = (rec.get(k, "").strip() for k in ("VideoID", "Start", "End"))
+        text = " ".join((rec.get("Description") or "").split())
+        if not vid or not text:
+            continue
+        cid = clip_id_of(vid, a, b)
+        segs.setdefault(cid, (vid, a, b))
+        caps.append((cid, text))
     if not caps:
         raise UsageError(f"{annotations}: no {language} descriptions")
     out_dir.mkdir(parents=True, exist_ok=True)

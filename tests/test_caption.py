@@ -203,6 +203,27 @@ def test_an_empty_caption_is_refused_before_anything_is_written(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("fault,msg", [
+    ("quote", "c.csv:3: unclosed quote"),  # issue 24, 10: the rest of the file was one caption
+    ("latin-1", "c.csv: not UTF-8 text (byte 0xe9 at offset"),  # issue 24, 9
+])
+def test_a_captions_file_not_utf8_or_with_an_open_quote_is_one_line(
+    synth_set, tmp_path, capsys, fault, msg
+) -> None:
+    root = synth_set[0]
+    csv_path = _captions(tmp_path, synth_set)
+    lines = csv_path.read_bytes().split(b"\n")
+    lines[2] = b'"' + lines[2] if fault == "quote" else lines[2] + "\xe9".encode("latin-1")
+    csv_path.write_bytes(b"\n".join(lines))
+    out = tmp_path / "run"
+    assert main(["train", str(root / "feats"), "--labels", str(csv_path), "-o", str(out),
+                 *TRAIN]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0] and not out.exists()
+    if fault == "latin-1":
+        assert err[0].endswith(", line 3); save it as UTF-8")
+
+
 def test_unknown_words_and_uncaptioned_clips_are_reported(synth_set, tmp_path, capsys,
                                                           monkeypatch) -> None:
     root, _, splits, refs = synth_set

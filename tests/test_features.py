@@ -601,6 +601,42 @@ def test_from_video_bad_video_fails_only_its_clip(tmp_path: Path, videos: Path, 
         assert store.clip_ids == ["good"] and store["good"].image.shape == (4, 512)
 
 
+def test_a_wav_unlike_its_record_fails_its_clip_naming_the_cause(tmp_path: Path, videos: Path,
+                                                                 weights, capsys) -> None:
+    # Regression (issue 24, 3): `head -c 1000` of a 2 s wav was encoded as no audio (ok,
+    # n_audio 0, no line); the extract-frames record says how many samples it must hold.
+    frames = tmp_path / "frames"
+    assert main(["extract-frames", str(videos), "-o", str(frames), "--fps", "2", "-q"]) == 0
+    assert read_manifest(frames)["vb"]["n_samples"] == 2 * 16000
+    cut = frames / "vb" / "audio.wav"
+    cut.write_bytes(cut.read_bytes()[:1000])  # a 44-byte header: 478 samples are left
+    media = make_media(tmp_path / "m", {"c_0": (2, 1.0), "c_1": (2, 1.0), "c_2": (2, 1.0)})
+    junk, slow, empty = (media / c / "audio.wav" for c in ("c_0", "c_1", "c_2"))
+    junk.write_bytes(b"not a wav at all")
+    sf.write(slow, sf.read(slow, dtype="int16")[0], 8000, subtype="PCM_16")  # same samples
+    empty.write_bytes(empty.read_bytes()[:44])  # the header alone
+    out = tmp_path / "f"
+    cmd = args(frames, out, weights)
+    assert main([*cmd[:2], str(media), *cmd[2:]]) == 1
+    errors = {k: r.get("error") for k, r in read_manifest(out).items()}
+    assert errors == {
+        "va": None,
+        "vb": f"{cut}: holds 478 samples, the extract-frames record says 32000 (changed since; "
+              "run extract-frames again)",
+        "c_0": f"{junk}: not a readable wav (Format not recognised.)",
+        "c_1": f"{slow}: its samples are at 8000 Hz, the extract-frames record says 16000 Hz",
+        "c_2": f"{empty}: holds 0 samples, the extract-frames record says 16000 (changed "
+               "since; run extract-frames again)",
+    }
+    err = capsys.readouterr().err.splitlines()
+    assert [e for e in err if "audio.wav" in e] == [f"vpipe features: {e}" for e in
+                                                     (errors["vb"], *list(errors.values())[2:])]
+    # A wav that holds what its record says is read as before: torchvggish's own examples.
+    with open_features(out) as store:
+        np.testing.assert_array_equal(
+            store["va"].audio, reference_audio(frames / "va" / "audio.wav", weights, True))
+
+
 def test_from_video_clip_failing_in_the_decoder_fails_only_itself(tmp_path: Path, videos: Path,
                                                                   weights, capsys) -> None:
     """A subclip-style folder whose middle clip file is damaged after it was recorded: the

@@ -220,3 +220,25 @@ def test_a_work_dir_of_other_videos_is_refused_and_failed_videos_exit_1(project,
     assert main(["predict", str(run), str(fresh), "-o", str(tmp_path / "q.jsonl"),
                  "--work-dir", str(tmp_path / "wd")]) == 2
     assert "holds the stages of other videos" in capsys.readouterr().err
+
+
+def test_a_dangling_link_among_the_videos_is_one_failed_line(project, fresh, tmp_path, capsys):
+    # Regression (issue 24, 9): FileNotFoundError from the cache key, and nothing predicted.
+    run = project / "w" / "train"
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(fresh, new / "blue.mp4")
+    (new / "gone.mp4").symlink_to(tmp_path / "moved.mp4")
+    (tmp_path / "named.mp4").symlink_to(tmp_path / "deleted.mp4")
+    (tmp_path / "loop.mp4").symlink_to("loop.mp4")
+    code = main(["predict", str(run), str(new), str(tmp_path / "named.mp4"),
+                 str(tmp_path / "loop.mp4"), "-o", str(tmp_path / "p.jsonl"), "--work-dir",
+                 str(tmp_path / "wd")])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"{new / 'gone.mp4'}: broken symbolic link (to {tmp_path / 'moved.mp4'})" in err
+    assert f"{tmp_path / 'named.mp4'}: broken symbolic link (to {tmp_path / 'deleted.mp4'})" in err
+    assert f"{tmp_path / 'loop.mp4'}: symbolic link loop" in err
+    assert "some videos failed" in err and "Traceback" not in err
+    assert {p["source"] if p["level"] == "clip" else p["id"]
+            for p in lines(tmp_path / "p.jsonl")} == {"blue"}

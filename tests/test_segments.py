@@ -100,17 +100,46 @@ def test_a_video_without_segments_is_skipped(videos: Path, tmp_path: Path) -> No
     ("source,begin,end\nalpha,0,1\n", "needs the columns source,start,end[,id] (missing start"),
     ("source,start,end\n", "no segment rows"),
     ("source,start,end,id\nalpha,0,1,x\nalpha,1,2,x\n", ":3: clip id 'x' is also on line 2"),
+    # Regression (issue 24, 9): a Latin-1 byte raised UnicodeDecodeError.
+    ("source,start,end,id\nalpha,0,1,caf\xe9\n".encode("latin-1"),
+     "s.csv: not UTF-8 text (byte 0xe9 at offset 33, line 2)"),
+    # Regression (issue 24, 10): the open quote took lines 3-4 as one source, cut nothing.
+    ('source,start,end\nalpha,0,1\n"alpha,1,2\nalpha,2,3\n', "s.csv:3: unclosed quote"),
+    ('source,start,end\nalpha,0,1\nalpha,"1,2\n', "s.csv:3: unclosed quote"),
 ])
-def test_bad_segment_files_are_usage_errors(tmp_path: Path, text: str, msg: str,
+def test_bad_segment_files_are_usage_errors(tmp_path: Path, text: str | bytes, msg: str,
                                             videos: Path, capsys) -> None:
     path = tmp_path / "s.csv"
-    path.write_text(text, encoding="utf-8")
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
     with pytest.raises(UsageError) as e:
         read_segments(path)
     assert msg in str(e.value)
     out = tmp_path / "clips"
     assert main(["subclip", str(videos), "-o", str(out), "--segments", str(path)]) == 2
-    assert msg in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0] and not out.exists()
+
+
+def test_quoted_fields_may_span_lines_and_rows_keep_their_line(tmp_path: Path) -> None:
+    path = tmp_path / "s.csv"
+    path.write_text('source,start,end,id\n\nalpha,0,1,"a\nb"\nalpha,x,2,c\n')
+    assert [(s.clip_id, s.line, s.problem) for s in read_segments(path)] == [
+        ("a-b", 3, None), ("c", 5, "start 'x' is not a number")]
+
+
+@pytest.mark.parametrize("data,msg", [
+    (b'VideoID,Start,End,Language,Description\nv1,1,2,English,"A bird\nv1,1,2,English,x\n',
+     "a.csv:2: unclosed quote"),
+    ("VideoID,Start,End,Language,Description\nv1,1,2,English,caf\xe9\n".encode("latin-1"),
+     "a.csv: not UTF-8 text (byte 0xe9 at offset 57, line 2)"),
+])
+def test_msvd_annotations_not_utf8_or_with_an_open_quote_are_one_line(
+    tmp_path: Path, data: bytes, msg: str, capsys
+) -> None:
+    (tmp_path / "a.csv").write_bytes(data)
+    assert main(["convert-msvd", str(tmp_path / "a.csv"), "-o", str(tmp_path / "msvd")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0] and not (tmp_path / "msvd").exists()
 
 
 def test_msvd_annotations_convert_to_segments_and_captions(tmp_path: Path) -> None:

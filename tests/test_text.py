@@ -296,8 +296,14 @@ def test_a_store_without_text_reads_as_before(tmp_path: Path, weights) -> None:
         assert clip.text.shape == (0, 0) and clip.text_string == ""
 
 
+@pytest.mark.parametrize("data,message", [
+    (b"id,text\na,red\na,blue\n", "'a' has two different titles"),
+    # Regression (issue 24, 10): the open quote made lines 3-4 one title of b.
+    (b'id,text\na,red\nb,"blue\nc,green\n', "t.csv:3: unclosed quote"),
+    ("id,text\na,caf\xe9\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 13, line 2)"),
+])
 def test_a_bad_titles_file_is_one_usage_error_before_any_work(
-    tmp_path: Path, weights, text_model: Path, capsys
+    tmp_path: Path, weights, text_model: Path, capsys, data: bytes, message: str
 ) -> None:
     from test_features import make_media
 
@@ -305,11 +311,11 @@ def test_a_bad_titles_file_is_one_usage_error_before_any_work(
 
     media = make_media(tmp_path / "media", {"a_0": (2, None)})
     titles = tmp_path / "t.csv"
-    titles.write_text("id,text\na,red\na,blue\n")
+    titles.write_bytes(data)
     out = tmp_path / "f"
     assert main(_text_args(media, out, weights, text_model, titles)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "'a' has two different titles" in err[0] and str(titles) in err[0]
+    assert len(err) == 1 and message in err[0] and str(titles) in err[0]
     assert not out.exists()
 
 

@@ -616,6 +616,25 @@ def test_bad_labels_are_one_line_and_leave_no_run(sets, tmp_path, capsys):
         assert message in err, err
 
 
+@pytest.mark.parametrize("name,data,message", [
+    # Regression (issue 24, 10): the open quote took lines 3-4 as one id; "no label id
+    # matches" followed, on two lines.
+    ("l.csv", b'id,label\nvideo000,1\n"video001,2\nvideo002,3\n', "l.csv:3: unclosed quote"),
+    ("l.csv", "id,label\nvideo000,1\nvideo001,caf\xe9\n".encode("latin-1"),
+     "l.csv: not UTF-8 text (byte 0xe9 at offset 32, line 3)"),
+    ("l.tsv", "video000.mp4\tt\tup\nvideo001.mp4\tcaf\xe9\tdown\n".encode("latin-1"),
+     "l.tsv: not UTF-8 text (byte 0xe9 at offset 34, line 2)"),
+])
+def test_a_labels_file_not_utf8_or_with_an_open_quote_is_one_line(sets, tmp_path, capsys,
+                                                                  name, data, message):
+    path, run = tmp_path / name, tmp_path / "run"
+    path.write_bytes(data)
+    assert main(["train", str(sets["regression"][0]), "--labels", str(path), "-o", str(run),
+                 "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not run.exists()
+
+
 def test_empty_feature_folder_is_refused(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, err = _bad(tmp_path, capsys, tmp_path / "empty", "id,label\na,1\nb,2\n")

@@ -152,7 +152,8 @@ def test_a_labels_file_that_is_not_utf8_is_one_usage_error_naming_it(tmp_path):
     # Regression (issue 11, 10): a Latin-1 CSV raised UnicodeDecodeError.
     p = tmp_path / "l.csv"
     p.write_bytes("id,label\nt1,caf\xe9\n".encode("latin-1"))
-    with pytest.raises(UsageError, match=r"l\.csv: not UTF-8 text \(byte 0xe9 at offset 15\)"):
+    with pytest.raises(UsageError,
+                       match=r"l\.csv: not UTF-8 text \(byte 0xe9 at offset 15, line 2\)"):
         read_labels(p)
 
 

@@ -263,6 +263,11 @@ def test_not_toml_and_bad_set_are_usage_errors(tmp_path: Path, capsys: pytest.Ca
     assert "--set subclip.colour: unknown option 'colour'" in capsys.readouterr().err
     assert main(["run", str(wf), "--set", "features.x=3"]) == 2
     assert "no stage [features]" in capsys.readouterr().err
+    # Regression (issue 24, 9): a Latin-1 comment raised UnicodeDecodeError.
+    wf.write_bytes('# caf\xe9\ninputs = "v"\n[subclip]\n'.encode("latin-1"))
+    assert main(["run", str(wf), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "wf.toml: not UTF-8 text (byte 0xe9 at offset 5, line 1)" in err[0]
 
 
 # --------------------------------------------------------------------------- running

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.device import autocast_dtype, pick_device, pick_precision
+from pipeline.errors import MediaError
 from pipeline.features.batching import ModelBatch
 from pipeline.features.images import ImageEncoder, Preprocessing, load_image_encoder
 from pipeline.features.options import FeatureOptions
@@ -149,12 +150,34 @@ def audio_examples(pcm: np.ndarray, rate_hz: int) -> tuple[torch.Tensor, np.ndar
     return ex, np.arange(ex.shape[0]) * p.EXAMPLE_HOP_SECONDS
 
 
-def wav_examples(wav_path: str | os.PathLike) -> tuple[torch.Tensor, np.ndarray]:
-    """:func:`audio_examples` of a wav file's samples."""
+def wav_examples(wav_path: str | os.PathLike, n_samples: int | None = None,
+                 sample_rate_hz: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """:func:`audio_examples` of a wav file's samples, checked by :func:`read_wav`."""
+    return audio_examples(*read_wav(wav_path, n_samples, sample_rate_hz))
+
+
+def read_wav(wav_path: str | os.PathLike, n_samples: int | None = None,
+             sample_rate_hz: int | None = None) -> tuple[np.ndarray, int]:
+    """A wav's int16 samples and rate. A wav that cannot be read, or that does not hold the
+    ``n_samples`` at ``sample_rate_hz`` its extract-frames record says (None: not checked), is
+    a MediaError naming the file and the cause: read as it was, a truncated wav gave fewer
+    VGGish examples or none, and its clip passed as ok."""
     import soundfile as sf
 
-    data, sr = sf.read(str(wav_path), dtype="int16", always_2d=False)
-    return audio_examples(data, sr)
+    try:
+        data, rate = sf.read(str(wav_path), dtype="int16", always_2d=False)
+    except RuntimeError as e:  # libsndfile's error: not a wav, a header cut short
+        why = getattr(e, "error_string", None) or str(e)
+        raise MediaError(f"{wav_path}: not a readable wav ({why})") from None
+    except OSError as e:
+        raise MediaError(f"{wav_path}: cannot read ({e.strerror or e})") from None
+    if sample_rate_hz is not None and rate != sample_rate_hz:
+        raise MediaError(f"{wav_path}: its samples are at {rate} Hz, the extract-frames record "
+                         f"says {sample_rate_hz} Hz")
+    if n_samples is not None and data.shape[0] != n_samples:
+        raise MediaError(f"{wav_path}: holds {data.shape[0]} samples, the extract-frames record "
+                         f"says {n_samples} (changed since; run extract-frames again)")
+    return data, rate
 
 
 # --------------------------------------------------------------------------- the set a run uses

@@ -222,8 +222,11 @@ def _wav_done(j: int, job: ClipJob, dec: Decoding) -> tuple[int, Any, str | None
         return j, None, job.error
     if not dec.audio or job.audio_path is None:
         return j, None, None
-    try:
-        return j, wav_examples(job.audio_path), None
+    try:  # a wav unlike its record (cut short...) fails its clip, named, as one unreadable
+        rec = job.rec
+        return j, wav_examples(job.audio_path, rec.get("n_samples"), rec.get("sample_rate")), None
+    except VpipeError as e:
+        return j, None, str(e)
     except Exception as e:  # an unreadable wav fails this clip only
         return j, None, f"{job.audio_path}: cannot read audio ({type(e).__name__}: {e})"
 

@@ -9,8 +9,6 @@ with ``save_pretrained``; which one, and its revision or files' sha256, is recor
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 
 from pipeline.errors import UsageError
 from pipeline.features.hf import HFModelInfo, resolve_hf_model
+from pipeline.files import csv_rows, read_user_text
 from pipeline.ids import sanitize_id
 
 # Multilingual (about 100 languages, Chinese included), so titles of any language get a
@@ -42,11 +41,9 @@ def read_titles(path: str | Path) -> Titles:
     missing columns or one id given two different titles. A BOM and CRLF line ends are fine."""
     p = Path(path)
     try:
-        raw = p.read_bytes().decode("utf-8-sig")  # utf-8-sig: a BOM is not part of the first id
+        raw = read_user_text(p)  # a BOM is not part of the first id; not UTF-8: one line
     except OSError as e:
         raise UsageError(f"--text {p}: cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"--text {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     lines = raw.splitlines()  # \r\n, \n and \r alike
     first = next((ln for ln in lines if ln.strip()), "")
     if not first:
@@ -85,11 +82,9 @@ def _tsv_rows(p: Path, lines: list[str]) -> list[tuple[int, str, str]]:
 
 
 def _csv_rows(p: Path, raw: str) -> list[tuple[int, str, str]]:
-    reader = csv.reader(io.StringIO(raw, newline=""))
-    try:
-        header = [h.strip().lower() for h in next(reader)]
-    except (StopIteration, csv.Error) as e:
-        raise UsageError(f"--text {p}: not a CSV file ({e})") from None
+    records = csv_rows(p, raw)
+    _, row = next(records, (1, []))
+    header = [h.strip().lower() for h in row]
     if "id" not in header or "text" not in header:
         raise UsageError(
             f"--text {p}: the header {','.join(header)!r} lacks the columns id and text "
@@ -97,18 +92,15 @@ def _csv_rows(p: Path, raw: str) -> list[tuple[int, str, str]]:
         )
     i_id, i_text = header.index("id"), header.index("text")
     out = []
-    try:
-        for row in reader:
-            if not any(c.strip() for c in row):
-                continue
-            if len(row) <= max(i_id, i_text):
-                raise UsageError(
-                    f"--text {p}: line {reader.line_num} has {len(row)} column(s); "
-                    f"expected {len(header)} ({','.join(header)})"
-                )
-            out.append((reader.line_num, row[i_id].strip(), row[i_text]))
-    except csv.Error as e:
-        raise UsageError(f"--text {p}: line {reader.line_num}: {e}") from None
+    for line, row in records:
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) <= max(i_id, i_text):
+            raise UsageError(
+                f"--text {p}: line {line} has {len(row)} column(s); "
+                f"expected {len(header)} ({','.join(header)})"
+            )
+        out.append((line, row[i_id].strip(), row[i_text]))
     return out
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import MediaError, NotAVideo
+from pipeline.files import not_regular
 
 # Demuxers that open still images or text as a one-frame "video": not videos for vpipe.
 STILL_FORMATS = {"image2", "tty", "apng"}
@@ -60,7 +61,11 @@ def open_container(path: Path):
     import av
 
     try:
-        if path.stat().st_size == 0:
+        st = path.stat()
+        kind = not_regular(st.st_mode)
+        if kind is not None:  # never opened: a FIFO would wait for a writer, /dev/zero never ends
+            raise MediaError(f"{path}: not a regular file: {kind}")
+        if st.st_size == 0:
             raise MediaError(f"{path}: empty file (0 bytes)")
         with path.open("rb") as f:
             head = f.read(200)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import MediaError, NotAVideo, Skip, UsageError
+from pipeline.files import not_regular
 from pipeline.media.probe import RECORD_FILES, MediaInfo, probe
 
 
@@ -19,7 +20,9 @@ def find_videos(paths: Iterable[str | os.PathLike]) -> list[Path]:
     Which candidates are videos is decided later by :func:`probe`, not by extension. Hidden
     files and folders (temp files of interrupted writes among them), vpipe's record files and
     vpipe output folders inside a searched folder (``-o`` under the input) are not searched.
-    A missing path, or a folder without any file to consider, is a usage error.
+    A missing path, or a folder without any file to consider, is a usage error; a path that is
+    there but is no file to read (a dangling link, a FIFO, a device) is a candidate, which
+    :func:`scan_sources` reports as it does one found in a folder.
     """
     out: list[Path] = []
     seen: set[str] = set()
@@ -28,7 +31,7 @@ def find_videos(paths: Iterable[str | os.PathLike]) -> list[Path]:
             found = sorted(_walk(p, {os.path.realpath(p)}))
             if not found:  # a wrong path far more often than a folder meant to be empty
                 raise UsageError(f"{p}: no files in this folder")
-        elif p.is_file():
+        elif os.path.lexists(p):
             found = [p]
         else:
             raise UsageError(f"{p}: no such file or folder")
@@ -70,7 +73,8 @@ def _is_dir(entry: os.DirEntry) -> bool:
 
 
 def _unreadable(f: Path) -> str | None:
-    """Why a candidate cannot be opened at all (a link loop, a dangling link), or None."""
+    """Why a candidate cannot be opened at all (a link loop, a dangling link, a FIFO or device,
+    which is never opened: reading a FIFO waits for a writer), or None."""
     try:
         st = os.stat(f)
     except OSError as e:
@@ -81,7 +85,8 @@ def _unreadable(f: Path) -> str | None:
         return f"{f}: cannot read ({e.strerror})"
     if stat.S_ISDIR(st.st_mode):
         return f"{f}: symbolic link loop (links to a folder above it)"
-    return None
+    kind = not_regular(st.st_mode)
+    return None if kind is None else f"{f}: not a regular file: {kind}"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ vocabulary built from the training split; all before anything is written.
 
 from __future__ import annotations
 
-import csv
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UsageError
+from pipeline.files import csv_rows, read_user_text
 from pipeline.train.config import ATTENTION, TrainConfig
 from pipeline.train.inputs import Prepared, check_config, open_store, resolve_modalities
 from pipeline.train.labels import SPLITS, LabelRow, LabelSpace, join_labels, split_by_source
@@ -37,40 +37,37 @@ def read_captions(path: str | Path) -> CaptionRows:
     refs: dict[str, list[list[str]]] = {}
     lines: dict[str, list[int]] = {}
     splits: dict[str, str | None] = {}
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-            missing = [c for c in ("id", "caption") if c not in cols]
-            if missing:
-                raise UsageError(
-                    f"{path}: captions CSV needs the columns id,caption (missing "
-                    f"{','.join(missing)}; found: {','.join(cols) or 'nothing'})"
-                )
-            reader.fieldnames = cols
-            for n, rec in enumerate(reader, start=2):
-                cid = (rec.get("id") or "").strip()
-                text = (rec.get("caption") or "").strip()
-                split = (rec.get("split") or "").strip().lower() or None
-                if not cid:
-                    raise UsageError(f"{path}:{n}: empty id")
-                if not text:
-                    raise UsageError(f"{path}:{n}: empty caption for id {cid!r}")
-                words = tokenize(text)
-                if not words:
-                    raise UsageError(f"{path}:{n}: caption {text!r} of {cid!r} has no word")
-                if split is not None and split not in SPLITS:
-                    raise UsageError(f"{path}:{n}: split {split!r} is not one of train, val, test")
-                if cid in splits and splits[cid] != split:
-                    raise UsageError(
-                        f"{path}:{n}: id {cid!r} is in split {split!r} here and "
-                        f"{splits[cid]!r} on line {lines[cid][0]}"
-                    )
-                refs.setdefault(cid, []).append(words)
-                lines.setdefault(cid, []).append(n)
-                splits[cid] = split
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not UTF-8 text (offset {e.start}); save it as UTF-8") from None
+    records = csv_rows(path, read_user_text(path))
+    _, header = next(records, (1, []))
+    cols = [c.strip().lower() for c in header]
+    missing = [c for c in ("id", "caption") if c not in cols]
+    if missing:
+        raise UsageError(
+            f"{path}: captions CSV needs the columns id,caption (missing "
+            f"{','.join(missing)}; found: {','.join(cols) or 'nothing'})"
+        )
+    for n, row in records:
+        rec = dict(zip(cols, row, strict=False))  # a short row: those columns absent
+        cid = (rec.get("id") or "").strip()
+        text = (rec.get("caption") or "").strip()
+        split = (rec.get("split") or "").strip().lower() or None
+        if not cid:
+            raise UsageError(f"{path}:{n}: empty id")
+        if not text:
+            raise UsageError(f"{path}:{n}: empty caption for id {cid!r}")
+        words = tokenize(text)
+        if not words:
+            raise UsageError(f"{path}:{n}: caption {text!r} of {cid!r} has no word")
+        if split is not None and split not in SPLITS:
+            raise UsageError(f"{path}:{n}: split {split!r} is not one of train, val, test")
+        if cid in splits and splits[cid] != split:
+            raise UsageError(
+                f"{path}:{n}: id {cid!r} is in split {split!r} here and "
+                f"{splits[cid]!r} on line {lines[cid][0]}"
+            )
+        refs.setdefault(cid, []).append(words)
+        lines.setdefault(cid, []).append(n)
+        splits[cid] = split
     if not refs:
         raise UsageError(f"{path}: no caption rows")
     return CaptionRows(refs, lines, splits)

@@ -8,7 +8,6 @@ of one video never sit on both sides.
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UsageError
+from pipeline.files import csv_rows, read_user_text
 from pipeline.ids import sanitize_id
 from pipeline.shards import FeatureStore
 
@@ -51,29 +51,22 @@ def read_labels(path: str | Path) -> dict[str, LabelRow]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such labels file")
-    try:
-        rows = _read_tsv(path) if _is_tsv(path) else _read_rows(path)
-    except UnicodeDecodeError as e:
-        raise UsageError(
-            f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-            "save the labels file as UTF-8"
-        ) from None
+    text = read_user_text(path)
+    rows = _read_tsv(path, text) if _is_tsv(text) else _read_rows(path, text)
     if not rows:
         raise UsageError(f"{path}: no label rows")
     return rows
 
 
-def _is_tsv(path: Path) -> bool:
+def _is_tsv(text: str) -> bool:
     """Whether the file is the tagging TSV: its first non-empty line has a tab."""
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        first = next((line for line in f if line.strip()), "")
+    first = next((line for line in text.splitlines() if line.strip()), "")
     return "\t" in first
 
 
-def _read_tsv(path: Path) -> dict[str, LabelRow]:
+def _read_tsv(path: Path, text: str) -> dict[str, LabelRow]:
     """``name \t title \t tags`` lines (the title is for ``features --text``; here unused)."""
     rows: dict[str, LabelRow] = {}
-    text = path.read_text(encoding="utf-8-sig")
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -93,33 +86,33 @@ def _read_tsv(path: Path) -> dict[str, LabelRow]:
     return rows
 
 
-def _read_rows(path: Path) -> dict[str, LabelRow]:
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        # Header names are matched case-blind: spreadsheets write "ID,Label" as often as "id,label".
-        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-        missing = [c for c in ("id", "label") if c not in cols]
-        if missing:
+def _read_rows(path: Path, text: str) -> dict[str, LabelRow]:
+    records = csv_rows(path, text)
+    _, header = next(records, (1, []))
+    # Header names are matched case-blind: spreadsheets write "ID,Label" as often as "id,label".
+    cols = [c.strip().lower() for c in header]
+    missing = [c for c in ("id", "label") if c not in cols]
+    if missing:
+        raise UsageError(
+            f"{path}: labels CSV needs the columns id,label (missing {','.join(missing)}; "
+            f"found: {','.join(cols) or 'nothing'})"
+        )
+    rows: dict[str, LabelRow] = {}
+    for n, row in records:
+        rec = dict(zip(cols, row, strict=False))  # a short row: those columns absent
+        cid = (rec.get("id") or "").strip()
+        if not cid:
+            raise UsageError(f"{path}:{n}: empty id")
+        label = (rec.get("label") or "").strip()
+        split = (rec.get("split") or "").strip().lower() or None
+        if split is not None and split not in SPLITS:
+            raise UsageError(f"{path}:{n}: split {split!r} is not one of train, val, test")
+        if cid in rows and rows[cid].label != label:
             raise UsageError(
-                f"{path}: labels CSV needs the columns id,label (missing {','.join(missing)}; "
-                f"found: {','.join(cols) or 'nothing'})"
+                f"{path}:{n}: id {cid!r} has two labels ({rows[cid].label!r} on line "
+                f"{rows[cid].line}, {label!r} here)"
             )
-        reader.fieldnames = cols
-        rows: dict[str, LabelRow] = {}
-        for n, rec in enumerate(reader, start=2):
-            cid = (rec.get("id") or "").strip()
-            if not cid:
-                raise UsageError(f"{path}:{n}: empty id")
-            label = (rec.get("label") or "").strip()
-            split = (rec.get("split") or "").strip().lower() or None
-            if split is not None and split not in SPLITS:
-                raise UsageError(f"{path}:{n}: split {split!r} is not one of train, val, test")
-            if cid in rows and rows[cid].label != label:
-                raise UsageError(
-                    f"{path}:{n}: id {cid!r} has two labels ({rows[cid].label!r} on line "
-                    f"{rows[cid].line}, {label!r} here)"
-                )
-            rows[cid] = LabelRow(cid, label, split, n)
+        rows[cid] = LabelRow(cid, label, split, n)
     return rows
 
 

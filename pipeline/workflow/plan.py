@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UsageError
+from pipeline.files import read_user_text
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def load_workflow(
     each of ``sets`` (``"stage.option=value"``, value in TOML syntax or a bare word) one option."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_user_text(path)  # not UTF-8: one line naming the byte
     except OSError as e:
         raise UsageError(f"{path}: cannot read the workflow file ({e.strerror})") from e
     try:

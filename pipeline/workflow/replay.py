@@ -258,8 +258,11 @@ def cache_key(steps: Sequence[Step], videos: Sequence[Path], extra: str = "") ->
     for s in steps:
         h.update(json.dumps(s.args[s.args.index("-o") + 2:]).encode())
     for v in sorted(videos):
-        st = v.stat()
-        h.update(f"{v.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = v.stat()
+            h.update(f"{v.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # a dangling or looping link: the subclip stage fails it by its name
+            h.update(f"{os.path.abspath(v)}\0unreadable\n".encode())
     return h.hexdigest()[:12]
 
 
@@ -300,9 +303,11 @@ def plan_replay(
         raise UsageError(f"--titles {titles}: no such file")
     if titles is not None and not any("--text" in r.options for r in chain):
         raise UsageError("--titles: the run's features have no titles (made without --text)")
-    given = [str(Path(v).resolve()) for v in videos]
+    # Absolute, links resolved; a link that leads nowhere (dangling, looping) stays itself, so
+    # that subclip fails it by its name as it does one found in a folder.
+    given = [str(Path(v).resolve()) if Path(v).exists() else os.path.abspath(v) for v in videos]
     for v, g in zip(videos, given, strict=True):
-        if not Path(g).exists():
+        if not os.path.lexists(g):
             raise UsageError(f"{v}: no such file or folder")
     found = find_videos(given)
     if not found:
