@@ -1,6 +1,7 @@
 """Everything vpipe knows about ffmpeg and PyAV, and the only place that knows them: the binary
-(:mod:`.ffmpeg`), what a file is (:mod:`.probe`), finding videos in folders (:mod:`.scan`), and
-decoding a clip in one pass into sampled RGB frames and resampled PCM audio (:mod:`.decode`).
+(:mod:`.ffmpeg`), what a file is (:mod:`.probe`), finding videos in folders (:mod:`.scan`),
+decoding a clip in one pass into sampled RGB frames and resampled PCM audio (:mod:`.decode`),
+and that audio's mono downmix and alignment (:mod:`.audio`).
 The stages never import ``av`` or call ffmpeg themselves; they use the names below.
 """
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import MediaError, UsageError
+from pipeline.media.audio import AudioAligner
 from pipeline.media.probe import (
     UNINDEXED_FORMATS,
     av_reason,
@@ -108,7 +109,7 @@ def decode(
         v.thread_type = "AUTO"  # frame threads: decoding is the cost here
         origin = float(v.start_time * v.time_base) if v.start_time is not None else 0.0
         frames = _FramePicker(sampler, origin, v) if sampler is not None else None
-        audio = _AudioAligner(a, audio_rate_hz, origin) if a is not None else None
+        audio = AudioAligner(a, audio_rate_hz, origin) if a is not None else None
         plan = _plan_samples(path, sampler, origin) if sampler is not None else None
         if plan is not None:
             frames.plan = plan
@@ -250,67 +251,6 @@ def _check_complete(path: Path, container, end_s: float, stream=None) -> None:
         raise MediaError(
             f"{path}: truncated (media data ends at {seen:.2f}s of the {declared:.2f}s declared)"
         )
-
-
-def _float_to_s16(x: np.ndarray) -> np.ndarray:
-    """Float samples (full scale 1.0) as int16 the way libswresample converts them: rounded to
-    nearest (ties to even), saturated at full scale, never wrapped."""
-    return np.clip(np.rint(x * 32768.0), -32768, 32767).astype(np.int16)
-
-
-class _AudioAligner:
-    """Downmixes to mono and resamples to ``rate`` (as ``ffmpeg -ac 1 -ar rate`` does in float),
-    as s16, and aligns sample 0 with the clip start.
-
-    The resampler outputs float, not s16: for an integer output libswresample scales its
-    rematrix so that the coefficients of each output channel sum to at most 1, so a downmix's
-    level would depend on how many channels the source has (a 5.1 track 2.4x quieter than its
-    own stereo fold-down). In float it applies the standard matrix itself (front L/R at -3 dB,
-    centre at 0 dB, surrounds at -6 dB, LFE dropped), the same for every layout and what
-    ``ffmpeg -ac 1`` gives in float; the s16 conversion then saturates what exceeds full scale.
-    """
-
-    def __init__(self, stream, rate: int, origin: float) -> None:
-        import av
-
-        self.rate = rate
-        self.origin = origin
-        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        self.n = 0  # samples emitted
-        self.skip = 0  # samples still to drop at the start (audio began before the video)
-        self.started = False
-        self.limit = None  # declared end of the audio stream, in output samples
-        guessed = stream.container.format.name in UNINDEXED_FORMATS  # no declared length
-        if stream.duration is not None and stream.time_base is not None and not guessed:
-            a0 = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
-            end = a0 + float(stream.duration * stream.time_base) - origin
-            self.limit = max(0, round(end * rate))
-
-    def push(self, frame) -> Iterator[tuple[str, float, np.ndarray]]:
-        if not self.started:
-            self.started = True
-            offset = (float(frame.time) - self.origin) if frame.time is not None else 0.0
-            if offset > 0:  # the audio starts after the video: silence until it does
-                yield from self._out(np.zeros(round(offset * self.rate), np.int16))
-            else:
-                self.skip = round(-offset * self.rate)
-        for out in self.resampler.resample(frame):
-            yield from self._out(_float_to_s16(out.to_ndarray().reshape(-1)))
-
-    def flush(self) -> Iterator[tuple[str, float, np.ndarray]]:
-        for out in self.resampler.resample(None):
-            yield from self._out(_float_to_s16(out.to_ndarray().reshape(-1)))
-
-    def _out(self, x: np.ndarray) -> Iterator[tuple[str, float, np.ndarray]]:
-        if self.skip:
-            cut = min(self.skip, len(x))
-            x, self.skip = x[cut:], self.skip - cut
-        if self.limit is not None:
-            x = x[: max(0, self.limit - self.n)]
-        if len(x):
-            t = self.n / self.rate
-            self.n += len(x)
-            yield "audio", t, x
 
 
 def decode_span(
