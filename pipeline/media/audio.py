@@ -16,24 +16,34 @@ def float_to_s16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x * 32768.0), -32768, 32767).astype(np.int16)
 
 
+def mono_of(frame) -> np.ndarray:
+    """A packed float mono or stereo frame's samples as mono: a stereo frame's channel mean."""
+    x = frame.to_ndarray().reshape(-1)
+    if frame.layout.nb_channels == 1:
+        return x
+    return (x[0::2].astype(np.float64) + x[1::2]) * 0.5
+
+
 class AudioAligner:
-    """Downmixes to mono and resamples to ``rate`` (as ``ffmpeg -ac 1 -ar rate`` does in float),
-    as s16, and aligns sample 0 with the clip start.
+    """Resamples to ``rate``, downmixes to mono (:func:`mono_of`), converts to s16 and aligns
+    sample 0 with the clip start.
+
+    A mono stream stays as it is. Any other is first folded down to stereo by libswresample's
+    standard matrix (what ``ffmpeg -ac 2`` gives: a 5.1's centre into both sides at -3 dB, its
+    surrounds at -3 dB into their side, LFE dropped), then the two channels are averaged: the
+    convention of VGGish's own input code (``np.mean(data, axis=1)``) and of ``ffmpeg -ac 1``
+    to s16 for a stereo source, and a 5.1 track at the level of its own stereo fold-down.
 
     The resampler outputs float, not s16: for an integer output libswresample scales its
-    rematrix so that the coefficients of each output channel sum to at most 1, so a downmix's
-    level would depend on how many channels the source has (a 5.1 track 2.4x quieter than its
-    own stereo fold-down). In float it applies the standard matrix itself (front L/R at -3 dB,
-    centre at 0 dB, surrounds at -6 dB, LFE dropped), the same for every layout and what
-    ``ffmpeg -ac 1`` gives in float; the s16 conversion then saturates what exceeds full scale.
+    rematrix so that the coefficients of each output channel sum to at most 1, which would
+    make a 5.1 fold-down's level depend on its channel count. The s16 conversion of the mean
+    then saturates what exceeds full scale.
     """
 
     def __init__(self, stream, rate: int, origin: float) -> None:
-        import av
-
         self.rate = rate
         self.origin = origin
-        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        self.resampler = None  # made for the first frame's channel count
         self.n = 0  # samples emitted
         self.skip = 0  # samples still to drop at the start (audio began before the video)
         self.started = False
@@ -46,18 +56,24 @@ class AudioAligner:
 
     def push(self, frame) -> Iterator[tuple[str, float, np.ndarray]]:
         if not self.started:
+            import av
+
             self.started = True
+            layout = "mono" if frame.layout.nb_channels == 1 else "stereo"
+            self.resampler = av.AudioResampler(format="flt", layout=layout, rate=self.rate)
             offset = (float(frame.time) - self.origin) if frame.time is not None else 0.0
             if offset > 0:  # the audio starts after the video: silence until it does
                 yield from self._out(np.zeros(round(offset * self.rate), np.int16))
             else:
                 self.skip = round(-offset * self.rate)
         for out in self.resampler.resample(frame):
-            yield from self._out(float_to_s16(out.to_ndarray().reshape(-1)))
+            yield from self._out(float_to_s16(mono_of(out)))
 
     def flush(self) -> Iterator[tuple[str, float, np.ndarray]]:
+        if self.resampler is None:
+            return
         for out in self.resampler.resample(None):
-            yield from self._out(float_to_s16(out.to_ndarray().reshape(-1)))
+            yield from self._out(float_to_s16(mono_of(out)))
 
     def _out(self, x: np.ndarray) -> Iterator[tuple[str, float, np.ndarray]]:
         if self.skip:

@@ -81,8 +81,9 @@ def decode(
     span: tuple[float, float] | None = None,
 ) -> Iterator[tuple[str, float, np.ndarray]]:
     """One demux/decode pass over a clip yielding ``("frame", t, rgb)`` for sampled frames and
-    ``("audio", t, int16 mono samples)`` chunks resampled to ``audio_rate_hz`` (mono is
-    ``ffmpeg -ac 1``'s downmix at the same level for every channel layout).
+    ``("audio", t, int16 mono samples)`` chunks resampled to ``audio_rate_hz`` (mono is a
+    stereo track's channel mean, any other layout's stereo fold-down averaged the same way:
+    :class:`~pipeline.media.audio.AudioAligner`).
 
     Times are seconds from the first video frame (the clip start); the audio is aligned to it
     (padded or cut at the start, cut to the stream's declared length at the end). Frames that
