@@ -3,7 +3,6 @@ audio resampled to mono PCM, exactly in time."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -433,8 +432,3 @@ class _SpanFrames:
             rgb = picker._rgb(frame)
             for n, tick in enumerate(ticks):
                 yield "frame", tick, rgb if n == 0 else rgb.copy()
-
-
-def snap_down_us(t: float) -> str:
-    """``t`` floored to the microsecond, as ffmpeg's time syntax (ffmpeg parses µs exactly)."""
-    return f"{math.floor(t * 1e6 + 1e-3) / 1e6:.6f}"
