@@ -36,6 +36,9 @@ from pipeline.runner import Item, run_items
 from pipeline.segments import Segment, plan_segments, read_segments, segments_by_video
 
 MODES = ("ranges", "exact", "keyframe")
+# A written clip's frame times may differ from the source's (less the start) by this much: one
+# tick of MPEG's 90 kHz clock, the most that rounding a timestamp moves a frame.
+_SAME_TIME_S = 1.2e-5
 
 
 @dataclass(frozen=True)
@@ -384,9 +387,10 @@ def _measure(
     (the cut's decoder said something, or a stream copy that decoded nothing) decodes the
     clip's span to find damage; a frame count that is not the plan's does too.
     """
-    planned = int(np.count_nonzero(
-        (frames.times >= clip.start_s - 1e-6) & (frames.times < clip.end_s - 1e-6)
-    ))
+    # The clip's frames on the source's grid, as times from its start.
+    planned_times = frames.times[
+        (frames.times >= clip.start_s - 1e-6) & (frames.times < clip.end_s - 1e-6)] - clip.start_s
+    planned = len(planned_times)
     try:
         written = media.frame_times(path)
     except MediaError as e:
@@ -413,6 +417,12 @@ def _measure(
     if n_frames != planned:
         return _failed(path, clip, src, mode,
                        f"the written clip has {n_frames} frames, the source {planned} in its span")
+    # Frame k at the source's time for it, less the start: a sample time then means one source
+    # frame whether the clip is read from this file or as a range of its source.
+    moved = float(np.abs((written.times - written.times[0]) - planned_times).max())
+    if moved > _SAME_TIME_S:
+        raise MediaError(f"{path.name}: the written clip's frame times are up to "
+                         f"{moved * 1e3:.1f} ms off the source's")
     probed = media.probe(path)
     rotation = media.display_rotation(path)
     width, height = media.upright_size(probed.width, probed.height, rotation)

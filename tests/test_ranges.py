@@ -164,6 +164,51 @@ def test_ranges_pipeline_equals_exact_pipeline_but_for_the_encode(sparse: Path, 
         assert a == (media_of["ranges"] / cid / "audio.wav").read_bytes()
 
 
+LOOP_FRAMES, LOOP_GAP_S = 50, 0.008
+
+
+@pytest.fixture(scope="module")
+def looped(media_dir: Path) -> Path:
+    """12 s, frame-numbered, as a file looped from a 2 s piece whose soundtrack outlasts its
+    picture: each loop's 50 frames 8 ms later than the last's, so frame i is at i/25 +
+    (i // 50) * 0.008 s, off the 40 ms grid (in a 1/90000 time base, which holds them)."""
+    setpts = f"settb=1/90000,setpts=N/25/TB+floor(N/{LOOP_FRAMES})*{LOOP_GAP_S}/TB"
+    return synth.make_video(media_dir / "looped.mp4", duration_s=12.0, extra=[
+        "-vf", setpts, "-fps_mode", "passthrough", "-enc_time_base", "1/90000"])
+
+
+def test_one_sample_time_is_one_source_frame_in_exact_and_ranges_mode(looped: Path,
+                                                                       tmp_path: Path) -> None:
+    """Off the grid, exact clips keep their source's frame times (an exact cut used to put
+    them on the grid of the frame rate: frame k at another time than the source's frame, so a
+    sample time picked a frame 40 ms away)."""
+    grid = media.frame_times(looped)
+    i = np.arange(len(grid.times))
+    np.testing.assert_allclose(grid.times, i / 25 + (i // LOOP_FRAMES) * LOOP_GAP_S, atol=2e-5)
+    plan = ["--count", "3", "--duration", "3", "--start", "1"]
+    got = {}
+    for mode in ("exact", "ranges"):
+        assert main(["subclip", str(looped), "-o", str(tmp_path / mode), *plan, "--mode", mode,
+                     "-q"]) == 0
+        assert main(["extract-frames", str(tmp_path / mode), "-o", str(tmp_path / f"{mode}-m"),
+                     "--fps", "5", "--size", "0", "--format", "png", "--no-audio", "-q"]) == 0
+        got[mode] = read_manifest(tmp_path / f"{mode}-m")
+    clips = read_manifest(tmp_path / "exact")
+    assert list(got["exact"]) == list(got["ranges"]) == ["looped_0", "looped_1", "looped_2"]
+    for cid, rec in got["ranges"].items():
+        start, end = rec["start"], rec["end"]
+        inside = grid.times[(grid.times >= start - 1e-6) & (grid.times < end - 1e-6)] - start
+        # The exact clip's frames are at the source's times, from its start.
+        np.testing.assert_allclose(media.frame_times(tmp_path / "exact" / clips[cid]["path"])
+                                   .times, inside, atol=2e-5)
+        n = min(len(got["exact"][cid]["timestamps"]), len(rec["timestamps"]))
+        for mode in ("exact", "ranges"):
+            frames = tmp_path / f"{mode}-m" / cid / "frames"
+            seen = [synth.frame_index(np.asarray(Image.open(frames / f"{k:06d}.png")))
+                    for k in range(n)]
+            assert seen == [source_index(grid, start, t) for t in rec["timestamps"][:n]], mode
+
+
 def test_a_changed_or_missing_source_fails_its_clips_alone(sparse: Path, numbered_video: Path,
                                                            tmp_path: Path, capsys) -> None:
     videos = tmp_path / "videos"

@@ -89,6 +89,13 @@ def cut_exact(
                 args += ["-vf", "crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0"]
             args += ["-c:v", "libx264", "-preset", preset, "-crf", str(crf)]
             args += ["-pix_fmt", "yuv420p", "-fps_mode", "passthrough"]
+            if info.video_time_base:
+                # Every frame keeps its source time, less the start: left to itself, ffmpeg
+                # encodes in 1/(frame rate) and rounds each frame's time onto that grid, so a
+                # source whose frames are off it (a looped file: 10.7 ms later after each
+                # loop) gave clips whose frame k was at another time than the source's.
+                tb = info.video_time_base
+                args += ["-enc_time_base:v", f"{tb.numerator}/{tb.denominator}"]
             if info.has_audio:  # (an unused -b:a is a warning, and warnings are checked)
                 args += ["-c:a", "aac", "-b:a", "128k"]
             args += ["-movflags", "+faststart"]
