@@ -177,36 +177,65 @@ def looped(media_dir: Path) -> Path:
         "-vf", setpts, "-fps_mode", "passthrough", "-enc_time_base", "1/90000"])
 
 
-def test_one_sample_time_is_one_source_frame_in_exact_and_ranges_mode(looped: Path,
-                                                                       tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def looped_clips(looped: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The looped video's subclip folders, exact and ranges: 3 x 3 s from 1 s."""
+    d = tmp_path_factory.mktemp("looped")
+    for mode in ("exact", "ranges"):
+        assert main(["subclip", str(looped), "-o", str(d / mode), "--count", "3", "--duration",
+                     "3", "--start", "1", "--mode", mode, "-q"]) == 0
+    return {mode: d / mode for mode in ("exact", "ranges")}
+
+
+def test_one_sample_time_is_one_source_frame_in_exact_and_ranges_mode(
+        looped: Path, looped_clips: dict[str, Path], tmp_path: Path) -> None:
     """Off the grid, exact clips keep their source's frame times (an exact cut used to put
     them on the grid of the frame rate: frame k at another time than the source's frame, so a
-    sample time picked a frame 40 ms away)."""
+    sample time picked a frame 40 ms away), and their last frame lasts until the recorded end,
+    as a range's does (an exact clip's lasted what its file said: a sample more or less)."""
     grid = media.frame_times(looped)
     i = np.arange(len(grid.times))
     np.testing.assert_allclose(grid.times, i / 25 + (i // LOOP_FRAMES) * LOOP_GAP_S, atol=2e-5)
-    plan = ["--count", "3", "--duration", "3", "--start", "1"]
     got = {}
-    for mode in ("exact", "ranges"):
-        assert main(["subclip", str(looped), "-o", str(tmp_path / mode), *plan, "--mode", mode,
-                     "-q"]) == 0
-        assert main(["extract-frames", str(tmp_path / mode), "-o", str(tmp_path / f"{mode}-m"),
+    for mode, clips in looped_clips.items():
+        assert main(["extract-frames", str(clips), "-o", str(tmp_path / f"{mode}-m"),
                      "--fps", "5", "--size", "0", "--format", "png", "--no-audio", "-q"]) == 0
         got[mode] = read_manifest(tmp_path / f"{mode}-m")
-    clips = read_manifest(tmp_path / "exact")
+    clips = read_manifest(looped_clips["exact"])
     assert list(got["exact"]) == list(got["ranges"]) == ["looped_0", "looped_1", "looped_2"]
     for cid, rec in got["ranges"].items():
         start, end = rec["start"], rec["end"]
         inside = grid.times[(grid.times >= start - 1e-6) & (grid.times < end - 1e-6)] - start
         # The exact clip's frames are at the source's times, from its start.
-        np.testing.assert_allclose(media.frame_times(tmp_path / "exact" / clips[cid]["path"])
+        np.testing.assert_allclose(media.frame_times(looped_clips["exact"] / clips[cid]["path"])
                                    .times, inside, atol=2e-5)
-        n = min(len(got["exact"][cid]["timestamps"]), len(rec["timestamps"]))
+        # Ticks k/5 before the last quarter of the last frame, which lasts until the end.
+        n = int(np.ceil((inside[-1] + 0.75 * (end - start - inside[-1])) * 5))
+        assert got["exact"][cid]["timestamps"] == rec["timestamps"] == [k / 5 for k in range(n)]
         for mode in ("exact", "ranges"):
             frames = tmp_path / f"{mode}-m" / cid / "frames"
             seen = [synth.frame_index(np.asarray(Image.open(frames / f"{k:06d}.png")))
                     for k in range(n)]
-            assert seen == [source_index(grid, start, t) for t in rec["timestamps"][:n]], mode
+            assert seen == [source_index(grid, start, t) for t in rec["timestamps"]], mode
+    # In looped_0 and looped_2 the 8 ms gap follows the last frame: it lasts 48 ms, to the
+    # end, and tick 3.0, 32 ms after it, is still that frame (an exact clip said 40 ms: none).
+    assert [len(r["timestamps"]) for r in got["ranges"].values()] == [16, 15, 16]
+
+
+def test_features_from_video_samples_exact_and_ranges_clips_alike(
+        looped_clips: dict[str, Path], tmp_path: Path, weights) -> None:
+    """The same sample times for both kinds of clip through features --from-video too."""
+    from pipeline.shards import open_features
+
+    times = {}
+    for mode, clips in looped_clips.items():
+        out = tmp_path / mode
+        assert main(features_args(clips, out, weights, "--from-video", "--fps", "5",
+                                  "--audio-model", "none")) == 0
+        with open_features(out) as store:
+            times[mode] = {cid: store[cid].image_timestamps.tolist() for cid in store.clip_ids}
+    assert times["exact"] == times["ranges"]
+    assert [len(times["ranges"][f"looped_{k}"]) for k in range(3)] == [16, 15, 16]
 
 
 def test_a_changed_or_missing_source_fails_its_clips_alone(sparse: Path, numbered_video: Path,

@@ -25,8 +25,8 @@ def mono_of(frame) -> np.ndarray:
 
 
 class AudioAligner:
-    """Resamples to ``rate``, downmixes to mono (:func:`mono_of`), converts to s16 and aligns
-    sample 0 with the clip start.
+    """Resamples to ``rate``, downmixes to mono (:func:`mono_of`), converts to s16, aligns
+    sample 0 with the clip start and stops at the stream's declared end (or ``duration_s``).
 
     A mono stream stays as it is. Any other is first folded down to stereo by libswresample's
     standard matrix (what ``ffmpeg -ac 2`` gives: a 5.1's centre into both sides at -3 dB, its
@@ -40,7 +40,8 @@ class AudioAligner:
     then saturates what exceeds full scale.
     """
 
-    def __init__(self, stream, rate: int, origin: float) -> None:
+    def __init__(self, stream, rate: int, origin: float, duration_s: float | None = None
+                 ) -> None:
         self.rate = rate
         self.origin = origin
         self.resampler = None  # made for the first frame's channel count
@@ -53,6 +54,9 @@ class AudioAligner:
             a0 = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
             end = a0 + float(stream.duration * stream.time_base) - origin
             self.limit = max(0, round(end * rate))
+        if duration_s is not None:  # the clip ends there, whatever the stream declares
+            cut = round(duration_s * rate)
+            self.limit = cut if self.limit is None else min(self.limit, cut)
 
     def push(self, frame) -> Iterator[tuple[str, float, np.ndarray]]:
         if not self.started:

@@ -78,6 +78,7 @@ def decode(
     sampler: FrameSampler | None,
     audio_rate_hz: int | None = None,
     span: tuple[float, float] | None = None,
+    duration_s: float | None = None,
 ) -> Iterator[tuple[str, float, np.ndarray]]:
     """One demux/decode pass over a clip yielding ``("frame", t, rgb)`` for sampled frames and
     ``("audio", t, int16 mono samples)`` chunks resampled to ``audio_rate_hz`` (mono is a
@@ -91,7 +92,10 @@ def decode(
 
     ``span`` = (start_s, end_s), seconds from the container start on the file's frame grid
     (:func:`frame_times`): the clip is that range of the file, not the whole file
-    (:func:`decode_span`); times are then seconds from its first frame.
+    (:func:`decode_span`); times are then seconds from its first frame. ``duration_s``: where
+    the clip ends, from its first frame, when its cut says so (a subclip's end - start): its
+    last frame is on screen until then, as in a span, and no audio is given past it; without
+    it, the last frame lasts what the file says.
     """
     import av
 
@@ -108,9 +112,9 @@ def decode(
             return
         v.thread_type = "AUTO"  # frame threads: decoding is the cost here
         origin = float(v.start_time * v.time_base) if v.start_time is not None else 0.0
-        frames = _FramePicker(sampler, origin, v) if sampler is not None else None
-        audio = AudioAligner(a, audio_rate_hz, origin) if a is not None else None
-        plan = _plan_samples(path, sampler, origin) if sampler is not None else None
+        frames = _FramePicker(sampler, origin, v, duration_s) if sampler is not None else None
+        audio = AudioAligner(a, audio_rate_hz, origin, duration_s) if a is not None else None
+        plan = _plan_samples(path, sampler, origin, duration_s) if sampler is not None else None
         if plan is not None:
             frames.plan = plan
         ctx = v.codec_context
@@ -137,7 +141,14 @@ def decode(
         c.close()
 
 
-def _plan_samples(path: Path, s: FrameSampler, origin: float) -> dict[int, list[float]] | None:
+def _last_frame_s(last_t: float, duration_s: float | None, own_s: float) -> float:
+    """How long the last frame (at ``last_t``) is on screen: until the clip's end when known,
+    else its own duration."""
+    return duration_s - last_t if duration_s is not None and duration_s > last_t else own_s
+
+
+def _plan_samples(path: Path, s: FrameSampler, origin: float, duration_s: float | None = None
+                  ) -> dict[int, list[float]] | None:
     """Which frames (by pts) the sampler keeps, and their timestamps, from a demux pass.
 
     Knowing them before decoding lets the decoder skip the other non-reference frames. Same
@@ -153,7 +164,7 @@ def _plan_samples(path: Path, s: FrameSampler, origin: float) -> dict[int, list[
                                                              times[:: s.every], strict=True)}
     frame_s = float(np.median(np.diff(times))) if len(times) > 1 else last_dur or 0.04
     tol = 1e-6 + 1e-3 * frame_s
-    end = times[-1] + 0.75 * (last_dur or frame_s)
+    end = times[-1] + 0.75 * _last_frame_s(times[-1], duration_s, last_dur or frame_s)
     plan: dict[int, list[float]] = {}
     k = 0
     while k / s.fps < end:
@@ -166,9 +177,11 @@ def _plan_samples(path: Path, s: FrameSampler, origin: float) -> dict[int, list[
 class _FramePicker:
     """Applies a FrameSampler to decoded frames in order (keeps one frame back for --fps)."""
 
-    def __init__(self, sampler: FrameSampler, origin: float, stream) -> None:
+    def __init__(self, sampler: FrameSampler, origin: float, stream,
+                 duration_s: float | None = None) -> None:
         self.s = sampler
         self.origin = origin
+        self.duration_s = duration_s
         self.stream = stream
         self.index = 0  # decoded frames so far
         self.k = 0  # next tick for --fps
@@ -230,6 +243,7 @@ class _FramePicker:
             dur = self.prev[1].duration
             tb = self.prev[1].time_base
             frame_s = float(dur * tb) if dur and tb else self.frame_s
+            frame_s = _last_frame_s(self.prev[0], self.duration_s, frame_s)
             # A tick in the last quarter of the last frame is the clip's end, not a frame.
             yield from self._emit_until(self.prev[0] + 0.75 * frame_s)
 
