@@ -89,6 +89,14 @@ class ClipRef:
     def span(self) -> tuple[float, float] | None:
         return (self.start_s, self.end_s) if self.identity is not None else None
 
+    @property
+    def duration_s(self) -> float | None:
+        """A subclip's length from its first frame (its record's end - start): where its last
+        frame stops, as in its source; None for a plain video."""
+        if self.start_s is None or self.end_s is None:
+            return None
+        return self.end_s - self.start_s
+
     def check_source(self) -> None:
         """A ranges clip's source must be the file subclip planned on (moved, deleted or
         rewritten since: a MediaError naming it); other clips' files must exist."""
@@ -253,6 +261,7 @@ def extract_clip(item: Item, *, out_dir: Path, opts: FrameOptions) -> dict:
                 sampler=opts.sampler() if opts.frames else None,
                 audio_rate_hz=opts.sample_rate_hz if want_audio else None,
                 span=clip.span,
+                duration_s=clip.duration_s,
             ):
                 if kind == "frame":
                     _save_image(data, frames_dir / f"{len(timestamps):06d}.{ext}", opts)

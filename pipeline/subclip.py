@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,16 +36,9 @@ from pipeline.runner import Item, run_items
 from pipeline.segments import Segment, plan_segments, read_segments, segments_by_video
 
 MODES = ("ranges", "exact", "keyframe")
-# Codecs an mp4 can hold as they are (keyframe mode copies streams; others are re-encoded).
-_MP4_VIDEO = {"h264", "hevc", "mpeg4", "av1", "libdav1d", "vp9", "mpeg2video", "mjpeg"}
-_MP4_AUDIO = {"aac", "mp3", "mp3float", "opus", "flac", "ac3", "alac"}
-# Exact mode re-encodes this many clips per ffmpeg process (each input decodes only its span).
-_CLIPS_PER_PROCESS = 4
-# Exact cuts of a source without a seek index (media.UNINDEXED_FORMATS) seek this many seconds
-# before the keyframe the clip's first frame needs, and drop the frames before it after decoding.
-_SEEK_MARGIN_S = 1.0
-# The decoders of an exact cut flag damage as decoding_damage's do ("corrupt decoded frame").
-_ERR_DETECT = ["-err_detect:v", media.ERR_DETECT]
+# A written clip's frame times may differ from the source's (less the start) by this much: one
+# tick of MPEG's 90 kHz clock, the most that rounding a timestamp moves a frame.
+_SAME_TIME_S = 1.2e-5
 
 
 @dataclass(frozen=True)
@@ -192,12 +184,8 @@ def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions,
             f"{src.path}: truncated (media data ends at {frames.end_s:.2f}s of the "
             f"{declared:.2f}s declared)"
         )
-    if opts.mode == "keyframe" and (
-        info.video_codec not in _MP4_VIDEO or info.container == "mpeg"
-    ):
-        # Cannot be stream-copied into mp4 (an MPEG program stream leaves most video packets
-        # without a pts, which the segment muxer cannot place): re-encode.
-        opts = replace(opts, mode="exact")
+    if opts.mode == "keyframe" and not media.copyable_to_mp4(info):
+        opts = replace(opts, mode="exact")  # cannot be stream-copied: re-encode
     if segments is not None:
         return cut_segments(src, frames, segments[src.source_id], out_dir, opts, segments_file)
     note = None
@@ -224,9 +212,10 @@ def cut_source(item: Item, *, out_dir: Path, opts: SubclipOptions,
     with atomic_path(folder) as tmp:
         tmp.mkdir(parents=True)
         if mode == "exact":
-            suspects = _cut_exact(src.path, info, frames, clips, tmp, opts)
+            suspects = media.cut_exact(src.path, info, frames, clips, tmp,
+                                       preset=opts.preset, crf=opts.crf)
         else:
-            _cut_keyframe(src.path, info, frames, clips, tmp)
+            media.cut_keyframes(src.path, info, frames, clips, tmp)
             suspects = {c.clip_id for c in clips}  # a stream copy decodes nothing: check all
         for clip in clips:
             rec = _measure(tmp / f"{clip.clip_id}.mp4", clip, src, mode, frames,
@@ -322,10 +311,11 @@ def _cut_segment_files(src: media.SourceRef, frames: media.FrameTimes, clips: li
         tmp.mkdir(parents=True)
         suspects: set[str] = set()
         if clips and opts.mode == "exact":
-            suspects = _cut_exact(src.path, src.info, frames, clips, tmp, opts)
+            suspects = media.cut_exact(src.path, src.info, frames, clips, tmp,
+                                       preset=opts.preset, crf=opts.crf)
         elif clips:
             for group in _disjoint_groups(clips):  # the segment muxer cuts a partition
-                _cut_keyframe(src.path, src.info, frames, group, tmp)
+                media.cut_keyframes(src.path, src.info, frames, group, tmp)
             suspects = {c.clip_id for c in clips}
         for clip in clips:
             rec = _measure(tmp / f"{clip.clip_id}.mp4", clip, src, opts.mode, frames,
@@ -398,9 +388,10 @@ def _measure(
     (the cut's decoder said something, or a stream copy that decoded nothing) decodes the
     clip's span to find damage; a frame count that is not the plan's does too.
     """
-    planned = int(np.count_nonzero(
-        (frames.times >= clip.start_s - 1e-6) & (frames.times < clip.end_s - 1e-6)
-    ))
+    # The clip's frames on the source's grid, as times from its start.
+    planned_times = frames.times[
+        (frames.times >= clip.start_s - 1e-6) & (frames.times < clip.end_s - 1e-6)] - clip.start_s
+    planned = len(planned_times)
     try:
         written = media.frame_times(path)
     except MediaError as e:
@@ -427,6 +418,12 @@ def _measure(
     if n_frames != planned:
         return _failed(path, clip, src, mode,
                        f"the written clip has {n_frames} frames, the source {planned} in its span")
+    # Frame k at the source's time for it, less the start: a sample time then means one source
+    # frame whether the clip is read from this file or as a range of its source.
+    moved = float(np.abs((written.times - written.times[0]) - planned_times).max())
+    if moved > _SAME_TIME_S:
+        raise MediaError(f"{path.name}: the written clip's frame times are up to "
+                         f"{moved * 1e3:.1f} ms off the source's")
     probed = media.probe(path)
     rotation = media.display_rotation(path)
     width, height = media.upright_size(probed.width, probed.height, rotation)
@@ -461,91 +458,3 @@ def _failed(path: Path, clip: Subclip, src: media.SourceRef, mode: str, why: str
         "source": src.source_id, "source_path": str(src.path),
         "start": round(clip.start_s, 6), "end": round(clip.end_s, 6), "mode": mode,
     }
-
-
-def _cut_exact(
-    src: Path,
-    info: media.MediaInfo,
-    frames: media.FrameTimes,
-    clips: list[Subclip],
-    out: Path,
-    opts: SubclipOptions,
-) -> set[str]:
-    """Re-encode each clip frame-accurately; one ffmpeg process per group of clips, each
-    clip an input seeked to its first frame so only its own span is decoded. Returns the
-    clips of the groups whose ffmpeg said anything at warning level (its decoders report
-    damaged input there): those are checked."""
-    keys = frames.keyframe_times
-    suspects: set[str] = set()
-    for g in range(0, len(clips), _CLIPS_PER_PROCESS):
-        group = clips[g : g + _CLIPS_PER_PROCESS]
-        args: list[str] = []
-        trims: list[list[str]] = []
-        for c in group:
-            # The start is an exact frame time floored to the microsecond: that frame is kept
-            # and becomes t=0; the duration ends just before the next clip's first frame.
-            start, length = media.snap_down_us(c.start_s), media.snap_down_us(c.end_s - c.start_s)
-            if info.container in media.UNINDEXED_FORMATS:
-                # ffmpeg's input seek in these lands on any packet, not on a keyframe, and
-                # the frames up to the next keyframe would be lost.
-                before = keys[keys <= c.start_s + 1e-6]
-                seek = max(0.0, (before[-1] if len(before) else 0.0) - _SEEK_MARGIN_S)
-                seek_s = media.snap_down_us(seek)
-                args += [*_ERR_DETECT, "-ss", seek_s, "-i", str(src)]
-                trims.append(["-ss", media.snap_down_us(c.start_s - float(seek_s)), "-t", length])
-            else:
-                args += [*_ERR_DETECT, "-ss", start, "-t", length, "-i", str(src)]
-                trims.append([])
-        for i, c in enumerate(group):
-            args += ["-map", f"{i}:v:0", "-map", f"{i}:a:0?", "-sn", "-dn", *trims[i]]
-            if info.width % 2 or info.height % 2:  # yuv420p needs even sizes
-                args += ["-vf", "crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0"]
-            args += ["-c:v", "libx264", "-preset", opts.preset, "-crf", str(opts.crf)]
-            args += ["-pix_fmt", "yuv420p", "-fps_mode", "passthrough"]
-            if info.has_audio:  # (an unused -b:a is a warning, and warnings are checked)
-                args += ["-c:a", "aac", "-b:a", "128k"]
-            args += ["-movflags", "+faststart"]
-            args += ["-f", "mp4", str(out / f"{c.clip_id}.mp4")]
-        if media.run_ffmpeg(args, what=f"{src}: cutting subclips", loglevel="warning"):
-            suspects.update(c.clip_id for c in group)
-    return suspects
-
-
-def _cut_keyframe(
-    src: Path, info: media.MediaInfo, frames: media.FrameTimes, clips: list[Subclip], out: Path
-) -> None:
-    """Stream-copy the whole source once through the segment muxer, split at the clips'
-    keyframe boundaries, and keep the segments that are clips (the rest is deleted)."""
-    # Times as the segment muxer sees them: ffmpeg counts from the container start, and the
-    # offset below moves the first video frame to 0 (a source whose audio starts first).
-    t0 = float(frames.times[0])
-    bounds = sorted({t for c in clips for t in (c.start_s, c.end_s)})
-    bounds = [b - t0 for b in bounds if t0 < b < frames.end_s]
-    half_frame = 0.5 / info.fps if info.fps else 0.01
-    # Read no further than a second past the last clip: the rest would only be discarded.
-    read_s = max(c.end_s for c in clips) + 1.0
-    args = ["-t", f"{read_s:.6f}", "-i", str(src), "-map", "0:v:0", "-map", "0:a:0?"]
-    args += ["-sn", "-dn", "-c:v", "copy"]
-    args += ["-c:a", "copy" if info.audio_codec in _MP4_AUDIO else "aac"]
-    if t0 > 0:
-        args += ["-output_ts_offset", f"{-t0:.6f}"]
-    # Each segment's timestamps restart at its first keyframe (-reset_timestamps). Audio that
-    # precedes that keyframe (AAC priming, packets interleaved before a B-frame keyframe) keeps
-    # its negative time: mp4 stores it behind an edit list, so the clip still starts at 0 with
-    # the audio in sync. The default (shift everything to non-negative) would move the video
-    # start instead: "written clip starts at 0.023s".
-    args += ["-f", "segment", "-avoid_negative_ts", "disabled", "-segment_format", "mp4"]
-    args += ["-reset_timestamps", "1", "-segment_time_delta", f"{half_frame:.6f}"]
-    if bounds:
-        args += ["-segment_times", ",".join(f"{b:.6f}" for b in bounds)]
-    else:  # one segment: the clip is the whole video (a time ffmpeg parses as a duration)
-        args += ["-segment_time", f"{read_s + 1.0:.6f}"]
-    args += [str(out / ".seg%05d.mp4")]
-    media.run_ffmpeg(args, what=f"{src}: cutting subclips")
-    for c in clips:
-        seg = out / f".seg{bisect_right(bounds, c.start_s - t0):05d}.mp4"
-        if not seg.exists():
-            raise MediaError(f"{src}: the segment for {c.clip_id} was not written")
-        seg.rename(out / f"{c.clip_id}.mp4")
-    for leftover in out.glob(".seg*.mp4"):
-        leftover.unlink()

@@ -164,6 +164,80 @@ def test_ranges_pipeline_equals_exact_pipeline_but_for_the_encode(sparse: Path, 
         assert a == (media_of["ranges"] / cid / "audio.wav").read_bytes()
 
 
+LOOP_FRAMES, LOOP_GAP_S = 50, 0.008
+
+
+@pytest.fixture(scope="module")
+def looped(media_dir: Path) -> Path:
+    """12 s, frame-numbered, as a file looped from a 2 s piece whose soundtrack outlasts its
+    picture: each loop's 50 frames 8 ms later than the last's, so frame i is at i/25 +
+    (i // 50) * 0.008 s, off the 40 ms grid (in a 1/90000 time base, which holds them)."""
+    setpts = f"settb=1/90000,setpts=N/25/TB+floor(N/{LOOP_FRAMES})*{LOOP_GAP_S}/TB"
+    return synth.make_video(media_dir / "looped.mp4", duration_s=12.0, extra=[
+        "-vf", setpts, "-fps_mode", "passthrough", "-enc_time_base", "1/90000"])
+
+
+@pytest.fixture(scope="module")
+def looped_clips(looped: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The looped video's subclip folders, exact and ranges: 3 x 3 s from 1 s."""
+    d = tmp_path_factory.mktemp("looped")
+    for mode in ("exact", "ranges"):
+        assert main(["subclip", str(looped), "-o", str(d / mode), "--count", "3", "--duration",
+                     "3", "--start", "1", "--mode", mode, "-q"]) == 0
+    return {mode: d / mode for mode in ("exact", "ranges")}
+
+
+def test_one_sample_time_is_one_source_frame_in_exact_and_ranges_mode(
+        looped: Path, looped_clips: dict[str, Path], tmp_path: Path) -> None:
+    """Off the grid, exact clips keep their source's frame times (an exact cut used to put
+    them on the grid of the frame rate: frame k at another time than the source's frame, so a
+    sample time picked a frame 40 ms away), and their last frame lasts until the recorded end,
+    as a range's does (an exact clip's lasted what its file said: a sample more or less)."""
+    grid = media.frame_times(looped)
+    i = np.arange(len(grid.times))
+    np.testing.assert_allclose(grid.times, i / 25 + (i // LOOP_FRAMES) * LOOP_GAP_S, atol=2e-5)
+    got = {}
+    for mode, clips in looped_clips.items():
+        assert main(["extract-frames", str(clips), "-o", str(tmp_path / f"{mode}-m"),
+                     "--fps", "5", "--size", "0", "--format", "png", "--no-audio", "-q"]) == 0
+        got[mode] = read_manifest(tmp_path / f"{mode}-m")
+    clips = read_manifest(looped_clips["exact"])
+    assert list(got["exact"]) == list(got["ranges"]) == ["looped_0", "looped_1", "looped_2"]
+    for cid, rec in got["ranges"].items():
+        start, end = rec["start"], rec["end"]
+        inside = grid.times[(grid.times >= start - 1e-6) & (grid.times < end - 1e-6)] - start
+        # The exact clip's frames are at the source's times, from its start.
+        np.testing.assert_allclose(media.frame_times(looped_clips["exact"] / clips[cid]["path"])
+                                   .times, inside, atol=2e-5)
+        # Ticks k/5 before the last quarter of the last frame, which lasts until the end.
+        n = int(np.ceil((inside[-1] + 0.75 * (end - start - inside[-1])) * 5))
+        assert got["exact"][cid]["timestamps"] == rec["timestamps"] == [k / 5 for k in range(n)]
+        for mode in ("exact", "ranges"):
+            frames = tmp_path / f"{mode}-m" / cid / "frames"
+            seen = [synth.frame_index(np.asarray(Image.open(frames / f"{k:06d}.png")))
+                    for k in range(n)]
+            assert seen == [source_index(grid, start, t) for t in rec["timestamps"]], mode
+    # In looped_0 and looped_2 the 8 ms gap follows the last frame: it lasts 48 ms, to the
+    # end, and tick 3.0, 32 ms after it, is still that frame (an exact clip said 40 ms: none).
+    assert [len(r["timestamps"]) for r in got["ranges"].values()] == [16, 15, 16]
+
+
+def test_features_from_video_samples_exact_and_ranges_clips_alike(
+        looped_clips: dict[str, Path], tmp_path: Path, weights) -> None:
+    """The same sample times for both kinds of clip through features --from-video too."""
+    from pipeline.shards import open_features
+
+    times = {}
+    for mode, clips in looped_clips.items():
+        out = tmp_path / mode
+        assert main(features_args(clips, out, weights, "--from-video", "--fps", "5",
+                                  "--audio-model", "none")) == 0
+        with open_features(out) as store:
+            times[mode] = {cid: store[cid].image_timestamps.tolist() for cid in store.clip_ids}
+    assert times["exact"] == times["ranges"]
+    assert [len(times["ranges"][f"looped_{k}"]) for k in range(3)] == [16, 15, 16]
+
+
 def test_a_changed_or_missing_source_fails_its_clips_alone(sparse: Path, numbered_video: Path,
                                                            tmp_path: Path, capsys) -> None:
     videos = tmp_path / "videos"

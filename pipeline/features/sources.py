@@ -306,7 +306,8 @@ class DecodedVideos:
                 ) -> Iterator[Batch]:
         if not jobs:
             return
-        clips = [(j, str(job.ref.path), job.ref.span) for j, job in enumerate(jobs)]
+        clips = [(j, str(job.ref.path), job.ref.span, job.ref.duration_s)
+                 for j, job in enumerate(jobs)]
         w = min(opts.workers, len(jobs))
         stream = VideoFrameStream(clips, dec.preprocessing, opts.batch_size, self.fps,
                                   self.every, dec.audio)
@@ -337,7 +338,7 @@ class DecodedVideos:
 
 
 def iter_video_batches(
-    clips: Sequence[tuple[int, str, tuple[float, float] | None]],
+    clips: Sequence[tuple[int, str, tuple[float, float] | None, float | None]],
     preprocessing: Preprocessing,
     batch_size: int,
     fps: float | None,
@@ -364,12 +365,12 @@ def iter_video_batches(
         x = torch.stack(imgs) if imgs else torch.zeros((0, 3, c, c), dtype=torch.uint8)
         return x, np.array(owners, np.int64), np.array(times, np.float64), list(events)
 
-    for j, path, span in mine:
+    for j, path, span, duration_s in mine:
         n, pcm = 0, []
         try:
             for kind, t, data in media.decode(
                 path, sampler=sampler, audio_rate_hz=AUDIO_RATE_HZ if audio else None,
-                span=span,
+                span=span, duration_s=duration_s,
             ):
                 if kind == "audio":
                     pcm.append(data)

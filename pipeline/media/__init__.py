@@ -1,18 +1,25 @@
 """Everything vpipe knows about ffmpeg and PyAV, and the only place that knows them: the binary
-(:mod:`.ffmpeg`), what a file is (:mod:`.probe`), finding videos in folders (:mod:`.scan`), and
-decoding a clip in one pass into sampled RGB frames and resampled PCM audio (:mod:`.decode`).
+(:mod:`.ffmpeg`), what a file is (:mod:`.probe`), finding videos in folders (:mod:`.scan`),
+decoding a clip in one pass into sampled RGB frames and resampled PCM audio (:mod:`.decode`),
+that audio's mono downmix and alignment (:mod:`.audio`), and cutting clips out of a
+source with the binary (:mod:`.cut`).
 The stages never import ``av`` or call ffmpeg themselves; they use the names below.
 """
 
 from __future__ import annotations
 
+from pipeline.media.cut import (
+    copyable_to_mp4,
+    cut_exact,
+    cut_keyframes,
+    snap_down_us,
+)
 from pipeline.media.decode import (
     FrameSampler,
     decode,
     decode_span,
     iter_frames,
     scaled_size,
-    snap_down_us,
 )
 from pipeline.media.ffmpeg import (
     FFMPEG_ENV,
@@ -52,6 +59,9 @@ __all__ = [
     "SourceRef",
     "UNINDEXED_FORMATS",
     "chosen_ffmpeg",
+    "copyable_to_mp4",
+    "cut_exact",
+    "cut_keyframes",
     "decode",
     "decode_span",
     "decoding_damage",

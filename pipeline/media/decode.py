@@ -3,7 +3,6 @@ audio resampled to mono PCM, exactly in time."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import MediaError, UsageError
+from pipeline.media.audio import AudioAligner
 from pipeline.media.probe import (
     UNINDEXED_FORMATS,
     av_reason,
@@ -78,10 +78,12 @@ def decode(
     sampler: FrameSampler | None,
     audio_rate_hz: int | None = None,
     span: tuple[float, float] | None = None,
+    duration_s: float | None = None,
 ) -> Iterator[tuple[str, float, np.ndarray]]:
     """One demux/decode pass over a clip yielding ``("frame", t, rgb)`` for sampled frames and
-    ``("audio", t, int16 mono samples)`` chunks resampled to ``audio_rate_hz`` (mono is
-    ``ffmpeg -ac 1``'s downmix at the same level for every channel layout).
+    ``("audio", t, int16 mono samples)`` chunks resampled to ``audio_rate_hz`` (mono is a
+    stereo track's channel mean, any other layout's stereo fold-down averaged the same way:
+    :class:`~pipeline.media.audio.AudioAligner`).
 
     Times are seconds from the first video frame (the clip start); the audio is aligned to it
     (padded or cut at the start, cut to the stream's declared length at the end). Frames that
@@ -90,7 +92,10 @@ def decode(
 
     ``span`` = (start_s, end_s), seconds from the container start on the file's frame grid
     (:func:`frame_times`): the clip is that range of the file, not the whole file
-    (:func:`decode_span`); times are then seconds from its first frame.
+    (:func:`decode_span`); times are then seconds from its first frame. ``duration_s``: where
+    the clip ends, from its first frame, when its cut says so (a subclip's end - start): its
+    last frame is on screen until then, as in a span, and no audio is given past it; without
+    it, the last frame lasts what the file says.
     """
     import av
 
@@ -107,9 +112,9 @@ def decode(
             return
         v.thread_type = "AUTO"  # frame threads: decoding is the cost here
         origin = float(v.start_time * v.time_base) if v.start_time is not None else 0.0
-        frames = _FramePicker(sampler, origin, v) if sampler is not None else None
-        audio = _AudioAligner(a, audio_rate_hz, origin) if a is not None else None
-        plan = _plan_samples(path, sampler, origin) if sampler is not None else None
+        frames = _FramePicker(sampler, origin, v, duration_s) if sampler is not None else None
+        audio = AudioAligner(a, audio_rate_hz, origin, duration_s) if a is not None else None
+        plan = _plan_samples(path, sampler, origin, duration_s) if sampler is not None else None
         if plan is not None:
             frames.plan = plan
         ctx = v.codec_context
@@ -136,7 +141,14 @@ def decode(
         c.close()
 
 
-def _plan_samples(path: Path, s: FrameSampler, origin: float) -> dict[int, list[float]] | None:
+def _last_frame_s(last_t: float, duration_s: float | None, own_s: float) -> float:
+    """How long the last frame (at ``last_t``) is on screen: until the clip's end when known,
+    else its own duration."""
+    return duration_s - last_t if duration_s is not None and duration_s > last_t else own_s
+
+
+def _plan_samples(path: Path, s: FrameSampler, origin: float, duration_s: float | None = None
+                  ) -> dict[int, list[float]] | None:
     """Which frames (by pts) the sampler keeps, and their timestamps, from a demux pass.
 
     Knowing them before decoding lets the decoder skip the other non-reference frames. Same
@@ -152,7 +164,7 @@ def _plan_samples(path: Path, s: FrameSampler, origin: float) -> dict[int, list[
                                                              times[:: s.every], strict=True)}
     frame_s = float(np.median(np.diff(times))) if len(times) > 1 else last_dur or 0.04
     tol = 1e-6 + 1e-3 * frame_s
-    end = times[-1] + 0.75 * (last_dur or frame_s)
+    end = times[-1] + 0.75 * _last_frame_s(times[-1], duration_s, last_dur or frame_s)
     plan: dict[int, list[float]] = {}
     k = 0
     while k / s.fps < end:
@@ -165,9 +177,11 @@ def _plan_samples(path: Path, s: FrameSampler, origin: float) -> dict[int, list[
 class _FramePicker:
     """Applies a FrameSampler to decoded frames in order (keeps one frame back for --fps)."""
 
-    def __init__(self, sampler: FrameSampler, origin: float, stream) -> None:
+    def __init__(self, sampler: FrameSampler, origin: float, stream,
+                 duration_s: float | None = None) -> None:
         self.s = sampler
         self.origin = origin
+        self.duration_s = duration_s
         self.stream = stream
         self.index = 0  # decoded frames so far
         self.k = 0  # next tick for --fps
@@ -229,6 +243,7 @@ class _FramePicker:
             dur = self.prev[1].duration
             tb = self.prev[1].time_base
             frame_s = float(dur * tb) if dur and tb else self.frame_s
+            frame_s = _last_frame_s(self.prev[0], self.duration_s, frame_s)
             # A tick in the last quarter of the last frame is the clip's end, not a frame.
             yield from self._emit_until(self.prev[0] + 0.75 * frame_s)
 
@@ -250,67 +265,6 @@ def _check_complete(path: Path, container, end_s: float, stream=None) -> None:
         raise MediaError(
             f"{path}: truncated (media data ends at {seen:.2f}s of the {declared:.2f}s declared)"
         )
-
-
-def _float_to_s16(x: np.ndarray) -> np.ndarray:
-    """Float samples (full scale 1.0) as int16 the way libswresample converts them: rounded to
-    nearest (ties to even), saturated at full scale, never wrapped."""
-    return np.clip(np.rint(x * 32768.0), -32768, 32767).astype(np.int16)
-
-
-class _AudioAligner:
-    """Downmixes to mono and resamples to ``rate`` (as ``ffmpeg -ac 1 -ar rate`` does in float),
-    as s16, and aligns sample 0 with the clip start.
-
-    The resampler outputs float, not s16: for an integer output libswresample scales its
-    rematrix so that the coefficients of each output channel sum to at most 1, so a downmix's
-    level would depend on how many channels the source has (a 5.1 track 2.4x quieter than its
-    own stereo fold-down). In float it applies the standard matrix itself (front L/R at -3 dB,
-    centre at 0 dB, surrounds at -6 dB, LFE dropped), the same for every layout and what
-    ``ffmpeg -ac 1`` gives in float; the s16 conversion then saturates what exceeds full scale.
-    """
-
-    def __init__(self, stream, rate: int, origin: float) -> None:
-        import av
-
-        self.rate = rate
-        self.origin = origin
-        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        self.n = 0  # samples emitted
-        self.skip = 0  # samples still to drop at the start (audio began before the video)
-        self.started = False
-        self.limit = None  # declared end of the audio stream, in output samples
-        guessed = stream.container.format.name in UNINDEXED_FORMATS  # no declared length
-        if stream.duration is not None and stream.time_base is not None and not guessed:
-            a0 = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
-            end = a0 + float(stream.duration * stream.time_base) - origin
-            self.limit = max(0, round(end * rate))
-
-    def push(self, frame) -> Iterator[tuple[str, float, np.ndarray]]:
-        if not self.started:
-            self.started = True
-            offset = (float(frame.time) - self.origin) if frame.time is not None else 0.0
-            if offset > 0:  # the audio starts after the video: silence until it does
-                yield from self._out(np.zeros(round(offset * self.rate), np.int16))
-            else:
-                self.skip = round(-offset * self.rate)
-        for out in self.resampler.resample(frame):
-            yield from self._out(_float_to_s16(out.to_ndarray().reshape(-1)))
-
-    def flush(self) -> Iterator[tuple[str, float, np.ndarray]]:
-        for out in self.resampler.resample(None):
-            yield from self._out(_float_to_s16(out.to_ndarray().reshape(-1)))
-
-    def _out(self, x: np.ndarray) -> Iterator[tuple[str, float, np.ndarray]]:
-        if self.skip:
-            cut = min(self.skip, len(x))
-            x, self.skip = x[cut:], self.skip - cut
-        if self.limit is not None:
-            x = x[: max(0, self.limit - self.n)]
-        if len(x):
-            t = self.n / self.rate
-            self.n += len(x)
-            yield "audio", t, x
 
 
 def decode_span(
@@ -492,8 +446,3 @@ class _SpanFrames:
             rgb = picker._rgb(frame)
             for n, tick in enumerate(ticks):
                 yield "frame", tick, rgb if n == 0 else rgb.copy()
-
-
-def snap_down_us(t: float) -> str:
-    """``t`` floored to the microsecond, as ffmpeg's time syntax (ffmpeg parses µs exactly)."""
-    return f"{math.floor(t * 1e6 + 1e-3) / 1e6:.6f}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ class MediaInfo:
     start_s: float = 0.0  # container start time (ffmpeg's -ss and our times count from it)
     video_end_s: float = 0.0  # declared end of the video stream, from the container start
     video_start_s: float = 0.0  # first video frame, from the container start (audio may lead)
+    video_time_base: Fraction | None = None  # the unit of the video stream's timestamps
 
 
 # Leading bytes of video containers: a file that starts like one but does not open is damaged,
@@ -134,6 +136,7 @@ def probe(path: str | os.PathLike) -> MediaInfo:
                 max(0.0, float(v.start_time * v.time_base) - start)
                 if v.start_time is not None and v.time_base is not None else 0.0
             ),
+            video_time_base=v.time_base,
         )
 
 
