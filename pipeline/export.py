@@ -20,8 +20,8 @@ import numpy as np
 
 from pipeline.errors import UsageError
 from pipeline.files import atomic_path
-from pipeline.records import OK, Run, Summary
-from pipeline.runner import Item, run_items
+from pipeline.records import OK, Run
+from pipeline.runner import Item, Summary, run_items
 from pipeline.shards import FeatureStore, open_features
 
 FORMATS = ("npz", "npy")

@@ -22,8 +22,8 @@ from typing import Any
 from pipeline import media
 from pipeline.errors import MediaError, UsageError
 from pipeline.files import atomic_path
-from pipeline.records import Run, Summary, ok_records, read_run_info
-from pipeline.runner import Item, run_items
+from pipeline.records import Run, ok_records, read_run_info
+from pipeline.runner import Item, Summary, run_items
 
 FORMATS = ("jpg", "png")
 

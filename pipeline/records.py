@@ -3,13 +3,13 @@
 A stage opens a :class:`Run` on its output folder. The run refuses parameters that differ from
 the ones recorded there (unless ``overwrite``), tells which items are already finished, appends
 one manifest line per item as it completes, and at the end rewrites the manifest compactly (last
-record per id) and stamps ``vpipe.json`` with the end time and the :class:`Summary`'s counts.
-The per-item loop over a run (workers, progress, error lines) is :mod:`pipeline.runner`.
+record per id) and stamps ``vpipe.json`` with the end time and the counts. The per-item loop
+over a run (workers, progress, error lines, the summary) is :mod:`pipeline.runner`; the folder's
+lock is :mod:`pipeline.lock`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -27,10 +27,10 @@ from typing import Any
 from pipeline import __version__
 from pipeline.errors import ParamsChanged, UsageError, quote_path
 from pipeline.files import append_bytes, atomic_write_text, check_out_dir, clean_temp_files
+from pipeline.lock import FolderLock
 
 MANIFEST = "manifest.jsonl"
 RUN_INFO = "vpipe.json"
-LOCK = ".vpipe.lock"
 OK, SKIPPED, FAILED = "ok", "skipped", "failed"
 # A manifest line with this status withdraws an earlier record of the same id: written when an
 # item is redone and no longer produces that id (e.g. a failed source that now yields clips).
@@ -145,64 +145,6 @@ def first_changed_output(folder: str | os.PathLike) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------- the folder lock
-
-
-class FolderInUse(UsageError):
-    """Another vpipe process is writing into this output folder."""
-
-
-class FolderLock:
-    """An exclusive ``flock`` on ``folder/.vpipe.lock``, holding the holder's pid.
-
-    Two copies of a stage in one folder would delete each other's temp files and interleave
-    records; the second copy is refused at once. The kernel drops the lock when its process
-    dies, however it dies, so a killed run never blocks the next one.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.path = Path(folder) / LOCK
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 32).decode("ascii", "replace").strip()
-                os.close(fd)
-                who = f"pid {holder}" if holder.isdigit() else "another process"
-                raise FolderInUse(
-                    f"{folder}: another vpipe ({who}) is writing into this folder; wait for "
-                    "it to end, or choose another --out"
-                ) from None
-            # The holder before us removes the file as it lets go: a lock on that removed
-            # file would be no lock at all, so take the one now under the name.
-            if _same_file(fd, self.path):
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd: int | None = fd
-
-    def release(self) -> None:
-        """Unlock and remove the file: a finished folder holds only its outputs and records."""
-        if self._fd is not None:
-            self.path.unlink(missing_ok=True)
-            os.close(self._fd)  # closing the only descriptor releases the flock
-            self._fd = None
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
-
-
 # --------------------------------------------------------------------------- vpipe.json
 
 
@@ -276,49 +218,6 @@ def write_run_info(folder: Path, stage: str, fields: dict, versions: dict[str, s
 def canonical(params: dict) -> dict:
     """Parameters as they read back from JSON (tuples as lists, paths as strings)."""
     return json.loads(json.dumps(params, default=str))
-
-
-@dataclass
-class Summary:
-    """What one run of a stage did, for its summary line and ``vpipe.json``'s counts."""
-
-    stage: str
-    done: int = 0
-    resumed: int = 0
-    skipped: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-    # Where one work item yields several outputs (a video → its clips), the counts above are
-    # items and ``outputs`` counts the ok records, named by ``units`` ("videos", "clips").
-    outputs: int | None = None
-    units: tuple[str, str] | None = None
-    note: str = ""  # a stage's own count, after the others ("2 clip(s) without a title")
-    interrupted: bool = False  # Ctrl-C ended it: what is done stays, nothing counts as finished
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
-
-    def line(self) -> str:
-        done = f"{self.done} done"
-        if self.units is not None:
-            item, out = self.units
-            done = f"{self.done} {item} done ({self.outputs} {out})"
-        line = (
-            f"vpipe {self.stage}: {'interrupted after ' if self.interrupted else ''}{done}, "
-            f"{self.resumed} already done, {self.skipped} skipped, {self.failed} failed in "
-            f"{self.seconds:.1f}s"
-        ) + (f"; {self.note}" if self.note else "")
-        return line + ("; the same command resumes" if self.interrupted else "")
-
-    def counts(self) -> dict[str, Any]:
-        return {
-            "done": self.done,
-            "already_done": self.resumed,
-            "skipped": self.skipped,
-            "failed": self.failed,
-            **({} if self.units is None else {"outputs": self.outputs, "units": self.units}),
-        }
 
 
 @dataclass
@@ -489,10 +388,10 @@ class Run:
                 ids.append(rec["id"])
         return recs
 
-    def close(self, summary: Summary | None = None, item_order: Iterable[str] = (), *,
+    def close(self, counts: dict[str, Any] | None = None, item_order: Iterable[str] = (), *,
               stopped_by: BaseException | None = None) -> None:
         """Rewrite the manifest compactly (one line per id, ``item_order`` first) and stamp the
-        end time and ``summary``'s counts into vpipe.json.
+        end time and the ``counts`` (a ``Summary``'s) into vpipe.json.
 
         A run that ``stopped_by`` an exception is not finished: ``ended`` stays empty, and
         vpipe.json says ``interrupted`` (Ctrl-C) or the ``error``, so that neither a resume
@@ -513,9 +412,8 @@ class Run:
                 fields.update(ended=None, interrupted=now_iso())
             elif stopped_by is not None:
                 fields.update(ended=None, error=f"{type(stopped_by).__name__}: {stopped_by}")
-            if summary is not None:
-                summary.seconds = time.time() - self.started
-                fields["counts"] = summary.counts()
+            if counts is not None:
+                fields["counts"] = counts
             write_run_info(self.out_dir, self.stage, fields, self.versions)
         finally:
             self.abandon()

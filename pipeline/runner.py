@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,51 @@ from typing import Any
 
 from pipeline.errors import Skip, VpipeError, one_line, quote_path
 from pipeline.files import disk_full, writing
-from pipeline.records import FAILED, MANIFEST, OK, SKIPPED, Run, Summary
+from pipeline.records import FAILED, MANIFEST, OK, SKIPPED, Run
+
+
+@dataclass
+class Summary:
+    """What one run of a stage did, for its summary line and ``vpipe.json``'s counts."""
+
+    stage: str
+    done: int = 0
+    resumed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    # Where one work item yields several outputs (a video → its clips), the counts above are
+    # items and ``outputs`` counts the ok records, named by ``units`` ("videos", "clips").
+    outputs: int | None = None
+    units: tuple[str, str] | None = None
+    note: str = ""  # a stage's own count, after the others ("2 clip(s) without a title")
+    interrupted: bool = False  # Ctrl-C ended it: what is done stays, nothing counts as finished
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def line(self) -> str:
+        done = f"{self.done} done"
+        if self.units is not None:
+            item, out = self.units
+            done = f"{self.done} {item} done ({self.outputs} {out})"
+        line = (
+            f"vpipe {self.stage}: {'interrupted after ' if self.interrupted else ''}{done}, "
+            f"{self.resumed} already done, {self.skipped} skipped, {self.failed} failed in "
+            f"{self.seconds:.1f}s"
+        ) + (f"; {self.note}" if self.note else "")
+        return line + ("; the same command resumes" if self.interrupted else "")
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "done": self.done,
+            "already_done": self.resumed,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            **({} if self.units is None else {"outputs": self.outputs, "units": self.units}),
+        }
+
 
 
 def default_workers(reserved_cores: int = 0) -> int:
@@ -130,7 +175,8 @@ class Tracker:
         """Compact the manifest, stamp vpipe.json, print the summary line."""
         if self._bar is not None:
             self._bar.close()
-        self.run.close(self.summary, item_order)
+        self.summary.seconds = time.time() - self.run.started
+        self.run.close(self.summary.counts(), item_order)
         if not self.quiet:
             print(self.summary.line(), file=sys.stderr)
         return self.summary
@@ -142,7 +188,8 @@ class Tracker:
         if self._bar is not None:
             self._bar.close()
         self.summary.interrupted = isinstance(e, KeyboardInterrupt)
-        self.run.close(self.summary, item_order, stopped_by=e)
+        self.summary.seconds = time.time() - self.run.started
+        self.run.close(self.summary.counts(), item_order, stopped_by=e)
         if self.summary.interrupted:
             print(self.summary.line(), file=sys.stderr)
             e.vpipe_said = True  # type: ignore[attr-defined]  # the CLI adds no second line

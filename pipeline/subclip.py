@@ -31,8 +31,8 @@ import numpy as np
 from pipeline import media
 from pipeline.errors import MediaError, Skip, TooShort, UsageError
 from pipeline.files import atomic_path, sha256_of
-from pipeline.records import FAILED, Run, Summary
-from pipeline.runner import Item, run_items
+from pipeline.records import FAILED, Run
+from pipeline.runner import Item, Summary, run_items
 from pipeline.segments import Segment, plan_segments, read_segments, segments_by_video
 
 MODES = ("ranges", "exact", "keyframe")

@@ -27,7 +27,8 @@ import torch
 from pipeline.cli import main
 from pipeline.errors import DiskFull
 from pipeline.files import atomic_path, disk_full, disk_full_said
-from pipeline.records import LOCK, MANIFEST, RUN_INFO, read_manifest
+from pipeline.lock import LOCK
+from pipeline.records import MANIFEST, RUN_INFO, read_manifest
 from pipeline.shards import open_features
 
 PAGE = os.sysconf("SC_PAGE_SIZE")  # tmpfs counts a file's size in whole pages

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from pipeline.lock import LOCK, FolderInUse
 from pipeline.media.ffmpeg import ffmpeg_exe
-from pipeline.records import LOCK, FolderInUse, Run, read_manifest
+from pipeline.records import Run, read_manifest
 
 CUT = ["--count", "2", "--duration", "2", "--start", "0", "--quiet"]
 
@@ -178,7 +179,7 @@ def test_train_is_refused_in_a_locked_folder_and_refused_input_leaves_no_folder(
     feature_set, tmp_path
 ):
     from pipeline.errors import UsageError
-    from pipeline.records import FolderLock
+    from pipeline.lock import FolderLock
     from pipeline.train import TrainConfig, train
 
     folder, csv = feature_set

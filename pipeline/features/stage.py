@@ -28,8 +28,8 @@ from pipeline.features.options import FeatureOptions
 from pipeline.features.sources import ClipJob, Decoding, source_for
 from pipeline.features.text import Titles, match_titles, read_titles
 from pipeline.files import check_out_dir, sha256_of, writing
-from pipeline.records import MANIFEST, OK, Run, Summary, canonical, read_run_info
-from pipeline.runner import Tracker, end_run, failure_record
+from pipeline.records import MANIFEST, OK, Run, canonical, read_run_info
+from pipeline.runner import Summary, Tracker, end_run, failure_record
 
 STAGE = "features"
 SHARD_MAX_BYTES = 1 << 30  # a shard closes at this size even below --shard-size

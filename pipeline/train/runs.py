@@ -32,6 +32,7 @@ from pipeline.files import (
     remove,
     sha256_of,
 )
+from pipeline.lock import LOCK, FolderLock
 from pipeline.records import DamagedRecord, now_iso, read_json, read_run_info
 from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
 from pipeline.train.metrics import MAIN_METRIC
@@ -95,7 +96,7 @@ def run_folder_lock(out: Path, inputs: Sequence[str | Path] = ()) -> Iterator[No
     check_out_dir(out, inputs)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    lock = records.FolderLock(out)
+    lock = FolderLock(out)
     try:
         yield
     finally:
@@ -106,7 +107,7 @@ def run_folder_lock(out: Path, inputs: Sequence[str | Path] = ()) -> Iterator[No
 
 def run_entries(out: Path) -> list[Path]:
     """What the run folder holds, its lock aside."""
-    return [p for p in out.iterdir() if p.name != records.LOCK] if out.is_dir() else []
+    return [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
 
 
 def start_run_folder(
