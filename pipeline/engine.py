@@ -173,33 +173,65 @@ def ray_module() -> Any:
 
 def connect(address: str | None, *, quiet: bool = False, stage: str = "vpipe") -> Any:
     """Join the cluster ``address`` names (None: ``RAY_ADDRESS``, else a ``ray start`` head on
-    this machine, else start a local one); reuse the connection this process has."""
+    this machine, else start a local one for this process alone); reuse the connection this
+    process has."""
     ray = ray_module()
     if ray.is_initialized():
         return ray
     # Ray's C++ core logs each failed attempt at a cluster as a warning line on stderr.
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     common = {"logging_level": "error", "configure_logging": True}
-    if address or os.environ.get("RAY_ADDRESS"):
-        where = address or os.environ["RAY_ADDRESS"]
+    where = address or os.environ.get("RAY_ADDRESS")
+    head = None if where else ray_start_head(ray)
+    if where:
         reachable(where)
         try:
             ray.init(address=address, **common)
         except ConnectionError as e:
             raise UsageError(f"cannot join the Ray cluster at {where}: {e}") from None
-        how = f"joined the Ray cluster at {address or os.environ['RAY_ADDRESS']}"
+        how = f"joined the Ray cluster at {where}"
+    elif head and answers(head):
+        ray.init(address=head, **common)
+        how = f"joined the Ray cluster `ray start` runs on this machine ({head})"
     else:
-        try:
-            ray.init(address="auto", **common)
-            how = "joined the Ray cluster running on this machine"
-        except ConnectionError:
-            ray.init(include_dashboard=False, **common)
-            how = "started a local Ray cluster"
+        start_local_cluster(ray, common)
+        how = "started a local Ray cluster for this run"
+        if head:
+            how += f" (nothing answers at {head}, where `ray start` last ran here)"
     if not quiet:
         c = cluster_shape(ray)
         print(f"vpipe {stage}: {how} ({c['nodes']} node(s), {c['cpus']:g} CPUs, "
               f"{c['gpus']:g} GPUs)", file=sys.stderr)
     return ray
+
+
+def ray_start_head(ray: Any) -> str | None:
+    """The address the last ``ray start --head`` on this machine recorded (in Ray's temp
+    folder, ``ray_current_cluster``), or None.
+
+    Only ``ray start`` records its head there. A cluster that ``ray.init`` started, as every
+    vpipe run without a cluster does, is not recorded, so no other run joins it; Ray's own
+    ``address="auto"`` would, finding any raylet on this machine by its command line.
+    """
+    find = getattr(ray._private.services, "find_bootstrap_address", None)
+    return find(None) if find is not None else None
+
+
+def start_local_cluster(ray: Any, common: dict) -> None:
+    """A Ray cluster on this machine for this process alone."""
+    ray.init(address="local", include_dashboard=False, **common)
+
+
+def answers(address: str, timeout_s: float = 1.0) -> bool:
+    """Whether something listens at ``host:port``."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:

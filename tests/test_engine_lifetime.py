@@ -1,0 +1,116 @@
+"""A run's own Ray cluster (`--engine ray` with no cluster named): no other run joins it.
+
+Each driver is a real ``python -m pipeline`` in a session of its own. Ray's temp folder
+(``RAY_TMPDIR``) is the test's own, so no other cluster on this machine is seen, joined, or
+left a record in.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the Ray engine needs pip install 'vpipe[ray]'")
+
+import synth  # noqa: E402
+from test_engine import assert_same_outputs, subclip  # noqa: E402
+
+from pipeline.cli import main  # noqa: E402
+from pipeline.engine import answers, ray_start_head  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture
+def ray_env() -> Iterator[dict[str, str]]:
+    """The drivers' environment: no RAY_ADDRESS, and a Ray temp folder of their own (short:
+    Ray's socket paths under it must fit in 108 bytes)."""
+    tmp = tempfile.mkdtemp(prefix="vr", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = tmp
+    yield env
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight 4 s frame-numbered videos: enough tasks that a run is still going when its first
+    clip is recorded."""
+    d = tmp_path_factory.mktemp("videos")
+    for i in range(8):
+        synth.make_video(d / f"v{i}.mp4", duration_s=4.0, size=(96, 64), beeps_at=(0.5,),
+                         color=(30 * i, 120, 200))
+    return d
+
+
+class Driver:
+    """``python -m pipeline ARGS`` in a session (and process group) of its own."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with open(log, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env,
+                                         stdout=subprocess.DEVNULL, stderr=err,
+                                         start_new_session=True)
+
+    def when_recorded(self, out: Path, timeout_s: float = 300) -> bool:
+        """Wait for the run's first record; False if the run ended first."""
+        manifest, deadline = out / "manifest.jsonl", time.time() + timeout_s
+        while time.time() < deadline and self.proc.poll() is None:
+            if manifest.exists() and manifest.read_text().strip():
+                return True
+            time.sleep(0.01)
+        return False
+
+    def wait(self, timeout_s: float = 300) -> tuple[int, str]:
+        return self.proc.wait(timeout=timeout_s), self.log.read_text()
+
+
+# --------------------------------------------------------------------------- which cluster
+
+
+def test_only_a_ray_start_head_is_looked_for(monkeypatch, tmp_path: Path) -> None:
+    """The one cluster a run without an address joins is the head `ray start` recorded in
+    Ray's temp folder (a cluster started by ``ray.init``, as each run's own is, records
+    none); one that no longer answers is not joined."""
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert ray_start_head(ray) is None
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(address)
+        assert ray_start_head(ray) == address
+        assert answers(address)
+    assert not answers(address)
+
+
+@pytest.mark.slow
+def test_a_second_run_starts_its_own_cluster_beside_the_first(ray_env, videos: Path,
+                                                              tmp_path: Path) -> None:
+    """The second run starts while the first one's cluster works: it does not join it (Ray's
+    ``address="auto"`` would), and both finish with their own."""
+    local = tmp_path / "local"
+    assert main(subclip(videos, local, "--workers", "1")) == 0
+    outs = [tmp_path / "a", tmp_path / "b"]
+    # Not quiet (-q): each says which cluster it runs on.
+    args = [[a for a in subclip(videos, out, "--engine", "ray", "--workers", "2") if a != "-q"]
+            for out in outs]
+    first = Driver(args[0], ray_env, tmp_path / "a.err")
+    first.when_recorded(outs[0])
+    runs = [first, Driver(args[1], ray_env, tmp_path / "b.err")]
+    for run, out in zip(runs, outs, strict=True):
+        code, err = run.wait()
+        assert code == 0, err
+        assert "vpipe subclip: started a local Ray cluster for this run (1 node(s)" in err
+        assert_same_outputs(local, out)
