@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -218,7 +219,14 @@ def ray_start_head(ray: Any) -> str | None:
 
 
 def start_local_cluster(ray: Any, common: dict) -> None:
-    """A Ray cluster on this machine for this process alone."""
+    """A Ray cluster on this machine for this process alone, ending with it.
+
+    Ray kills its GCS and raylet when the process that started them dies, but the raylet's
+    agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) outlive a killed driver by a
+    minute, blocked reporting to a GCS that is gone. A watchdog process, started first, kills
+    what is left once this process ends, however.
+    """
+    watch_descendants()
     ray.init(address="local", include_dashboard=False, **common)
 
 
@@ -331,3 +339,80 @@ def _end_with_parent(poll_s: float = 0.5) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="vpipe-parent-watch", daemon=True).start()
+
+
+def watch_descendants() -> None:
+    """Start a watchdog that kills this process's descendants (a local cluster's processes,
+    and any they leave behind, orphaned) once this process ends.
+
+    It learns of the end as an EOF on a pipe whose other end only this process holds (not
+    inherited by the processes it starts), and runs in a session of its own, out of reach of a
+    Ctrl-C meant for this one. Linux only (it reads ``/proc``); elsewhere Ray's own clean-up.
+    """
+    if not os.path.isdir("/proc"):
+        return
+    import subprocess
+
+    import pipeline
+
+    read, _write = os.pipe()  # _write stays open, unused, for the rest of this process's life
+    home = str(Path(pipeline.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (home, os.environ.get("PYTHONPATH")) if p)
+    code = "import sys; from pipeline.engine import reap_descendants as r; r(int(sys.argv[1]))"
+    subprocess.Popen([sys.executable, "-c", code, str(os.getpid())], stdin=read,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, env={**os.environ, "PYTHONPATH": path})
+    os.close(read)
+
+
+def reap_descendants(driver: int, poll_s: float = 1.0) -> None:
+    """The watchdog's body: note the descendants of ``driver`` (with their start times, so
+    that a reused pid is never taken for one) until stdin reaches its end, then SIGKILL those
+    still running."""
+    import select
+
+    seen: dict[int, str] = {}
+    while True:
+        table = _process_table()
+        for pid in _descendants(driver, table):
+            if pid != os.getpid():
+                seen.setdefault(pid, table[pid][1])
+        ready, _, _ = select.select([0], [], [], poll_s)
+        if ready and not os.read(0, 512):
+            break
+    table = _process_table()
+    for pid, started in seen.items():
+        if pid in table and table[pid][1] == started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """Every running (not zombie) process: pid -> (parent pid, start time in clock ticks)."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="utf-8", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":  # fields from the state on: state, ppid, ... starttime (22nd)
+            table[int(name)] = (int(fields[1]), fields[19])
+    return table
+
+
+def _descendants(pid: int, table: dict[int, tuple[int, str]]) -> list[int]:
+    """Every process below ``pid`` in ``table``."""
+    children: dict[int, list[int]] = {}
+    for p, (parent, _) in table.items():
+        children.setdefault(parent, []).append(p)
+    out, todo = [], list(children.get(pid, ()))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out

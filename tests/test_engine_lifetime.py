@@ -1,4 +1,5 @@
-"""A run's own Ray cluster (`--engine ray` with no cluster named): no other run joins it.
+"""A run's own Ray cluster (`--engine ray` with no cluster named): no other run joins it, and
+its processes end with the driver however it ends.
 
 Each driver is a real ``python -m pipeline`` in a session of its own. Ray's temp folder
 (``RAY_TMPDIR``) is the test's own, so no other cluster on this machine is seen, joined, or
@@ -28,6 +29,9 @@ from pipeline.cli import main  # noqa: E402
 from pipeline.engine import answers, ray_start_head  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+# How long a cluster's processes may outlive their driver (Ray's agents alone: about 60 s).
+GONE_WITHIN_S = 20.0
 
 
 @pytest.fixture
@@ -75,6 +79,51 @@ class Driver:
         return self.proc.wait(timeout=timeout_s), self.log.read_text()
 
 
+def process_table() -> dict[int, tuple[int, str]]:
+    """Running processes (zombies aside): pid -> (parent pid, start time)."""
+    table = {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            table[int(name)] = (int(fields[1]), fields[19])
+    return table
+
+
+def processes_below(pid: int) -> dict[int, str]:
+    """The descendants of ``pid`` now: pid -> start time (a reused pid is not theirs)."""
+    table = process_table()
+    out, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for p, (pp, started) in table.items():
+            if pp == parent:
+                out[p] = started
+                todo.append(p)
+    return out
+
+
+def left_running(procs: dict[int, str], within_s: float = GONE_WITHIN_S) -> list[str]:
+    """The processes of ``procs`` still running after up to ``within_s`` (their titles)."""
+    deadline = time.time() + within_s
+    while True:
+        table = process_table()
+        left = [p for p, started in procs.items() if table.get(p, (0, None))[1] == started]
+        if not left or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    return [f"{p} {title(p)[-40:]}" for p in left]
+
+
+def title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except (OSError, UnicodeDecodeError):
+        return "(gone)"
+
+
 # --------------------------------------------------------------------------- which cluster
 
 
@@ -114,3 +163,24 @@ def test_a_second_run_starts_its_own_cluster_beside_the_first(ray_env, videos: P
         assert code == 0, err
         assert "vpipe subclip: started a local Ray cluster for this run (1 node(s)" in err
         assert_same_outputs(local, out)
+
+
+# --------------------------------------------------------------------------- its end
+
+
+def test_a_killed_driver_leaves_no_process_of_its_cluster(ray_env, videos: Path,
+                                                          tmp_path: Path) -> None:
+    """SIGKILL: the driver cannot stop its cluster; Ray ends its GCS and raylet with it, and
+    the watchdog what else is left (the raylet's agents would stay on for a minute)."""
+    out = tmp_path / "clips"
+    run = Driver(subclip(videos, out, "--engine", "ray", "--workers", "2"), ray_env,
+                 tmp_path / "err")
+    try:
+        if not run.when_recorded(out):
+            pytest.skip(f"the run ended before it could be killed: {run.wait()}")
+        cluster = processes_below(run.proc.pid)
+        run.proc.kill()
+    finally:
+        run.proc.wait(timeout=60)
+    assert len(cluster) >= 4  # GCS, raylet, its agents, workers, the watchdog
+    assert left_running(cluster) == []
