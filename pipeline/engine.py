@@ -12,18 +12,25 @@ parameters and the summary are the same whatever the engine.
   retried). Tasks write their outputs into the output folder, which every node must see:
   :meth:`RayEngine.start` checks that from each node before any work.
 
+With no cluster named, :func:`connect` joins a ``ray start`` head on this machine or starts a
+cluster for this process alone: no other run joins it, and it ends with this process however
+that ends (a watchdog process ends what Ray leaves of it). A Ctrl-C stays a KeyboardInterrupt:
+held while Ray starts or joins a cluster, ignored while it shuts down at exit, the Ray tasks
+in flight cancelled as it goes by.
+
 Ray is an optional dependency (``pip install 'vpipe[ray]'``), imported only by the Ray engine.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -122,8 +129,7 @@ class RayEngine:
                     it = in_flight.pop(ref)
                     yield it, self._get(ref, it)
         except BaseException:
-            for ref in in_flight:  # the driver is stopping: its tasks need not run on
-                ray.cancel(ref, force=True)
+            stop_tasks(ray, in_flight)  # the driver is stopping: its tasks need not run on
             raise
 
     def _get(self, ref: Any, item: Any) -> list[dict]:
@@ -144,6 +150,18 @@ class RayEngine:
 
     def describe(self) -> dict:
         return {"engine": "ray", **self.cluster}
+
+
+def stop_tasks(ray: Any, refs: Iterable[Any], *, force: bool = True) -> None:
+    """Cancel the Ray tasks ``refs`` as the driver stops on an exception (``force``: kill the
+    workers running them; Ray refuses it for actor tasks). A task that cannot be cancelled
+    ends with the driver's job, and the exception that stops the driver (a Ctrl-C) stays the
+    one raised."""
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=force)
+        except Exception:  # finished already, or its worker is gone
+            pass
 
 
 def make_engine(name: str, *, workers: int = 1, ray_address: str | None = None,
@@ -187,12 +205,12 @@ def connect(address: str | None, *, quiet: bool = False, stage: str = "vpipe") -
     if where:
         reachable(where)
         try:
-            ray.init(address=address, **common)
+            ray_init(ray, address=address, **common)
         except ConnectionError as e:
             raise UsageError(f"cannot join the Ray cluster at {where}: {e}") from None
         how = f"joined the Ray cluster at {where}"
     elif head and answers(head):
-        ray.init(address=head, **common)
+        ray_init(ray, address=head, **common)
         how = f"joined the Ray cluster `ray start` runs on this machine ({head})"
     else:
         start_local_cluster(ray, common)
@@ -204,6 +222,40 @@ def connect(address: str | None, *, quiet: bool = False, stage: str = "vpipe") -
         print(f"vpipe {stage}: {how} ({c['nodes']} node(s), {c['cpus']:g} CPUs, "
               f"{c['gpus']:g} GPUs)", file=sys.stderr)
     return ray
+
+
+def ray_init(ray: Any, **options: Any) -> None:
+    """``ray.init(**options)`` with a Ctrl-C held until it returns, then raised; and the
+    connection closed at exit with Ctrl-C ignored (:func:`_shutdown_uninterrupted`).
+
+    Ray interrupted while it starts a cluster or connects to one can leave its core half made,
+    and the process then dies of a segmentation fault as it exits (rc -11, nothing said). The
+    interrupt waits the second or few that takes.
+    """
+    held: list[int] = []
+    here = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    if here:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        ray.init(**options)
+    finally:
+        if here:
+            signal.signal(signal.SIGINT,
+                          signal.default_int_handler if previous is None else previous)
+    atexit.register(_shutdown_uninterrupted, ray)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _shutdown_uninterrupted(ray: Any) -> None:
+    """At exit, before Ray's own hook (registered earlier, run later): leave the cluster, or
+    stop the one started here, with Ctrl-C ignored. Interrupted half-way, Ray's shutdown
+    prints a traceback as "Exception ignored in atexit callback" and its core can abort the
+    process, whatever the command's exit status was; it takes a second or two, and the
+    watchdog ends what a killed process leaves."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ray.shutdown()
 
 
 def ray_start_head(ray: Any) -> str | None:
@@ -222,12 +274,12 @@ def start_local_cluster(ray: Any, common: dict) -> None:
     """A Ray cluster on this machine for this process alone, ending with it.
 
     Ray kills its GCS and raylet when the process that started them dies, but the raylet's
-    agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) outlive a killed driver by a
-    minute, blocked reporting to a GCS that is gone. A watchdog process, started first, kills
-    what is left once this process ends, however.
+    agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) outlive a killed driver, or one
+    interrupted while Ray starts, by a minute, blocked reporting to a GCS that is gone. A
+    watchdog process, started first, kills what is left once this process ends, however.
     """
     watch_descendants()
-    ray.init(address="local", include_dashboard=False, **common)
+    ray_init(ray, address="local", include_dashboard=False, **common)
 
 
 def answers(address: str, timeout_s: float = 1.0) -> bool:

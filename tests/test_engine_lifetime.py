@@ -1,15 +1,17 @@
-"""A run's own Ray cluster (`--engine ray` with no cluster named): no other run joins it, and
-its processes end with the driver however it ends.
+"""A run's own Ray cluster (`--engine ray` with no cluster named): no other run joins it, a
+Ctrl-C ends the run with exit 130 and no traceback, and its processes end with the driver
+however it ends (Ctrl-C, SIGKILL).
 
-Each driver is a real ``python -m pipeline`` in a session of its own. Ray's temp folder
-(``RAY_TMPDIR``) is the test's own, so no other cluster on this machine is seen, joined, or
-left a record in.
+Each driver is a real ``python -m pipeline`` in a session of its own, interrupted as a
+terminal would (SIGINT to its process group). Ray's temp folder (``RAY_TMPDIR``) is the test's
+own, so no other cluster on this machine is seen, joined, or left a record in.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,9 +26,12 @@ ray = pytest.importorskip("ray", reason="the Ray engine needs pip install 'vpipe
 
 import synth  # noqa: E402
 from test_engine import assert_same_outputs, subclip  # noqa: E402
+from test_features import args as feature_args  # noqa: E402
+from test_features import assert_same_features, make_media  # noqa: E402
 
 from pipeline.cli import main  # noqa: E402
 from pipeline.engine import answers, ray_start_head  # noqa: E402
+from pipeline.records import read_manifest  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -78,6 +83,14 @@ class Driver:
     def wait(self, timeout_s: float = 300) -> tuple[int, str]:
         return self.proc.wait(timeout=timeout_s), self.log.read_text()
 
+    def wait_noting(self, procs: dict[int, str], timeout_s: float = 120) -> tuple[int, str]:
+        """Wait, adding to ``procs`` every process seen below the driver until it ends."""
+        deadline = time.time() + timeout_s
+        while self.proc.poll() is None and time.time() < deadline:
+            procs.update(processes_below(self.proc.pid))
+            time.sleep(0.1)
+        return self.wait(timeout_s=1)
+
 
 def process_table() -> dict[int, tuple[int, str]]:
     """Running processes (zombies aside): pid -> (parent pid, start time)."""
@@ -122,6 +135,11 @@ def title(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
     except (OSError, UnicodeDecodeError):
         return "(gone)"
+
+
+def assert_one_clean_exit(code: int, err: str) -> None:
+    assert code == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
 
 
 # --------------------------------------------------------------------------- which cluster
@@ -184,3 +202,93 @@ def test_a_killed_driver_leaves_no_process_of_its_cluster(ray_env, videos: Path,
         run.proc.wait(timeout=60)
     assert len(cluster) >= 4  # GCS, raylet, its agents, workers, the watchdog
     assert left_running(cluster) == []
+
+
+def test_ctrl_c_mid_subclip_on_ray_is_exit_130_and_the_rerun_completes(
+        ray_env, videos: Path, tmp_path: Path) -> None:
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    assert main(subclip(videos, local, "--workers", "1")) == 0
+    cmd = subclip(videos, on_ray, "--engine", "ray", "--workers", "2")
+    run = Driver(cmd, ray_env, tmp_path / "err")
+    if not run.when_recorded(on_ray):
+        pytest.skip(f"the run ended before it could be interrupted: {run.wait()}")
+    cluster = processes_below(run.proc.pid)
+    os.killpg(run.proc.pid, signal.SIGINT)
+    code, err = run.wait_noting(cluster)
+    if code == 0:
+        pytest.skip("the run finished before the interrupt reached it")
+    assert_one_clean_exit(code, err)
+    assert 1 <= len(read_manifest(on_ray)) < 16
+    assert left_running(cluster) == []
+    code, err = Driver(cmd, ray_env, tmp_path / "err2").wait()
+    assert code == 0, err
+    assert_same_outputs(local, on_ray)
+
+
+def test_ctrl_c_while_the_cluster_starts_is_exit_130(ray_env, videos: Path,
+                                                     tmp_path: Path) -> None:
+    """Interrupted once the GCS runs, while Ray starts the rest: Ray's start-up, interrupted,
+    could leave its core half made and the process died of a segmentation fault at exit."""
+    out = tmp_path / "clips"
+    run = Driver(subclip(videos, out, "--engine", "ray"), ray_env, tmp_path / "err")
+    cluster: dict[int, str] = {}
+    deadline = time.time() + 300
+    while not any("gcs_server" in title(p) for p in cluster):
+        assert run.proc.poll() is None and time.time() < deadline, run.wait()
+        cluster = processes_below(run.proc.pid)
+        time.sleep(0.05)
+    os.killpg(run.proc.pid, signal.SIGINT)
+    code, err = run.wait_noting(cluster)
+    assert_one_clean_exit(code, err)
+    assert left_running(cluster) == []
+    assert not out.exists()  # the cluster comes before the output folder
+
+
+def test_ctrl_c_as_the_run_ends_is_no_traceback(ray_env, videos: Path, tmp_path: Path) -> None:
+    """Interrupted once its summary is out, as it stops its cluster: Ray's own exit hook,
+    interrupted, printed a traceback as "Exception ignored in atexit callback" (its core could
+    then abort). Exit 0 (the run is complete) or 130, one way or the other cleanly."""
+    out = tmp_path / "clips"
+    run = Driver([a for a in subclip(videos, out, "--engine", "ray") if a != "-q"], ray_env,
+                 tmp_path / "err")
+    deadline = time.time() + 300
+    while run.proc.poll() is None and time.time() < deadline:
+        if "failed in" in run.log.read_text():  # the summary line
+            break
+        time.sleep(0.01)
+    cluster = processes_below(run.proc.pid)
+    time.sleep(0.3)  # into the exit hooks: Ray's shutdown takes a second or two here
+    try:
+        os.killpg(run.proc.pid, signal.SIGINT)
+    except ProcessLookupError:
+        pytest.skip(f"the run had ended before it could be interrupted: {run.wait()}")
+    code, err = run.wait_noting(cluster)
+    assert code in (0, 130), err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert left_running(cluster) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_features_on_ray_is_exit_130_and_the_rerun_completes(
+        ray_env, weights, tmp_path: Path) -> None:
+    """Interrupted while the actors encode (a shard committed, others in flight): no error
+    from the chunks being cancelled takes the interrupt's place."""
+    media = make_media(tmp_path / "media", {f"c_{i}": (12, 1.0) for i in range(8)})
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    assert main(feature_args(media, local, weights, "--shard-size", "1")) == 0
+    cmd = feature_args(media, on_ray, weights, "--shard-size", "1", "--engine", "ray")
+    run = Driver(cmd, ray_env, tmp_path / "err")
+    if not run.when_recorded(on_ray):
+        pytest.skip(f"the run ended before it could be interrupted: {run.wait()}")
+    cluster = processes_below(run.proc.pid)
+    os.killpg(run.proc.pid, signal.SIGINT)
+    code, err = run.wait_noting(cluster)
+    if code == 0:
+        pytest.skip("the run finished before the interrupt reached it")
+    assert_one_clean_exit(code, err)
+    assert 1 <= len(read_manifest(on_ray)) < 8
+    assert left_running(cluster) == []
+    code, err = Driver(cmd, ray_env, tmp_path / "err2").wait()
+    assert code == 0, err
+    assert_same_features(local, on_ray)
+    assert {r["status"] for r in read_manifest(on_ray).values()} == {"ok"}
