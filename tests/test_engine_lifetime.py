@@ -273,10 +273,11 @@ def test_ctrl_c_mid_features_on_ray_is_exit_130_and_the_rerun_completes(
         ray_env, weights, tmp_path: Path) -> None:
     """Interrupted while the actors encode (a shard committed, others in flight): no error
     from the chunks being cancelled takes the interrupt's place."""
-    media = make_media(tmp_path / "media", {f"c_{i}": (12, 1.0) for i in range(8)})
+    media = make_media(tmp_path / "media", {f"c_{i}": (12, None) for i in range(8)})
     local, on_ray = tmp_path / "local", tmp_path / "ray"
-    assert main(feature_args(media, local, weights, "--shard-size", "1")) == 0
-    cmd = feature_args(media, on_ray, weights, "--shard-size", "1", "--engine", "ray")
+    common = ("--shard-size", "1", "--audio-model", "none")  # one model to load, not two
+    assert main(feature_args(media, local, weights, *common)) == 0
+    cmd = feature_args(media, on_ray, weights, *common, "--engine", "ray")
     run = Driver(cmd, ray_env, tmp_path / "err")
     if not run.when_recorded(on_ray):
         pytest.skip(f"the run ended before it could be interrupted: {run.wait()}")
