@@ -12,17 +12,25 @@ parameters and the summary are the same whatever the engine.
   retried). Tasks write their outputs into the output folder, which every node must see:
   :meth:`RayEngine.start` checks that from each node before any work.
 
+With no cluster named, :func:`connect` joins a ``ray start`` head on this machine or starts a
+cluster for this process alone: no other run joins it, and it ends with this process however
+that ends (a watchdog process ends what Ray leaves of it). A Ctrl-C stays a KeyboardInterrupt:
+held while Ray starts or joins a cluster, ignored while it shuts down at exit, the Ray tasks
+in flight cancelled as it goes by.
+
 Ray is an optional dependency (``pip install 'vpipe[ray]'``), imported only by the Ray engine.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -121,8 +129,7 @@ class RayEngine:
                     it = in_flight.pop(ref)
                     yield it, self._get(ref, it)
         except BaseException:
-            for ref in in_flight:  # the driver is stopping: its tasks need not run on
-                ray.cancel(ref, force=True)
+            stop_tasks(ray, in_flight)  # the driver is stopping: its tasks need not run on
             raise
 
     def _get(self, ref: Any, item: Any) -> list[dict]:
@@ -143,6 +150,18 @@ class RayEngine:
 
     def describe(self) -> dict:
         return {"engine": "ray", **self.cluster}
+
+
+def stop_tasks(ray: Any, refs: Iterable[Any], *, force: bool = True) -> None:
+    """Cancel the Ray tasks ``refs`` as the driver stops on an exception (``force``: kill the
+    workers running them; Ray refuses it for actor tasks). A task that cannot be cancelled
+    ends with the driver's job, and the exception that stops the driver (a Ctrl-C) stays the
+    one raised."""
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=force)
+        except Exception:  # finished already, or its worker is gone
+            pass
 
 
 def make_engine(name: str, *, workers: int = 1, ray_address: str | None = None,
@@ -173,33 +192,106 @@ def ray_module() -> Any:
 
 def connect(address: str | None, *, quiet: bool = False, stage: str = "vpipe") -> Any:
     """Join the cluster ``address`` names (None: ``RAY_ADDRESS``, else a ``ray start`` head on
-    this machine, else start a local one); reuse the connection this process has."""
+    this machine, else start a local one for this process alone); reuse the connection this
+    process has."""
     ray = ray_module()
     if ray.is_initialized():
         return ray
     # Ray's C++ core logs each failed attempt at a cluster as a warning line on stderr.
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     common = {"logging_level": "error", "configure_logging": True}
-    if address or os.environ.get("RAY_ADDRESS"):
-        where = address or os.environ["RAY_ADDRESS"]
+    where = address or os.environ.get("RAY_ADDRESS")
+    head = None if where else ray_start_head(ray)
+    if where:
         reachable(where)
         try:
-            ray.init(address=address, **common)
+            ray_init(ray, address=address, **common)
         except ConnectionError as e:
             raise UsageError(f"cannot join the Ray cluster at {where}: {e}") from None
-        how = f"joined the Ray cluster at {address or os.environ['RAY_ADDRESS']}"
+        how = f"joined the Ray cluster at {where}"
+    elif head and answers(head):
+        ray_init(ray, address=head, **common)
+        how = f"joined the Ray cluster `ray start` runs on this machine ({head})"
     else:
-        try:
-            ray.init(address="auto", **common)
-            how = "joined the Ray cluster running on this machine"
-        except ConnectionError:
-            ray.init(include_dashboard=False, **common)
-            how = "started a local Ray cluster"
+        start_local_cluster(ray, common)
+        how = "started a local Ray cluster for this run"
+        if head:
+            how += f" (nothing answers at {head}, where `ray start` last ran here)"
     if not quiet:
         c = cluster_shape(ray)
         print(f"vpipe {stage}: {how} ({c['nodes']} node(s), {c['cpus']:g} CPUs, "
               f"{c['gpus']:g} GPUs)", file=sys.stderr)
     return ray
+
+
+def ray_init(ray: Any, **options: Any) -> None:
+    """``ray.init(**options)`` with a Ctrl-C held until it returns, then raised; and the
+    connection closed at exit with Ctrl-C ignored (:func:`_shutdown_uninterrupted`).
+
+    Ray interrupted while it starts a cluster or connects to one can leave its core half made,
+    and the process then dies of a segmentation fault as it exits (rc -11, nothing said). The
+    interrupt waits the second or few that takes.
+    """
+    held: list[int] = []
+    here = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    if here:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        ray.init(**options)
+    finally:
+        if here:
+            signal.signal(signal.SIGINT,
+                          signal.default_int_handler if previous is None else previous)
+    atexit.register(_shutdown_uninterrupted, ray)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _shutdown_uninterrupted(ray: Any) -> None:
+    """At exit, before Ray's own hook (registered earlier, run later): leave the cluster, or
+    stop the one started here, with Ctrl-C ignored. Interrupted half-way, Ray's shutdown
+    prints a traceback as "Exception ignored in atexit callback" and its core can abort the
+    process, whatever the command's exit status was; it takes a second or two, and the
+    watchdog ends what a killed process leaves."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ray.shutdown()
+
+
+def ray_start_head(ray: Any) -> str | None:
+    """The address the last ``ray start --head`` on this machine recorded (in Ray's temp
+    folder, ``ray_current_cluster``), or None.
+
+    Only ``ray start`` records its head there. A cluster that ``ray.init`` started, as every
+    vpipe run without a cluster does, is not recorded, so no other run joins it; Ray's own
+    ``address="auto"`` would, finding any raylet on this machine by its command line.
+    """
+    find = getattr(ray._private.services, "find_bootstrap_address", None)
+    return find(None) if find is not None else None
+
+
+def start_local_cluster(ray: Any, common: dict) -> None:
+    """A Ray cluster on this machine for this process alone, ending with it.
+
+    Ray kills its GCS and raylet when the process that started them dies, but the raylet's
+    agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) outlive a killed driver, or one
+    interrupted while Ray starts, by a minute, blocked reporting to a GCS that is gone. A
+    watchdog process, started first, kills what is left once this process ends, however.
+    """
+    watch_descendants()
+    ray_init(ray, address="local", include_dashboard=False, **common)
+
+
+def answers(address: str, timeout_s: float = 1.0) -> bool:
+    """Whether something listens at ``host:port``."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
@@ -299,3 +391,80 @@ def _end_with_parent(poll_s: float = 0.5) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="vpipe-parent-watch", daemon=True).start()
+
+
+def watch_descendants() -> None:
+    """Start a watchdog that kills this process's descendants (a local cluster's processes,
+    and any they leave behind, orphaned) once this process ends.
+
+    It learns of the end as an EOF on a pipe whose other end only this process holds (not
+    inherited by the processes it starts), and runs in a session of its own, out of reach of a
+    Ctrl-C meant for this one. Linux only (it reads ``/proc``); elsewhere Ray's own clean-up.
+    """
+    if not os.path.isdir("/proc"):
+        return
+    import subprocess
+
+    import pipeline
+
+    read, _write = os.pipe()  # _write stays open, unused, for the rest of this process's life
+    home = str(Path(pipeline.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (home, os.environ.get("PYTHONPATH")) if p)
+    code = "import sys; from pipeline.engine import reap_descendants as r; r(int(sys.argv[1]))"
+    subprocess.Popen([sys.executable, "-c", code, str(os.getpid())], stdin=read,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, env={**os.environ, "PYTHONPATH": path})
+    os.close(read)
+
+
+def reap_descendants(driver: int, poll_s: float = 1.0) -> None:
+    """The watchdog's body: note the descendants of ``driver`` (with their start times, so
+    that a reused pid is never taken for one) until stdin reaches its end, then SIGKILL those
+    still running."""
+    import select
+
+    seen: dict[int, str] = {}
+    while True:
+        table = _process_table()
+        for pid in _descendants(driver, table):
+            if pid != os.getpid():
+                seen.setdefault(pid, table[pid][1])
+        ready, _, _ = select.select([0], [], [], poll_s)
+        if ready and not os.read(0, 512):
+            break
+    table = _process_table()
+    for pid, started in seen.items():
+        if pid in table and table[pid][1] == started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """Every running (not zombie) process: pid -> (parent pid, start time in clock ticks)."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="utf-8", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":  # fields from the state on: state, ppid, ... starttime (22nd)
+            table[int(name)] = (int(fields[1]), fields[19])
+    return table
+
+
+def _descendants(pid: int, table: dict[int, tuple[int, str]]) -> list[int]:
+    """Every process below ``pid`` in ``table``."""
+    children: dict[int, list[int]] = {}
+    for p, (parent, _) in table.items():
+        children.setdefault(parent, []).append(p)
+    out, todo = [], list(children.get(pid, ()))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import shards
-from pipeline.engine import TASK_RETRIES, RayEngine
+from pipeline.engine import TASK_RETRIES, RayEngine, stop_tasks
 from pipeline.features.embed import commit_shard, embed_batches, failed_record
 from pipeline.features.encoders import Encoders
 from pipeline.features.options import FeatureOptions
@@ -183,8 +183,8 @@ def encode_on_ray(jobs: list[ClipJob], source: Any, enc: Encoders, opts: Feature
             if rows and on_shard is not None:
                 on_shard(path)
     except BaseException:
-        for ref in [*decoding, *encoding]:
-            ray.cancel(ref, force=True)
+        stop_tasks(ray, decoding)
+        stop_tasks(ray, encoding, force=False)  # not retried when their actors are killed
         raise
     finally:
         for actor in actors:
