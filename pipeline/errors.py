@@ -64,9 +64,16 @@ class DiskFull(VpipeError):
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def one_line(text: str) -> str:
-    """``text`` with its control characters written as escapes (``\\n``, ``\\r``, ``\\x1b``)."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+def one_line(text: str, *, indented: bool = False) -> str:
+    """``text`` with its control characters written as escapes (``\\n``, ``\\r``, ``\\x1b``);
+    with ``indented``, a newline that starts an indented line is kept (the items a message
+    lists, one per line, as the offline weights error does)."""
+    def escape(m: re.Match) -> str:
+        if indented and m.group() == "\n" and m.string.startswith("  ", m.end()):
+            return "\n"
+        return repr(m.group())[1:-1]
+
+    return _CONTROL.sub(escape, text)
 
 
 def quote_path(path: str | os.PathLike) -> str:

@@ -150,14 +150,18 @@ def check_out_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
     made: a file system root, an existing file, an input itself, a folder inside an input
     folder (the same command again would take its own outputs for new inputs) or a folder
     that holds an input. The message names ``-o`` as given and the input it collides with."""
-    target = Path(out).resolve()
     where = f"-o {quote_path(out)}"
+    target = _resolved(out)
+    if target is None:
+        raise UsageError(f"{where}: a link that loops; choose another --out")
     if target.parent == target:
         raise UsageError(f"{where}: the root of a file system; choose a folder of its own")
     if target.exists() and not target.is_dir():
         raise UsageError(f"{where}: an existing file, not a folder; choose another --out")
     for given in inputs:
-        path = Path(given).resolve()
+        path = _resolved(given)
+        if path is None:
+            continue  # a looping link: that input is one failed record of its own
         name = quote_path(given)
         if path == target:
             raise UsageError(f"{where}: that is an input; choose another --out")
@@ -166,6 +170,14 @@ def check_out_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
                              "again would read its outputs as inputs; choose another --out")
         if path.is_relative_to(target):
             raise UsageError(f"{where}: holds the input {name}; choose another --out")
+
+
+def _resolved(path: str | os.PathLike) -> Path | None:
+    """``path`` made absolute with its links followed; ``None`` for a link that loops."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python before 3.13 on a loop
+        return None
 
 
 _NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),

@@ -50,7 +50,7 @@ def _main(argv: list[str] | None) -> int:
             return full.exit_code
         if not isinstance(e, VpipeError):
             raise
-        print(one_line(f"vpipe: error: {e}"), file=sys.stderr)
+        print(one_line(f"vpipe: error: {e}", indented=True), file=sys.stderr)
         return e.exit_code
     except SystemExit as e:
         code = e.code
