@@ -37,7 +37,9 @@ from pipeline.segments import Segment, plan_segments, read_segments, segments_by
 
 MODES = ("ranges", "exact", "keyframe")
 # A written clip's frame times may differ from the source's (less the start) by this much: one
-# tick of MPEG's 90 kHz clock, the most that rounding a timestamp moves a frame.
+# tick of MPEG's 90 kHz clock, the most that rounding a timestamp moves a frame; plus one tick
+# of the written file's own clock where a muxer chose a coarser one (ffmpeg 5.1 copying a
+# millisecond clock into mp4's 1/15360 s).
 _SAME_TIME_S = 1.2e-5
 
 
@@ -421,10 +423,10 @@ def _measure(
     # Frame k at the source's time for it, less the start: a sample time then means one source
     # frame whether the clip is read from this file or as a range of its source.
     moved = float(np.abs((written.times - written.times[0]) - planned_times).max())
-    if moved > _SAME_TIME_S:
-        raise MediaError(f"{path.name}: the written clip's frame times are up to "
-                         f"{moved * 1e3:.1f} ms off the source's")
     probed = media.probe(path)
+    if moved > _SAME_TIME_S + float(probed.video_time_base or 0):
+        raise MediaError(f"{path.name}: the written clip's frame times are up to "
+                         f"{moved * 1e3:.3f} ms off the source's")
     rotation = media.display_rotation(path)
     width, height = media.upright_size(probed.width, probed.height, rotation)
     return {
