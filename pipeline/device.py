@@ -7,13 +7,13 @@ auto`` is fp16 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16 or AMX), els
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import UsageError
+from pipeline.runner import usable_cores
 
 DEVICE_CHOICES = "auto, cpu or cuda[:N]"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -24,8 +24,7 @@ def default_threads() -> int:
     to 4. A small LSTM gains little from more, and torch's default (every core) makes it
     crawl when anything else runs: on a busy 2-core machine, 131.8 ms a step with 2 threads
     against 11.5 ms with 1 (hidden 16; hidden 512: 3230 against 2196 ms)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(4, (cores or 1) // 2))
+    return max(1, min(4, usable_cores() // 2))
 
 
 @contextlib.contextmanager

@@ -74,10 +74,18 @@ class Summary:
 
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or `taskset`'s share,
+    not the machine's count), the one count every default in vpipe starts from."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def default_workers(reserved_cores: int = 0) -> int:
-    """Worker processes for CPU work: the cores (up to 4) less ``reserved_cores`` (e.g. the
-    one left to a model's own threads), at least 1."""
-    return max(1, min(4, (os.cpu_count() or 1) - reserved_cores))
+    """Worker processes for CPU work: the usable cores (up to 4) less ``reserved_cores`` (e.g.
+    the one left to a model's own threads), at least 1."""
+    return max(1, min(4, usable_cores() - reserved_cores))
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pipeline.features.weights import (
     resolve_audio_weights,
     resolve_weights,
 )
+from pipeline.runner import usable_cores
 
 __all__ = ["AudioEncoder", "Encoders", "ImageEncoder", "Preprocessing", "load_encoders"]
 
@@ -283,7 +284,7 @@ def load_encoders(opts: FeatureOptions) -> Encoders:
             opts.audio_weights, opts.audio_postprocess, opts.audio_pca, audio_w
         )
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        torch.set_num_threads(usable_cores())
     image.model.to(device)
     if audio is not None:
         audio.model.to(device)
