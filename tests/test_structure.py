@@ -12,8 +12,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 # The ground floor every stage uses; it must use nothing above it.
 GROUND_FLOOR = {"pipeline.errors", "pipeline.files", "pipeline.ids", "pipeline.lock",
-                "pipeline.records", "pipeline.runner", "pipeline.engine", "pipeline.media",
-                "pipeline.shards", "pipeline.device"}
+                "pipeline.clips", "pipeline.records", "pipeline.runner", "pipeline.engine",
+                "pipeline.media", "pipeline.shards", "pipeline.device"}
+# The stages: none imports another (what one needs of another's output is in the ground floor).
+STAGES = {"pipeline.subclip": ("pipeline.segments",), "pipeline.frames": (),
+          "pipeline.features": (), "pipeline.train": (), "pipeline.export": ()}
 
 
 def module_name(path: Path) -> str:
@@ -97,3 +100,26 @@ def test_no_module_uses_another_modules_private_names() -> None:
 
 def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def stage_of(module: str) -> str | None:
+    for stage, parts in STAGES.items():
+        if any(module == m or module.startswith(m + ".") for m in (stage, *parts)):
+            return stage
+    return None
+
+
+def test_no_stage_imports_another() -> None:
+    graph = import_graph()
+    assert stage_of("pipeline.features.stage") == "pipeline.features"
+    crossing = {m: sorted(d for d in deps if stage_of(d) not in (None, stage_of(m)))
+                for m, deps in graph.items() if stage_of(m)}
+    assert crossing == {m: [] for m in crossing}
+
+
+def test_workflow_does_not_import_the_cli() -> None:
+    graph = import_graph()
+    assert "pipeline.workflow.plan" in graph
+    reach = {m: sorted(d for d in deps if d == "pipeline.cli" or d.startswith("pipeline.cli."))
+             for m, deps in graph.items() if m.startswith("pipeline.workflow")}
+    assert reach == {m: [] for m in reach}

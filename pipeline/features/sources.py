@@ -283,7 +283,7 @@ class DecodedVideos:
         self.fps, self.every = opts.sampling()
 
     def clips(self) -> list[ClipJob]:
-        from pipeline.frames import find_clips
+        from pipeline.clips import find_clips
 
         out = []
         for ref in find_clips(self.inputs):
