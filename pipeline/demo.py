@@ -16,14 +16,14 @@ import json
 import os
 import shlex
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UsageError
-from pipeline.media import ffmpeg_exe
+from pipeline.files import atomic_path
+from pipeline.media import ffmpeg_exe, run_ffmpeg
 
 SPEEDS_PX_S = (0, 30, 90)  # the white square's speed: still, slow, fast
 TONES_HZ = (220, 440, 880)
@@ -74,16 +74,11 @@ def make_trailer(path: Path, t: Trailer, *, duration_s: float, size: tuple[int, 
         ":shortest=1[v];"
         f"sine=f={TONES_HZ[t.tone]}:r=44100:d={duration_s},volume=0.5[a]"
     )
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     # A keyframe every 2 s, as in real trailers (keyframe-mode cuts need some).
     codecs = "-c:v libx264 -preset ultrafast -g 50 -pix_fmt yuv420p -c:a aac".split()
-    cmd = [ffmpeg_exe(), "-y", "-v", "error", "-filter_complex", graph, "-map", "[v]"]
-    cmd += ["-map", "[a]", *codecs, "-t", str(duration_s), str(tmp)]
-    try:
-        subprocess.run(cmd, check=True)
-        os.replace(tmp, path)  # a trailer appears only when complete
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:  # a trailer appears only when complete
+        run_ffmpeg(["-filter_complex", graph, "-map", "[v]", "-map", "[a]", *codecs,
+                    "-t", str(duration_s), "-f", "mp4", tmp], what=str(path))
 
 
 def make_dataset(
@@ -176,31 +171,7 @@ def report_test_sources(out: Path, labels: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Make the data, run the demo workflow, print where things went and the metrics."""
-    summary = __doc__.split("\n")[0].replace("``", "")  # plain text in --help
-    ap = argparse.ArgumentParser(prog="python -m pipeline.demo", description=summary)
-    ap.add_argument("--out", type=Path, default=Path("demo-work"), help="demo folder")
-    ap.add_argument("--trailers", type=int, default=24, help="number of synthetic trailers")
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per trailer")
-    ap.add_argument("--workflow", type=Path, default=None, help="default: workflows/demo.toml")
-    ap.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="STAGE.OPTION=VALUE",
-        help="passed on to vpipe run",
-    )
-    ap.add_argument("--quiet", action="store_true", help="no progress output from the stages")
-    args = ap.parse_args(argv)
-    # Refused here, not after a minute of media work: train splits by trailer (train/val/test).
-    if args.trailers < 3:
-        ap.error("--trailers: at least 3 (one trailer each for train, val and test)")
-    if not args.duration > 0:
-        ap.error("--duration: seconds per trailer, above 0")
-    try:
-        ffmpeg_exe()  # a VPIPE_FFMPEG that does not work: one line now, not a traceback later
-    except UsageError as e:
-        ap.error(str(e))
+    args = parse_args(argv)
     from pipeline.cli import main as vpipe
 
     t0 = time.time()
@@ -234,8 +205,45 @@ def main(argv: list[str] | None = None) -> int:
     code = vpipe(run_args)
     print()
     print(f"vpipe demo: finished with exit {code} in {time.time() - t0:.0f}s. Where things went:")
+    report(out, videos, labels, args.trailers, random_weights=bool(notes))
+    return code
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The demo's options, checked before a minute of media work."""
+    summary = __doc__.split("\n")[0].replace("``", "")  # plain text in --help
+    ap = argparse.ArgumentParser(prog="python -m pipeline.demo", description=summary)
+    ap.add_argument("--out", type=Path, default=Path("demo-work"), help="demo folder")
+    ap.add_argument("--trailers", type=int, default=24, help="number of synthetic trailers")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per trailer")
+    ap.add_argument("--workflow", type=Path, default=None, help="default: workflows/demo.toml")
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="STAGE.OPTION=VALUE",
+        help="passed on to vpipe run",
+    )
+    ap.add_argument("--quiet", action="store_true", help="no progress output from the stages")
+    args = ap.parse_args(argv)
+    # Refused here, not after a minute of media work: train splits by trailer (train/val/test).
+    if args.trailers < 3:
+        ap.error("--trailers: at least 3 (one trailer each for train, val and test)")
+    if not args.duration > 0:
+        ap.error("--duration: seconds per trailer, above 0")
+    try:
+        ffmpeg_exe()  # a VPIPE_FFMPEG that does not work: one line now, not a traceback later
+    except UsageError as e:
+        ap.error(str(e))
+    return args
+
+
+def report(out: Path, videos: Path, labels: Path, n_trailers: int, *,
+           random_weights: bool) -> None:
+    """Where each stage's output went, and the test metrics."""
     rows = [
-        (videos, f"{args.trailers} synthetic trailers; ratings in {labels}"),
+        (videos, f"{n_trailers} synthetic trailers; ratings in {labels}"),
         (out / "subclip", "subclips as ranges of the trailers (manifest.jsonl, no video)"),
         (out / "extract-frames", "<clip_id>/frames/*.jpg and audio.wav per subclip"),
         (out / "features", "HDF5 shards (ResNet + VGGish features) + index.jsonl"),
@@ -252,12 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in test.items() if isinstance(v, float))
         print(f"vpipe demo: test metrics (trailers the model never saw): {shown}")
         print("\n".join(report_test_sources(out, labels)))
-    if notes:
+    if random_weights:
         print(
             "vpipe demo: (features from random weights: enough for these synthetic trailers, "
             "meaningless for real videos)"
         )
-    return code
 
 
 if __name__ == "__main__":
