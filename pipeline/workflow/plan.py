@@ -277,39 +277,7 @@ def plan(
             got = made[kind]
             positional += got if isinstance(got, list) else [got]
 
-        out = str(Path(wf.work_dir) / stage.name) if spec.out == "dir" else None
-        if spec.out not in (None, "dir"):
-            out = str(Path(positional[0]) / spec.out)
-        labels = wf.labels if spec.labels else None
-        option_words: list[str] = []
-        for key, value in stage.options.items():
-            param = _find_param(command, key)
-            if param is None or param.name in ("help", "version"):
-                msg = f"unknown option {key!r} for [{stage.name}] (see: vpipe {stage.name} --help)"
-                raise wf.error(stage.name, key, msg)
-            if not param.opts[0].startswith("-"):
-                msg = f"{key!r} is set by the workflow (the previous stage's output or the inputs)"
-                raise wf.error(stage.name, key, msg)
-            if param.name == "out":
-                out = str(value)
-            elif param.name == "labels":
-                labels = str(value)
-            else:
-                option_words += _option_args(wf, stage, param, key, value)
-        takes_labels = _find_param(command, "labels") is not None
-        if spec.labels and labels is None and takes_labels:
-            msg = f'[{stage.name}] needs labels: set labels = "labels.csv" (or --labels CSV)'
-            raise wf.error(stage.name, None, msg)
-        args = [stage.name, *positional]
-        if labels is not None and takes_labels:
-            args += ["--labels", labels]
-        if out is not None:
-            args += ["-o", out]
-        args += option_words
-        if wf.engine and _find_param(command, "engine") is not None and "--engine" not in args:
-            args += ["--engine", wf.engine]
-            if wf.ray_address and "--ray-address" not in args:
-                args += ["--ray-address", wf.ray_address]
+        args, out = _step_args(wf, stage, spec, command, positional)
         if quiet and _find_param(command, "quiet") is not None and "--quiet" not in args:
             args.append("--quiet")
         if overwrite and _find_param(command, "overwrite") is not None:
@@ -325,6 +293,46 @@ def plan(
             made[spec.makes] = out
             earlier.add(out)
     return steps
+
+
+def _step_args(wf: Workflow, stage: Any, spec: Any, command: Any,
+               positional: list[str]) -> tuple[list[str], str | None]:
+    """A stage's command line from its table (options checked against ``command``), its
+    inputs ``positional`` and the workflow's labels and engine; and its output."""
+    out = str(Path(wf.work_dir) / stage.name) if spec.out == "dir" else None
+    if spec.out not in (None, "dir"):
+        out = str(Path(positional[0]) / spec.out)
+    labels = wf.labels if spec.labels else None
+    option_words: list[str] = []
+    for key, value in stage.options.items():
+        param = _find_param(command, key)
+        if param is None or param.name in ("help", "version"):
+            msg = f"unknown option {key!r} for [{stage.name}] (see: vpipe {stage.name} --help)"
+            raise wf.error(stage.name, key, msg)
+        if not param.opts[0].startswith("-"):
+            msg = f"{key!r} is set by the workflow (the previous stage's output or the inputs)"
+            raise wf.error(stage.name, key, msg)
+        if param.name == "out":
+            out = str(value)
+        elif param.name == "labels":
+            labels = str(value)
+        else:
+            option_words += _option_args(wf, stage, param, key, value)
+    takes_labels = _find_param(command, "labels") is not None
+    if spec.labels and labels is None and takes_labels:
+        msg = f'[{stage.name}] needs labels: set labels = "labels.csv" (or --labels CSV)'
+        raise wf.error(stage.name, None, msg)
+    args = [stage.name, *positional]
+    if labels is not None and takes_labels:
+        args += ["--labels", labels]
+    if out is not None:
+        args += ["-o", out]
+    args += option_words
+    if wf.engine and _find_param(command, "engine") is not None and "--engine" not in args:
+        args += ["--engine", wf.engine]
+        if wf.ray_address and "--ray-address" not in args:
+            args += ["--ray-address", wf.ray_address]
+    return args, out
 
 
 def select(steps: Sequence[Step], start: str | None, until: str | None) -> list[Step]:
