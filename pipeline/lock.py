@@ -50,8 +50,10 @@ class FolderLock:
         """Unlock and remove the file: a finished folder holds only its outputs and records."""
         if self._fd is not None:
             self.path.unlink(missing_ok=True)
-            os.close(self._fd)  # closing the only descriptor releases the flock
-            self._fd = None
+            # Forgotten before it is closed: a second Ctrl-C between the two must not leave
+            # __del__ to close the number again (by then perhaps another file's).
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the only descriptor releases the flock
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:

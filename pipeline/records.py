@@ -89,7 +89,7 @@ def _parse_record(line: str) -> tuple[dict | None, str]:
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
-        return None, f"damaged record ({e.msg} at column {e.colno})"
+        return None, f"damaged record ({_json_msg(e)} at column {e.colno})"
     if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
         return None, "not a record (no id)"
     return rec, ""
@@ -163,25 +163,40 @@ def read_json(path: str | os.PathLike) -> Any:
         return None
     except IsADirectoryError:
         raise DamagedRecord(f"{quote_path(path)}: a folder, not a vpipe record") from None
-    fix = "restore it, or use --overwrite to redo the folder"
     try:
-        return json.loads(data.decode("utf-8"))
+        value = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise DamagedRecord(f"{quote_path(path)}: damaged (not UTF-8 at byte {e.start}); "
-                            f"{fix}") from None
+        raise damaged(path, f"not UTF-8 at byte {e.start}") from None
     except json.JSONDecodeError as e:
         cut = ", the end of the file: cut off" if e.pos >= len(e.doc.rstrip()) else ""
-        raise DamagedRecord(f"{quote_path(path)}: damaged ({e.msg} at line {e.lineno} column "
-                            f"{e.colno}{cut}); {fix}") from None
+        raise damaged(path, f"{_json_msg(e)} at line {e.lineno} column {e.colno}{cut}") from None
+    if value is None:  # no record vpipe writes is a bare null
+        raise damaged(path, "null")
+    return value
+
+
+def damaged(path: str | os.PathLike, why: str) -> DamagedRecord:
+    """The one-line error of a damaged record: the file, what is wrong, what to do."""
+    return DamagedRecord(f"{quote_path(path)}: damaged ({why}); restore it, or use --overwrite "
+                         "to redo the folder")
+
+
+def _json_msg(e: json.JSONDecodeError) -> str:
+    """The JSON parser's message without its dangling "at" ("Unterminated string starting at")."""
+    return e.msg.removesuffix(" at")
 
 
 def read_run_info(folder: str | os.PathLike) -> dict | None:
     """``folder/vpipe.json`` as a dict; ``None`` when there is none (:func:`read_json`)."""
     path = Path(folder) / RUN_INFO
     info = read_json(path)
-    if info is not None and not isinstance(info, dict):
-        raise DamagedRecord(f"{quote_path(path)}: damaged (not a JSON object); restore it, "
-                            "or use --overwrite to redo the folder")
+    if info is None:
+        return None
+    if not isinstance(info, dict):
+        raise damaged(path, "not a JSON object")
+    for key, kind in (("stage", str), ("params", dict), ("command", list), ("counts", dict)):
+        if info.get(key) is not None and not isinstance(info[key], kind):
+            raise damaged(path, f"its {key!r} is not a {kind.__name__}")
     return info
 
 
@@ -242,6 +257,9 @@ class Run:
     # Records of forgotten items, kept in the compacted manifest unless the item is redone.
     _forgotten: dict[str, dict] = field(default_factory=dict, init=False)
     _digest: str = field(default="", init=False, repr=False)
+    # Set by open() when --overwrite set aside what the folder held (other parameters, a lost
+    # or damaged vpipe.json): the stage then removes its outputs that records do not list.
+    reset: bool = field(default=False, init=False)
     # Said of the run in vpipe.json when it closes, beside the counts (e.g. the engine it ran on).
     extra: dict[str, Any] = field(default_factory=dict, init=False)
 
@@ -270,6 +288,7 @@ class Run:
                 raise ParamsChanged(f"{self.out_dir}: {why}; use --overwrite to redo it, "
                                     "or choose another --out")
             (self.out_dir / MANIFEST).unlink(missing_ok=True)
+            self.reset = True
         clean_temp_files(self.out_dir)
         _drop_torn_line(self.out_dir / MANIFEST)
         self.previous = read_manifest(self.out_dir)

@@ -28,7 +28,7 @@ from pipeline.features.options import FeatureOptions
 from pipeline.features.sources import ClipJob, Decoding, source_for
 from pipeline.features.text import Titles, match_titles, read_titles
 from pipeline.files import check_out_dir, sha256_of, writing
-from pipeline.records import MANIFEST, OK, Run, canonical, read_run_info
+from pipeline.records import MANIFEST, OK, Run
 from pipeline.runner import Summary, Tracker, end_run, failure_record
 
 STAGE = "features"
@@ -165,12 +165,13 @@ def extract_features(
     enc = load_encoders(opts)
     out = Path(out_dir)
     params = run_params(opts, enc, source, inputs)
-    info = read_run_info(out) if out.is_dir() else None
     versions = {"torch": torch.__version__, "h5py": h5py.__version__}
     run = Run(out, STAGE, params, overwrite=overwrite, versions=versions,
               outputs=shard_of, inputs=inputs).open()
     # Only once the folder's lock is held: a second copy must not delete the first one's shards.
-    if overwrite and info is not None and info.get("params") != canonical(params):
+    # The shards are the features stage's record of what is done (a resume reads them), so
+    # whatever --overwrite set aside (other parameters, a lost vpipe.json) takes them along.
+    if run.reset:
         for p in shards.shard_paths(out):
             p.unlink()
     tracker = Tracker(run, quiet=quiet, unit="frame")
