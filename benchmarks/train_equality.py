@@ -109,7 +109,8 @@ def _diff(a, b, where: str = "") -> list[str]:
             out += _diff(a[k], b[k], f"{where}.{k}")
         return out
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for k, (x, y) in enumerate(zip(a, b)) for d in _diff(x, y, f"{where}[{k}]")]
+        pairs = enumerate(zip(a, b, strict=True))
+        return [d for k, (x, y) in pairs for d in _diff(x, y, f"{where}[{k}]")]
     return [] if a == b else [f"{where}: {str(a)[:80]} != {str(b)[:80]}"]
 
 

@@ -15,9 +15,9 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
 from pipeline.cli import main
-from pipeline.train.caption_metrics import bleu, caption_metrics, cider_d, rouge_l
 from pipeline.train.runs import load_run
-from pipeline.train.vocab import Vocabulary, tokenize
+from pipeline.train.tasks.caption.metrics import bleu, caption_metrics, cider_d, rouge_l
+from pipeline.train.tasks.caption.vocab import Vocabulary, tokenize
 
 TRAIN = ["--task", "caption", "--hidden", "64", "--lr", "3e-3", "--epochs", "15",
          "--device", "cpu", "--quiet"]

@@ -202,9 +202,9 @@ def train(
     one fold's run.
     """
     preload_torch()
-    from pipeline.train import train, train_captions, train_folds
+    from pipeline.train import train, train_folds
 
-    train_run = train_folds if folds else train_captions if task == "caption" else train
+    train_run = train_folds if folds else train  # the task (given or inferred) does the rest
 
     cfg = TrainConfig(
         task=task,

@@ -18,11 +18,10 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline.train.caption import train_captions
     from pipeline.train.config import TrainConfig
     from pipeline.train.folds import train_folds
     from pipeline.train.inputs import prepare
-    from pipeline.train.loop import train
+    from pipeline.train.loop import train, train_captions
     from pipeline.train.predict import evaluate_run, predict_run
     from pipeline.train.runs import load_run
 
@@ -32,7 +31,7 @@ _HOME = {
     "TrainConfig": "pipeline.train.config",
     "prepare": "pipeline.train.inputs",
     "train": "pipeline.train.loop",
-    "train_captions": "pipeline.train.caption",
+    "train_captions": "pipeline.train.loop",
     "train_folds": "pipeline.train.folds",
     "evaluate_run": "pipeline.train.predict",
     "predict_run": "pipeline.train.predict",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-TASKS = ("regression", "classification", "multilabel", "caption")
 ATTENTION = ("soft", "none")  # the caption decoder: soft attention over frames, or mean-pooled
 # The attention model's pooling: each step scored from its own LSTM output (self; "soft", the
 # option's default, means the same) or against the title's TextCNN vector (text-guided).
@@ -84,10 +83,6 @@ class ModelSpec:
     @property
     def modalities(self) -> list[str]:
         return list(self.dims)
-
-    @property
-    def n_outputs(self) -> int:
-        return 1 if self.task == "regression" else len(self.classes)  # caption: the vocabulary
 
     def to_dict(self) -> dict:
         """Plain values only, as ``torch.load(weights_only=True)`` and JSON accept them."""

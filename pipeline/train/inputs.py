@@ -14,15 +14,7 @@ from pipeline import __version__
 from pipeline.device import check_device_name
 from pipeline.errors import UsageError
 from pipeline.shards import MODALITIES, TEXT, FeatureStore, open_features
-from pipeline.train.config import (
-    MODELS,
-    POOLING_ATTENTION,
-    POOLS,
-    TASKS,
-    TEXT_GUIDED,
-    ModelSpec,
-    TrainConfig,
-)
+from pipeline.train.config import MODELS, POOLS, ModelSpec, TrainConfig
 from pipeline.train.data import ClipSequences, present_modalities, warn_empty_clips
 from pipeline.train.labels import (
     LabelledClips,
@@ -33,6 +25,7 @@ from pipeline.train.labels import (
     split_by_fold,
     split_by_source,
 )
+from pipeline.train.tasks import get_task, options_task
 
 
 @dataclass
@@ -71,8 +64,7 @@ def _positive(x: float) -> bool:
 
 def check_config(cfg: TrainConfig) -> None:
     """Reject option values that cannot work, before anything is read."""
-    if cfg.task is not None and cfg.task not in TASKS:
-        raise UsageError(f"--task {cfg.task!r}: choose one of {', '.join(TASKS)}")
+    task = options_task(cfg.task)  # an unknown --task is refused here
     if cfg.model not in MODELS:
         raise UsageError(f"--model {cfg.model!r}: choose one of {', '.join(MODELS)}")
     if cfg.pool not in POOLS:
@@ -101,13 +93,7 @@ def check_config(cfg: TrainConfig) -> None:
     if not 0 <= cfg.dropout < 1:
         raise UsageError("--dropout must be in [0, 1)")
     check_device_name(cfg.device)
-    pooling = cfg.task != "caption" and cfg.model == "attention"
-    if pooling and cfg.attention not in POOLING_ATTENTION:
-        raise UsageError(f"--attention {cfg.attention!r}: the attention model takes self or "
-                         "text-guided")
-    if cfg.task != "caption" and cfg.model != "attention" and cfg.attention == TEXT_GUIDED:
-        raise UsageError("--attention text-guided is the attention model's: add --model "
-                         "attention")
+    task.check_options(cfg)
 
 
 def open_store(features: str | Path) -> FeatureStore:
@@ -137,16 +123,7 @@ def resolve_modalities(store: FeatureStore, cfg: TrainConfig, features: Path) ->
             f"{features}: no {' or '.join(absent or MODALITIES)} features in these shards "
             f"(present: {', '.join(present) or 'none'})"
         )
-    if cfg.task != "caption" and cfg.attention == TEXT_GUIDED:
-        if TEXT not in present:
-            raise UsageError(f"--attention text-guided: {features} has no text features (make "
-                             "them with `vpipe features --text FILE`)")
-        if TEXT not in mods:
-            raise UsageError("--attention text-guided steers by the title: add text to "
-                             "--modalities")
-        if mods == [TEXT]:
-            raise UsageError("--attention text-guided steers the image/audio pooling: add "
-                             "image or audio to --modalities")
+    options_task(cfg.task).check_modalities(cfg, present, mods, features)
     return mods
 
 
@@ -195,17 +172,12 @@ def model_spec(cfg: TrainConfig, p: Prepared) -> ModelSpec:
     """The model this run trains: the options with the modalities used, the label space, the
     feature dims and identity, and the target scaling from the training split."""
     task = p.space.task
-    # In float64: the float32 targets' std overflows (inf) for labels around 1e20.
-    t64 = p.targets["train"].astype(np.float64)
-    target_norm = (
-        (float(t64.mean()), float(t64.std()) or 1.0) if task == "regression" else (0.0, 1.0)
-    )
     return ModelSpec(
         config=replace(cfg, modalities=p.modalities),
         task=task,
         classes=p.space.classes,
         dims=p.dims,
-        target_norm=target_norm,
+        target_norm=get_task(task).target_norm(p.targets["train"]),
         feature_attrs=p.store_attrs,
         vpipe_version=__version__,
     )

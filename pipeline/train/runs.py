@@ -35,8 +35,8 @@ from pipeline.files import (
 from pipeline.lock import LOCK, FolderLock
 from pipeline.records import DamagedRecord, now_iso, read_json, read_run_info
 from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
-from pipeline.train.metrics import MAIN_METRIC
 from pipeline.train.model import SequenceModel, build_model
+from pipeline.train.tasks import get_task
 
 # Options that never change what is learned: they may differ whenever a run is continued.
 OPTIONS_NOT_LEARNED = {"device", "stream", "threads"}
@@ -193,7 +193,7 @@ def write_curves(history: list[dict], task: str, path: Path, final: dict | None 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    name = MAIN_METRIC[task][0]
+    name = get_task(task).main_metric
     ep = [r["epoch"] for r in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(ep, [r["train_loss"] for r in history], "o-", label="train")

@@ -13,10 +13,10 @@ import numpy as np
 
 from pipeline.errors import UsageError
 from pipeline.files import csv_rows, read_user_text
-from pipeline.train.config import ATTENTION, TrainConfig
+from pipeline.train.config import TrainConfig
 from pipeline.train.inputs import Prepared, check_config, open_store, resolve_modalities
 from pipeline.train.labels import SPLITS, LabelRow, LabelSpace, join_labels, split_by_source
-from pipeline.train.vocab import Vocabulary, tokenize
+from pipeline.train.tasks.caption.vocab import Vocabulary, tokenize
 
 
 @dataclass
@@ -84,22 +84,10 @@ class CaptionInput(Prepared):
     dropped: int = 0
 
 
-def check_caption_config(cfg: TrainConfig) -> None:
-    if cfg.folds:
-        raise UsageError("--folds is not supported with --task caption (train one "
-                         "train/val/test split, e.g. with --test-fraction)")
-    if cfg.attention not in ATTENTION:
-        raise UsageError(f"--attention {cfg.attention!r}: choose soft or none")
-    for name in ("beam", "min_count", "max_words"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-
-
 def prepare_captions(features: Path, captions_csv: Path, cfg: TrainConfig,
                      quiet: bool = False) -> CaptionInput:
     """Read and check the index and captions, split by source, build the vocabulary."""
-    check_config(cfg)
-    check_caption_config(cfg)
+    check_config(cfg)  # with the caption task's own (Caption.check_options)
     store = open_store(features)
     rows = read_captions(captions_csv)
     # Joined as labels whose value is the caption id: a clip gets its own captions, else its
