@@ -29,7 +29,7 @@ from pipeline.errors import UsageError
 from pipeline.files import atomic_write_text, clean_temp_files, remove
 from pipeline.records import now_iso, read_run_info
 from pipeline.train.config import TrainConfig
-from pipeline.train.inputs import model_spec, open_store, prepare
+from pipeline.train.inputs import model_spec, open_store, prepare, read_options
 from pipeline.train.loop import train_prepared
 from pipeline.train.predict import prediction_lines
 from pipeline.train.runs import (
@@ -78,6 +78,7 @@ def train_folds(
 def _train_folds(features: Path, labels_csv: Path, out: Path, cfg: TrainConfig, resume: bool,
                  overwrite: bool, quiet: bool) -> dict:
     # Everything is checked once, with its notes said once, before anything is written.
+    cfg = read_options(cfg, quiet)
     first = prepare(features, labels_csv, replace(cfg, fold=1), quiet)
     spec = model_spec(replace(cfg, fold=1), first)
     fingerprint = features_fingerprint(first.store, list(first.joined.labels),

@@ -62,6 +62,14 @@ def _positive(x: float) -> bool:
     return math.isfinite(x) and x > 0
 
 
+def read_options(cfg: TrainConfig, quiet: bool = False) -> TrainConfig:
+    """The options as the run's task reads them, an old spelling said in a note."""
+    cfg, notes = options_task(cfg.task).read_options(cfg)
+    for note in notes if not quiet else []:
+        print(f"vpipe train: note: {note}", file=sys.stderr)
+    return cfg
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Reject option values that cannot work, before anything is read."""
     task = options_task(cfg.task)  # an unknown --task is refused here

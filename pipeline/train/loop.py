@@ -26,7 +26,7 @@ from pipeline.records import now_iso
 from pipeline.runner import progress
 from pipeline.train.config import ModelSpec, TrainConfig
 from pipeline.train.data import ClipSequences
-from pipeline.train.inputs import Prepared, model_spec
+from pipeline.train.inputs import Prepared, model_spec, read_options
 from pipeline.train.metrics import improved
 from pipeline.train.model import SequenceModel, build_model
 from pipeline.train.runs import (
@@ -74,6 +74,7 @@ def train(
     out = Path(out)
     with run_folder_lock(out, [features, labels_csv]), torch_threads(cfg.threads):
         # Unknown options, the labels' task (given or inferred) and its input: all checked here.
+        cfg = read_options(cfg, quiet)
         p = options_task(cfg.task).prepare(Path(features), Path(labels_csv), cfg, quiet)
         return train_prepared(p, features, labels_csv, out, cfg, resume, overwrite, quiet)
 

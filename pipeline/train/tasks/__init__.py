@@ -48,6 +48,16 @@ class Task:
     higher_is_better: bool = True
     supports_folds: bool = True
 
+    def read_options(self, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+        """The options as this task reads them: an old spelling turned into today's, with a
+        note for each (a workflow or command of before still runs)."""
+        return cfg, []
+
+    def upgrade_options(self, options: dict) -> dict:
+        """A run's recorded options (``config.json``, a checkpoint's ``meta``, as a dict) in
+        today's spelling, so that runs of before resume, evaluate and predict."""
+        return options
+
     def check_options(self, cfg: TrainConfig) -> None:
         """Refuse option values this task cannot use, before anything is read."""
 

@@ -4,13 +4,14 @@ how a label becomes a target, the loss, the values, the metrics and the trivial 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.errors import UsageError
-from pipeline.train.config import POOLING_ATTENTION, TEXT_GUIDED, TrainConfig
+from pipeline.train.config import OLD_SELF, POOLING_ATTENTION, SELF, TEXT_GUIDED, TrainConfig
 from pipeline.train.tasks import Task
 
 if TYPE_CHECKING:
@@ -28,6 +29,17 @@ class LabelTask(Task):
 
     # `vpipe evaluate`: what is said of labels the run cannot score (cf. known_target)
     unknown_labels = "name classes the run never saw (left out)"
+
+    def read_options(self, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+        if cfg.attention != OLD_SELF:
+            return cfg, []
+        return replace(cfg, attention=SELF), [f"--attention {OLD_SELF} is read as {SELF} (its "
+                                              "old spelling)"]
+
+    def upgrade_options(self, options: dict) -> dict:
+        if options.get("attention") != OLD_SELF:
+            return options
+        return {**options, "attention": SELF}
 
     def check_options(self, cfg: TrainConfig) -> None:
         if cfg.model == "attention" and cfg.attention not in POOLING_ATTENTION:

@@ -14,10 +14,11 @@ scored, early stopping on CIDEr-D. The vocabulary is the spec's ``classes`` and
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline.errors import UsageError
-from pipeline.train.config import ATTENTION, TrainConfig
+from pipeline.train.config import CAPTION_ATTENTION, SELF, TrainConfig
 from pipeline.train.tasks import Task
 from pipeline.train.tasks.caption import evaluation as ev
 from pipeline.train.tasks.caption.captions import prepare_captions
@@ -30,12 +31,29 @@ class Caption(Task):
     main_metric, higher_is_better = MAIN_METRIC, True
     supports_folds = False
 
+    def read_options(self, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+        if cfg.attention not in CAPTION_ATTENTION:
+            return cfg, []
+        note = (f"--attention {cfg.attention} is read as --caption-attention {cfg.attention} "
+                "(the caption decoder's attention has its own option now)")
+        return replace(cfg, attention=SELF, caption_attention=cfg.attention), [note]
+
+    def upgrade_options(self, options: dict) -> dict:
+        if "caption_attention" in options:
+            return options
+        # a run of before: its --attention was the decoder's
+        return {**options, "attention": SELF, "caption_attention": options.get("attention")}
+
     def check_options(self, cfg: TrainConfig) -> None:
         if cfg.folds:
             raise UsageError("--folds is not supported with --task caption (train one "
                              "train/val/test split, e.g. with --test-fraction)")
-        if cfg.attention not in ATTENTION:
-            raise UsageError(f"--attention {cfg.attention!r}: choose soft or none")
+        if cfg.attention != SELF:
+            raise UsageError(f"--attention {cfg.attention!r} is the attention model's pooling; "
+                             "a caption model takes --caption-attention soft or none")
+        if cfg.caption_attention not in CAPTION_ATTENTION:
+            raise UsageError(f"--caption-attention {cfg.caption_attention!r}: choose soft or "
+                             "none")
         for name in ("beam", "min_count", "max_words"):
             if getattr(cfg, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")

@@ -123,7 +123,7 @@ def summarise_captions(model: CaptionModel, spec: ModelSpec, p: CaptionInput,
     return {
         "task": "caption",
         "task_source": p.task_reason,
-        "model": f"caption-{spec.config.attention}",
+        "model": f"caption-{spec.config.caption_attention}",
         "modalities": spec.modalities,
         "main_metric": MAIN_METRIC,
         "best_epoch": best_epoch,

@@ -156,7 +156,7 @@ def build_caption_model(spec: ModelSpec) -> CaptionModel:
     """The caption model ``spec`` describes (weights not loaded)."""
     c = spec.config
     return CaptionModel(spec.dims, len(spec.classes), hidden=c.hidden, dropout=c.dropout,
-                        attention=c.attention)
+                        attention=c.caption_attention)
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
