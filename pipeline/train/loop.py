@@ -1,10 +1,12 @@
 """The training loop: ``train(features, labels, out, config)`` and the epoch loop, :func:`fit`.
 
 The run folder's lock is taken first (a second copy is refused at once); everything that can be
-wrong with the input is then checked by :func:`inputs.prepare` before anything is written there
+wrong with the input is then checked by the task's ``prepare`` before anything is written there
 (a folder made only for the lock is removed again), so a bad labels file never leaves a
-half-written run behind. Each epoch trains on the training clips in an order drawn from (seed,
-epoch), evaluates val and test, rewrites ``metrics.jsonl`` and ``curves.png``, and saves
+half-written run behind. The loop is every task's (captions included): the task
+(``tasks.get_task``) gives its batches, loss, figures and summary. Each epoch trains on the
+task's training items (clips, or caption pairs) in an order drawn from (seed, epoch), evaluates
+val, rewrites ``metrics.jsonl`` (``curves.png`` every 30 s and at the end), and saves
 ``last.pt`` (with optimizer and RNG states, so ``--resume`` continues exactly) and ``best.pt``
 when the validation metric improves. The final figures come from ``best.pt``. ``vpipe.json``
 is written when training starts and stamped with the end time and the counts (in epochs) when
