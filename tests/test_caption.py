@@ -216,6 +216,23 @@ def test_a_run_and_a_command_of_the_old_attention_spelling_still_work(trained, s
     assert "caption_attention: 'soft' -> 'none'" in capsys.readouterr().err
 
 
+def test_captions_without_val_clips_train_through_the_one_loop(synth_set, tmp_path,
+                                                              capsys) -> None:
+    # The caption task once had its own copy of the epoch loop, without this note.
+    root, _, splits, refs = synth_set
+    no_val = {c: "train" if s == "val" else s for c, s in splits.items()}
+    csv_path = write_captions(tmp_path / "no-val.csv", refs, no_val)
+    out = tmp_path / "run"
+    args = [a for a in TRAIN if a != "--quiet"]
+    assert main(["train", str(root / "feats"), "--labels", str(csv_path), "-o", str(out), *args,
+                 "--epochs", "2", "--hidden", "16", "--beam", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "note: no validation clips; best.pt and early stopping follow the train loss" in err
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["main_metric"], s["val"], s["epochs_run"]) == ("cider", {}, 2)
+    assert (out / "curves.png").is_file() and (out / "vocab.json").is_file()
+
+
 # --------------------------------------------------------------------------- bad input
 
 
