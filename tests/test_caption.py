@@ -141,7 +141,7 @@ def test_beam_1_is_greedy_and_beam_3_agrees_on_a_clear_task(trained, synth_set) 
     model, spec = load_run(run)
     model.eval()
     from pipeline.shards import open_features
-    from pipeline.train.data import ClipSequences, pad_batch
+    from pipeline.train.sequences import ClipSequences, pad_batch
 
     with open_features(root / "feats") as store:
         ids = store.clip_ids[:6]

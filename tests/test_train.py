@@ -22,8 +22,8 @@ from pipeline.cli import main
 from pipeline.shards import open_features
 from pipeline.train import TrainConfig, evaluate_run, predict_run, train
 from pipeline.train.config import NOT_OPTIONS
-from pipeline.train.data import pad_batch
 from pipeline.train.model import SequenceModel
+from pipeline.train.sequences import pad_batch
 from pipeline.train.synthetic import make_feature_set, write_labels
 
 # Small and fast: ~100 clips of 6-14 steps, D=16; a few seconds of CPU per run.

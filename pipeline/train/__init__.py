@@ -3,7 +3,7 @@
 ``config`` holds the plain values (``TrainConfig``: the options; ``ModelSpec``: what a checkpoint
 says the model is); ``tasks`` the four tasks (regression, classification, multilabel, caption),
 one module each behind one ``Task`` interface, by name; ``labels`` joins a labels CSV to the
-clips of a feature folder and splits them by source video; ``data`` holds the clips' sequences
+clips of a feature folder and splits them by source video; ``sequences`` holds the clips' sequences
 and pads batches; ``inputs`` checks all of that before a file is written; ``model`` holds the
 two models (``lstm``: LRCN, ``attention``: per-modality LSTM with attention pooling); ``loop``
 the one training loop of every task; ``folds`` k-fold cross-validation by source over it;

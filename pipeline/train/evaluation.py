@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from pipeline.train.config import ModelSpec
-from pipeline.train.data import ClipSequences
 from pipeline.train.inputs import Prepared
 from pipeline.train.model import SequenceModel, run_model
+from pipeline.train.sequences import ClipSequences
 from pipeline.train.tasks import get_task
 
 

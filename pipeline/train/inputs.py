@@ -15,7 +15,6 @@ from pipeline.device import check_device_name
 from pipeline.errors import UsageError
 from pipeline.shards import MODALITIES, TEXT, FeatureStore, open_features
 from pipeline.train.config import MODELS, POOLS, ModelSpec, TrainConfig
-from pipeline.train.data import ClipSequences, present_modalities, warn_empty_clips
 from pipeline.train.labels import (
     LabelledClips,
     LabelSpace,
@@ -25,6 +24,7 @@ from pipeline.train.labels import (
     split_by_fold,
     split_by_source,
 )
+from pipeline.train.sequences import ClipSequences, present_modalities, warn_empty_clips
 from pipeline.train.tasks import get_task, options_task
 
 

@@ -27,7 +27,6 @@ from pipeline.device import pick_device, torch_threads
 from pipeline.records import now_iso
 from pipeline.runner import progress
 from pipeline.train.config import ModelSpec, TrainConfig
-from pipeline.train.data import ClipSequences
 from pipeline.train.inputs import Prepared, model_spec, read_options
 from pipeline.train.metrics import improved
 from pipeline.train.model import SequenceModel, build_model
@@ -45,6 +44,7 @@ from pipeline.train.runs import (
     write_curves,
     write_metrics,
 )
+from pipeline.train.sequences import ClipSequences
 from pipeline.train.tasks import get_task, options_task
 
 

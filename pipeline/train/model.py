@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from pipeline.shards import TEXT
 from pipeline.train.config import ModelSpec
-from pipeline.train.data import ClipSequences, batches
+from pipeline.train.sequences import ClipSequences, batches
 from pipeline.train.tasks import get_task
 from pipeline.train.text_branch import TextCNN, TextGuidedScore, attend
 

@@ -15,12 +15,12 @@ from pipeline.files import atomic_path, atomic_write_text, sha256_of
 from pipeline.records import read_json
 from pipeline.shards import FeatureStore
 from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
-from pipeline.train.data import ClipSequences, present_modalities, warn_empty_clips
 from pipeline.train.evaluation import clip_sources, evaluate
 from pipeline.train.inputs import open_store
 from pipeline.train.labels import join_labels, read_labels
 from pipeline.train.model import run_model
 from pipeline.train.runs import load_run
+from pipeline.train.sequences import ClipSequences, present_modalities, warn_empty_clips
 from pipeline.train.tasks import get_task
 
 # Feature attributes that must agree between training and use for the numbers to mean anything.

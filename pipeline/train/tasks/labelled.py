@@ -123,7 +123,7 @@ class LabelTask(Task):
         return len(p.split_ids["train"])
 
     def train_batches(self, p: Prepared, order: list[int], batch_size: int):
-        from pipeline.train.data import batches
+        from pipeline.train.sequences import batches
 
         return batches(p.data["train"], p.targets["train"], batch_size, order)
 

@@ -18,8 +18,8 @@ from pipeline.device import pick_device
 from pipeline.errors import UsageError
 from pipeline.shards import FeatureStore
 from pipeline.train.config import ModelSpec
-from pipeline.train.data import ClipSequences, pad_batch
 from pipeline.train.model import to_device
+from pipeline.train.sequences import ClipSequences, pad_batch
 from pipeline.train.tasks.caption.captions import CaptionInput, read_captions
 from pipeline.train.tasks.caption.metrics import MAIN_METRIC, caption_metrics, java_present, meteor
 from pipeline.train.tasks.caption.model import CaptionModel, caption_loss
