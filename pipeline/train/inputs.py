@@ -30,10 +30,12 @@ from pipeline.train.tasks import get_task, options_task
 
 @dataclass
 class Prepared:
-    """The checked input of a run: clips per split, their targets, the label space."""
+    """The checked input of a run: its task and classes, clips per split and their targets
+    (a label task's; a caption run's are its (clip, caption) pairs, :class:`CaptionInput`)."""
 
     store: FeatureStore
-    space: LabelSpace
+    task: str
+    classes: list[str]
     task_reason: str
     modalities: list[str]
     dims: dict[str, int]
@@ -172,20 +174,19 @@ def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = Fa
     if not quiet:
         warn_empty_clips(store, list(joined.labels), mods, "vpipe train")
     attrs = {m: store.attrs(m) for m in mods}
-    return Prepared(store, space, reason, mods, dims, split_ids, targets, joined, attrs,
-                    cfg.max_frames, cfg.stream)
+    return Prepared(store, task, space.classes, reason, mods, dims, split_ids, targets, joined,
+                    attrs, cfg.max_frames, cfg.stream)
 
 
 def model_spec(cfg: TrainConfig, p: Prepared) -> ModelSpec:
-    """The model this run trains: the options with the modalities used, the label space, the
-    feature dims and identity, and the target scaling from the training split."""
-    task = p.space.task
+    """The model this run trains: the options with the modalities used, the task and its
+    classes, the feature dims and identity, and the target scaling from the training split."""
     return ModelSpec(
         config=replace(cfg, modalities=p.modalities),
-        task=task,
-        classes=p.space.classes,
+        task=p.task,
+        classes=p.classes,
         dims=p.dims,
-        target_norm=get_task(task).target_norm(p.targets["train"]),
+        target_norm=get_task(p.task).target_norm(p),
         feature_attrs=p.store_attrs,
         vpipe_version=__version__,
     )

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import UsageError
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
     from pipeline.shards import FeatureStore
@@ -74,7 +73,7 @@ class Task:
         """The width of the model's output for a run with these classes."""
         return len(classes)
 
-    def target_norm(self, train_targets: np.ndarray) -> tuple[float, float]:
+    def target_norm(self, p: Prepared) -> tuple[float, float]:
         """The (mean, std) targets are standardised with (none: ``(0, 1)``)."""
         return (0.0, 1.0)
 

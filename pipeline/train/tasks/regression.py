@@ -56,9 +56,9 @@ class Regression(LabelTask):
     def n_outputs(self, classes: list[str]) -> int:
         return 1
 
-    def target_norm(self, train_targets: np.ndarray) -> tuple[float, float]:
+    def target_norm(self, p) -> tuple[float, float]:
         # In float64: the float32 targets' std overflows (inf) for labels around 1e20.
-        t64 = train_targets.astype(np.float64)
+        t64 = p.targets["train"].astype(np.float64)
         return (float(t64.mean()), float(t64.std()) or 1.0)
 
     def loss(self, spec, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

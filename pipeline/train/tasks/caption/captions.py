@@ -9,13 +9,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.errors import UsageError
 from pipeline.files import csv_rows, read_user_text
 from pipeline.train.config import TrainConfig
 from pipeline.train.inputs import Prepared, check_config, open_store, resolve_modalities
-from pipeline.train.labels import SPLITS, LabelRow, LabelSpace, join_labels, split_by_source
+from pipeline.train.labels import SPLITS, LabelRow, join_labels, split_by_source
 from pipeline.train.tasks.caption.vocab import Vocabulary, tokenize
 
 
@@ -129,11 +127,10 @@ def prepare_captions(features: Path, captions_csv: Path, cfg: TrainConfig,
             "times; lower --min-count or give more captions"
         )
     refs = {c: [" ".join(w) for w in words_of[c]] for c in joined.labels}
-    space = LabelSpace("caption", vocab.words)
     attrs = {m: store.attrs(m) for m in mods}
-    targets = {s: np.zeros((len(ids),), np.float32) for s, ids in split_ids.items()}  # unused
+    # The vocabulary is the model's output classes; the targets are the pairs, not one a clip.
     return CaptionInput(
-        store, space, "given by --task", mods, {m: store.dim(m) for m in mods}, split_ids, targets,
-        joined, attrs, cfg.max_frames, cfg.stream, refs=refs, pairs=pairs, vocab=vocab,
-        dropped=len(dropped),
+        store, "caption", vocab.words, "given by --task", mods, {m: store.dim(m) for m in mods},
+        split_ids, {}, joined, attrs, cfg.max_frames, cfg.stream, refs=refs, pairs=pairs,
+        vocab=vocab, dropped=len(dropped),
     )
