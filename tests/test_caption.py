@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,9 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
 from pipeline.cli import main
-from pipeline.train.caption_metrics import bleu, caption_metrics, cider_d, rouge_l
 from pipeline.train.runs import load_run
-from pipeline.train.vocab import Vocabulary, tokenize
+from pipeline.train.tasks.caption.metrics import bleu, caption_metrics, cider_d, rouge_l
+from pipeline.train.tasks.caption.vocab import Vocabulary, tokenize
 
 TRAIN = ["--task", "caption", "--hidden", "64", "--lr", "3e-3", "--epochs", "15",
          "--device", "cpu", "--quiet"]
@@ -140,7 +141,7 @@ def test_beam_1_is_greedy_and_beam_3_agrees_on_a_clear_task(trained, synth_set) 
     model, spec = load_run(run)
     model.eval()
     from pipeline.shards import open_features
-    from pipeline.train.data import ClipSequences, pad_batch
+    from pipeline.train.sequences import ClipSequences, pad_batch
 
     with open_features(root / "feats") as store:
         ids = store.clip_ids[:6]
@@ -171,6 +172,65 @@ def test_a_finished_run_is_reported_complete(trained, synth_set, capsys) -> None
     assert main([a for a in args if a != "--quiet"]) == 0
     assert "is already complete" in capsys.readouterr().err
     assert json.loads((run / "summary.json").read_text()) == s
+
+
+def _as_before_issue_25(run: Path) -> None:
+    """Rewrite a run's recorded options as vpipe wrote them when one --attention served both
+    models (the decoder's soft|none in ``attention``, no ``caption_attention``)."""
+    import torch
+
+    def old(options: dict) -> dict:
+        return {**{k: v for k, v in options.items() if k != "caption_attention"},
+                "attention": options["caption_attention"]}
+
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["config"] = old(cfg["config"])
+    (run / "config.json").write_text(json.dumps(cfg))
+    for name in ("best.pt", "last.pt"):
+        ck = torch.load(run / name, weights_only=True)
+        ck["meta"]["config"] = old(ck["meta"]["config"])
+        torch.save(ck, run / name)
+
+
+def test_a_run_and_a_command_of_the_old_attention_spelling_still_work(trained, synth_set,
+                                                                      tmp_path, capsys) -> None:
+    run, s = trained
+    root, csv_path, _, _ = synth_set
+    before = tmp_path / "run"
+    shutil.copytree(run, before)
+    _as_before_issue_25(before)
+    args = ["train", str(root / "feats"), "--labels", str(csv_path), "-o", str(before),
+            *[a for a in TRAIN if a != "--quiet"]]
+    assert main([*args, "--attention", "soft"]) == 0  # the command of then
+    err = capsys.readouterr().err
+    assert "note: --attention soft is read as --caption-attention soft" in err
+    assert "is already complete" in err
+    assert main([*args, "--caption-attention", "soft"]) == 0  # today's
+    assert "is already complete" in capsys.readouterr().err
+    preds = [tmp_path / "now.jsonl", tmp_path / "then.jsonl"]
+    for r, out in zip((run, before), preds, strict=True):
+        assert main(["predict", str(r), str(root / "feats"), "-o", str(out), "--device", "cpu",
+                     "--quiet"]) == 0
+    assert preds[0].read_text() == preds[1].read_text()
+    assert main([*args, "--caption-attention", "none"]) == 2  # another decoder: refused
+    assert "caption_attention: 'soft' -> 'none'" in capsys.readouterr().err
+
+
+def test_captions_without_val_clips_train_through_the_one_loop(synth_set, tmp_path,
+                                                              capsys) -> None:
+    # The caption task once had its own copy of the epoch loop, without this note.
+    root, _, splits, refs = synth_set
+    no_val = {c: "train" if s == "val" else s for c, s in splits.items()}
+    csv_path = write_captions(tmp_path / "no-val.csv", refs, no_val)
+    out = tmp_path / "run"
+    args = [a for a in TRAIN if a != "--quiet"]
+    assert main(["train", str(root / "feats"), "--labels", str(csv_path), "-o", str(out), *args,
+                 "--epochs", "2", "--hidden", "16", "--beam", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "note: no validation clips; best.pt and early stopping follow the train loss" in err
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["main_metric"], s["val"], s["epochs_run"]) == ("cider", {}, 2)
+    assert (out / "curves.png").is_file() and (out / "vocab.json").is_file()
 
 
 # --------------------------------------------------------------------------- bad input
@@ -253,6 +313,8 @@ def test_only_unknown_words_and_bad_options_are_usage_errors(synth_set, tmp_path
     assert main(["train", feats, "--labels", str(csv_path), "-o", str(out), *TRAIN]) == 2
     assert "no training caption has a word seen --min-count 2 times" in capsys.readouterr().err
     for opt, msg in [(["--attention", "hard"], "--attention 'hard'"),
+                     (["--attention", "text-guided"], "a caption model takes --caption-attention"),
+                     (["--caption-attention", "hard"], "--caption-attention 'hard'"),
                      (["--beam", "0"], "--beam must be at least 1")]:
         assert main(["train", feats, "--labels", str(csv_path), "-o", str(out), *TRAIN,
                      *opt]) == 2

@@ -123,3 +123,35 @@ def test_workflow_does_not_import_the_cli() -> None:
     reach = {m: sorted(d for d in deps if d == "pipeline.cli" or d.startswith("pipeline.cli."))
              for m, deps in graph.items() if m.startswith("pipeline.workflow")}
     assert reach == {m: [] for m in reach}
+
+
+TASK_NAMES = {"regression", "classification", "multilabel", "caption"}
+TASKS_PACKAGE = PACKAGE / "train" / "tasks"
+
+
+def task_comparisons(tree: ast.AST) -> list[int]:
+    """Lines of ``==``/``!=``/``in``/``not in`` comparisons of a task: a ``task`` name or
+    attribute, or a task's name as a string, on either side."""
+    def is_task(node: ast.AST) -> bool:
+        return ((isinstance(node, ast.Name) and node.id == "task")
+                or (isinstance(node, ast.Attribute) and node.attr == "task")
+                or (isinstance(node, ast.Constant) and node.value in TASK_NAMES))
+
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Compare)
+            and any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)) for op in node.ops)
+            and any(is_task(n) for n in [node.left, *node.comparators])]
+
+
+def test_no_module_outside_train_tasks_compares_a_task_name() -> None:
+    # Shared code asks the task object (tasks.get_task); only a task's own module knows it.
+    offenders = [f"{path.relative_to(PACKAGE.parent)}:{line}"
+                 for path in sorted(PACKAGE.rglob("*.py")) if TASKS_PACKAGE not in path.parents
+                 for line in task_comparisons(ast.parse(path.read_text(encoding="utf-8")))]
+    assert offenders == []
+
+
+def test_the_task_comparison_finder_sees_each_spelling() -> None:
+    code = ('if spec.task == "caption": pass\nif task != x: pass\nif "multilabel" in t: pass\n'
+            'if cfg.task is None: pass\nif task not in TASKS: pass\n')
+    assert task_comparisons(ast.parse(code)) == [1, 2, 3, 5]

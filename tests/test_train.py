@@ -22,8 +22,8 @@ from pipeline.cli import main
 from pipeline.shards import open_features
 from pipeline.train import TrainConfig, evaluate_run, predict_run, train
 from pipeline.train.config import NOT_OPTIONS
-from pipeline.train.data import pad_batch
 from pipeline.train.model import SequenceModel
+from pipeline.train.sequences import pad_batch
 from pipeline.train.synthetic import make_feature_set, write_labels
 
 # Small and fast: ~100 clips of 6-14 steps, D=16; a few seconds of CPU per run.
@@ -1083,3 +1083,20 @@ def test_predict_and_evaluate_stream_give_what_they_give_in_ram(sets, tmp_path, 
     metrics = [json.loads((tmp_path / f"{h}.json").read_text())["metrics"]
                for h in ("ram", "stream")]
     assert metrics[0] == metrics[1]
+
+
+def test_the_old_attention_spellings_are_read_as_today_s() -> None:
+    # Before issue 25 one --attention served both models: soft (its default) meant self for
+    # the attention model, and soft|none were the caption decoder's. Commands, workflows and
+    # recorded runs of then are read so, a command's with a note.
+    from pipeline.train.tasks import get_task, options_task
+
+    cfg, notes = options_task(None).read_options(TrainConfig(model="attention", attention="soft"))
+    assert (cfg.attention, notes) == ("self", ["--attention soft is read as self (its old "
+                                               "spelling)"])
+    cfg, notes = get_task("caption").read_options(TrainConfig(task="caption", attention="none"))
+    assert (cfg.attention, cfg.caption_attention, len(notes)) == ("self", "none", 1)
+    assert options_task("regression").read_options(TrainConfig()) == (TrainConfig(), [])
+    assert get_task("multilabel").upgrade_options({"attention": "soft"}) == {"attention": "self"}
+    assert get_task("caption").upgrade_options({"attention": "none"}) == {
+        "attention": "self", "caption_attention": "none"}

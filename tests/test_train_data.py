@@ -7,14 +7,14 @@ import pytest
 
 from pipeline.errors import UsageError
 from pipeline.shards import ClipFeatures, ShardWriter, open_features, rebuild_index
-from pipeline.train.data import (
+from pipeline.train.labels import LabelSpace, infer_task, join_labels, read_labels, split_by_source
+from pipeline.train.sequences import (
     ClipSequences,
     pad_batch,
     present_modalities,
     sample_uniform,
     warn_empty_clips,
 )
-from pipeline.train.labels import LabelSpace, infer_task, join_labels, read_labels, split_by_source
 from pipeline.train.synthetic import make_feature_set, write_labels
 
 

@@ -164,11 +164,16 @@ def train(
     attention: Annotated[
         str,
         typer.Option("--attention", help="--model attention: self (each step scored from its "
-                     "own LSTM output; soft is the same) or text-guided (scored against the "
-                     "title's TextCNN vector: needs text in the store). caption: soft (the "
-                     "decoder attends over the encoded frames at each word, as SA-LSTM) or none "
-                     "(mean-pooled features start it)."),
+                     "own LSTM output) or text-guided (scored against the title's TextCNN "
+                     "vector: needs text in the store). Old spellings still run, with a note: "
+                     "soft is self; with --task caption, soft or none is --caption-attention."),
     ] = TrainConfig.attention,
+    caption_attention: Annotated[
+        str,
+        typer.Option("--caption-attention", help="caption: soft (the decoder attends over the "
+                     "encoded frames at each word, as SA-LSTM) or none (mean-pooled features "
+                     "start it)."),
+    ] = TrainConfig.caption_attention,
     beam: Annotated[
         int, typer.Option("--beam", help="caption: beam width of decoding (1: greedy).")
     ] = TrainConfig.beam,
@@ -202,9 +207,9 @@ def train(
     one fold's run.
     """
     preload_torch()
-    from pipeline.train import train, train_captions, train_folds
+    from pipeline.train import train, train_folds
 
-    train_run = train_folds if folds else train_captions if task == "caption" else train
+    train_run = train_folds if folds else train  # the task (given or inferred) does the rest
 
     cfg = TrainConfig(
         task=task,
@@ -232,6 +237,7 @@ def train(
         stream=stream,
         threads=threads,
         attention=attention,
+        caption_attention=caption_attention,
         beam=beam,
         min_count=min_count,
         max_words=max_words,

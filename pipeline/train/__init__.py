@@ -1,15 +1,15 @@
 """Train sequence models on cached feature shards, never decoding video again.
 
 ``config`` holds the plain values (``TrainConfig``: the options; ``ModelSpec``: what a checkpoint
-says the model is); ``labels`` joins a labels CSV to the clips of a feature folder and splits
-them by source video; ``data`` holds the clips' sequences and pads batches; ``inputs`` checks all
-of that before a file is written; ``model`` holds the two models (``lstm``: LRCN,
-``attention``: per-modality LSTM with attention pooling) and how their outputs are read;
-``loop`` the one training loop; ``folds`` k-fold cross-validation by source over it;
-``evaluation`` and ``metrics`` the per-task figures and the run's
-summary; ``runs`` the run folder (checkpoints, resume checks, metrics.jsonl, curves.png);
-``predict`` evaluation and prediction from a run; ``synthetic`` feature sets with known answers
-for tests and demos.
+says the model is); ``tasks`` the four tasks (regression, classification, multilabel, caption),
+one module each behind one ``Task`` interface, by name; ``labels`` joins a labels CSV to the
+clips of a feature folder and splits them by source video; ``sequences`` holds the clips' sequences
+and pads batches; ``inputs`` checks all of that before a file is written; ``model`` holds the
+two models (``lstm``: LRCN, ``attention``: per-modality LSTM with attention pooling); ``loop``
+the one training loop of every task; ``folds`` k-fold cross-validation by source over it;
+``evaluation`` and ``metrics`` the figures and the run's summary; ``runs`` the run folder
+(checkpoints, resume checks, metrics.jsonl, curves.png); ``predict`` evaluation and prediction
+from a run; ``synthetic`` feature sets with known answers for tests and demos.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline.train.caption import train_captions
     from pipeline.train.config import TrainConfig
     from pipeline.train.folds import train_folds
     from pipeline.train.inputs import prepare
-    from pipeline.train.loop import train
+    from pipeline.train.loop import train, train_captions
     from pipeline.train.predict import evaluate_run, predict_run
     from pipeline.train.runs import load_run
 
@@ -32,7 +31,7 @@ _HOME = {
     "TrainConfig": "pipeline.train.config",
     "prepare": "pipeline.train.inputs",
     "train": "pipeline.train.loop",
-    "train_captions": "pipeline.train.caption",
+    "train_captions": "pipeline.train.loop",
     "train_folds": "pipeline.train.folds",
     "evaluate_run": "pipeline.train.predict",
     "predict_run": "pipeline.train.predict",

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-TASKS = ("regression", "classification", "multilabel", "caption")
-ATTENTION = ("soft", "none")  # the caption decoder: soft attention over frames, or mean-pooled
-# The attention model's pooling: each step scored from its own LSTM output (self; "soft", the
-# option's default, means the same) or against the title's TextCNN vector (text-guided).
-TEXT_GUIDED = "text-guided"
-POOLING_ATTENTION = ("self", "soft", TEXT_GUIDED)
+# The attention model's pooling (--attention): each step scored from its own LSTM output
+# (self) or against the title's TextCNN vector (text-guided).
+SELF, TEXT_GUIDED = "self", "text-guided"
+POOLING_ATTENTION = (SELF, TEXT_GUIDED)
+# The caption decoder (--caption-attention): soft attention over the frames, or mean-pooled.
+CAPTION_ATTENTION = ("soft", "none")
+# Before the two were split, --attention took both: soft (the default) meant self for the
+# attention model, and soft|none were the caption decoder's; runs and workflows of then are
+# read so (tasks.Task.read_options, upgrade_options).
+OLD_SELF = "soft"
 MODELS = ("lstm", "attention")
 POOLS = ("last", "mean")  # the lstm model's head; the attention model pools by attention
 CHECKPOINTS = ("best", "last")  # the checkpoints of a run that evaluate and predict may use
@@ -57,9 +61,10 @@ class TrainConfig:
     device: str = "auto"
     stream: bool = False  # read features from HDF5 per batch instead of holding them in RAM
     threads: int = 0  # torch threads; 0: half the cores, 1 to 4 (device.default_threads)
+    attention: str = SELF  # the attention model's pooling: self | text-guided (the title steers)
     # caption task (--task caption): the decoder and its vocabulary
-    attention: str = "soft"  # soft: attention over the encoded frames per word; none: mean-pooled
-    # (the attention model: self = soft, or text-guided: the title steers the pooling)
+    caption_attention: str = "soft"  # soft: attention over the encoded frames per word; none:
+    # the mean-pooled features start the decoder
     beam: int = 3  # beam width of decoding (1: greedy)
     min_count: int = 2  # a training word seen fewer times is <unk>
     max_words: int = 20  # captions cut to this many words in training; decoding stops there
@@ -84,10 +89,6 @@ class ModelSpec:
     @property
     def modalities(self) -> list[str]:
         return list(self.dims)
-
-    @property
-    def n_outputs(self) -> int:
-        return 1 if self.task == "regression" else len(self.classes)  # caption: the vocabulary
 
     def to_dict(self) -> dict:
         """Plain values only, as ``torch.load(weights_only=True)`` and JSON accept them."""

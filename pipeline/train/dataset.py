@@ -10,7 +10,7 @@
 
 Labels are matched as ``vpipe train`` matches them (a clip's own id, else its source's; file
 stems made safe), and clips without one are left out. The sequences are the same
-:class:`~pipeline.train.data.ClipSequences` the trainer reads (in RAM, or per item with
+:class:`~pipeline.train.sequences.ClipSequences` the trainer reads (in RAM, or per item with
 ``stream=True``), uniformly subsampled to ``max_frames`` when it is set.
 """
 
@@ -25,7 +25,7 @@ import torch
 
 from pipeline.errors import UsageError
 from pipeline.shards import open_features
-from pipeline.train.data import ClipSequences, pad_batch
+from pipeline.train.sequences import ClipSequences, pad_batch
 
 
 class FeatureDataset(torch.utils.data.Dataset):

@@ -10,16 +10,15 @@ import numpy as np
 import torch
 
 from pipeline.train.config import ModelSpec
-from pipeline.train.data import ClipSequences
 from pipeline.train.inputs import Prepared
-from pipeline.train.metrics import MAIN_METRIC, task_metrics
 from pipeline.train.model import SequenceModel, run_model
+from pipeline.train.sequences import ClipSequences
+from pipeline.train.tasks import get_task
 
 
 def run_metrics(spec: ModelSpec, outputs: np.ndarray, targets: np.ndarray) -> dict:
     """Task metrics of ``outputs``, with the run's top_k, threshold and training mean."""
-    return task_metrics(
-        spec.task,
+    return get_task(spec.task).metrics(
         outputs,
         targets,
         train_mean=spec.target_norm[0],
@@ -58,13 +57,7 @@ def by_source(task: str, outputs: np.ndarray, targets: np.ndarray, sources: list
     outs, ys = [], []
     for ks in rows.values():
         outs.append(outputs[ks].mean(0))
-        t = targets[ks]
-        if task == "regression":
-            ys.append(t.mean())
-        elif task == "classification":
-            ys.append(np.bincount(t).argmax())
-        else:
-            ys.append(t.max(0))
+        ys.append(get_task(task).source_target(targets[ks]))
     return np.stack(outs), np.asarray(ys, dtype=targets.dtype)
 
 
@@ -83,13 +76,7 @@ def clip_sources(store, ids: list[str]) -> list[str]:
 
 def baseline_outputs(task: str, train_targets: np.ndarray, n: int, n_classes: int) -> np.ndarray:
     """The trivial predictor: the training mean, class frequencies or tag frequencies."""
-    if task == "regression":
-        return np.full(n, float(train_targets.mean()))
-    if task == "classification":
-        prior = np.bincount(train_targets, minlength=n_classes) / len(train_targets)
-    else:
-        prior = train_targets.mean(0)
-    return np.tile(prior, (n, 1))
+    return get_task(task).baseline(train_targets, n, n_classes)
 
 
 def summarise(
@@ -122,7 +109,7 @@ def summarise(
         "task_source": p.task_reason,
         "model": spec.config.model,
         "modalities": spec.modalities,
-        "main_metric": MAIN_METRIC[spec.task][0],
+        "main_metric": get_task(spec.task).main_metric,
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "stopped_early": stopped,
@@ -161,7 +148,8 @@ def caveats(summary: dict) -> list[str]:
             out.append(f"the {split} split holds {n} source{'s' if n > 1 else ''}: its figures "
                        f"say little (at least {MIN_SOURCES} would; label more sources or "
                        f"{remedy})")
-    name, higher = MAIN_METRIC[summary["task"]]
+    task = get_task(summary["task"])
+    name, higher = task.main_metric, task.higher_is_better
     side = "test" if summary["test"] else "val" if summary["val"] else None
     if side is not None:
         got = summary[side].get("source", {}).get(name)

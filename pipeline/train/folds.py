@@ -29,9 +29,8 @@ from pipeline.errors import UsageError
 from pipeline.files import atomic_write_text, clean_temp_files, remove
 from pipeline.records import now_iso, read_run_info
 from pipeline.train.config import TrainConfig
-from pipeline.train.inputs import model_spec, open_store, prepare
+from pipeline.train.inputs import model_spec, open_store, prepare, read_options
 from pipeline.train.loop import train_prepared
-from pipeline.train.metrics import MAIN_METRIC
 from pipeline.train.predict import prediction_lines
 from pipeline.train.runs import (
     check_same_inputs,
@@ -44,6 +43,7 @@ from pipeline.train.runs import (
     run_params,
     write_run_info,
 )
+from pipeline.train.tasks import get_task
 
 STD_DDOF = 0  # the std over folds is numpy's default, the population std
 
@@ -66,8 +66,8 @@ def train_folds(
     """Cross-validate over ``cfg.folds`` groups of sources; writes ``OUT/fold-1..K`` and the
     folds' summary, and returns that summary (``already_complete`` when no fold trained)."""
     out = Path(out)
-    if cfg.task == "caption":
-        raise UsageError("--folds is not supported with --task caption (train one "
+    if cfg.task is not None and not get_task(cfg.task).supports_folds:
+        raise UsageError(f"--folds is not supported with --task {cfg.task} (train one "
                          "train/val/test split, e.g. with --test-fraction)")
     if cfg.folds < 2:
         raise UsageError("--folds must be at least 2 (or 0: one train/val/test split)")
@@ -78,6 +78,7 @@ def train_folds(
 def _train_folds(features: Path, labels_csv: Path, out: Path, cfg: TrainConfig, resume: bool,
                  overwrite: bool, quiet: bool) -> dict:
     # Everything is checked once, with its notes said once, before anything is written.
+    cfg = read_options(cfg, quiet)
     first = prepare(features, labels_csv, replace(cfg, fold=1), quiet)
     spec = model_spec(replace(cfg, fold=1), first)
     fingerprint = features_fingerprint(first.store, list(first.joined.labels),
@@ -242,7 +243,8 @@ def folds_caveats(summary: dict) -> list[str]:
     for text, ks in by_text.items():
         which = f"fold {ks[0]}" if len(ks) == 1 else f"folds {', '.join(map(str, ks))}"
         out.append(f"{which}: {text}")
-    name, higher = MAIN_METRIC[summary["task"]]
+    task = get_task(summary["task"])
+    name, higher = task.main_metric, task.higher_is_better
     got = summary["mean"]["test"].get("source", {}).get(name)
     base = summary["mean"]["baseline"].get("source", {}).get(name)
     if got is not None and base is not None and (got <= base if higher else got >= base):

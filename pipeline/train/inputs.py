@@ -14,16 +14,7 @@ from pipeline import __version__
 from pipeline.device import check_device_name
 from pipeline.errors import UsageError
 from pipeline.shards import MODALITIES, TEXT, FeatureStore, open_features
-from pipeline.train.config import (
-    MODELS,
-    POOLING_ATTENTION,
-    POOLS,
-    TASKS,
-    TEXT_GUIDED,
-    ModelSpec,
-    TrainConfig,
-)
-from pipeline.train.data import ClipSequences, present_modalities, warn_empty_clips
+from pipeline.train.config import MODELS, POOLS, ModelSpec, TrainConfig
 from pipeline.train.labels import (
     LabelledClips,
     LabelSpace,
@@ -33,14 +24,18 @@ from pipeline.train.labels import (
     split_by_fold,
     split_by_source,
 )
+from pipeline.train.sequences import ClipSequences, present_modalities, warn_empty_clips
+from pipeline.train.tasks import get_task, options_task
 
 
 @dataclass
 class Prepared:
-    """The checked input of a run: clips per split, their targets, the label space."""
+    """The checked input of a run: its task and classes, clips per split and their targets
+    (a label task's; a caption run's are its (clip, caption) pairs, :class:`CaptionInput`)."""
 
     store: FeatureStore
-    space: LabelSpace
+    task: str
+    classes: list[str]
     task_reason: str
     modalities: list[str]
     dims: dict[str, int]
@@ -69,10 +64,17 @@ def _positive(x: float) -> bool:
     return math.isfinite(x) and x > 0
 
 
+def read_options(cfg: TrainConfig, quiet: bool = False) -> TrainConfig:
+    """The options as the run's task reads them, an old spelling said in a note."""
+    cfg, notes = options_task(cfg.task).read_options(cfg)
+    for note in notes if not quiet else []:
+        print(f"vpipe train: note: {note}", file=sys.stderr)
+    return cfg
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Reject option values that cannot work, before anything is read."""
-    if cfg.task is not None and cfg.task not in TASKS:
-        raise UsageError(f"--task {cfg.task!r}: choose one of {', '.join(TASKS)}")
+    task = options_task(cfg.task)  # an unknown --task is refused here
     if cfg.model not in MODELS:
         raise UsageError(f"--model {cfg.model!r}: choose one of {', '.join(MODELS)}")
     if cfg.pool not in POOLS:
@@ -101,13 +103,7 @@ def check_config(cfg: TrainConfig) -> None:
     if not 0 <= cfg.dropout < 1:
         raise UsageError("--dropout must be in [0, 1)")
     check_device_name(cfg.device)
-    pooling = cfg.task != "caption" and cfg.model == "attention"
-    if pooling and cfg.attention not in POOLING_ATTENTION:
-        raise UsageError(f"--attention {cfg.attention!r}: the attention model takes self or "
-                         "text-guided")
-    if cfg.task != "caption" and cfg.model != "attention" and cfg.attention == TEXT_GUIDED:
-        raise UsageError("--attention text-guided is the attention model's: add --model "
-                         "attention")
+    task.check_options(cfg)
 
 
 def open_store(features: str | Path) -> FeatureStore:
@@ -137,16 +133,7 @@ def resolve_modalities(store: FeatureStore, cfg: TrainConfig, features: Path) ->
             f"{features}: no {' or '.join(absent or MODALITIES)} features in these shards "
             f"(present: {', '.join(present) or 'none'})"
         )
-    if cfg.task != "caption" and cfg.attention == TEXT_GUIDED:
-        if TEXT not in present:
-            raise UsageError(f"--attention text-guided: {features} has no text features (make "
-                             "them with `vpipe features --text FILE`)")
-        if TEXT not in mods:
-            raise UsageError("--attention text-guided steers by the title: add text to "
-                             "--modalities")
-        if mods == [TEXT]:
-            raise UsageError("--attention text-guided steers the image/audio pooling: add "
-                             "image or audio to --modalities")
+    options_task(cfg.task).check_modalities(cfg, present, mods, features)
     return mods
 
 
@@ -187,25 +174,19 @@ def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = Fa
     if not quiet:
         warn_empty_clips(store, list(joined.labels), mods, "vpipe train")
     attrs = {m: store.attrs(m) for m in mods}
-    return Prepared(store, space, reason, mods, dims, split_ids, targets, joined, attrs,
-                    cfg.max_frames, cfg.stream)
+    return Prepared(store, task, space.classes, reason, mods, dims, split_ids, targets, joined,
+                    attrs, cfg.max_frames, cfg.stream)
 
 
 def model_spec(cfg: TrainConfig, p: Prepared) -> ModelSpec:
-    """The model this run trains: the options with the modalities used, the label space, the
-    feature dims and identity, and the target scaling from the training split."""
-    task = p.space.task
-    # In float64: the float32 targets' std overflows (inf) for labels around 1e20.
-    t64 = p.targets["train"].astype(np.float64)
-    target_norm = (
-        (float(t64.mean()), float(t64.std()) or 1.0) if task == "regression" else (0.0, 1.0)
-    )
+    """The model this run trains: the options with the modalities used, the task and its
+    classes, the feature dims and identity, and the target scaling from the training split."""
     return ModelSpec(
         config=replace(cfg, modalities=p.modalities),
-        task=task,
-        classes=p.space.classes,
+        task=p.task,
+        classes=p.classes,
         dims=p.dims,
-        target_norm=target_norm,
+        target_norm=get_task(p.task).target_norm(p),
         feature_attrs=p.store_attrs,
         vpipe_version=__version__,
     )

@@ -22,6 +22,7 @@ from pipeline.errors import UsageError
 from pipeline.files import csv_rows, read_user_text
 from pipeline.ids import sanitize_id
 from pipeline.shards import FeatureStore
+from pipeline.train.tasks import get_task
 
 SPLITS = ("train", "val", "test")
 _TAG_SEP = re.compile(r"[|,]")
@@ -116,7 +117,7 @@ def _read_rows(path: Path, text: str) -> dict[str, LabelRow]:
     return rows
 
 
-def _is_number(s: str) -> bool:
+def is_number(s: str) -> bool:
     try:
         float(s)
     except ValueError:
@@ -127,7 +128,7 @@ def _is_number(s: str) -> bool:
 def infer_task(labels: Sequence[str]) -> tuple[str, str]:
     """Guess the task from the label values; returns (task, the reason, said to the user)."""
     values = [v for v in labels if v]
-    if values and all(_is_number(v) for v in values):
+    if values and all(is_number(v) for v in values):
         return "regression", "every label is a number (use --task classification for class numbers)"
     if any(_TAG_SEP.search(v) for v in values):
         return "multilabel", "some labels hold several names separated by '|' or ','"
@@ -140,67 +141,19 @@ def split_tags(label: str) -> list[str]:
 
 @dataclass
 class LabelSpace:
-    """The task and its vocabulary: encodes a label string into the model's target."""
+    """The task and its classes: encodes a label string into the model's target (the task,
+    ``tasks.get_task(task)``, says how)."""
 
     task: str
     classes: list[str] = field(default_factory=list)
 
-    @property
-    def n_outputs(self) -> int:
-        return 1 if self.task == "regression" else len(self.classes)
-
     def encode(self, label: str) -> np.ndarray:
-        if self.task == "regression":
-            return np.array(float(label), np.float32)
-        if self.task == "classification":
-            return np.array(self.classes.index(label), np.int64)
-        y = np.zeros(len(self.classes), np.float32)
-        for t in split_tags(label):
-            y[self.classes.index(t)] = 1.0
-        return y
+        return get_task(self.task).encode(label, self.classes)
 
     @classmethod
     def build(cls, task: str, labels: dict[str, str]) -> LabelSpace:
-        """Check the labels for ``task`` (numbers, NaN, one class) and collect the vocabulary."""
-        where = ", ".join(list(labels)[:3])
-        if task == "regression":
-            bad = [i for i, v in labels.items() if not _is_number(v)]
-            if bad:
-                raise UsageError(
-                    f"regression needs numeric labels: {len(bad)} are not "
-                    f"(e.g. {bad[0]}={labels[bad[0]]!r})"
-                )
-            nan = [i for i, v in labels.items() if not math.isfinite(float(v))]
-            if nan:
-                raise UsageError(
-                    f"{len(nan)} regression targets are NaN or infinite (e.g. {', '.join(nan[:3])})"
-                )
-            # Targets are float32: a finite 1e39 became inf there and every loss NaN.
-            big = [i for i, v in labels.items() if not fits_float32(float(v))]
-            if big:
-                raise UsageError(
-                    f"{len(big)} regression targets are beyond the float32 range "
-                    f"(±{FLOAT32_MAX:.3g}; e.g. {big[0]}={labels[big[0]]!r}); rescale the labels"
-                )
-            if len({float(v) for v in labels.values()}) < 2:
-                raise UsageError(f"every regression target is the same value ({where} …)")
-            return cls(task)
-        if task == "classification":
-            empty = [i for i, v in labels.items() if not v]
-            if empty:
-                raise UsageError(
-                    f"{len(empty)} labels are empty (e.g. {', '.join(empty[:3])}); "
-                    "use --task multilabel for clips without tags"
-                )
-            classes = sorted(set(labels.values()))
-        else:
-            classes = sorted({t for v in labels.values() for t in split_tags(v)})
-        if len(classes) < 2:
-            raise UsageError(
-                f"{task} needs at least two classes; the labelled clips only have "
-                f"{classes[0] if classes else 'none'!r}"
-            )
-        return cls(task, classes)
+        """Check the labels for ``task`` (numbers, NaN, one class) and collect the classes."""
+        return cls(task, get_task(task).check_labels(labels))
 
 
 # --------------------------------------------------------------------------- joining to clips

@@ -1,10 +1,12 @@
 """The training loop: ``train(features, labels, out, config)`` and the epoch loop, :func:`fit`.
 
 The run folder's lock is taken first (a second copy is refused at once); everything that can be
-wrong with the input is then checked by :func:`inputs.prepare` before anything is written there
+wrong with the input is then checked by the task's ``prepare`` before anything is written there
 (a folder made only for the lock is removed again), so a bad labels file never leaves a
-half-written run behind. Each epoch trains on the training clips in an order drawn from (seed,
-epoch), evaluates val and test, rewrites ``metrics.jsonl`` and ``curves.png``, and saves
+half-written run behind. The loop is every task's (captions included): the task
+(``tasks.get_task``) gives its batches, loss, figures and summary. Each epoch trains on the
+task's training items (clips, or caption pairs) in an order drawn from (seed, epoch), evaluates
+val, rewrites ``metrics.jsonl`` (``curves.png`` every 30 s and at the end), and saves
 ``last.pt`` (with optimizer and RNG states, so ``--resume`` continues exactly) and ``best.pt``
 when the validation metric improves. The final figures come from ``best.pt``. ``vpipe.json``
 is written when training starts and stamped with the end time and the counts (in epochs) when
@@ -15,22 +17,19 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.device import pick_device, torch_threads
-from pipeline.errors import UsageError
 from pipeline.records import now_iso
 from pipeline.runner import progress
 from pipeline.train.config import ModelSpec, TrainConfig
-from pipeline.train.data import ClipSequences, batches
-from pipeline.train.evaluation import evaluate, summarise
-from pipeline.train.inputs import Prepared, model_spec, prepare
-from pipeline.train.metrics import MAIN_METRIC, improved
-from pipeline.train.model import SequenceModel, build_model, loss_of, to_device
+from pipeline.train.inputs import Prepared, model_spec, read_options
+from pipeline.train.metrics import improved
+from pipeline.train.model import SequenceModel, build_model
 from pipeline.train.runs import (
     features_fingerprint,
     finish_run_folder,
@@ -45,6 +44,8 @@ from pipeline.train.runs import (
     write_curves,
     write_metrics,
 )
+from pipeline.train.sequences import ClipSequences
+from pipeline.train.tasks import get_task, options_task
 
 
 @dataclass
@@ -70,25 +71,18 @@ def train(
     overwrite: bool = False,
     quiet: bool = False,
 ) -> dict:
-    """Train a model on cached features; writes the run folder and returns its summary."""
+    """Train a model on cached features; writes the run folder and returns its summary.
+    ``labels_csv`` is the task's table: labels, or captions for ``--task caption``."""
     out = Path(out)
     with run_folder_lock(out, [features, labels_csv]), torch_threads(cfg.threads):
-        if cfg.task == "caption":  # the caption module builds on this one
-            raise UsageError("captions are trained by pipeline.train.train_captions")
-        return _train(features, labels_csv, out, cfg, resume, overwrite, quiet)
+        # Unknown options, the labels' task (given or inferred) and its input: all checked here.
+        cfg = read_options(cfg, quiet)
+        p = options_task(cfg.task).prepare(Path(features), Path(labels_csv), cfg, quiet)
+        return train_prepared(p, features, labels_csv, out, cfg, resume, overwrite, quiet)
 
 
-def _train(
-    features: str | Path,
-    labels_csv: str | Path,
-    out: Path,
-    cfg: TrainConfig,
-    resume: bool,
-    overwrite: bool,
-    quiet: bool,
-) -> dict:
-    p = prepare(Path(features), Path(labels_csv), cfg, quiet)
-    return train_prepared(p, features, labels_csv, out, cfg, resume, overwrite, quiet)
+# Captions train through train() as every task does; the name stays for existing callers.
+train_captions = train
 
 
 def train_prepared(
@@ -104,6 +98,7 @@ def train_prepared(
     """The run of checked input ``p`` in ``out`` (its lock held): resumed, reported complete
     or trained; closes ``p``'s store. One run, or one fold of ``train_folds``."""
     spec = model_spec(cfg, p)
+    task = get_task(spec.task)
     cfg = spec.config  # the options with the modalities used
     fingerprint = features_fingerprint(p.store, list(p.joined.labels), p.store_attrs, p.dims)
     params = run_params(cfg, Path(features), Path(labels_csv), fingerprint)
@@ -126,6 +121,7 @@ def train_prepared(
         started=started,
         overwrite=overwrite,
     )
+    task.write_run_files(p, out)
     model, opt, scaler = new_training(spec, p.data["train"], device)
     at = Progress()
     if state is not None:
@@ -138,7 +134,7 @@ def train_prepared(
 
     best_epoch = load_weights(model, out / "best.pt")
     stopped = at.bad_epochs >= cfg.patience
-    summary = summarise(model, spec, p, at.history, stopped, best_epoch, device)
+    summary = task.summarise(model, spec, p, at.history, stopped, best_epoch, device, quiet)
     write_curves(at.history, spec.task, out / "curves.png", final=summary)
     finish_run_folder(out, summary, done=at.epochs_done - already, already=already)
     p.store.close()
@@ -157,7 +153,7 @@ def fit(
 ) -> None:
     """The epoch loop from ``at`` on: train, evaluate val and test, keep ``best.pt`` and
     ``last.pt``, stop after ``patience`` epochs without a better validation metric."""
-    cfg, task = spec.config, spec.task
+    cfg, task = spec.config, get_task(spec.task)
     device = next(model.parameters()).device
     has_val = len(p.split_ids["val"]) > 0
     if not has_val and not quiet:  # e.g. a split column with only train and test
@@ -166,7 +162,7 @@ def fit(
             "train loss",
             file=sys.stderr,
         )
-    n_train = len(p.split_ids["train"])
+    n_train = task.n_train_items(p)
     plotted = time.time()
     for epoch in range(at.epochs_done, cfg.epochs):
         if at.bad_epochs >= cfg.patience:
@@ -179,16 +175,17 @@ def fit(
         rec = {
             "epoch": epoch + 1,
             "train_loss": train_epoch(
-                model, opt, scaler, p.data["train"], p.targets["train"], order, spec, desc, quiet
+                model, opt, scaler, task.train_batches(p, order, cfg.batch_size), len(order),
+                spec, desc, quiet
             ),
         }
         for split in ("val",):  # test: once, at the end, with the best weights
-            rec[split] = evaluate(model, p.data[split], p.targets[split], spec, device)
+            rec[split] = task.evaluate_split(model, p, split, spec, device)
         rec["seconds"] = round(time.time() - t0, 3)
 
         monitor = rec["val"] if has_val else {"loss": rec["train_loss"]}
         is_best = (
-            improved(task, monitor, at.best)
+            improved(spec.task, monitor, at.best)
             if has_val
             else (at.best is None or monitor["loss"] < at.best["loss"])
         )
@@ -202,52 +199,52 @@ def fit(
         save_checkpoint(training_state(model, opt, scaler, spec, at), out / "last.pt")
         write_metrics(out, at.history)
         if time.time() - plotted > 30:  # drawing costs ~0.2 s: keep it live, not per tiny epoch
-            write_curves(at.history, task, out / "curves.png")
+            write_curves(at.history, spec.task, out / "curves.png")
             plotted = time.time()
         if not quiet:
-            print(epoch_line(rec, cfg.epochs, MAIN_METRIC[task][0], is_best), file=sys.stderr)
+            print(epoch_line(rec, cfg.epochs, task.main_metric, is_best), file=sys.stderr)
             if at.bad_epochs >= cfg.patience:
                 print(
-                    f"vpipe train: early stop, no better val {MAIN_METRIC[task][0]} for "
+                    f"vpipe train: early stop, no better val {task.main_metric} for "
                     f"{cfg.patience} epochs",
                     file=sys.stderr,
                 )
     if at.history:
-        write_curves(at.history, task, out / "curves.png")
+        write_curves(at.history, spec.task, out / "curves.png")
 
 
 def train_epoch(
     model: SequenceModel,
     opt: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    data: ClipSequences,
-    targets: np.ndarray,
-    order: list[int],
+    batches: Iterable,
+    n_items: int,
     spec: ModelSpec,
     desc: str,
     quiet: bool,
 ) -> float:
-    """One pass over the training clips in ``order``; returns the mean training loss."""
+    """One pass over the task's training ``batches`` (``n_items`` items: clips, or caption
+    pairs); returns the mean training loss."""
     cfg = spec.config
+    task = get_task(spec.task)
     device = next(model.parameters()).device
     amp = device.type == "cuda"  # float16 autocast + loss scaling on CUDA only
     model.train()
-    bar = progress(total=len(order), desc=desc, quiet=quiet)
+    bar = progress(total=n_items, desc=desc, quiet=quiet)
     total = 0.0
-    for x, y in batches(data, targets, cfg.batch_size, order):
-        y = y.to(device)
+    for batch in batches:
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            loss = loss_of(spec, model(to_device(x, device)), y)
+            loss, n = task.batch_loss(spec, model, batch, device)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         scaler.step(opt)
         scaler.update()
-        total += loss.item() * len(y)
-        bar.update(len(y))
+        total += loss.item() * n
+        bar.update(n)
     bar.close()
-    return total / len(order)
+    return total / n_items
 
 
 def epoch_line(rec: dict, epochs: int, metric: str, is_best: bool) -> str:

@@ -14,14 +14,6 @@ import math
 
 import numpy as np
 
-# The metric early stopping watches, and whether larger is better.
-MAIN_METRIC = {
-    "regression": ("mse", False),
-    "classification": ("accuracy", True),
-    "multilabel": ("gap_at_20", True),
-    "caption": ("cider", True),  # CIDEr-D, caption_metrics
-}
-
 
 def _clean(x: float) -> float | None:
     """JSON has no NaN: an undefined metric is null."""
@@ -123,28 +115,14 @@ def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, threshold: float
     }
 
 
-def task_metrics(
-    task: str,
-    outputs: np.ndarray,
-    targets: np.ndarray,
-    *,
-    train_mean: float = 0.0,
-    top_k: int = 5,
-    threshold: float = 0.5,
-) -> dict:
-    """The metrics of ``task`` for model outputs (values, class or tag probabilities)."""
-    if task == "regression":
-        return regression_metrics(outputs, targets, train_mean)
-    if task == "classification":
-        return classification_metrics(outputs, targets, top_k)
-    return multilabel_metrics(outputs, targets, threshold)
-
-
 def improved(task: str, new: dict, best: dict | None) -> bool:
     """Whether ``new`` beats ``best`` on the task's main metric (ties: lower loss wins)."""
     if best is None:
         return True
-    name, higher = MAIN_METRIC[task]
+    from pipeline.train.tasks import get_task
+
+    t = get_task(task)
+    name, higher = t.main_metric, t.higher_is_better
     a, b = new.get(name), best.get(name)
     if a is None:
         return False

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from pipeline.shards import TEXT
-from pipeline.train.config import TEXT_GUIDED, ModelSpec
-from pipeline.train.data import ClipSequences, batches
+from pipeline.train.config import ModelSpec
+from pipeline.train.sequences import ClipSequences, batches
+from pipeline.train.tasks import get_task
 from pipeline.train.text_branch import TextCNN, TextGuidedScore, attend
 
 
@@ -154,24 +154,9 @@ class SequenceModel(nn.Module):
 # --------------------------------------------------------------------------- outputs
 
 
-def build_model(spec: ModelSpec) -> SequenceModel:
-    """The model ``spec`` describes (weights not loaded; a caption run's decoder model)."""
-    if spec.task == "caption":
-        from pipeline.train.caption_model import build_caption_model
-
-        return build_caption_model(spec)
-    c = spec.config
-    return SequenceModel(
-        spec.dims,
-        spec.n_outputs,
-        model=c.model,
-        pool=c.pool,
-        hidden=c.hidden,
-        layers=c.layers,
-        dropout=c.dropout,
-        bidirectional=c.bidirectional,
-        text_guided=c.attention == TEXT_GUIDED,
-    )
+def build_model(spec: ModelSpec) -> nn.Module:
+    """The model ``spec`` describes (weights not loaded), as its task builds it."""
+    return get_task(spec.task).build_model(spec)
 
 
 def to_device(x: dict, device: torch.device) -> dict:
@@ -180,25 +165,13 @@ def to_device(x: dict, device: torch.device) -> dict:
 
 
 def loss_of(spec: ModelSpec, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """MSE on standardised targets, cross-entropy, or BCE on tag logits."""
-    out = out.float()
-    if spec.task == "regression":
-        mu, sd = spec.target_norm
-        return F.mse_loss(out[:, 0], (y.float() - mu) / sd)
-    if spec.task == "classification":
-        return F.cross_entropy(out, y)
-    return F.binary_cross_entropy_with_logits(out, y.float())
+    """The task's loss (MSE on standardised targets, cross-entropy, BCE on tag logits)."""
+    return get_task(spec.task).loss(spec, out, y)
 
 
 def outputs_to_values(spec: ModelSpec, out: torch.Tensor) -> np.ndarray:
     """Model outputs → values (regression), class or tag probabilities."""
-    out = out.float()
-    if spec.task == "regression":
-        mu, sd = spec.target_norm
-        return (out[:, 0] * sd + mu).cpu().numpy()
-    if spec.task == "classification":
-        return torch.softmax(out, 1).cpu().numpy()
-    return torch.sigmoid(out).cpu().numpy()
+    return get_task(spec.task).values(spec, out)
 
 
 @torch.no_grad()

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -16,12 +15,13 @@ from pipeline.files import atomic_path, atomic_write_text, sha256_of
 from pipeline.records import read_json
 from pipeline.shards import FeatureStore
 from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
-from pipeline.train.data import ClipSequences, present_modalities, warn_empty_clips
 from pipeline.train.evaluation import clip_sources, evaluate
 from pipeline.train.inputs import open_store
-from pipeline.train.labels import fits_float32, join_labels, read_labels, split_tags
+from pipeline.train.labels import join_labels, read_labels
 from pipeline.train.model import run_model
 from pipeline.train.runs import load_run
+from pipeline.train.sequences import ClipSequences, present_modalities, warn_empty_clips
+from pipeline.train.tasks import get_task
 
 # Feature attributes that must agree between training and use for the numbers to mean anything.
 FEATURE_IDENTITY = (
@@ -113,39 +113,18 @@ def known_targets(
     spec: ModelSpec, labels: dict[str, str], prog: str
 ) -> tuple[list[str], np.ndarray]:
     """Targets of the clips whose label the run knows; the others are reported and left out."""
-    task, classes = spec.task, spec.classes
+    task = get_task(spec.task)
     keep, ys, bad = [], [], []
     for cid, v in labels.items():
-        if task == "regression":
-            try:
-                y = float(v)
-            except ValueError:
-                y = math.nan
-            if not fits_float32(y):
-                bad.append(cid)
-                continue
-            ys.append(np.float32(y))
-        elif task == "classification":
-            if v not in classes:
-                bad.append(cid)
-                continue
-            ys.append(np.int64(classes.index(v)))
-        else:
-            y = np.zeros(len(classes), np.float32)
-            tags = split_tags(v)
-            if any(t not in classes for t in tags):
-                bad.append(cid)
-            for t in tags:
-                if t in classes:
-                    y[classes.index(t)] = 1.0
+        y, known = task.known_target(v, spec.classes)
+        if not known:
+            bad.append(cid)
+        if y is not None:
             ys.append(y)
-        keep.append(cid)
+            keep.append(cid)
     if bad:
-        what = "are not numbers" if task == "regression" else "name classes the run never saw"
-        left = " (left out)" if task != "multilabel" else " (unknown tags ignored)"
-        print(
-            f"{prog}: {len(bad)} labels {what}{left} (e.g. {', '.join(bad[:3])})", file=sys.stderr
-        )
+        print(f"{prog}: {len(bad)} labels {task.unknown_labels} (e.g. {', '.join(bad[:3])})",
+              file=sys.stderr)
     if not keep:
         raise UsageError("no labelled clip can be evaluated")
     return keep, np.stack(ys)
@@ -164,9 +143,27 @@ def evaluate_run(
     """Metrics of a run on the labelled clips of ``features`` (or on one split of the run)."""
     prog = "vpipe evaluate"
     model, spec, store = _open(run, features, checkpoint, prog)
-    if spec.task == "caption":
-        return _evaluate_captions(run, model, spec, store, features, labels_csv, checkpoint,
-                                  split, device, stream)
+    n, metrics = get_task(spec.task).evaluate_run(Path(run), model, spec, store, Path(features),
+                                                  Path(labels_csv), split, device, stream)
+    store.close()
+    return {
+        "run": str(run),
+        "checkpoint": checkpoint,
+        "features": str(features),
+        "labels": str(labels_csv),
+        "labels_sha256": sha256_of(labels_csv),
+        "split": split or "all",
+        "task": spec.task,
+        "n_clips": n,
+        "metrics": metrics,
+    }
+
+
+def evaluate_labels(run: Path, model, spec: ModelSpec, store: FeatureStore, features: Path,
+                    labels_csv: Path, split: str | None, device: str, stream: bool
+                    ) -> tuple[int, dict]:
+    """A label task's `vpipe evaluate`: (clips scored, figures per clip and per source)."""
+    prog = "vpipe evaluate"
     joined = join_labels(store, read_labels(labels_csv))
     joined.report(len(store), prog)
     labels = joined.labels
@@ -180,33 +177,7 @@ def evaluate_run(
     with torch_threads():
         metrics = evaluate(model, data, targets, spec, dev,  # ids is never empty
                            clip_sources(store, ids))
-    store.close()
-    return {
-        "run": str(run),
-        "checkpoint": checkpoint,
-        "features": str(features),
-        "labels": str(labels_csv),
-        "labels_sha256": sha256_of(labels_csv),
-        "split": split or "all",
-        "task": spec.task,
-        "n_clips": len(ids),
-        "metrics": metrics,
-    }
-
-
-def _evaluate_captions(run, model, spec: ModelSpec, store: FeatureStore, features, labels_csv,
-                       checkpoint: str, split: str | None, device: str, stream: bool) -> dict:
-    from pipeline.train.caption import evaluate_captions
-
-    ids = None
-    if split is not None:
-        ids = set(read_json(Path(run) / "splits.json")[split])
-    with torch_threads():
-        n, metrics = evaluate_captions(model, spec, store, labels_csv, ids, device, stream)
-    store.close()
-    return {"run": str(run), "checkpoint": checkpoint, "features": str(features),
-            "labels": str(labels_csv), "labels_sha256": sha256_of(labels_csv),
-            "split": split or "all", "task": "caption", "n_clips": n, "metrics": metrics}
+    return len(ids), metrics
 
 
 def run_splits(run: str | Path) -> dict[str, str]:
@@ -236,15 +207,7 @@ def write_output(path: str | Path, text: str) -> None:
 
 def _describe(spec: ModelSpec, out: np.ndarray, threshold: float) -> dict:
     """One prediction as JSON fields: a value, a class with scores, or tags over threshold."""
-    task, classes = spec.task, spec.classes
-    if task == "regression":
-        return {"prediction": float(out)}
-    scores = {c: round(float(s), 6) for c, s in zip(classes, out, strict=True)}
-    if task == "classification":
-        k = int(np.argmax(out))
-        return {"prediction": classes[k], "score": scores[classes[k]], "scores": scores}
-    tags = sorted(((c, s) for c, s in scores.items() if s >= threshold), key=lambda t: -t[1])
-    return {"tags": [{"tag": c, "score": s} for c, s in tags], "scores": scores}
+    return get_task(spec.task).describe(spec.classes, out, threshold)
 
 
 def predict_run(
@@ -275,22 +238,13 @@ def predict_run(
     if new_videos and len(spec.modalities) > 1:  # e.g. a video without sound, an audio branch
         for m in spec.modalities:
             warn_empty_clips(store, ids, [m], prog)
-    if spec.task == "caption":  # caption lines; a source's is its best-scored clip's
-        from pipeline.train.caption import write_caption_lines
-
-        path = check_output(out_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with torch_threads(), atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
-            n, n_src = write_caption_lines(model, spec, store, f, device, stream)
-        store.close()
-        return {"clips": n, "sources": n_src, "out": str(out_path)}
-    split_of = {} if new_videos else run_splits(run)
     path = check_output(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
-        n_src = write_prediction_lines(f, model, spec, store, ids, split_of, thr, device, stream)
+        n, n_src = get_task(spec.task).write_predictions(f, Path(run), model, spec, store, thr,
+                                                         device, stream, new_videos)
     store.close()
-    return {"clips": len(ids), "sources": n_src, "out": str(out_path)}
+    return {"clips": n, "sources": n_src, "out": str(out_path)}
 
 
 def prediction_lines(

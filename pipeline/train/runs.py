@@ -35,8 +35,8 @@ from pipeline.files import (
 from pipeline.lock import LOCK, FolderLock
 from pipeline.records import DamagedRecord, now_iso, read_json, read_run_info
 from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
-from pipeline.train.metrics import MAIN_METRIC
 from pipeline.train.model import SequenceModel, build_model
+from pipeline.train.tasks import get_task, options_task
 
 # Options that never change what is learned: they may differ whenever a run is continued.
 OPTIONS_NOT_LEARNED = {"device", "stream", "threads"}
@@ -193,7 +193,7 @@ def write_curves(history: list[dict], task: str, path: Path, final: dict | None 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    name = MAIN_METRIC[task][0]
+    name = get_task(task).main_metric
     ep = [r["epoch"] for r in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(ep, [r["train_loss"] for r in history], "o-", label="train")
@@ -257,6 +257,7 @@ def open_run_folder(
 def check_same_options(out: Path, old: dict, new: dict, resume: bool) -> None:
     """Refuse (``ParamsChanged``) options ``new`` that differ from the run's ``old`` in what
     is learned: with ``resume``, ``epochs`` and ``patience`` may change too."""
+    old = options_task(old.get("task")).upgrade_options(old)  # an old spelling: today's
     old = {**asdict(TrainConfig()), **old}  # an option added since: the run had its default
     new = {**asdict(TrainConfig()), **new}
     may_differ = OPTIONS_RESUME_MAY_CHANGE if resume else OPTIONS_NOT_LEARNED
@@ -302,7 +303,9 @@ def load_run(
     if not path.exists():
         raise UsageError(f"{path}: no such checkpoint (is {run} a vpipe train run?)")
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    spec = ModelSpec.from_dict(ck["meta"])
+    meta = ck["meta"]
+    spec = ModelSpec.from_dict({**meta, "config": get_task(meta["task"]).upgrade_options(
+        meta["config"])})
     model = build_model(spec)
     model.load_state_dict(ck["model"])
     return model, spec

@@ -19,17 +19,22 @@ PATTERNS = ("up", "down", "bump")
 TAGS = ("a", "b", "c")
 
 
-def _clip_label(task: str, rng: np.random.Generator, x: np.ndarray, audio: np.ndarray) -> str:
-    """Draw a label, imprint it on the sequences in place, return it as CSV text."""
-    t = x.shape[0]
-    if task == "regression":
-        x[:, 0] += rng.uniform(-1.0, 1.0)
-        return repr(float(x[:, 0].astype(np.float32).mean()))
-    if task == "classification":
-        name = PATTERNS[int(rng.integers(len(PATTERNS)))]
-        ramp = np.linspace(-1.5, 1.5, t)
-        x[:, 1] += {"up": ramp, "down": -ramp, "bump": 1.5 - np.abs(ramp) * 2}[name]
-        return name
+def _value_label(rng: np.random.Generator, x: np.ndarray, audio: np.ndarray) -> str:
+    """regression: a shift of image feature 0; the label is its mean over time."""
+    x[:, 0] += rng.uniform(-1.0, 1.0)
+    return repr(float(x[:, 0].astype(np.float32).mean()))
+
+
+def _pattern_label(rng: np.random.Generator, x: np.ndarray, audio: np.ndarray) -> str:
+    """classification: the temporal pattern image feature 1 follows."""
+    name = PATTERNS[int(rng.integers(len(PATTERNS)))]
+    ramp = np.linspace(-1.5, 1.5, x.shape[0])
+    x[:, 1] += {"up": ramp, "down": -ramp, "bump": 1.5 - np.abs(ramp) * 2}[name]
+    return name
+
+
+def _pulse_tags(rng: np.random.Generator, x: np.ndarray, audio: np.ndarray) -> str:
+    """multilabel: which short pulses occur (``c`` on the audio when there is audio)."""
     present = [tag for tag in TAGS if rng.random() < 0.5] or [TAGS[int(rng.integers(3))]]
     for tag in present:
         if tag == "c" and audio.shape[0]:
@@ -39,6 +44,11 @@ def _clip_label(task: str, rng: np.random.Generator, x: np.ndarray, audio: np.nd
         k = int(rng.integers(max(1, seq.shape[0] - 1)))
         seq[k : k + 2, col] += 2.5
     return "|".join(present)
+
+
+# Per task: draw a label, imprint it on the sequences in place, return it as CSV text.
+LABELLERS = {"regression": _value_label, "classification": _pattern_label,
+             "multilabel": _pulse_tags}
 
 
 def make_feature_set(
@@ -76,7 +86,7 @@ def make_feature_set(
             a_len = t // 2 + 1 if audio_dim else 0
             audio = rng.normal(0, 0.5, (a_len, audio_dim or 128)).astype(np.float32)
             cid = f"{source}_{k}"
-            labels[cid] = _clip_label(task, rng, x, audio)
+            labels[cid] = LABELLERS[task](rng, x, audio)
             writers[n % n_shards].add(
                 ClipFeatures(
                     cid,

@@ -9,14 +9,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.errors import UsageError
 from pipeline.files import csv_rows, read_user_text
-from pipeline.train.config import ATTENTION, TrainConfig
+from pipeline.train.config import TrainConfig
 from pipeline.train.inputs import Prepared, check_config, open_store, resolve_modalities
-from pipeline.train.labels import SPLITS, LabelRow, LabelSpace, join_labels, split_by_source
-from pipeline.train.vocab import Vocabulary, tokenize
+from pipeline.train.labels import SPLITS, LabelRow, join_labels, split_by_source
+from pipeline.train.tasks.caption.vocab import Vocabulary, tokenize
 
 
 @dataclass
@@ -84,22 +82,10 @@ class CaptionInput(Prepared):
     dropped: int = 0
 
 
-def check_caption_config(cfg: TrainConfig) -> None:
-    if cfg.folds:
-        raise UsageError("--folds is not supported with --task caption (train one "
-                         "train/val/test split, e.g. with --test-fraction)")
-    if cfg.attention not in ATTENTION:
-        raise UsageError(f"--attention {cfg.attention!r}: choose soft or none")
-    for name in ("beam", "min_count", "max_words"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-
-
 def prepare_captions(features: Path, captions_csv: Path, cfg: TrainConfig,
                      quiet: bool = False) -> CaptionInput:
     """Read and check the index and captions, split by source, build the vocabulary."""
-    check_config(cfg)
-    check_caption_config(cfg)
+    check_config(cfg)  # with the caption task's own (Caption.check_options)
     store = open_store(features)
     rows = read_captions(captions_csv)
     # Joined as labels whose value is the caption id: a clip gets its own captions, else its
@@ -141,11 +127,10 @@ def prepare_captions(features: Path, captions_csv: Path, cfg: TrainConfig,
             "times; lower --min-count or give more captions"
         )
     refs = {c: [" ".join(w) for w in words_of[c]] for c in joined.labels}
-    space = LabelSpace("caption", vocab.words)
     attrs = {m: store.attrs(m) for m in mods}
-    targets = {s: np.zeros((len(ids),), np.float32) for s, ids in split_ids.items()}  # unused
+    # The vocabulary is the model's output classes; the targets are the pairs, not one a clip.
     return CaptionInput(
-        store, space, "given by --task", mods, {m: store.dim(m) for m in mods}, split_ids, targets,
-        joined, attrs, cfg.max_frames, cfg.stream, refs=refs, pairs=pairs, vocab=vocab,
-        dropped=len(dropped),
+        store, "caption", vocab.words, "given by --task", mods, {m: store.dim(m) for m in mods},
+        split_ids, {}, joined, attrs, cfg.max_frames, cfg.stream, refs=refs, pairs=pairs,
+        vocab=vocab, dropped=len(dropped),
     )

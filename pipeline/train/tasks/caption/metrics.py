@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+MAIN_METRIC = "cider"  # CIDEr-D: what early stopping watches, higher is better
+
 NAMES = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l")
 _TINY, _SMALL = 1e-15, 1e-9  # the reference BLEU's guards against log(0) and division by 0
 

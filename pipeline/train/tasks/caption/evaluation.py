@@ -1,96 +1,29 @@
-"""The caption task: train, evaluate and predict with the caption model on cached features.
-
-``train_captions`` is ``vpipe train --task caption``: the run folder, its lock, resume and
-checkpoints are the other tasks' (``runs``, ``loop``'s training state); an epoch is one pass
-over every (clip, reference caption) pair of the training split, teacher-forced, then val and
-test are decoded (``--beam``) and scored (BLEU-1..4, CIDEr-D, ROUGE-L; early stopping on val
-CIDEr). METEOR, a Java process taking seconds to start, is scored for the summary and
-``vpipe evaluate`` only. The vocabulary is written to ``RUN/vocab.json`` (and is the model
-spec's ``classes``).
+"""The caption task's figures and outputs: teacher-forced batches and loss, decoding
+(``--beam``), the figures of a split (BLEU-1..4, CIDEr-D, ROUGE-L; METEOR, a Java process
+taking seconds to start, for the summary and ``vpipe evaluate`` only), the run's summary beside
+the most-frequent-caption baseline, and ``vpipe evaluate`` / ``vpipe predict`` of a caption run.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.device import pick_device, torch_threads
+from pipeline.device import pick_device
 from pipeline.errors import UsageError
-from pipeline.records import now_iso
-from pipeline.runner import progress
 from pipeline.shards import FeatureStore
-from pipeline.train.caption_metrics import caption_metrics, java_present, meteor
-from pipeline.train.caption_model import CaptionModel, caption_loss
-from pipeline.train.captions import CaptionInput, prepare_captions, read_captions
-from pipeline.train.config import ModelSpec, TrainConfig
-from pipeline.train.data import ClipSequences, pad_batch
-from pipeline.train.inputs import model_spec
-from pipeline.train.loop import Progress, epoch_line, new_training, restore, training_state
-from pipeline.train.metrics import MAIN_METRIC, improved
+from pipeline.train.config import ModelSpec
 from pipeline.train.model import to_device
-from pipeline.train.runs import (
-    features_fingerprint,
-    finish_run_folder,
-    is_complete,
-    load_weights,
-    open_run_folder,
-    report_complete,
-    run_folder_lock,
-    run_params,
-    save_checkpoint,
-    start_run_folder,
-    write_curves,
-    write_metrics,
-)
-from pipeline.train.vocab import BOS_ID, PAD_ID, Vocabulary, tokenize
-
-
-def train_captions(features: str | Path, captions_csv: str | Path, out: str | Path,
-                   cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-                   quiet: bool = False) -> dict:
-    """Train a caption model on cached features; writes the run folder and returns its
-    summary (``vpipe train --task caption``)."""
-    out = Path(out)
-    with run_folder_lock(out, [features, captions_csv]), torch_threads(cfg.threads):
-        return _train_captions(features, captions_csv, out, cfg, resume, overwrite, quiet)
-
-
-def _train_captions(features: str | Path, captions_csv: str | Path, out: Path, cfg: TrainConfig,
-                    resume: bool, overwrite: bool, quiet: bool) -> dict:
-    p = prepare_captions(Path(features), Path(captions_csv), cfg, quiet)
-    spec = model_spec(cfg, p)
-    cfg = spec.config
-    fingerprint = features_fingerprint(p.store, list(p.joined.labels), p.store_attrs, p.dims)
-    params = run_params(cfg, Path(features), Path(captions_csv), fingerprint)
-    state = open_run_folder(out, cfg, params, p.split_ids, resume, overwrite)
-    started = now_iso()
-    if state is not None and is_complete(out, state, cfg.epochs, cfg.patience):
-        p.store.close()
-        return report_complete(out, state, cfg.epochs, cfg.patience, started, quiet)
-    device = pick_device(cfg.device)
-    start_run_folder(out, spec, p.split_ids, params, task_source=p.task_reason,
-                     features=features, labels=captions_csv, started=started, overwrite=overwrite)
-    p.vocab.save(out / "vocab.json")
-    model, opt, scaler = new_training(spec, p.data["train"], device)
-    at = Progress()
-    if state is not None:
-        at = restore(state, model, opt, scaler, device)
-        if not quiet:
-            print(f"vpipe train: resuming {out} after epoch {at.epochs_done}", file=sys.stderr)
-    already = at.epochs_done
-    fit_captions(model, opt, scaler, p, spec, at, out, quiet)
-    best_epoch = load_weights(model, out / "best.pt")
-    summary = summarise_captions(model, spec, p, at, best_epoch, device, quiet)
-    write_curves(at.history, "caption", out / "curves.png", final=summary)
-    finish_run_folder(out, summary, done=at.epochs_done - already, already=already)
-    p.store.close()
-    return summary
+from pipeline.train.sequences import ClipSequences, pad_batch
+from pipeline.train.tasks.caption.captions import CaptionInput, read_captions
+from pipeline.train.tasks.caption.metrics import MAIN_METRIC, caption_metrics, java_present, meteor
+from pipeline.train.tasks.caption.model import CaptionModel, caption_loss
+from pipeline.train.tasks.caption.vocab import BOS_ID, PAD_ID, Vocabulary, tokenize
 
 
 def word_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,60 +43,6 @@ def pair_batches(data: ClipSequences, pairs: list, order: list[int], batch_size:
         part = [pairs[i] for i in order[a : a + batch_size]]
         x = pad_batch([data[k] for k, _ in part], data.modalities)
         yield (x, *word_batch([s for _, s in part]))
-
-
-def fit_captions(model: CaptionModel, opt, scaler, p: CaptionInput, spec: ModelSpec,
-                 at: Progress, out: Path, quiet: bool) -> None:
-    """The epoch loop from ``at`` on, as :func:`loop.fit` does it for the other tasks."""
-    cfg = spec.config
-    device = next(model.parameters()).device
-    amp = device.type == "cuda"
-    has_val = len(p.split_ids["val"]) > 0
-    pairs = p.pairs["train"]
-    for epoch in range(at.epochs_done, cfg.epochs):
-        if at.bad_epochs >= cfg.patience:
-            break
-        t0 = time.time()
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        order = torch.randperm(len(pairs), generator=gen).tolist()
-        model.train()
-        bar = progress(total=len(order), desc=f"epoch {epoch + 1}/{cfg.epochs}", quiet=quiet)
-        total = 0.0
-        for x, inp, tgt in pair_batches(p.data["train"], pairs, order, cfg.batch_size):
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                loss = caption_loss(model(to_device(x, device), inp.to(device)), tgt.to(device))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            total += loss.item() * len(inp)
-            bar.update(len(inp))
-        bar.close()
-        rec = {"epoch": epoch + 1, "train_loss": total / len(order)}
-        for split in ("val",):  # test: once, at the end, with the best weights
-            rec[split] = evaluate_split(model, p, split, spec, device)
-        rec["seconds"] = round(time.time() - t0, 3)
-        monitor = rec["val"] if has_val else {"loss": rec["train_loss"]}
-        is_best = (improved("caption", monitor, at.best) if has_val
-                   else at.best is None or monitor["loss"] < at.best["loss"])
-        if is_best:
-            at.best, at.bad_epochs = {**monitor, "epoch": epoch + 1}, 0
-            save_checkpoint({"model": model.state_dict(), "meta": spec.to_dict(),
-                             "epoch": epoch + 1}, out / "best.pt")
-        else:
-            at.bad_epochs += 1
-        at.history.append(rec)
-        save_checkpoint(training_state(model, opt, scaler, spec, at), out / "last.pt")
-        write_metrics(out, at.history)
-        if not quiet:
-            print(epoch_line(rec, cfg.epochs, "cider", is_best), file=sys.stderr)
-            if at.bad_epochs >= cfg.patience:
-                print(f"vpipe train: early stop, no better val cider for {cfg.patience} epochs",
-                      file=sys.stderr)
-    if at.history:
-        write_curves(at.history, "caption", out / "curves.png")
 
 
 @torch.no_grad()
@@ -225,8 +104,9 @@ def note_meteor(prog: str) -> bool:
     return False
 
 
-def summarise_captions(model: CaptionModel, spec: ModelSpec, p: CaptionInput, at: Progress,
-                       best_epoch: int, device: torch.device, quiet: bool) -> dict:
+def summarise_captions(model: CaptionModel, spec: ModelSpec, p: CaptionInput,
+                       history: list[dict], stopped: bool, best_epoch: int,
+                       device: torch.device, quiet: bool) -> dict:
     """``summary.json`` for a caption run: the best checkpoint's figures per split beside the
     most-frequent-caption baseline's."""
     hyps: dict[str, dict] = {s: {} for s in p.split_ids}
@@ -240,16 +120,15 @@ def summarise_captions(model: CaptionModel, spec: ModelSpec, p: CaptionInput, at
     base = {s: caption_metrics({c: p.refs[c] for c in p.split_ids[s]},
                                {c: top for c in p.split_ids[s]}, with_meteor=False)
             for s in ("val", "test") if p.split_ids[s]}
-    history = at.history
     return {
         "task": "caption",
         "task_source": p.task_reason,
-        "model": f"caption-{spec.config.attention}",
+        "model": f"caption-{spec.config.caption_attention}",
         "modalities": spec.modalities,
-        "main_metric": MAIN_METRIC["caption"][0],
+        "main_metric": MAIN_METRIC,
         "best_epoch": best_epoch,
         "epochs_run": len(history),
-        "stopped_early": at.bad_epochs >= spec.config.patience,
+        "stopped_early": stopped,
         "train": figures["train"],
         "val": figures["val"],
         "test": figures["test"],

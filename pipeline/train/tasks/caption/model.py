@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from pipeline.train.config import ModelSpec
-from pipeline.train.vocab import BOS_ID, EOS_ID, PAD_ID
+from pipeline.train.tasks.caption.vocab import BOS_ID, EOS_ID, PAD_ID
 
 
 def _mask(lengths: torch.Tensor, t: int, device: torch.device) -> torch.Tensor:
@@ -156,7 +156,7 @@ def build_caption_model(spec: ModelSpec) -> CaptionModel:
     """The caption model ``spec`` describes (weights not loaded)."""
     c = spec.config
     return CaptionModel(spec.dims, len(spec.classes), hidden=c.hidden, dropout=c.dropout,
-                        attention=c.attention)
+                        attention=c.caption_attention)
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
