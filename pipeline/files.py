@@ -151,6 +151,9 @@ def check_out_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
     folder (the same command again would take its own outputs for new inputs) or a folder
     that holds an input. The message names ``-o`` as given and the input it collides with."""
     where = f"-o {quote_path(out)}"
+    if os.path.islink(out) and not os.path.exists(out):
+        raise UsageError(f"{where}: a link to {quote_path(os.readlink(out))}, which does not "
+                         "exist; choose another --out")
     target = _resolved(out)
     if target is None:
         raise UsageError(f"{where}: a link that loops; choose another --out")

@@ -15,12 +15,15 @@ as ended) for the same command to complete once there is space.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -283,7 +286,21 @@ def end_run(tracker: Tracker, e: BaseException, item_order: Callable[[], list[st
     if disk_full(e) is not None:
         tracker.stop()
     else:
-        tracker.interrupt(item_order(), e)
+        with sigint_held():  # a second Ctrl-C waits until the first one is recorded
+            tracker.interrupt(item_order(), e)
+
+
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """Run the block with Ctrl-C ignored (in the main thread; elsewhere no signal comes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _ids_of(run: Run, item: Item) -> list[str]:

@@ -382,6 +382,22 @@ def test_changed_parameters_refused_then_overwritten(tmp_path: Path, media: Path
     assert len(shard_paths(out)) == 1
 
 
+def test_overwrite_without_vpipe_json_redoes_the_shards_too(tmp_path: Path, media: Path,
+                                                           weights, capsys) -> None:
+    # Regression (issue 24, hostile pass): with vpipe.json deleted, --overwrite with other
+    # parameters kept the old shards ("4 already done") under a record of the new ones.
+    out = tmp_path / "f"
+    assert main(args(media, out, weights, "--audio-model", "none")) == 0
+    (out / "vpipe.json").unlink()
+    f16 = args(media, out, weights, "--audio-model", "none", "--dtype", "float16")
+    assert main(f16) == 2
+    assert "vpipe.json is missing" in capsys.readouterr().err
+    assert main([*f16, "--overwrite"]) == 0
+    with open_features(out) as store:
+        assert {store[c].image.dtype for c in store.clip_ids} == {np.dtype(np.float16)}
+    assert len(shard_paths(out)) == 1
+
+
 def test_what_is_loading_is_said_before_the_bar(tmp_path: Path, media: Path, weights,
                                                 capsys) -> None:
     cmd = [a for a in args(media, tmp_path / "f", weights, "--audio-model", "none") if a != "-q"]

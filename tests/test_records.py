@@ -326,7 +326,8 @@ def test_records_without_a_digest_and_without_run_info_are_refused(tmp_path: Pat
         Run(tmp_path, "demo", {"a": 1}).open()
 
 
-@pytest.mark.parametrize("damage", [b'{"stage": "subclip", "params": ', b"\xff\xfe{", b"[1, 2]"])
+@pytest.mark.parametrize("damage", [b'{"stage": "subclip", "params": ', b"\xff\xfe{", b"[1, 2]",
+                                    b"null", b'{"stage": "subclip", "params": "zz"}'])
 def test_a_damaged_run_info_is_one_line_and_overwrite_redoes_the_folder(
     trailers: Path, tmp_path: Path, capsys, damage: bytes
 ) -> None:
@@ -398,6 +399,8 @@ def test_an_output_folder_that_is_holds_or_sits_in_an_input_is_refused(
     before = sorted(p.relative_to(videos) for p in videos.rglob("*"))
     blank = tmp_path / "a-file"
     blank.write_text("x")
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
     cases = {
         str(videos): "that is an input",
         str(videos / "clips"): f"inside the input folder {videos}: the same command again "
@@ -405,6 +408,7 @@ def test_an_output_folder_that_is_holds_or_sits_in_an_input_is_refused(
         str(tmp_path): f"holds the input {videos}",
         "/": "the root of a file system",
         str(blank): "an existing file, not a folder",
+        str(dangling): f"a link to {tmp_path / 'nowhere'}, which does not exist",
     }
     for out, why in cases.items():
         assert main(["subclip", str(videos), "-o", out, *SUBCLIP]) == 2, out

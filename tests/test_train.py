@@ -390,6 +390,52 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(sets, tmp_path):
     assert not [p.name for p in cut.iterdir() if ".tmp-" in p.name]
 
 
+def test_ctrl_c_mid_training_is_recorded_and_the_same_command_continues(sets, tmp_path):
+    """Regression (issue 24): a Ctrl-C left train's vpipe.json saying nothing of it."""
+    folder, csv_path, _ = sets["classification"]
+    args = [str(folder), "--labels", str(csv_path), "-q", "--epochs", "60", "--patience", "60",
+            "--hidden", "16", "--device", "cpu"]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *args, "-o", str(cut)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        m = cut / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err == (f"vpipe train: interrupted; the same command continues {cut} from its last "
+                   "finished epoch\n")
+    info = json.loads((cut / "vpipe.json").read_text())
+    assert info["ended"] is None and info["interrupted"]
+    assert main(["train", *args, "-o", str(cut)]) == 0
+    info = json.loads((cut / "vpipe.json").read_text())
+    assert info["ended"] and info["interrupted"] is None
+    assert len((cut / "metrics.jsonl").read_text().splitlines()) == 60
+
+
+def test_a_damaged_summary_or_splits_file_is_one_line(sets, tmp_path):
+    from pipeline.records import DamagedRecord
+
+    folder, csv_path, _ = sets["regression"]
+    out = tmp_path / "run"
+    cfg = TrainConfig(**dict(FAST, epochs=2))
+    train(folder, csv_path, out, cfg, quiet=True)
+    for name, damage in (("summary.json", "[]"), ("summary.json", "{}"),
+                         ("splits.json", "null"), ("splits.json", '{"train": 3}')):
+        whole = (out / name).read_text()
+        (out / name).write_text(damage)
+        with pytest.raises(DamagedRecord) as e:
+            train(folder, csv_path, out, cfg, quiet=True)
+        assert str(e.value).startswith(f"{out / name}: damaged (") and "\n" not in str(e.value)
+        (out / name).write_text(whole)
+    assert train(folder, csv_path, out, cfg, quiet=True)["already_complete"]
+
+
 def test_stream_mode_trains_the_same_model(sets, tmp_path):
     folder, csv_path, _ = sets["regression"]
     cfg = dict(FAST, epochs=2, max_frames=8)

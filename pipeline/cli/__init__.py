@@ -8,6 +8,7 @@ rather than a traceback from an import.
 from __future__ import annotations
 
 import gc
+import signal
 import sys
 
 INTERRUPTED = 130  # the shells' code for a process ended by SIGINT
@@ -30,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
     finally:
         if argv is None:
-            # The process ends next: without this, its teardown walks every object torch and
-            # torchvision made: 1.18 s against 0.25 s after a freeze (benchmarks/startup.py).
+            # The process ends next, its command done (or its interrupt recorded): a Ctrl-C
+            # now would only turn into a traceback from an exit handler (torch's, Ray's) or
+            # the signal's own exit in place of the command's code.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # Without this, the teardown walks every object torch and torchvision made:
+            # 1.18 s against 0.25 s after a freeze (benchmarks/startup.py).
             gc.freeze()
 
 

@@ -90,7 +90,8 @@ def _train_folds(features: Path, labels_csv: Path, out: Path, cfg: TrainConfig, 
         first.store.close()
         raise
     started = now_iso()
-    write_run_info(out, {"started": started, "ended": None, "params": params, "result": None})
+    write_run_info(out, {"started": started, "ended": None, "interrupted": None, "params": params,
+                         "result": None})
 
     folds = []
     for k in range(1, cfg.folds + 1):

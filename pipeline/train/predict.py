@@ -12,14 +12,13 @@ import numpy as np
 from pipeline.device import pick_device, torch_threads
 from pipeline.errors import UsageError
 from pipeline.files import atomic_path, atomic_write_text, sha256_of
-from pipeline.records import read_json
 from pipeline.shards import FeatureStore
 from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
 from pipeline.train.evaluation import clip_sources, evaluate
 from pipeline.train.inputs import open_store
 from pipeline.train.labels import join_labels, read_labels
 from pipeline.train.model import run_model
-from pipeline.train.runs import load_run
+from pipeline.train.runs import load_run, read_splits
 from pipeline.train.sequences import ClipSequences, present_modalities, warn_empty_clips
 from pipeline.train.tasks import get_task
 
@@ -168,7 +167,7 @@ def evaluate_labels(run: Path, model, spec: ModelSpec, store: FeatureStore, feat
     joined.report(len(store), prog)
     labels = joined.labels
     if split is not None:
-        ids = set(read_json(Path(run) / "splits.json")[split])
+        ids = set(read_splits(run).get(split, ()))
         labels = {c: v for c, v in labels.items() if c in ids}
         if not labels:
             raise UsageError(f"no labelled clip of the run's {split} split is in {features}")
@@ -183,10 +182,7 @@ def evaluate_labels(run: Path, model, spec: ModelSpec, store: FeatureStore, feat
 def run_splits(run: str | Path) -> dict[str, str]:
     """Clip id -> the split ("train", "val", "test") the run put it in; clips the run never
     saw are absent (their prediction lines say ``"split": null``)."""
-    path = Path(run) / "splits.json"
-    if not path.exists():
-        return {}
-    splits = read_json(path)
+    splits = read_splits(run)
     return {cid: name for name, ids in splits.items() for cid in ids}
 
 

@@ -33,7 +33,8 @@ from pipeline.files import (
     sha256_of,
 )
 from pipeline.lock import LOCK, FolderLock
-from pipeline.records import DamagedRecord, now_iso, read_json, read_run_info
+from pipeline.records import DamagedRecord, damaged, now_iso, read_json, read_run_info
+from pipeline.runner import sigint_held
 from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
 from pipeline.train.model import SequenceModel, build_model
 from pipeline.train.tasks import get_task, options_task
@@ -91,7 +92,8 @@ def run_folder_lock(out: Path, inputs: Sequence[str | Path] = ()) -> Iterator[No
 
     Taken before anything is read or cleaned there, once ``out`` is known not to be, hold or
     sit in one of ``inputs``. A folder made here for the lock is removed again if the call
-    leaves it empty (refused input leaves no run behind).
+    leaves it empty (refused input leaves no run behind). A Ctrl-C is recorded in the run's
+    vpipe.json (``interrupted``; ``ended`` stays empty) and said in one line.
     """
     check_out_dir(out, inputs)
     made = not out.exists()
@@ -99,6 +101,14 @@ def run_folder_lock(out: Path, inputs: Sequence[str | Path] = ()) -> Iterator[No
     lock = FolderLock(out)
     try:
         yield
+    except KeyboardInterrupt as e:
+        if (out / records.RUN_INFO).is_file():
+            with sigint_held():
+                write_run_info(out, {"interrupted": now_iso()})
+            print(f"vpipe train: interrupted; the same command continues {out} from its last "
+                  "finished epoch", file=sys.stderr)
+            e.vpipe_said = True  # type: ignore[attr-defined]  # the CLI adds no second line
+        raise
     finally:
         lock.release()
         if made and not any(out.iterdir()):
@@ -142,7 +152,8 @@ def start_run_folder(
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     atomic_write_text(out / "splits.json", json.dumps(split_ids, indent=1) + "\n")
     # "result" of an earlier call would describe weights this call is about to change.
-    write_run_info(out, {"started": started, "ended": None, "params": params, "result": None})
+    write_run_info(out, {"started": started, "ended": None, "interrupted": None, "params": params,
+                         "result": None})
 
 
 def finish_run_folder(out: Path, summary: dict, done: int, already: int) -> None:
@@ -242,8 +253,7 @@ def open_run_folder(
                             "--overwrite to start again")
     old = recorded["config"]
     check_same_options(out, old, asdict(cfg), resume)
-    splits = out / "splits.json"
-    if splits.exists() and read_json(splits) != split_ids:
+    if (out / "splits.json").exists() and read_splits(out) != split_ids:
         raise ParamsChanged(
             f"{out}: the run there started with other labelled clips or splits "
             "(labels or features changed); use --overwrite to start again"
@@ -327,12 +337,28 @@ def is_complete(out: Path, state: dict, epochs: int, patience: int) -> bool:
     return done and (out / "summary.json").exists()
 
 
+def read_splits(run: str | Path) -> dict[str, list[str]]:
+    """``RUN/splits.json``: split name -> its clip ids ({} without the file); anything else
+    in it is a damaged record naming the file."""
+    path = Path(run) / "splits.json"
+    splits = read_json(path)
+    if splits is None:
+        return {}
+    if not (isinstance(splits, dict) and all(
+            isinstance(ids, list) and all(isinstance(c, str) for c in ids)
+            for ids in splits.values())):
+        raise damaged(path, "not split names with their clip ids")
+    return splits
+
+
 def report_complete(
     out: Path, state: dict, epochs: int, patience: int, started: str, quiet: bool
 ) -> dict:
     """Report a finished run instead of training it again; returns its summary, marked
     ``already_complete`` (a key that is not in summary.json)."""
     summary = read_json(out / "summary.json")
+    if not isinstance(summary, dict) or not isinstance(summary.get("best_epoch"), int):
+        raise damaged(out / "summary.json", "no best_epoch recorded")
     # Recorded like any stage's re-run: nothing done, every epoch already done.
     write_run_info(
         out, {"started": started, "ended": now_iso(), "counts": epoch_counts(0, state["epoch"])}

@@ -87,9 +87,9 @@ class Caption(Task):
     def evaluate_run(self, run, model, spec, store, features, labels_csv, split, device,
                      stream):
         from pipeline.device import torch_threads
-        from pipeline.records import read_json
+        from pipeline.train.runs import read_splits
 
-        ids = None if split is None else set(read_json(Path(run) / "splits.json")[split])
+        ids = None if split is None else set(read_splits(run).get(split, ()))
         with torch_threads():
             return ev.evaluate_captions(model, spec, store, labels_csv, ids, device, stream)
 
