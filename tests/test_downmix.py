@@ -244,7 +244,7 @@ def test_vggish_input_is_torchvggishs_own_for_the_same_stereo_file(stereo, tmp_p
     features --from-video's rows are those of the mean's samples, exactly."""
     from torchvggish import vggish_input, vggish_params
 
-    from pipeline.features.encoders import audio_examples
+    from pipeline.features.encoders.vggish import audio_examples
 
     video, wav, pcm = stereo
     ours = audio_examples(vpipe_mono(video), RATE_HZ)[0].numpy()[:, 0]

@@ -1,5 +1,6 @@
-"""pipeline.features.encoders and .weights, pipeline.device: weights resolution, preprocessing
-split, BN folding, device and precision choice, VGGish input."""
+"""pipeline.features.encoders (the registry, the families) and .weights, pipeline.device:
+weights resolution, preprocessing split, BN folding, device and precision choice, VGGish
+input."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from PIL import Image
 
 from pipeline import device
 from pipeline.errors import UsageError, WeightsUnavailable
-from pipeline.features import encoders, images, weights
+from pipeline.features import FeatureOptions, weights
+from pipeline.features.encoders import image as images
+from pipeline.features.encoders import resolve_encoders, torchvision_image, vggish
 from pipeline.files import sha256_of
 
 
@@ -38,10 +41,10 @@ def test_uint8_part_then_batched_normalise_equals_the_preset(frame: Path) -> Non
 
 
 def test_imagenet_v2_preprocessing_comes_from_its_weights() -> None:
-    _, w = weights.resolve_image_weights("resnet50", "none")
+    _, w = images.resolve_image_weights("resnet50", "none")
     assert w.transforms().resize_size == [256]
     with pytest.raises(UsageError, match="resnet18 has no IMAGENET1K_V2"):
-        weights.resolve_image_weights("resnet18", "imagenet-v2")
+        images.resolve_image_weights("resnet18", "imagenet-v2")
 
 
 def test_folded_batchnorm_keeps_the_features() -> None:
@@ -56,7 +59,7 @@ def test_folded_batchnorm_keeps_the_features() -> None:
     folded = torchvision.models.resnet18()
     folded.fc = torch.nn.Identity()
     folded.load_state_dict(plain.state_dict())
-    images.fuse_batchnorm(folded.eval())
+    torchvision_image.fuse_batchnorm(folded.eval())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -82,14 +85,14 @@ def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
 
 def test_unknown_model_or_missing_file_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError) as e:
-        weights.resolve_image_weights("resnet5", "none")
+        images.resolve_image_weights("resnet5", "none")
     msg = str(e.value)
     assert "\n" not in msg and "--image-model 'resnet5'" in msg
     assert "did you mean resnet50" in msg and "vit_b_16" in msg and "hf:" in msg
     with pytest.raises(UsageError, match="SqueezeNet ends in a conv classifier"):
-        weights.resolve_image_weights("squeezenet1_1", "none")
+        images.resolve_image_weights("squeezenet1_1", "none")
     with pytest.raises(UsageError, match="nor an existing file"):
-        weights.resolve_image_weights("resnet18", str(tmp_path / "nope.pth"))
+        images.resolve_image_weights("resnet18", str(tmp_path / "nope.pth"))
 
 
 def test_random_weights_are_seeded_so_reruns_agree() -> None:
@@ -125,7 +128,7 @@ def test_audio_examples_count_and_start_times(tmp_path: Path, seconds, rate, exp
     n = int(round(seconds * rate))
     data = (np.sin(np.arange(n) * 0.05) * 10000).astype(np.int16)
     sf.write(wav, data, rate, subtype="PCM_16")
-    ex, ts = encoders.wav_examples(wav)
+    ex, ts = vggish.wav_examples(wav)
     assert ex.shape == (expected, 1, 96, 64)
     np.testing.assert_allclose(ts, np.arange(expected) * 0.96)
 
@@ -138,7 +141,7 @@ def test_postprocess_matches_torchvggish_postprocessor() -> None:
     emb = torch.rand(5, 128, generator=g) * 3
     pp = Postprocessor.__new__(Postprocessor)  # its __init__ downloads the PCA parameters
     pp._pca_matrix, pp._pca_means = matrix, means
-    torch.testing.assert_close(encoders.postprocess(emb, matrix, means), pp.postprocess(emb))
+    torch.testing.assert_close(vggish.postprocess(emb, matrix, means), pp.postprocess(emb))
 
 
 def test_offline_download_names_the_cache_file(tmp_path: Path, monkeypatch) -> None:
@@ -146,19 +149,19 @@ def test_offline_download_names_the_cache_file(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     with pytest.raises(WeightsUnavailable) as e:
-        encoders.load_audio_encoder("release", postprocess_on=False)
+        vggish.load_audio_encoder("release", postprocess_on=False)
     msg = str(e.value)
     assert "--audio-weights PATH" in msg and "vggish-10086976.pth" in msg
     assert not list((tmp_path / "hub" / "checkpoints").iterdir())  # no partial file left
 
 
 def test_offline_missing_files_are_reported_together(tmp_path: Path, monkeypatch) -> None:
-    """resolve_weights looks for every file before failing: one error lists all three."""
+    """resolve_encoders looks for every file before failing: one error lists all three."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     with pytest.raises(WeightsUnavailable) as e:
-        weights.resolve_weights("resnet18", "imagenet", ("release", True, "release"))
+        resolve_encoders(FeatureOptions(image_model="resnet18", image_weights="imagenet"))
     msg = str(e.value)
     assert msg.startswith("3 weight files are not in the torch hub cache")
     for name in ("resnet18-f37072fd.pth", "vggish-10086976.pth", "vggish_pca_params-970ea276.pth",
@@ -166,23 +169,24 @@ def test_offline_missing_files_are_reported_together(tmp_path: Path, monkeypatch
                  "--audio-pca PATH", "--no-audio-postprocess"):
         assert name in msg
     # Random image weights and no audio: nothing to look for, nothing missing.
-    image, audio = weights.resolve_weights("resnet18", "none", None)
-    assert image[0].kind == "random" and audio is None
+    found = resolve_encoders(FeatureOptions(image_model="resnet18", image_weights="none",
+                                            audio_model="none"))
+    assert found["image"].weights[0].kind == "random" and found["audio"].weights is None
     # The PCA alone missing: its own message, with the way to do without it.
-    vggish = tmp_path / "vggish.pth"
-    torch.save({}, vggish)
+    vggish_file = tmp_path / "vggish.pth"
+    torch.save({}, vggish_file)
     with pytest.raises(weights.MissingWeights) as e:
-        weights.resolve_audio_weights(str(vggish), True, "release")
+        vggish.resolve_audio_weights(str(vggish_file), True, "release")
     assert "--audio-pca PATH" in str(e.value) and "--no-audio-postprocess" in str(e.value)
     assert not list((tmp_path / "hub" / "checkpoints").iterdir())
 
 
 def test_random_vggish_needs_no_release_pca(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="--no-audio-postprocess"):
-        weights.resolve_audio_weights("none", True, "release")
-    winfo, wpath, pinfo, ppath = weights.resolve_audio_weights("none", False, "release")
+        vggish.resolve_audio_weights("none", True, "release")
+    winfo, wpath, pinfo, ppath = vggish.resolve_audio_weights("none", False, "release")
     assert (winfo.kind, wpath, pinfo, ppath) == ("random", None, None, None)
     pca = tmp_path / "pca.pth"  # a PCA file asked for by path is the user's call
     torch.save({"pca_eigen_vectors": np.eye(128), "pca_means": np.zeros(128)}, pca)
-    enc = encoders.load_audio_encoder("none", True, str(pca))
+    enc = vggish.load_audio_encoder("none", True, str(pca))
     assert enc.weights.kind == "random" and enc.pca_info.kind == "file"

@@ -26,7 +26,8 @@ from test_features import make_media
 
 from pipeline.cli import main
 from pipeline.errors import UsageError, WeightsUnavailable
-from pipeline.features import images, weights
+from pipeline.features.encoders import hf_image, torchvision_image
+from pipeline.features.encoders import image as images
 from pipeline.files import sha256_of
 from pipeline.shards import open_features
 
@@ -142,7 +143,7 @@ def test_hub_weights_by_name_from_the_torch_cache(tmp_path: Path, monkeypatch) -
     torch.save(random_state_dict(torchvision.models.mobilenet_v3_small(), seed=5),
                cache / os.path.basename(w.url))
     for given in ("imagenet", "IMAGENET1K_V1", "imagenet1k_v1"):
-        info, got = weights.resolve_image_weights("mobilenet_v3_small", given)
+        info, got = images.resolve_image_weights("mobilenet_v3_small", given)
         assert got == w
         assert info.attrs() == {"kind": "hub", "name": "MobileNet_V3_Small_Weights.IMAGENET1K_V1",
                                 "file": os.path.basename(w.url), "url": w.url}
@@ -160,7 +161,7 @@ def test_missing_hub_weights_offline_name_the_cache_file(tmp_path: Path, monkeyp
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     with pytest.raises(WeightsUnavailable) as e:
-        weights.resolve_image_weights("vit_b_16", "IMAGENET1K_SWAG_E2E_V1")
+        images.resolve_image_weights("vit_b_16", "IMAGENET1K_SWAG_E2E_V1")
     msg = str(e.value)
     assert msg.startswith("vit_b_16 IMAGENET1K_SWAG_E2E_V1 weights are not in the cache")
     assert "vit_b_16_swag-9ac1b537.pth" in msg and "--image-weights PATH" in msg
@@ -170,11 +171,11 @@ def test_missing_hub_weights_offline_name_the_cache_file(tmp_path: Path, monkeyp
 
 def test_unknown_weights_name_lists_the_models_own(tmp_path: Path) -> None:
     with pytest.raises(UsageError) as e:
-        weights.resolve_image_weights("vit_b_16", "swag")
+        images.resolve_image_weights("vit_b_16", "swag")
     msg = str(e.value)
     assert "IMAGENET1K_SWAG_E2E_V1" in msg and "nor an existing file" in msg
     with pytest.raises(UsageError, match="convnext_tiny has no IMAGENET1K_V2"):
-        weights.resolve_image_weights("convnext_tiny", "imagenet-v2")
+        images.resolve_image_weights("convnext_tiny", "imagenet-v2")
 
 
 def test_random_init_is_seeded_and_takes_the_default_preset() -> None:
@@ -185,8 +186,8 @@ def test_random_init_is_seeded_and_takes_the_default_preset() -> None:
         assert torch.equal(pa, pb)
     # The SWAG ViT preset (384, bicubic) when those weights are named: the architecture too.
     w = torchvision.models.ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1
-    assert images.arch_kwargs("vit_b_16", w) == {"image_size": 384}
-    pre = images.preset_preprocessing(w)
+    assert torchvision_image.arch_kwargs("vit_b_16", w) == {"image_size": 384}
+    pre = torchvision_image.preset_preprocessing(w)
     assert (pre.resize_size, pre.crop_size, pre.interpolation) == (384, 384, "bicubic")
 
 
@@ -257,7 +258,7 @@ def test_a_pil_backend_processor_is_followed_exactly(tmp_path: Path) -> None:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    pre = images.hf_preprocessing(proc, "hf:x")
+    pre = hf_image.hf_preprocessing(proc, "hf:x")
     assert pre.resize_on == "PIL"
     im = Image.open(frame_file(tmp_path)).convert("RGB")
     ours = pre.normalize(pre.uint8_from_image(im)[None])
@@ -268,9 +269,9 @@ def test_a_pil_backend_processor_is_followed_exactly(tmp_path: Path) -> None:
 def test_hf_models_bring_their_weights_and_need_a_processor(tmp_path: Path,
                                                             clip_dir: Path) -> None:
     with pytest.raises(UsageError, match="brings its own weights"):
-        weights.resolve_image_weights(f"hf:{clip_dir}", "none")
+        images.resolve_image_weights(f"hf:{clip_dir}", "none")
     with pytest.raises(UsageError, match=r"--image-model hf:\S+: no config.json"):
-        weights.resolve_image_weights(f"hf:{tmp_path}", "imagenet")
+        images.resolve_image_weights(f"hf:{tmp_path}", "imagenet")
     bare = tmp_path / "no-processor"
     bare.mkdir()
     for f in ("config.json", "model.safetensors"):

@@ -155,3 +155,30 @@ def test_the_task_comparison_finder_sees_each_spelling() -> None:
     code = ('if spec.task == "caption": pass\nif task != x: pass\nif "multilabel" in t: pass\n'
             'if cfg.task is None: pass\nif task not in TASKS: pass\n')
     assert task_comparisons(ast.parse(code)) == [1, 2, 3, 5]
+
+
+def test_only_vggish_knows_vggish() -> None:
+    """Nothing outside an encoder's module asks which encoder it is: no code compares a name
+    with "vggish", reads VGGish's own options (``opts.audio_pca``; the CLI declares them, with
+    their defaults, ``OPT.audio_pca``) or
+    reaches its functions elsewhere."""
+    own = PACKAGE / "features" / "encoders" / "vggish.py"
+    vggish_only = {"audio_pca", "audio_postprocess", "audio_examples", "wav_examples",
+                   "resolve_audio_weights", "check_audio_options", "load_audio_encoder"}
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path == own:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and any(a.name in vggish_only
+                                                        for a in node.names):
+                found.append(f"{path.name}:{node.lineno}: imports VGGish's functions")
+            if isinstance(node, ast.Compare) and any(
+                isinstance(c, ast.Constant) and c.value == "vggish"
+                for c in [node.left, *node.comparators]
+            ):
+                found.append(f"{path.name}:{node.lineno}: compares with 'vggish'")
+            default = isinstance(node, ast.Attribute) and getattr(node.value, "id", "") == "OPT"
+            if isinstance(node, ast.Attribute) and node.attr in vggish_only and not default:
+                found.append(f"{path.name}:{node.lineno}: {node.attr}")
+    assert not found

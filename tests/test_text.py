@@ -15,12 +15,8 @@ import torch
 from conftest import tiny_bert
 
 from pipeline.errors import UsageError
-from pipeline.features.text import (
-    TextEncoder,
-    match_titles,
-    read_titles,
-    resolve_text_model,
-)
+from pipeline.features.encoders.hf_text import TextEncoder, resolve_text_model
+from pipeline.features.text import match_titles, read_titles
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -59,7 +55,8 @@ def test_a_hub_name_is_read_from_the_hf_home_cache(tmp_path: Path) -> None:
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(REVISION)
     code = (
-        "import json; from pipeline.features.text import resolve_text_model, TextEncoder\n"
+        "import json\n"
+        "from pipeline.features.encoders.hf_text import resolve_text_model, TextEncoder\n"
         "info = resolve_text_model('tiny/bert'); e = TextEncoder(info)\n"
         "print(json.dumps({**e.info.attrs(), 'rows': e.encode(['red cat'])[0].shape[0]}))"
     )
@@ -72,7 +69,7 @@ def test_a_hub_name_is_read_from_the_hf_home_cache(tmp_path: Path) -> None:
 
 def test_offline_with_an_empty_cache_names_model_cache_and_folder_option(tmp_path: Path) -> None:
     code = (
-        "from pipeline.features.text import resolve_text_model\n"
+        "from pipeline.features.encoders.hf_text import resolve_text_model\n"
         "resolve_text_model('nghuyong/ernie-1.0-base-zh')"
     )
     done = _in_fresh_process(code, tmp_path / "empty")

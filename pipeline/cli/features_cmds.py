@@ -281,35 +281,16 @@ def _weights_name(w: object) -> str:
 
 def check_features(params: dict, fetch: bool) -> dict | None:
     """What `vpipe run` checks of a [features] stage before any stage runs: the options as
-    the command would build them, and (``fetch``) that the titles file reads and every weights
-    file and the text model are there or can be downloaded now, instead of hours later, after the
-    stages before it. With ``fetch``, returns the weights' identities as the stage records them
-    (``vpipe predict`` compares them with the run's before taking new videos through)."""
+    the command would build them, checked by :func:`pipeline.features.checks.check_features`
+    (with ``fetch``: the titles file and every weights file; returns the weights' identities
+    as the stage records them)."""
     import dataclasses
 
-    from pipeline.features.weights import check_audio_options, check_image_model, resolve_weights
+    from pipeline.features.checks import check_features as check
 
     names = {f.name for f in dataclasses.fields(FeatureOptions)}
     opts = FeatureOptions(**{k: v for k, v in params.items() if k in names and v is not None})
-    opts.check()
-    check_image_model(opts.image_model)  # a misspelt model: exit 2 now, dry run or not
-    audio = ((opts.audio_weights, opts.audio_postprocess, opts.audio_pca)
-             if opts.audio_model == "vggish" else None)
-    if audio:
-        check_audio_options(*audio)
-    if not fetch:  # what the stage will read; a dry run (printing commands) reads none of it
-        return None
-    image, sound = resolve_weights(opts.image_model, opts.image_weights, audio)
-    if opts.text:
-        from pipeline.features.text import read_titles, resolve_text_model
-
-        read_titles(opts.text)  # a bad titles file: exit 2 now, not after earlier stages
-        resolve_text_model(opts.text_model)
-    return {
-        "image_weights": image[0].identity(),
-        "audio_weights": sound[0].identity() if sound else None,
-        "audio_pca": sound[2].identity() if sound and sound[2] else None,
-    }
+    return check(opts, fetch)
 
 
 PLAN_CHECKS = {"features": check_features}

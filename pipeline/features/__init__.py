@@ -1,10 +1,11 @@
 """``vpipe features``: frame features (ResNet, any torchvision classifier, ``hf:`` CLIP-style
-encoders) and VGGish audio features into HDF5 shards.
+encoders), VGGish audio features and title features into HDF5 shards.
 
 One job per module: :mod:`.options` (the stage's options), :mod:`.weights` (where weights come
-from), :mod:`.hf` (Hugging Face models found in a folder or the hub cache), :mod:`.images` (the
-frame encoders and their preprocessing), :mod:`.encoders` (VGGish and the set a run uses),
-:mod:`.sources` (where frames come from: extract-frames folders or decoded videos) and
+from), :mod:`.hf` (Hugging Face models found in a folder or the hub cache), :mod:`.encoders`
+(one module per family of encoders, a registry by name, and the set a run uses),
+:mod:`.checks` (what ``vpipe run`` checks before any stage runs), :mod:`.text` (the titles
+file), :mod:`.sources` (where frames come from: extract-frames folders or decoded videos) and
 :mod:`.stage` (plan, the batching loop, the shard sink). ``extract_features`` and
 ``load_encoders`` load torch, so they are imported on first use.
 """

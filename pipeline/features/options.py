@@ -9,7 +9,6 @@ from pipeline.errors import UsageError
 from pipeline.features.text import DEFAULT_MAX_CHARS, DEFAULT_TEXT_MODEL
 from pipeline.runner import default_workers
 
-AUDIO_MODELS = ("vggish", "none")
 DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "gzip", "lzf")
 
@@ -48,11 +47,10 @@ class FeatureOptions:
     precision: str = "auto"
 
     def check(self) -> None:
-        """Refuse option values that cannot work (a UsageError, before anything is read)."""
+        """Refuse option values that cannot work (a UsageError, before anything is read); the
+        encoders' own options are their families' to check (:mod:`.encoders`)."""
         from pipeline.device import PRECISIONS
 
-        if self.audio_model not in AUDIO_MODELS:
-            raise UsageError(f"--audio-model {self.audio_model!r}: use vggish or none")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype {self.dtype!r}: use float32 or float16")
         if self.compression not in COMPRESSIONS:
@@ -69,6 +67,14 @@ class FeatureOptions:
             self.sampler()  # validates fps/every
         elif self.fps is not None or self.every is not None:
             raise UsageError("--fps/--every sample frames from videos: they need --from-video")
+
+    def encoder_names(self) -> dict[str, str]:
+        """The model each modality of the run is encoded with, by modality (the registry of
+        :mod:`.encoders` says which family takes it; ``none``: a modality left out)."""
+        names = {"image": self.image_model, "audio": self.audio_model}
+        if self.text:
+            names["text"] = self.text_model
+        return names
 
     def sampling(self) -> tuple[float | None, int | None]:
         """(fps, every) for --from-video: extract-frames' default (1 frame/s) when neither."""

@@ -25,13 +25,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.errors import MediaError, UsageError, VpipeError
-from pipeline.features.encoders import Encoders, audio_examples, wav_examples
-from pipeline.features.images import Preprocessing
+from pipeline.features.encoders import Encoders, Preprocessing
 from pipeline.features.options import FeatureOptions
 from pipeline.records import OK, read_manifest, read_run_info
 from pipeline.runner import Item
 
-AUDIO_RATE_HZ = 16000  # VGGish's rate: the decoder resamples to it, as extract-frames does
 TIMESTAMPS = "seconds from clip start, per frame"
 
 
@@ -57,17 +55,17 @@ class ClipJob:
 
 @dataclass(frozen=True)
 class Decoding:
-    """What decoding needs to know of the encoders: the image preprocessing, whether audio
-    examples are wanted, and whether batches go to a GPU (pinned memory). Sent to Ray decode
-    tasks instead of the models."""
+    """What decoding needs to know of the encoders: the image preprocessing, the audio
+    encoder's input (PCM and wavs to its examples; None: no audio), and whether batches go to
+    a GPU (pinned memory). Sent to Ray decode tasks instead of the models."""
 
     preprocessing: Preprocessing
-    audio: bool
+    audio: Any
     pin_memory: bool = False
 
     @classmethod
     def of(cls, enc: Encoders) -> Decoding:
-        return cls(enc.image.preprocessing, enc.audio is not None, enc.device.type == "cuda")
+        return cls(enc.image.preprocessing, enc.audio_input, enc.device.type == "cuda")
 
 
 @dataclass
@@ -220,11 +218,12 @@ def frame_files(rec: dict, folder: Path) -> list[Path]:
 def _wav_done(j: int, job: ClipJob, dec: Decoding) -> tuple[int, Any, str | None]:
     if job.error is not None:
         return j, None, job.error
-    if not dec.audio or job.audio_path is None:
+    if dec.audio is None or job.audio_path is None:
         return j, None, None
     try:  # a wav unlike its record (cut short...) fails its clip, named, as one unreadable
         rec = job.rec
-        return j, wav_examples(job.audio_path, rec.get("n_samples"), rec.get("sample_rate")), None
+        ex = dec.audio.from_wav(job.audio_path, rec.get("n_samples"), rec.get("sample_rate"))
+        return j, ex, None
     except VpipeError as e:
         return j, None, str(e)
     except Exception as e:  # an unreadable wav fails this clip only
@@ -343,7 +342,7 @@ def iter_video_batches(
     batch_size: int,
     fps: float | None,
     every: int | None,
-    audio: bool,
+    audio: Any,
 ) -> Iterator[tuple]:
     """Decode clips (this loader worker's share) into batches ``(uint8 frames, owner clip,
     timestamps, events)``; an event ``(clip, n_frames, audio examples, error)`` follows the
@@ -369,7 +368,7 @@ def iter_video_batches(
         n, pcm = 0, []
         try:
             for kind, t, data in media.decode(
-                path, sampler=sampler, audio_rate_hz=AUDIO_RATE_HZ if audio else None,
+                path, sampler=sampler, audio_rate_hz=audio.rate_hz if audio else None,
                 span=span, duration_s=duration_s,
             ):
                 if kind == "audio":
@@ -384,7 +383,7 @@ def iter_video_batches(
                     yield batch()
                     imgs, owners, times, events = [], [], [], []
             # The same examples as from these samples written to a wav (both paths agree).
-            ex = audio_examples(np.concatenate(pcm), AUDIO_RATE_HZ) if pcm else None
+            ex = audio.from_pcm(np.concatenate(pcm), audio.rate_hz) if pcm else None
             events.append((j, n, ex, None))
         except VpipeError as e:
             events.append((j, n, None, str(e)))

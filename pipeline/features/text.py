@@ -1,23 +1,18 @@
-"""The text modality's input side: a titles file read and matched to clips, and the frozen
-Hugging Face encoder that turns each title into per-token features.
+"""The text modality's input side: a titles file read and matched to clips (the encoder that
+turns each title into per-token features is :mod:`.encoders.hf_text`).
 
 Titles come as a CSV ``id,text`` (a source id, inherited by its clips, or a clip id) or as the
 tagging research's TSV lines ``name \\t title \\t tags`` (the file name's stem gives the source
-id). The encoder's weights come through the standard hub cache (``HF_HOME``) or a folder saved
-with ``save_pretrained``; which one, and its revision or files' sha256, is recorded.
+id).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from pipeline.errors import UsageError
-from pipeline.features.hf import HFModelInfo, resolve_hf_model
 from pipeline.files import csv_rows, read_user_text
 from pipeline.ids import sanitize_id
 
@@ -127,61 +122,3 @@ def match_titles(titles: Titles, clips: Sequence[tuple[str, str]], max_chars: in
             by_clip[clip_id] = cut(titles.by_id[key], max_chars)
             used.add(key)
     return TitleMatch(by_clip, sorted(set(titles.by_id) - used))
-
-
-# The title encoder's identity: a Hugging Face model's (see :mod:`.hf`).
-TextModelInfo = HFModelInfo
-
-
-def resolve_text_model(name: str) -> TextModelInfo:
-    """Find the encoder's files before any work: a local folder, else the hub cache (downloaded
-    there when online). WeightsUnavailable (exit 1) naming the model, the cache and
-    ``--text-model DIR`` when neither has it."""
-    return resolve_hf_model(name, "--text-model", "text model", "tokenizer included")
-
-
-class TextEncoder:
-    """A frozen ``transformers`` encoder in inference mode: titles in, the last hidden state of
-    every token out, special tokens ([CLS], [SEP]) included, as the TextCNN reads them."""
-
-    def __init__(self, info: TextModelInfo, device: str = "cpu", dtype: Any = None) -> None:
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(info.folder, local_files_only=True)
-        model = AutoModel.from_pretrained(info.folder, local_files_only=True)
-        model = model.to(device=device, dtype=dtype or torch.float32)
-        self.model = model.eval().requires_grad_(False)  # frozen: never trained here
-        self.device = device
-        self.dim = int(model.config.hidden_size)
-        # Positions past the model's table cannot be encoded; titles are far shorter anyway.
-        self.max_tokens = int(getattr(model.config, "max_position_embeddings", 512) or 512)
-        self.info = TextModelInfo(**{**asdict(info), "tokenizer": type(self.tokenizer).__name__})
-
-    def attrs(self) -> dict[str, Any]:
-        """The /text group's attributes (``max_chars`` is the stage's to add)."""
-        info = self.info
-        return {"model": info.name, "weights": self.identity(), "tokenizer": info.tokenizer,
-                "special_tokens": "included"}
-
-    def identity(self) -> dict[str, Any]:
-        """Where the weights came from: the hub revision, or a folder's files' sha256."""
-        return self.info.identity()
-
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> list[np.ndarray]:
-        """Each text's token features ``(tokens, dim)`` float32, batched with padding."""
-        import torch
-
-        out: list[np.ndarray] = []
-        for start in range(0, len(texts), batch_size):
-            batch = list(texts[start : start + batch_size])
-            enc = self.tokenizer(
-                batch, padding=True, truncation=True, max_length=self.max_tokens,
-                return_tensors="pt",
-            ).to(self.device)
-            with torch.inference_mode():
-                hidden = self.model(**enc).last_hidden_state.float().cpu().numpy()
-            lengths = enc["attention_mask"].sum(dim=1).tolist()
-            out.extend(hidden[i, : int(n)].copy() for i, n in enumerate(lengths))
-        return out
-

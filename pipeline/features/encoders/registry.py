@@ -1,0 +1,80 @@
+"""The encoder interface and the registry by name that the stage, the CLI's plan-time checks
+and ``vpipe run`` read: one class per family of networks, registered with
+:func:`register_encoder`, found with :func:`encoder_for`.
+
+A family is a class of class methods (nothing is built until :meth:`Encoder.load`), with the
+modality it feeds (``image``, ``audio``, ``text``; ``video`` next): a family owns its options
+(read from :class:`~pipeline.features.options.FeatureOptions`), its usage checks, where its
+weights come from, what it records, and its preprocessing. Nothing outside a family's module
+asks which family it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pipeline.errors import UsageError
+
+MODALITIES = ("image", "audio", "text")
+
+
+class Encoder:
+    """One family of encoders of one modality (the interface; see the families' modules)."""
+
+    modality: ClassVar[str]
+    label: ClassVar[str]  # how the usage errors list it (vggish, hf:NAME, ...)
+    identity_at_plan: ClassVar[bool] = True  # whether identity() needs no loaded encoder
+    collects_missing: ClassVar[bool] = True  # resolve() appends missing files, never raises
+
+    @classmethod
+    def claims(cls, name: str) -> bool:
+        """Whether ``name`` (the --<modality>-model value) is one of this family's."""
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, name: str, opts: Any) -> None:
+        """UsageError for options that cannot work, before any file is looked for."""
+
+    @classmethod
+    def resolve(cls, name: str, opts: Any, missing: list) -> Any:
+        """Find the weights before any work; a published file neither cached nor downloadable
+        is appended to ``missing`` (:class:`~pipeline.features.weights.MissingWeights`), so
+        that one error names every missing file. Returns what :meth:`load` takes."""
+        raise NotImplementedError
+
+    @classmethod
+    def identity(cls, resolved: Any, encoder: Any = None) -> dict[str, Any]:
+        """What of the weights decides the output, keyed as the run's recorded parameters
+        (``encoder``: the loaded one, when there is one)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, name: str, opts: Any, resolved: Any) -> Any:
+        """The encoder on the CPU, in eval mode (None: this modality is off)."""
+        raise NotImplementedError
+
+
+_REGISTRY: list[type[Encoder]] = []
+
+
+def register_encoder(cls: type[Encoder]) -> type[Encoder]:
+    """Class decorator: make a family findable by :func:`encoder_for`."""
+    if cls.modality not in MODALITIES:
+        raise ValueError(f"{cls.__name__}: unknown modality {cls.modality!r}")
+    _REGISTRY.append(cls)
+    return cls
+
+
+def encoders_of(modality: str) -> list[type[Encoder]]:
+    """The registered families of one modality, in registration order."""
+    return [c for c in _REGISTRY if c.modality == modality]
+
+
+def encoder_for(modality: str, name: str) -> type[Encoder]:
+    """The family that takes ``name`` for ``modality``; UsageError naming the choices."""
+    for cls in encoders_of(modality):
+        if cls.claims(name):
+            return cls
+    choices = [c.label for c in encoders_of(modality)]
+    listed = ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
+    raise UsageError(f"--{modality}-model {name!r}: use {listed}")
