@@ -39,10 +39,11 @@ def test_preload_imports_with_the_collector_off_then_on_and_frozen(probe_module:
     assert sys.modules[probe_module].ENABLED is False
     assert gc.isenabled()
     assert gc.get_freeze_count() > frozen
-    # Imported already: nothing is frozen again.
+    # Imported already: nothing is frozen again. (Frozen objects that other threads free in
+    # the meantime leave the permanent generation: the count may only drop.)
     frozen = gc.get_freeze_count()
     preload(probe_module)
-    assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() <= frozen
 
 
 def test_preload_leaves_a_disabled_collector_disabled(probe_module: str) -> None:
