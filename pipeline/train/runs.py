@@ -270,12 +270,10 @@ def check_same_options(out: Path, old: dict, new: dict, resume: bool) -> None:
     old = options_task(old.get("task")).upgrade_options(old)  # an old spelling: today's
     old = {**asdict(TrainConfig()), **old}  # an option added since: the run had its default
     new = {**asdict(TrainConfig()), **new}
-    may_differ = OPTIONS_RESUME_MAY_CHANGE if resume else OPTIONS_NOT_LEARNED
-    diff = [
-        k for k in sorted(set(old) | set(new)) if k not in may_differ and old.get(k) != new.get(k)
-    ]
+    diff = records.changed_params(
+        old, new, OPTIONS_RESUME_MAY_CHANGE if resume else OPTIONS_NOT_LEARNED)
     if diff:
-        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+        shown = records.describe_changes(old, new, diff)
         if resume:
             raise ParamsChanged(
                 f"{out}: --resume with other options ({shown}); use --overwrite to start again"
