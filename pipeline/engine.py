@@ -1,7 +1,7 @@
 """Where a stage's per-item work runs: this machine's processes, or a Ray cluster.
 
 An engine takes the items still to do and a picklable ``call(item) -> records`` (the runner's
-:func:`~pipeline.runner.outcome` around the stage's work, which turns a bad input into a failed
+:func:`~pipeline.runner.records_of` around the stage's work, which turns a bad input into a failed
 record instead of an exception) and yields ``(item, records)`` as items finish, in any order.
 The driver alone writes the manifest from what is yielded, so resume, the refusal of changed
 parameters and the summary are the same whatever the engine.

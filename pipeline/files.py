@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from pipeline.errors import NO_ROOM, DiskFull, UsageError, quote_path
@@ -233,3 +233,23 @@ def csv_rows(path: str | os.PathLike, text: str) -> Iterator[tuple[int, list[str
         where = last[0] if last is not None else reader.line_num
         raise UsageError(f"{path}:{where}: unclosed quote (the quoted field opened on this "
                          "line runs to the end of the file)")
+
+
+def table_records(path: str | os.PathLike, text: str, what: str, required: Sequence[str],
+                  shown: str | None = None) -> Iterator[tuple[int, dict[str, str]]]:
+    """The rows of a CSV the user gives (``text``, read from ``path``) as ``{column: value}``
+    with the line each starts on: header names matched case-blind (spreadsheets write
+    "ID,Label" as often as "id,label"), a short row leaving its last columns out. A header
+    without the ``required`` columns is a UsageError saying which ("labels CSV needs the
+    columns id,label (missing label; found: id,rating)"); ``shown`` spells them there."""
+    rows = csv_rows(path, text)
+    _, header = next(rows, (1, []))
+    cols = [c.strip().lower() for c in header]
+    missing = [c for c in required if c not in cols]
+    if missing:
+        raise UsageError(
+            f"{path}: {what} needs the columns {shown or ','.join(required)} (missing "
+            f"{','.join(missing)}; found: {','.join(cols) or 'nothing'})"
+        )
+    for n, row in rows:
+        yield n, dict(zip(cols, row, strict=False))

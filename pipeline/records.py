@@ -488,7 +488,18 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+def changed_params(old: dict, new: dict, may_differ: Iterable[str] = ()) -> list[str]:
+    """The parameters whose values differ between ``old`` and ``new`` (sorted), leaving out
+    ``may_differ``: the one comparison behind every refusal of changed parameters (a stage's
+    folder here, a train run's options in ``train.runs``)."""
+    skip = set(may_differ)
+    return [k for k in sorted(set(old) | set(new)) if k not in skip and old.get(k) != new.get(k)]
+
+
+def describe_changes(old: dict, new: dict, keys: Sequence[str]) -> str:
+    """``keys``' changes as a refusal shows them, the first four: ``count: 3 -> 2; ...``."""
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4])
+
+
 def _diff(old: dict, new: dict) -> str:
-    keys = sorted(set(old) | set(new))
-    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-    return "; ".join(parts[:4]) or "stage differs"
+    return describe_changes(old, new, changed_params(old, new)) or "stage differs"

@@ -214,7 +214,7 @@ class Tracker:
         self.run.abandon()
 
 
-def outcome(work: Callable[[Item], list[dict] | dict], item: Item) -> list[dict]:
+def records_of(work: Callable[[Item], list[dict] | dict], item: Item) -> list[dict]:
     """Run ``work`` and turn its result or exception into manifest records; a full disk is
     raised as :class:`~pipeline.errors.DiskFull` instead, as it stops the stage."""
     try:
@@ -271,7 +271,7 @@ def run_items(
         if todo:  # nothing to do: no probe of the cluster
             engine.start(run.out_dir, [Path(todo[0].input)])
             run.extra["engine"] = engine.describe()
-        for it, recs in engine.results(functools.partial(outcome, work), todo):
+        for it, recs in engine.results(functools.partial(records_of, work), todo):
             tracker.record(it, recs)
             tracker.advance()
     except BaseException as e:

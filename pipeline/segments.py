@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline import media
 from pipeline.errors import UsageError
-from pipeline.files import atomic_path, csv_rows, read_user_text
+from pipeline.files import atomic_path, csv_rows, read_user_text, table_records
 from pipeline.ids import sanitize_id
 
 
@@ -58,17 +58,9 @@ def read_segments(path: str | Path) -> list[Segment]:
         raise UsageError(f"{path}: no such segments file")
     out: list[Segment] = []
     seen: dict[str, int] = {}
-    rows = csv_rows(path, read_user_text(path))
-    _, header = next(rows, (1, []))
-    cols = [c.strip().lower() for c in header]
-    missing = [c for c in ("source", "start", "end") if c not in cols]
-    if missing:
-        raise UsageError(
-            f"{path}: segments CSV needs the columns source,start,end[,id] (missing "
-            f"{','.join(missing)}; found: {','.join(cols) or 'nothing'})"
-        )
-    for n, row in rows:
-        rec = dict(zip(cols, row, strict=False))  # a short row: those columns absent
+    rows = table_records(path, read_user_text(path), "segments CSV", ("source", "start", "end"),
+                         "source,start,end[,id]")
+    for n, rec in rows:
         src = (rec.get("source") or "").strip()
         a, b = (rec.get("start") or "").strip(), (rec.get("end") or "").strip()
         if not src:

@@ -74,13 +74,14 @@ RayAddress = Annotated[
 ]
 
 
-def make_engine(name: str, ray_address: str | None, workers: int | None, quiet: bool,
-                stage: str):
+def engine_for_options(name: str, ray_address: str | None, workers: int | None, quiet: bool,
+                       stage: str):
     """The engine the options name; None for the stage's own local worker pool. (Imported
     here so that `--help` does not load Ray.)"""
-    from pipeline.engine import make_engine as make
+    from pipeline.engine import make_engine
 
-    engine = make(name, workers=workers or 1, ray_address=ray_address, quiet=quiet, stage=stage)
+    engine = make_engine(name, workers=workers or 1, ray_address=ray_address, quiet=quiet,
+                         stage=stage)
     if engine.name == "local":
         return None
     engine.connect()  # before the stage opens its folder: an unreachable cluster leaves nothing

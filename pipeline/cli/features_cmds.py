@@ -14,7 +14,7 @@ from pipeline.cli.app import (
     Quiet,
     RayAddress,
     app,
-    make_engine,
+    engine_for_options,
     preload_torch,
 )
 from pipeline.features.options import FeatureOptions
@@ -224,7 +224,7 @@ def features(
         text_max_chars=text_max_chars,
         text_model=text_model,
     )
-    runner = make_engine(engine, ray_address, None, quiet, "features")
+    runner = engine_for_options(engine, ray_address, None, quiet, "features")
     summary = extract_features(inputs, out, opts, overwrite=overwrite, quiet=quiet,
                                engine=runner)
     raise typer.Exit(summary.exit_code)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.app import Engine, OutDir, Overwrite, Quiet, RayAddress, app, make_engine
+from pipeline.cli.app import Engine, OutDir, Overwrite, Quiet, RayAddress, app, engine_for_options
 from pipeline.errors import UsageError
 from pipeline.frames import FrameOptions
 from pipeline.subclip import SubclipOptions
@@ -135,7 +135,7 @@ def subclip(
     summary = subclip_videos(
         inputs, out, opts, segments=segments, workers=workers or _default_workers(),
         overwrite=overwrite, quiet=quiet,
-        engine=make_engine(engine, ray_address, workers, quiet, "subclip"),
+        engine=engine_for_options(engine, ray_address, workers, quiet, "subclip"),
     )
     raise typer.Exit(summary.exit_code)
 
@@ -230,7 +230,8 @@ def extract_frames(
     )
     summary = run_stage(
         clips, out, opts, workers=workers or _default_workers(), overwrite=overwrite,
-        quiet=quiet, engine=make_engine(engine, ray_address, workers, quiet, "extract-frames"),
+        quiet=quiet,
+        engine=engine_for_options(engine, ray_address, workers, quiet, "extract-frames"),
     )
     raise typer.Exit(summary.exit_code)
 
@@ -256,6 +257,6 @@ def extract_audio(
     summary = run_stage(
         clips, out, sample_rate_hz=sample_rate, workers=workers or _default_workers(),
         overwrite=overwrite, quiet=quiet,
-        engine=make_engine(engine, ray_address, workers, quiet, "extract-audio"),
+        engine=engine_for_options(engine, ray_address, workers, quiet, "extract-audio"),
     )
     raise typer.Exit(summary.exit_code)

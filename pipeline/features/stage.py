@@ -38,7 +38,7 @@ RECORDED_OPTIONS = ("image_model", "audio_model", "audio_postprocess", "dtype", 
                     "shard_size")
 
 
-def run_params(opts: FeatureOptions, enc: Encoders, source: Any,
+def feature_params(opts: FeatureOptions, enc: Encoders, source: Any,
                inputs: Sequence[Path]) -> dict:
     """Parameters that decide the output (a re-run with others is refused)."""
     text = {}
@@ -164,7 +164,7 @@ def extract_features(
               file=sys.stderr, flush=True)
     enc = load_encoders(opts)
     out = Path(out_dir)
-    params = run_params(opts, enc, source, inputs)
+    params = feature_params(opts, enc, source, inputs)
     versions = {"torch": torch.__version__, "h5py": h5py.__version__}
     run = Run(out, STAGE, params, overwrite=overwrite, versions=versions,
               outputs=shard_of, inputs=inputs).open()

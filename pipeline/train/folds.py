@@ -40,7 +40,7 @@ from pipeline.train.runs import (
     load_run,
     run_entries,
     run_folder_lock,
-    run_params,
+    train_params,
     write_run_info,
 )
 from pipeline.train.tasks import get_task
@@ -83,7 +83,7 @@ def _train_folds(features: Path, labels_csv: Path, out: Path, cfg: TrainConfig, 
     spec = model_spec(replace(cfg, fold=1), first)
     fingerprint = features_fingerprint(first.store, list(first.joined.labels),
                                        first.store_attrs, first.dims)
-    params = run_params(replace(spec.config, fold=0), features, labels_csv, fingerprint)
+    params = train_params(replace(spec.config, fold=0), features, labels_csv, fingerprint)
     try:
         open_folds_folder(out, params, resume, overwrite)
     except BaseException:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UsageError
-from pipeline.files import csv_rows, read_user_text
+from pipeline.files import read_user_text, table_records
 from pipeline.ids import sanitize_id
 from pipeline.shards import FeatureStore
 from pipeline.train.tasks import get_task
@@ -88,19 +88,8 @@ def _read_tsv(path: Path, text: str) -> dict[str, LabelRow]:
 
 
 def _read_rows(path: Path, text: str) -> dict[str, LabelRow]:
-    records = csv_rows(path, text)
-    _, header = next(records, (1, []))
-    # Header names are matched case-blind: spreadsheets write "ID,Label" as often as "id,label".
-    cols = [c.strip().lower() for c in header]
-    missing = [c for c in ("id", "label") if c not in cols]
-    if missing:
-        raise UsageError(
-            f"{path}: labels CSV needs the columns id,label (missing {','.join(missing)}; "
-            f"found: {','.join(cols) or 'nothing'})"
-        )
     rows: dict[str, LabelRow] = {}
-    for n, row in records:
-        rec = dict(zip(cols, row, strict=False))  # a short row: those columns absent
+    for n, rec in table_records(path, text, "labels CSV", ("id", "label")):
         cid = (rec.get("id") or "").strip()
         if not cid:
             raise UsageError(f"{path}:{n}: empty id")

@@ -38,9 +38,9 @@ from pipeline.train.runs import (
     open_run_folder,
     report_complete,
     run_folder_lock,
-    run_params,
     save_checkpoint,
     start_run_folder,
+    train_params,
     write_curves,
     write_metrics,
 )
@@ -101,7 +101,7 @@ def train_prepared(
     task = get_task(spec.task)
     cfg = spec.config  # the options with the modalities used
     fingerprint = features_fingerprint(p.store, list(p.joined.labels), p.store_attrs, p.dims)
-    params = run_params(cfg, Path(features), Path(labels_csv), fingerprint)
+    params = train_params(cfg, Path(features), Path(labels_csv), fingerprint)
     state = open_run_folder(out, cfg, params, p.split_ids, resume, overwrite)
     started = now_iso()
     if state is not None and is_complete(out, state, cfg.epochs, cfg.patience):

@@ -61,7 +61,7 @@ def features_fingerprint(store, clip_ids: list[str], attrs: dict, dims: dict) ->
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def run_params(cfg: TrainConfig, features: Path, labels: Path, fingerprint: str) -> dict:
+def train_params(cfg: TrainConfig, features: Path, labels: Path, fingerprint: str) -> dict:
     """The ``params`` of ``vpipe.json``: every option plus the inputs and their identity."""
     return {
         **asdict(cfg),
@@ -161,7 +161,7 @@ def finish_run_folder(out: Path, summary: dict, done: int, already: int) -> None
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_run_info(
         out,
-        {"ended": now_iso(), "counts": epoch_counts(done, already), "result": outcome(summary)},
+        {"ended": now_iso(), "counts": epoch_counts(done, already), "result": result_of(summary)},
     )
 
 
@@ -270,12 +270,10 @@ def check_same_options(out: Path, old: dict, new: dict, resume: bool) -> None:
     old = options_task(old.get("task")).upgrade_options(old)  # an old spelling: today's
     old = {**asdict(TrainConfig()), **old}  # an option added since: the run had its default
     new = {**asdict(TrainConfig()), **new}
-    may_differ = OPTIONS_RESUME_MAY_CHANGE if resume else OPTIONS_NOT_LEARNED
-    diff = [
-        k for k in sorted(set(old) | set(new)) if k not in may_differ and old.get(k) != new.get(k)
-    ]
+    diff = records.changed_params(
+        old, new, OPTIONS_RESUME_MAY_CHANGE if resume else OPTIONS_NOT_LEARNED)
     if diff:
-        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+        shown = records.describe_changes(old, new, diff)
         if resume:
             raise ParamsChanged(
                 f"{out}: --resume with other options ({shown}); use --overwrite to start again"
@@ -381,7 +379,7 @@ def epoch_counts(done: int, already: int) -> dict:
     return {"done": done, "already_done": already, "skipped": 0, "failed": 0}
 
 
-def outcome(summary: dict) -> dict:
+def result_of(summary: dict) -> dict:
     """The headline of summary.json, for ``vpipe.json`` readers that do not open it."""
     name = summary["main_metric"]
     side = "test" if summary["test"] else "val" if summary["val"] else "train"

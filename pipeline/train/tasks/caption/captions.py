@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import UsageError
-from pipeline.files import csv_rows, read_user_text
+from pipeline.files import read_user_text, table_records
 from pipeline.train.config import TrainConfig
 from pipeline.train.inputs import Prepared, check_config, open_store, resolve_modalities
 from pipeline.train.labels import SPLITS, LabelRow, join_labels, split_by_source
@@ -35,17 +35,7 @@ def read_captions(path: str | Path) -> CaptionRows:
     refs: dict[str, list[list[str]]] = {}
     lines: dict[str, list[int]] = {}
     splits: dict[str, str | None] = {}
-    records = csv_rows(path, read_user_text(path))
-    _, header = next(records, (1, []))
-    cols = [c.strip().lower() for c in header]
-    missing = [c for c in ("id", "caption") if c not in cols]
-    if missing:
-        raise UsageError(
-            f"{path}: captions CSV needs the columns id,caption (missing "
-            f"{','.join(missing)}; found: {','.join(cols) or 'nothing'})"
-        )
-    for n, row in records:
-        rec = dict(zip(cols, row, strict=False))  # a short row: those columns absent
+    for n, rec in table_records(path, read_user_text(path), "captions CSV", ("id", "caption")):
         cid = (rec.get("id") or "").strip()
         text = (rec.get("caption") or "").strip()
         split = (rec.get("split") or "").strip().lower() or None
