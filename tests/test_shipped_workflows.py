@@ -66,6 +66,26 @@ def test_workflows_lists_and_copies_out(tmp_path: Path, capsys, monkeypatch) -> 
     assert main(["workflows", "--copy", "nope"]) == 2
 
 
+def test_a_copied_workflow_in_the_current_folder_comes_first(tmp_path: Path, capsys,
+                                                             monkeypatch) -> None:
+    # Regression (issue 27, 3.2): after `vpipe workflows --copy trailer-rating` and an edit,
+    # `vpipe run trailer-rating` still ran the shipped file.
+    monkeypatch.chdir(tmp_path)
+    assert main(["workflows", "--copy", "trailer-rating"]) == 0
+    mine = tmp_path / "trailer-rating.toml"
+    mine.write_text(mine.read_text(encoding="utf-8").replace("count = 3", "count = 2"),
+                    encoding="utf-8")
+    capsys.readouterr()
+    assert main(["run", "trailer-rating", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "vpipe run: trailer-rating: the file trailer-rating.toml" in err
+    assert "--count 2" in out.splitlines()[0]
+    mine.unlink()
+    assert main(["run", "trailer-rating", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "the shipped workflow" in err and "--count 3" in out.splitlines()[0]
+
+
 @pytest.mark.slow
 def test_a_wheel_install_finds_its_workflows(tmp_path: Path) -> None:
     """pip install of the built wheel (no checkout beside it): the files come as data files."""

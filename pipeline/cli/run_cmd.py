@@ -115,7 +115,8 @@ def run(
 
     path = shipped.resolve(workflow_file)
     if str(path) != workflow_file and not quiet:
-        print(f"vpipe run: {workflow_file}: the shipped workflow {path}", file=sys.stderr)
+        which = "the shipped workflow" if path in shipped.shipped().values() else "the file"
+        print(f"vpipe run: {workflow_file}: {which} {path}", file=sys.stderr)
     wf = wfl.load_workflow(
         path, inputs=inputs, labels=labels, work_dir=work_dir, sets=sets or (),
         engine=engine, ray_address=ray_address,

@@ -40,11 +40,15 @@ def shipped() -> dict[str, Path]:
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A workflow file: the path if it exists, else the shipped workflow of that name (a
-    missing ``workflows/trailer-rating.toml`` is the shipped ``trailer-rating`` too)."""
+    """A workflow file: the path if it exists, else a name's ``NAME.toml`` in the current
+    folder (what `vpipe workflows --copy NAME` wrote there, to be edited), else the shipped
+    workflow of that name (a missing ``workflows/trailer-rating.toml`` is the shipped
+    ``trailer-rating`` too)."""
     p = Path(name_or_path)
     if p.exists():
         return p
+    if not p.suffix and p.with_suffix(".toml").is_file():
+        return p.with_suffix(".toml")
     files = shipped()
     hit = files.get(p.stem)
     if hit is not None:
