@@ -147,6 +147,19 @@ def test_inspect_on_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
     assert main(["inspect", str(tmp_path / "nope")]) == 2
 
 
+def test_inspect_on_another_stages_folder_says_what_it_is(tmp_path: Path, capsys) -> None:
+    # Regression (issue 27, 3.4): "0 shards, 0 clips ... verified in all 0 shards", then
+    # "1 problem(s)", on an extract-frames folder.
+    from pipeline.cli import main
+
+    (tmp_path / "vpipe.json").write_text('{"stage": "extract-frames", "params": {}}')
+    (tmp_path / "manifest.jsonl").write_text("")
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert capsys.readouterr() == ("", f"vpipe: error: {tmp_path}: the output of `vpipe "
+                                       "extract-frames`, not a feature folder (`vpipe inspect` "
+                                       "checks what `vpipe features` wrote)\n")
+
+
 def test_reader_keeps_few_shards_open(tmp_path: Path, monkeypatch) -> None:
     """Regression: every shard read stayed open, so iterating a store of ~1000+ small shards
     (--shard-size 1) failed with 'Too many open files'."""

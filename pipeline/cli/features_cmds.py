@@ -237,11 +237,17 @@ def inspect(
     ],
 ) -> None:
     """Summarise a feature folder and check every shard against index.jsonl (exit 1 if not)."""
+    from pipeline.errors import UsageError
+    from pipeline.records import read_run_info
     from pipeline.shards import validate
 
     if not folder.is_dir():
         typer.echo(f"vpipe: error: {folder}: no such folder", err=True)
         raise typer.Exit(2)  # a usage error, like every other stage's missing input
+    stage = (read_run_info(folder) or {}).get("stage")
+    if stage not in (None, "features") and not (folder / "index.jsonl").exists():
+        raise UsageError(f"{folder}: the output of `vpipe {stage}`, not a feature folder "
+                         "(`vpipe inspect` checks what `vpipe features` wrote)")
     summary, problems = validate(folder)
     dims = summary["dims"]
     models = summary["models"]
