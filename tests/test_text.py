@@ -336,6 +336,9 @@ def test_offline_with_an_empty_cache_stops_features_before_writing(
     assert len(err) == 1 and err[0].startswith("vpipe: error: text model "), err
     assert "nghuyong/ernie-1.0-base-zh" in err[0] and str(tmp_path / "empty" / "hub") in err[0]
     assert "--text-model DIR" in err[0]
+    # Issue 27, 3.11: the other way on, offline, is named too.
+    assert err[0].endswith("; or run without titles (leave out --text; for the tagging "
+                           "workflow: `vpipe run video-tagging-notext`)")
     assert not out.exists()
 
 

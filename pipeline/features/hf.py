@@ -45,13 +45,13 @@ def hub_cache_dir() -> Path:
 
 
 def resolve_hf_model(
-    name: str, option: str, what: str, contents: str, prefix: str = ""
+    name: str, option: str, what: str, contents: str, prefix: str = "", hint: str = ""
 ) -> HFModelInfo:
     """Find a model's files: a local folder, else the hub cache (downloaded there when
     online). WeightsUnavailable (exit 1) naming the model, the cache and ``OPTION DIR`` when
     neither has it. ``option`` and ``what`` name it in messages (``--text-model``, "text
     model"), ``prefix`` the scheme before the name (``hf:``); ``contents``: what the folder
-    must hold besides the weights."""
+    must hold besides the weights; ``hint`` ends the offline message (another way on)."""
     folder = Path(name).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
@@ -78,6 +78,6 @@ def resolve_hf_model(
                 f"{what} {prefix + name!r} is not in the Hugging Face cache ({hub_cache_dir()}, "
                 f"$HF_HOME/hub) and could not be downloaded ({type(e).__name__}). Give "
                 f"`{option} {prefix}DIR` (a folder saved with save_pretrained, {contents}), "
-                "or fetch the model into that cache on a machine that is online"
+                f"or fetch the model into that cache on a machine that is online{hint}"
             ) from None
     return HFModelInfo(name=prefix + name, kind="hub", folder=path, revision=Path(path).name)

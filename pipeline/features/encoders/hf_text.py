@@ -16,6 +16,10 @@ import numpy as np
 from pipeline.features.encoders.registry import Encoder, register_encoder
 from pipeline.features.hf import HFModelInfo, resolve_hf_model
 
+# The other ways on, offline: the title encoder is the one model a run can do without.
+OFFLINE_HINT = ("; or run without titles (leave out --text; for the tagging workflow: "
+                "`vpipe run video-tagging-notext`)")
+
 
 @register_encoder
 class HFText(Encoder):
@@ -52,7 +56,8 @@ def resolve_text_model(name: str) -> TextModelInfo:
     """Find the encoder's files before any work: a local folder, else the hub cache (downloaded
     there when online). WeightsUnavailable (exit 1) naming the model, the cache and
     ``--text-model DIR`` when neither has it."""
-    return resolve_hf_model(name, "--text-model", "text model", "tokenizer included")
+    return resolve_hf_model(name, "--text-model", "text model", "tokenizer included",
+                            hint=OFFLINE_HINT)
 
 
 class TextEncoder:

@@ -40,7 +40,8 @@ VGGISH_PCA_URL = (
 )
 # How else to provide each audio file, for the offline message.
 AUDIO_OPTIONS = {
-    "--audio-weights": "`--audio-weights PATH` (a state-dict file) or `--audio-model none`",
+    "--audio-weights": "`--audio-weights PATH` (a state-dict file), `--audio-weights none` "
+    "(seeded random weights, with `--no-audio-postprocess`) or `--audio-model none` (no audio)",
     "--audio-pca": "`--audio-pca PATH` (a .pth with pca_eigen_vectors and pca_means) or "
     "`--no-audio-postprocess` (raw 128-d embeddings)",
 }
