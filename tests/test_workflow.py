@@ -580,6 +580,21 @@ def test_conflicting_options_fail_before_any_stage_runs(tmp_path: Path, capsys,
     assert main(["run", "wf.toml", "--set", "features.audio-postprocess=false", "--dry-run"]) == 0
 
 
+def test_a_set_that_conflicts_with_the_file_fails_the_dry_run(tmp_path: Path, capsys,
+                                                              monkeypatch) -> None:
+    # Regression (issue 27, 3.3): --dry-run passed fps beside the file's every; the real run
+    # cut the subclips first and then stopped at "give --fps or --every, not both".
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "wf.toml").write_text(
+        'inputs = ["videos"]\n[subclip]\n\n[extract-frames]\nevery = 45\n', encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    for extra in (["--dry-run"], []):
+        assert main(["run", "wf.toml", "--set", "extract-frames.fps=2", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "wf.toml:4: [extract-frames] give --fps or --every, not both" in err
+        assert not (tmp_path / "work").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("marker", ["extract-frames/manifest.jsonl", "features/index.jsonl"])
 def test_ctrl_c_in_a_stage_is_not_finished_and_the_rerun_completes_it(

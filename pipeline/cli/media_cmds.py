@@ -221,13 +221,9 @@ def extract_frames(
     """
     from pipeline.frames import extract_frames as run_stage
 
-    if fps is not None and every is not None:
-        raise UsageError("give --fps or --every, not both")
-    opts = FrameOptions(
-        fps=None if every is not None else (FRAMES.fps if fps is None else fps),
-        every=every, size=size, upscale=upscale, format=image_format, quality=quality,
-        sample_rate_hz=sample_rate, audio=not no_audio,
-    )
+    opts = frame_options(fps=fps, every=every, size=size, upscale=upscale,
+                         image_format=image_format, quality=quality, sample_rate=sample_rate,
+                         no_audio=no_audio)
     summary = run_stage(
         clips, out, opts, workers=workers or _default_workers(), overwrite=overwrite,
         quiet=quiet,
@@ -260,3 +256,27 @@ def extract_audio(
         engine=engine_for_options(engine, ray_address, workers, quiet, "extract-audio"),
     )
     raise typer.Exit(summary.exit_code)
+
+
+def frame_options(*, fps: float | None, every: int | None, size: int, upscale: bool,
+                  image_format: str, quality: int, sample_rate: int,
+                  no_audio: bool) -> FrameOptions:
+    """extract-frames' options as the command gets them, checked as the stage checks them."""
+    if fps is not None and every is not None:
+        raise UsageError("give --fps or --every, not both")
+    return FrameOptions(
+        fps=None if every is not None else (FRAMES.fps if fps is None else fps),
+        every=every, size=size, upscale=upscale, format=image_format, quality=quality,
+        sample_rate_hz=sample_rate, audio=not no_audio,
+    )
+
+
+def check_extract_frames(params: dict, fetch: bool) -> None:
+    """What `vpipe run` checks of an [extract-frames] stage before any stage runs: every
+    refusal of the stage's own option checks (--fps with --every, a format, a rate)."""
+    names = ("fps", "every", "size", "upscale", "image_format", "quality", "sample_rate",
+             "no_audio")
+    frame_options(**{k: params[k] for k in names})
+
+
+PLAN_CHECKS = {"extract-frames": check_extract_frames}

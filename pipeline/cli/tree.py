@@ -21,7 +21,7 @@ def command():
     import typer.main
 
     root = typer.main.get_command(app)
-    for name, check in features_cmds.PLAN_CHECKS.items():
+    for name, check in {**media_cmds.PLAN_CHECKS, **features_cmds.PLAN_CHECKS}.items():
         root.commands[name].vpipe_check = check  # run by the workflow planner
     for cmd in root.commands.values():
         doc = (cmd.help or "").strip().split("\n\n")[0].replace("\n", " ")
