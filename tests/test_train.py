@@ -975,13 +975,20 @@ def test_end_to_end_on_shards_made_by_the_pipeline(tmp_path, capsys):
         "test": 10,
     }
     got, base = beats(s, 0.5)  # accuracy over the majority class by 50 points
-    capsys.readouterr()
+    # Issue 27, 3.5: figures on features from random weights are flagged wherever they show.
+    note = ("the image, audio features come from random weights: these figures say nothing "
+            "of what pretrained features would give")
+    assert s["random_weights"] == ["image", "audio"] and note in s["warnings"]
+    assert f"vpipe train: warning: {note}" in capsys.readouterr().err
     assert (
         main(["evaluate", str(w / "run"), feats, "--labels", str(labels), "--split", "test"]) == 0
     )
-    e = json.loads(capsys.readouterr().out)
+    shown = capsys.readouterr()
+    e = json.loads(shown.out)
     assert e["metrics"]["accuracy"] == pytest.approx(got)
+    assert f"vpipe evaluate: warning: {note}" in shown.err
     assert main(["predict", str(w / "run"), feats, "-o", str(w / "p.jsonl"), "-q"]) == 0
+    assert f"vpipe predict: warning: {note}" in capsys.readouterr().err
     lines = [json.loads(x) for x in (w / "p.jsonl").read_text().splitlines()]
     assert sum(x["level"] == "clip" for x in lines) == 36
     src = {x["id"]: x["prediction"] for x in lines if x["level"] == "source"}

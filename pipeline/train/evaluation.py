@@ -128,6 +128,7 @@ def summarise(
     }
     if spec.config.folds:  # one fold of train_folds: its test split is the fold's sources
         summary["fold"] = {"fold": spec.config.fold, "of": spec.config.folds}
+    summary["random_weights"] = random_weights(spec.feature_attrs)
     summary["warnings"] = caveats(summary)
     return summary
 
@@ -136,10 +137,25 @@ def summarise(
 MIN_SOURCES = 5
 
 
+def random_weights(feature_attrs: dict[str, dict]) -> list[str]:
+    """The modalities whose features came from an encoder's seeded random weights, as the
+    shards' attributes record them (``weights.kind``)."""
+    return [m for m, attrs in feature_attrs.items()
+            if isinstance(attrs.get("weights"), dict) and attrs["weights"].get("kind") == "random"]
+
+
+def random_weights_note(modalities: list[str]) -> str:
+    """Said wherever a run's figures are shown: they read as a real result otherwise."""
+    return (f"the {', '.join(modalities)} features come from random weights: these figures "
+            "say nothing of what pretrained features would give")
+
+
 def caveats(summary: dict) -> list[str]:
     """What makes the figures of a run weak, in words: splits of too few sources, and a model
     that does not beat the trivial predictor."""
     out = []
+    if summary.get("random_weights"):
+        out.append(random_weights_note(summary["random_weights"]))
     for split in ("val", "test"):
         n = summary["n_sources"].get(split, 0)
         if 0 < n < MIN_SOURCES:

@@ -14,7 +14,12 @@ from pipeline.errors import UsageError
 from pipeline.files import atomic_path, atomic_write_text, sha256_of
 from pipeline.shards import FeatureStore
 from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
-from pipeline.train.evaluation import clip_sources, evaluate
+from pipeline.train.evaluation import (
+    clip_sources,
+    evaluate,
+    random_weights,
+    random_weights_note,
+)
 from pipeline.train.inputs import open_store
 from pipeline.train.labels import join_labels, read_labels
 from pipeline.train.model import run_model
@@ -94,6 +99,8 @@ def _open(run: str | Path, features: str | Path, checkpoint: str, prog: str,
           strict: bool = False):
     """The run's model and spec, and the feature folder checked against them."""
     model, spec = load_run(run, checkpoint)
+    if mods := random_weights(spec.feature_attrs):
+        print(f"{prog}: warning: {random_weights_note(mods)}", file=sys.stderr)
     return model, spec, open_checked(features, spec, prog, strict)
 
 

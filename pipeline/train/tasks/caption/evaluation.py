@@ -18,6 +18,7 @@ from pipeline.device import pick_device
 from pipeline.errors import UsageError
 from pipeline.shards import FeatureStore
 from pipeline.train.config import ModelSpec
+from pipeline.train.evaluation import random_weights, random_weights_note
 from pipeline.train.model import to_device
 from pipeline.train.sequences import ClipSequences, pad_batch
 from pipeline.train.tasks.caption.captions import CaptionInput, read_captions
@@ -120,6 +121,7 @@ def summarise_captions(model: CaptionModel, spec: ModelSpec, p: CaptionInput,
     base = {s: caption_metrics({c: p.refs[c] for c in p.split_ids[s]},
                                {c: top for c in p.split_ids[s]}, with_meteor=False)
             for s in ("val", "test") if p.split_ids[s]}
+    random = random_weights(spec.feature_attrs)
     return {
         "task": "caption",
         "task_source": p.task_reason,
@@ -144,6 +146,8 @@ def summarise_captions(model: CaptionModel, spec: ModelSpec, p: CaptionInput,
         "seconds_per_epoch": round(float(np.mean([r["seconds"] for r in history])), 3)
         if history else None,
         "device": str(device),
+        "random_weights": random,
+        "warnings": [random_weights_note(random)] if random else [],
     }
 
 
