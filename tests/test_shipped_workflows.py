@@ -110,3 +110,10 @@ def test_a_wheel_install_finds_its_workflows(tmp_path: Path) -> None:
     dry = subprocess.run([str(venv / "bin" / "vpipe"), "run", "trailer-rating", "--dry-run"],
                          capture_output=True, text=True, env=env, cwd=empty, check=True)
     assert dry.stdout.startswith("vpipe subclip trailers -o work/trailer-rating/subclip")
+
+
+def test_run_help_names_every_shipped_workflow(capsys) -> None:
+    # Regression (issue 27, 3.10): video-tagging-notext was left out.
+    assert main(["run", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in SHIPPED), text

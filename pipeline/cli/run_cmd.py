@@ -19,7 +19,7 @@ def run(
         typer.Argument(
             metavar="WORKFLOW",
             help="Workflow file (TOML), or the name of a shipped one (trailer-rating, "
-            "video-tagging, captioning, demo: see vpipe workflows).",
+            "video-tagging, video-tagging-notext, captioning, demo: see vpipe workflows).",
             show_default=False,
         ),
     ],

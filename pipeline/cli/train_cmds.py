@@ -26,7 +26,8 @@ Labels = Annotated[
         "--labels",
         help="CSV with columns id,label[,split] (header in any case); id is a clip id or a "
         "source id, the video's file stem (its clips inherit the label). Multilabel: names "
-        "separated by '|' or ',' (quoted). Caption: id,caption[,split], a line per reference.",
+        "separated by '|' or ',' (quoted), or the tagging research's TSV "
+        "name<TAB>title<TAB>tag1,tag2. Caption: id,caption[,split], a line per reference.",
         show_default=False,
     ),
 ]
