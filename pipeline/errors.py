@@ -76,6 +76,11 @@ def one_line(text: str, *, indented: bool = False) -> str:
     return _CONTROL.sub(escape, text)
 
 
+def plural(n: int, nouns: str) -> str:
+    """``n`` and a plural noun as a message says them: "1 clip", "2 clips", "0 shards"."""
+    return f"{n} {nouns[:-1] if n == 1 and nouns.endswith('s') else nouns}"
+
+
 def quote_path(path: str | os.PathLike) -> str:
     """A path as a message shows it: as it is, or quoted with escapes where it holds a control
     character (``'clip\\n1.mp4'``), so that the line stays one line and says where the name ends."""

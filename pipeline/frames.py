@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline import media
 from pipeline.clips import ClipRef, find_clips
-from pipeline.errors import MediaError, UsageError
+from pipeline.errors import MediaError, UsageError, plural
 from pipeline.files import atomic_path
 from pipeline.records import Run, ok_records
 from pipeline.runner import Item, Summary, run_items
@@ -118,7 +118,7 @@ def mixed_rates_note(records: Sequence[dict], every: int) -> str | None:
             rates[round(float(r["fps"]), 3)] = rates.get(round(float(r["fps"]), 3), 0) + 1
     if len(rates) < 2:
         return None
-    shown = ", ".join(f"{every / fps:.2f} s at {fps:g} fps ({n} clips)"
+    shown = ", ".join(f"{every / fps:.2f} s at {fps:g} fps ({plural(n, 'clips')})"
                       for fps, n in sorted(rates.items()))
     return (f"--every {every} counts frames, and these clips have {len(rates)} frame rates: "
             f"a frame every {shown}; --fps samples every clip at the same times")

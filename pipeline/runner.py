@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import Skip, VpipeError, one_line, quote_path
+from pipeline.errors import Skip, VpipeError, one_line, plural, quote_path
 from pipeline.files import disk_full, writing
 from pipeline.records import FAILED, MANIFEST, OK, SKIPPED, Run
 
@@ -58,7 +58,7 @@ class Summary:
         done = f"{self.done} done"
         if self.units is not None:
             item, out = self.units
-            done = f"{self.done} {item} done ({self.outputs} {out})"
+            done = f"{plural(self.done, item)} done ({plural(self.outputs or 0, out)})"
         line = (
             f"vpipe {self.stage}: {'interrupted after ' if self.interrupted else ''}{done}, "
             f"{self.resumed} already done, {self.skipped} skipped, {self.failed} failed in "

@@ -353,7 +353,7 @@ def test_every_over_mixed_frame_rates_is_said(tmp_path: Path, capsys) -> None:
                  "--no-audio", "-q"]) == 0
     err = capsys.readouterr().err
     assert "warning: --every 50 counts frames, and these clips have 2 frame rates" in err
-    assert "1.67 s at 30 fps (1 clips)" in err and "2.00 s at 25 fps (1 clips)" in err
+    assert "1.67 s at 30 fps (1 clip)" in err and "2.00 s at 25 fps (1 clip)" in err
     rates = sorted(r["fps"] for r in map(json.loads, (tmp_path / "e" / "manifest.jsonl")
                                          .read_text().splitlines()))
     assert rates == [25.0, 30.0]

@@ -313,7 +313,7 @@ def test_a_replaced_source_is_planned_and_extracted_again(sparse: Path, tmp_path
     for cmd in steps:
         assert main(cmd) == 0
     err = capsys.readouterr().err
-    assert "1 videos done (2 clips), 0 already done" in err
+    assert "1 video done (2 clips), 0 already done" in err
     assert read_manifest(clips)["v_0"]["source_bytes"] == src.stat().st_size
     png = np.asarray(Image.open(frames / "v_0" / "frames" / "000000.png"))
     assert np.abs(png[-5, 5].astype(int) - (200, 40, 40)).max() <= 12  # the new video's colour

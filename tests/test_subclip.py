@@ -233,7 +233,7 @@ def test_bad_inputs_are_recorded_and_the_rest_is_done(
     for name in ("readme.txt", "empty.mp4", "cut.mp4", "short.mp4"):
         (line,) = [ln for ln in err.splitlines() if name in ln]
         assert line.startswith("vpipe subclip: ") and line.count(name) == 1
-    assert "1 videos done (2 clips), 0 already done, 1 skipped, 3 failed" in err
+    assert "1 video done (2 clips), 0 already done, 1 skipped, 3 failed" in err
     assert not list(out.glob(".*"))  # no temp folders left by the failed sources
 
 
@@ -394,7 +394,7 @@ def test_keyframe_mode_on_a_single_keyframe_source_cuts_exactly_with_a_note(
     assert beep_onsets(out / recs[0]["path"])[0] == pytest.approx([1.5], abs=0.005)
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"vpipe subclip: {src}: note: {note}"
-    assert "1 videos done (2 clips), 0 already done, 0 skipped, 0 failed" in err[-1]
+    assert "1 video done (2 clips), 0 already done, 0 skipped, 0 failed" in err[-1]
 
 
 def test_soundtrack_longer_than_video_is_not_truncation(tmp_path: Path) -> None:
@@ -602,7 +602,7 @@ def test_the_issue_recipe_through_the_cli_names_the_file_and_the_damage(
     assert f"({lost} of 125 frames lost)" in line
     assert line.endswith(", in clip busy_0 (1.00-6.00s), not kept")
     # The source counts as failed (it is redone by the next run); its intact clip is kept.
-    assert "0 videos done (1 clips), 0 already done, 0 skipped, 1 failed" in proc.stderr
+    assert "0 videos done (1 clip), 0 already done, 0 skipped, 1 failed" in proc.stderr
     statuses = {r["id"]: r["status"] for r in manifest(out)}
     assert statuses == {"busy_0": "failed", "busy_1": "ok"}
 

@@ -237,7 +237,7 @@ def inspect(
     ],
 ) -> None:
     """Summarise a feature folder and check every shard against index.jsonl (exit 1 if not)."""
-    from pipeline.errors import UsageError
+    from pipeline.errors import UsageError, plural
     from pipeline.records import read_run_info
     from pipeline.shards import validate
 
@@ -254,7 +254,7 @@ def inspect(
     img = summary.get("image_attrs", {})
     aud = summary.get("audio_attrs", {})
     lines = [
-        f"{folder}: {summary['shards']} shards, {summary['clips']} clips, "
+        f"{folder}: {plural(summary['shards'], 'shards')}, {plural(summary['clips'], 'clips')}, "
         f"{summary['bytes'] / 1e6:.1f} MB",
         f"  image: {summary['frames']} frames x {dims.get('image', 0)} "
         f"({models.get('image')}, weights {_weights_name(img.get('weights'))})",

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.device import torch_threads
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, plural
 from pipeline.files import atomic_write_text, clean_temp_files, remove
 from pipeline.records import now_iso, read_run_info
 from pipeline.train.config import TrainConfig
@@ -101,7 +101,8 @@ def _train_folds(features: Path, labels_csv: Path, out: Path, cfg: TrainConfig, 
         sources = {s: sorted({source_of[c] for c in ids}) for s, ids in p.split_ids.items()}
         run = fold_dir(out, k)
         if not quiet:
-            print(f"vpipe train: fold {k}/{cfg.folds}: test on {len(sources['test'])} sources, "
+            test = plural(len(sources["test"]), "sources")
+            print(f"vpipe train: fold {k}/{cfg.folds}: test on {test}, "
                   f"val {len(sources['val'])}, train {len(sources['train'])} -> {run}",
                   file=sys.stderr)
         test_ids = list(p.split_ids["test"])
