@@ -184,7 +184,7 @@ def encode_on_ray(jobs: list[ClipJob], source: Any, enc: Encoders, opts: Feature
                 on_shard(path)
     except BaseException:
         stop_tasks(ray, decoding)
-        stop_tasks(ray, encoding, force=False)  # not retried when their actors are killed
+        stop_tasks(ray, encoding)  # not retried when their actors are killed
         raise
     finally:
         for actor in actors:
