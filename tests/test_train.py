@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -350,34 +351,29 @@ def test_the_same_command_continues_an_interrupted_run(sets, tmp_path, capsys):
     assert all(torch.equal(v, b[k]) for k, v in a.items())
 
 
-def test_a_run_killed_mid_training_resumes_to_the_same_weights(sets, tmp_path):
-    """SIGKILL a real `vpipe train` process after a few epochs, then --resume it."""
-    folder, csv_path, _ = sets["classification"]
-    args = [
-        str(folder),
-        "--labels",
-        str(csv_path),
-        "-q",
-        "--epochs",
-        "60",
-        "--patience",
-        "60",
-        "--hidden",
-        "16",
-        "--device",
-        "cpu",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "train", *args, "-o", str(cut)], env=env
-    )
+def training_until(args: list[str], out: Path, epochs: int = 3, **popen) -> subprocess.Popen:
+    """A real `vpipe train ARGS -o OUT` process, once it has written ``epochs`` epochs."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *args, "-o", str(out)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        m = cut / "metrics.jsonl"
-        if m.exists() and len(m.read_text().splitlines()) >= 3:
+        m = out / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= epochs:
             break
         time.sleep(0.02)
+    return proc
+
+
+def long_run_args(sets) -> list[str]:
+    folder, csv_path, _ = sets["classification"]
+    return [str(folder), "--labels", str(csv_path), "-q", "--epochs", "60", "--patience", "60",
+            "--hidden", "16", "--device", "cpu"]
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_weights(sets, tmp_path):
+    """SIGKILL a real `vpipe train` process after a few epochs, then --resume it."""
+    args, cut = long_run_args(sets), tmp_path / "cut"
+    proc = training_until(args, cut)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len((cut / "metrics.jsonl").read_text().splitlines())
@@ -392,19 +388,8 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(sets, tmp_path):
 
 def test_ctrl_c_mid_training_is_recorded_and_the_same_command_continues(sets, tmp_path):
     """Regression (issue 24): a Ctrl-C left train's vpipe.json saying nothing of it."""
-    folder, csv_path, _ = sets["classification"]
-    args = [str(folder), "--labels", str(csv_path), "-q", "--epochs", "60", "--patience", "60",
-            "--hidden", "16", "--device", "cpu"]
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *args, "-o", str(cut)],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        m = cut / "metrics.jsonl"
-        if m.exists() and len(m.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
+    args, cut = long_run_args(sets), tmp_path / "cut"
+    proc = training_until(args, cut, stderr=subprocess.PIPE, text=True, start_new_session=True)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
