@@ -253,3 +253,24 @@ def table_records(path: str | os.PathLike, text: str, what: str, required: Seque
         )
     for n, row in rows:
         yield n, dict(zip(cols, row, strict=False))
+
+
+def output_bytes(out_dir: Path, rel: str) -> int | None:
+    """Bytes of ``out_dir/rel`` (a folder: of all the files under it); ``None`` if absent."""
+    try:
+        st = os.stat(out_dir / rel)
+    except OSError:
+        return None
+    return _tree_bytes(os.path.join(out_dir, rel)) if stat.S_ISDIR(st.st_mode) else st.st_size
+
+
+def _tree_bytes(folder: str) -> int:
+    total = 0
+    with os.scandir(folder) as entries:
+        for e in entries:
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+                total += _tree_bytes(e.path) if is_dir else e.stat().st_size
+            except OSError:
+                pass
+    return total

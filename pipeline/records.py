@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import re
-import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -26,7 +25,13 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import ParamsChanged, UsageError, quote_path
-from pipeline.files import append_bytes, atomic_write_text, check_out_dir, clean_temp_files
+from pipeline.files import (
+    append_bytes,
+    atomic_write_text,
+    check_out_dir,
+    clean_temp_files,
+    output_bytes,
+)
 from pipeline.lock import FolderLock
 
 MANIFEST = "manifest.jsonl"
@@ -101,27 +106,6 @@ def ok_records(folder: str | os.PathLike) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- output sizes
-
-
-def output_bytes(out_dir: Path, rel: str) -> int | None:
-    """Bytes of ``out_dir/rel`` (a folder: of all the files under it); ``None`` if absent."""
-    try:
-        st = os.stat(out_dir / rel)
-    except OSError:
-        return None
-    return _tree_bytes(os.path.join(out_dir, rel)) if stat.S_ISDIR(st.st_mode) else st.st_size
-
-
-def _tree_bytes(folder: str) -> int:
-    total = 0
-    with os.scandir(folder) as entries:
-        for e in entries:
-            try:
-                is_dir = e.is_dir(follow_symlinks=False)
-                total += _tree_bytes(e.path) if is_dir else e.stat().st_size
-            except OSError:
-                pass
-    return total
 
 
 def changed_output(out_dir: Path, rec: dict) -> str | None:
