@@ -105,18 +105,8 @@ def summarise(
                for s in p.split_ids}
     n_sources = {s: len(set(v)) for s, v in sources.items()}
     summary = {
-        "task": spec.task,
-        "task_source": p.task_reason,
-        "model": spec.config.model,
-        "modalities": spec.modalities,
-        "main_metric": get_task(spec.task).main_metric,
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "stopped_early": stopped,
-        "train": figures["train"],
-        "val": figures["val"],
-        "test": figures["test"],
-        "baseline": base,
+        **summary_head(spec, p.task_reason, spec.config.model, get_task(spec.task).main_metric,
+                       best_epoch, history, stopped, figures, base),
         "n_clips": {s: len(v) for s, v in p.split_ids.items()},
         "n_sources": n_sources,
         "unlabeled_clips": len(p.joined.unlabeled),
@@ -131,6 +121,27 @@ def summarise(
     summary["random_weights"] = random_weights(spec.feature_attrs)
     summary["warnings"] = caveats(summary)
     return summary
+
+
+def summary_head(spec: ModelSpec, task_source: str, model: str, main_metric: str,
+                 best_epoch: int, history: list[dict], stopped: bool, figures: dict,
+                 baseline: dict) -> dict:
+    """What every task's ``summary.json`` opens with: what the run was, its best epoch and
+    its figures per split beside the baseline's."""
+    return {
+        "task": spec.task,
+        "task_source": task_source,
+        "model": model,
+        "modalities": spec.modalities,
+        "main_metric": main_metric,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "stopped_early": stopped,
+        "train": figures["train"],
+        "val": figures["val"],
+        "test": figures["test"],
+        "baseline": baseline,
+    }
 
 
 # Fewer sources than this in a val or test split: its figures say little.

@@ -18,7 +18,7 @@ from pipeline.device import pick_device
 from pipeline.errors import UsageError
 from pipeline.shards import FeatureStore
 from pipeline.train.config import ModelSpec
-from pipeline.train.evaluation import random_weights, random_weights_note
+from pipeline.train.evaluation import random_weights, random_weights_note, summary_head
 from pipeline.train.model import to_device
 from pipeline.train.sequences import ClipSequences, pad_batch
 from pipeline.train.tasks.caption.captions import CaptionInput, read_captions
@@ -123,18 +123,8 @@ def summarise_captions(model: CaptionModel, spec: ModelSpec, p: CaptionInput,
             for s in ("val", "test") if p.split_ids[s]}
     random = random_weights(spec.feature_attrs)
     return {
-        "task": "caption",
-        "task_source": p.task_reason,
-        "model": f"caption-{spec.config.caption_attention}",
-        "modalities": spec.modalities,
-        "main_metric": MAIN_METRIC,
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "stopped_early": stopped,
-        "train": figures["train"],
-        "val": figures["val"],
-        "test": figures["test"],
-        "baseline": base,
+        **summary_head(spec, p.task_reason, f"caption-{spec.config.caption_attention}",
+                       MAIN_METRIC, best_epoch, history, stopped, figures, base),
         "baseline_caption": top,
         "beam": spec.config.beam,
         "vocabulary": len(spec.classes),
