@@ -15,8 +15,8 @@ parameters and the summary are the same whatever the engine.
 With no cluster named, :func:`connect` joins a ``ray start`` head on this machine or starts a
 cluster for this process alone: no other run joins it, and it ends with this process however
 that ends (a watchdog process ends what Ray leaves of it). A Ctrl-C stays a KeyboardInterrupt:
-held while Ray starts or joins a cluster, ignored while it shuts down at exit, the Ray tasks
-in flight cancelled as it goes by.
+held while Ray starts or joins a cluster, ignored while it shuts down at exit; the Ray tasks
+in flight end with the driver's job, not cancelled (the note under ``CONNECT_TIMEOUT_S``).
 
 Ray is an optional dependency (``pip install 'vpipe[ray]'``), imported only by the Ray engine.
 """
@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,13 @@ ENGINES = ("local", "ray")
 TASK_RETRIES = 3
 PROBE_TIMEOUT_S = 120.0
 CONNECT_TIMEOUT_S = 5.0
+
+# No ray.cancel when the driver stops on an exception (a Ctrl-C): in Ray 2.60's core a cancel
+# races the task's reply and then aborts the driver ("Tried to complete task that was not
+# pending", ray-project/ray#54798): exit 1 in place of 130, twice in clean-clone CI runs, with
+# and without force. The tasks in flight end with the driver's job instead: Ray kills a job's
+# workers when its driver disconnects, and a local cluster ends with the driver. An item such a
+# task finishes has no manifest record, so the same command does it again.
 
 
 class LocalEngine:
@@ -118,19 +125,16 @@ class RayEngine:
         limit = self.max_in_flight or max(2, 2 * int(self.cluster.get("cpus", 1)))
         todo = iter(items)
         in_flight: dict[Any, Any] = {}
-        try:
-            while True:
-                while len(in_flight) < limit and (it := next(todo, None)) is not None:
-                    in_flight[task.remote(call_ref, it)] = it
-                if not in_flight:
-                    return
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                for ref in ready:
-                    it = in_flight.pop(ref)
-                    yield it, self._get(ref, it)
-        except BaseException:
-            stop_tasks(ray, in_flight)  # the driver is stopping: its tasks need not run on
-            raise
+        # On an exception the tasks in flight are left to end with the job: not cancelled.
+        while True:
+            while len(in_flight) < limit and (it := next(todo, None)) is not None:
+                in_flight[task.remote(call_ref, it)] = it
+            if not in_flight:
+                return
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in ready:
+                it = in_flight.pop(ref)
+                yield it, self._get(ref, it)
 
     def _get(self, ref: Any, item: Any) -> list[dict]:
         ray = self.ray
@@ -150,21 +154,6 @@ class RayEngine:
 
     def describe(self) -> dict:
         return {"engine": "ray", **self.cluster}
-
-
-def stop_tasks(ray: Any, refs: Iterable[Any]) -> None:
-    """Cancel the Ray tasks ``refs`` as the driver stops on an exception. Not with
-    ``force``: Ray refuses it for actor tasks, and on a task whose reply is already on its way
-    Ray 2.60's core aborts the driver ("Tried to complete task that was not pending": seen
-    once in a full suite, exit 1 in place of 130); a running task gets a KeyboardInterrupt
-    instead, and a local cluster ends with the driver anyway. A task that cannot be cancelled
-    ends with the driver's job, and the exception that stops the driver (a Ctrl-C) stays the
-    one raised."""
-    for ref in refs:
-        try:
-            ray.cancel(ref)
-        except Exception:  # finished already, or its worker is gone
-            pass
 
 
 def make_engine(name: str, *, workers: int = 1, ray_address: str | None = None,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import shards
-from pipeline.engine import TASK_RETRIES, RayEngine, stop_tasks
+from pipeline.engine import TASK_RETRIES, RayEngine
 from pipeline.features.embed import commit_shard, embed_batches, failed_record
 from pipeline.features.encoders import Encoders
 from pipeline.features.options import FeatureOptions
@@ -182,11 +182,7 @@ def encode_on_ray(jobs: list[ClipJob], source: Any, enc: Encoders, opts: Feature
             tracker.advance(frames)
             if rows and on_shard is not None:
                 on_shard(path)
-    except BaseException:
-        stop_tasks(ray, decoding)
-        stop_tasks(ray, encoding)  # not retried when their actors are killed
-        raise
-    finally:
+    finally:  # decode tasks in flight are not cancelled: engine.py says why
         for actor in actors:
             ray.kill(actor)
 
