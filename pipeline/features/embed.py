@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import shards
-from pipeline.features.encoders import Encoders
+from pipeline.features.encoders.loaded import Encoders
 from pipeline.features.sources import Batch, ClipJob
 from pipeline.records import FAILED, OK
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from pipeline import shards
 from pipeline.features.embed import commit_shard, embed_batches, failed_record, ok_record
-from pipeline.features.encoders import Encoders, load_encoders
-from pipeline.features.options import FeatureOptions
+from pipeline.features.encoders.loaded import Encoders, load_encoders
+from pipeline.features.options import FeatureOptions, recorded_options
 from pipeline.features.sources import ClipJob, Decoding, source_for
 from pipeline.features.text import Titles, match_titles, read_titles
 from pipeline.files import check_out_dir, sha256_of, writing
@@ -33,9 +33,7 @@ from pipeline.runner import Summary, Tracker, end_run, failure_record
 
 STAGE = "features"
 SHARD_MAX_BYTES = 1 << 30  # a shard closes at this size even below --shard-size
-# The options that decide the output as they are (the encoders add their weights' identity).
-RECORDED_OPTIONS = ("image_model", "audio_model", "audio_postprocess", "dtype", "compression",
-                    "shard_size")
+
 
 
 def feature_params(opts: FeatureOptions, enc: Encoders, source: Any,
@@ -48,7 +46,7 @@ def feature_params(opts: FeatureOptions, enc: Encoders, source: Any,
                 "text_max_chars": opts.text_max_chars}
     return {
         "inputs": [str(Path(p).resolve()) for p in inputs],
-        **{k: v for k, v in asdict(opts).items() if k in RECORDED_OPTIONS},
+        **{k: v for k, v in asdict(opts).items() if k in recorded_options()},
         **enc.identity(),
         **source.params(),
         **text,
