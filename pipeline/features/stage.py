@@ -127,6 +127,17 @@ def shard_of(rec: dict) -> list[str]:
     return [rec["shard"]]
 
 
+def loading_line(n_clips: int, opts: FeatureOptions) -> str:
+    """What the stage says while its models load: the clips and each model with its weights."""
+    hf = opts.image_model.startswith("hf:")  # its weights come with it
+    models = [opts.image_model if hf else f"{opts.image_model} ({opts.image_weights})"]
+    if opts.audio_model != "none":
+        models.append(f"{opts.audio_model} ({opts.audio_weights})")
+    if opts.text:
+        models.append(opts.text_model)
+    return f"vpipe features: {n_clips} clips; loading {', '.join(models)} ..."
+
+
 def extract_features(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -152,14 +163,7 @@ def extract_features(
     jobs = source.clips()
     text_counts = give_titles(jobs, titles, opts.text_max_chars) if titles else None
     if not quiet:  # seconds of loading before the bar: say what
-        hf = opts.image_model.startswith("hf:")  # its weights come with it
-        models = [opts.image_model if hf else f"{opts.image_model} ({opts.image_weights})"]
-        if opts.audio_model != "none":
-            models.append(f"{opts.audio_model} ({opts.audio_weights})")
-        if opts.text:
-            models.append(opts.text_model)
-        print(f"vpipe features: {len(jobs)} clips; loading {', '.join(models)} ...",
-              file=sys.stderr, flush=True)
+        print(loading_line(len(jobs), opts), file=sys.stderr, flush=True)
     enc = load_encoders(opts)
     out = Path(out_dir)
     params = feature_params(opts, enc, source, inputs)
