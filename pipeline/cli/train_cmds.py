@@ -68,8 +68,12 @@ def train(
         str,
         typer.Option(
             "--model",
-            help="lstm (LRCN: LSTM, head on the last step) or attention (per-modality LSTM "
-            "with attention pooling, as in multimodal tagging).",
+            help="lstm (LRCN: LSTM, head on the last step), attention (per-modality LSTM "
+            "with attention pooling, as in multimodal tagging), or your own torch.nn.Module "
+            "as package.module:ClassName (importable, e.g. on PYTHONPATH): built as "
+            "ClassName(dims, n_outputs), called on the padded batch (README: \"Your own "
+            "model\"); its source file's sha256 is recorded and checked by resume, evaluate "
+            "and predict.",
         ),
     ] = TrainConfig.model,
     pool: Annotated[
@@ -162,6 +166,15 @@ def train(
             "large models on an otherwise idle machine).",
         ),
     ] = TrainConfig.threads,
+    log: Annotated[
+        str,
+        typer.Option(
+            "--log",
+            help="none, or tensorboard: each epoch's figures also as TensorBoard scalars in "
+            "OUT/tensorboard (tensorboard --logdir OUT; pip install 'vpipe[tensorboard]'). "
+            "metrics.jsonl and curves.png are written either way.",
+        ),
+    ] = TrainConfig.log,
     attention: Annotated[
         str,
         typer.Option("--attention", help="--model attention: self (each step scored from its "
@@ -237,6 +250,7 @@ def train(
         device=device,
         stream=stream,
         threads=threads,
+        log=log,
         attention=attention,
         caption_attention=caption_attention,
         beam=beam,

@@ -164,6 +164,7 @@ def fit(
         )
     n_train = task.n_train_items(p)
     plotted = time.time()
+    board = EpochBoard(out, cfg.log)
     for epoch in range(at.epochs_done, cfg.epochs):
         if at.bad_epochs >= cfg.patience:
             break
@@ -198,6 +199,7 @@ def fit(
         at.history.append(rec)
         save_checkpoint(training_state(model, opt, scaler, spec, at), out / "last.pt")
         write_metrics(out, at.history)
+        board.add(rec)
         if time.time() - plotted > 30:  # drawing costs ~0.2 s: keep it live, not per tiny epoch
             write_curves(at.history, spec.task, out / "curves.png")
             plotted = time.time()
@@ -209,8 +211,45 @@ def fit(
                     f"{cfg.patience} epochs",
                     file=sys.stderr,
                 )
+    board.close()
     if at.history:
         write_curves(at.history, spec.task, out / "curves.png")
+
+
+class EpochBoard:
+    """``--log tensorboard``: each epoch's record as scalars in ``OUT/tensorboard`` (step: the
+    epoch, so a resumed run goes on where it stopped); nothing with ``--log none``."""
+
+    def __init__(self, out: Path, log: str) -> None:
+        self.writer = None
+        if log == "tensorboard":
+            from pipeline.train.inputs import tensorboard_writer_class
+
+            self.writer = tensorboard_writer_class()(log_dir=str(out / "tensorboard"))
+
+    def add(self, rec: dict) -> None:
+        if self.writer is None:
+            return
+        for name, value in flat_figures(rec).items():
+            self.writer.add_scalar(name, value, rec["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def flat_figures(rec: dict, prefix: str = "") -> dict[str, float]:
+    """An epoch record's numbers by slash-joined name (``val/mse``, ``train_loss``)."""
+    out: dict[str, float] = {}
+    for k, v in rec.items():
+        if k == "epoch":
+            continue
+        if isinstance(v, dict):
+            out.update(flat_figures(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
 
 
 def train_epoch(
