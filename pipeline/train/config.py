@@ -100,8 +100,12 @@ class ModelSpec:
         return list(self.dims)
 
     def to_dict(self) -> dict:
-        """Plain values only, as ``torch.load(weights_only=True)`` and JSON accept them."""
-        return asdict(self)
+        """Plain values only, as ``torch.load(weights_only=True)`` and JSON accept them (no
+        ``model_source`` for vpipe's own models: their files stay as they were)."""
+        d = asdict(self)
+        if d["model_source"] is None:
+            del d["model_source"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
