@@ -332,7 +332,7 @@ def evaluate(
 PredictInputs = Annotated[
     list[Path],
     typer.Argument(
-        metavar="FEATURES|VIDEOS...",
+        metavar="FEATURES|VIDEOS",
         help="A feature folder written by `vpipe features`, or videos (files or folders) to take "
         "through the stages the run's features were made with.",
         show_default=False,
@@ -380,10 +380,12 @@ def predict(
     titles: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
+            "--text",
             "--titles",
             metavar="CSV",
             help="With videos, for a run whose features include titles: the new videos' titles "
-            "(id,text; id = the file stem).",
+            "file, as `vpipe features --text` takes it (id,text; id = the file stem). --titles "
+            "is the same option.",
             show_default=False,
         ),
     ] = None,
@@ -429,7 +431,7 @@ def predict(
             raise UsageError("no clip was made from the videos given (see the errors above)")
         features, new_videos = steps[-1].out, True
     elif work_dir is not None or titles is not None:
-        raise UsageError("--work-dir and --titles are for videos; a feature folder is used as is")
+        raise UsageError("--work-dir and --text are for videos; a feature folder is used as is")
     r = predict_run(
         run, features, out, checkpoint=_checkpoint(checkpoint), threshold=threshold,
         device=device, stream=stream, new_videos=new_videos,
