@@ -190,6 +190,9 @@ def fit(
             if has_val
             else (at.best is None or monitor["loss"] < at.best["loss"])
         )
+        # Better only by the tie-break (the same val figure, a lower val loss): said so.
+        tie = (is_best and has_val and at.best is not None
+               and monitor.get(task.main_metric) == at.best.get(task.main_metric))
         if is_best:
             at.best, at.bad_epochs = {**monitor, "epoch": epoch + 1}, 0
             weights = {"model": model.state_dict(), "meta": spec.to_dict(), "epoch": epoch + 1}
@@ -204,13 +207,12 @@ def fit(
             write_curves(at.history, spec.task, out / "curves.png")
             plotted = time.time()
         if not quiet:
-            print(epoch_line(rec, cfg.epochs, task.main_metric, is_best), file=sys.stderr)
+            print(epoch_line(rec, cfg.epochs, task.main_metric, is_best, tie), file=sys.stderr)
             if at.bad_epochs >= cfg.patience:
-                print(
-                    f"vpipe train: early stop, no better val {task.main_metric} for "
-                    f"{cfg.patience} epochs",
-                    file=sys.stderr,
-                )
+                what = (f"val {task.main_metric} (nor the same with a lower val loss)" if has_val
+                        else "train loss")
+                print(f"vpipe train: early stop, no better {what} for {cfg.patience} epochs",
+                      file=sys.stderr)
     board.close()
     if at.history:
         write_curves(at.history, spec.task, out / "curves.png")
@@ -286,14 +288,17 @@ def train_epoch(
     return total / n_items
 
 
-def epoch_line(rec: dict, epochs: int, metric: str, is_best: bool) -> str:
-    """``epoch 3/20  train_loss 0.4123  val_loss 0.5012  val_accuracy 0.8100  0.42s  *``."""
+def epoch_line(rec: dict, epochs: int, metric: str, is_best: bool, tie: bool = False) -> str:
+    """``epoch 3/20  train_loss 0.4123  val_loss 0.5012  val_accuracy 0.8100  0.42s  *``: the
+    mark on a new best epoch, ``* (same val_accuracy, lower val_loss)`` where only the
+    tie-break made it one."""
     parts = [f"epoch {rec['epoch']}/{epochs}", f"train_loss {rec['train_loss']:.4f}"]
     shown = rec["val"].get(metric)  # None: no val split, or the metric is undefined there
     if shown is not None:
         parts += [f"val_loss {rec['val']['loss']:.4f}", f"val_{metric} {shown:.4f}"]
     parts.append(f"{rec['seconds']:.2f}s")
-    return "  ".join(parts) + ("  *" if is_best else "")
+    mark = f"  * (same val_{metric}, lower val_loss)" if tie else "  *" if is_best else ""
+    return "  ".join(parts) + mark
 
 
 # --------------------------------------------------------------------------- state and resume
