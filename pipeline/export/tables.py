@@ -30,7 +30,7 @@ from pipeline.files import atomic_path
 from pipeline.shards import TEXT, ClipFeatures
 
 SUFFIX = {"parquet": ".parquet", "webdataset": ".tar"}
-EXTRA = {"parquet": ("pyarrow", "pyarrow"), "webdataset": ("webdataset", "webdataset")}
+EXTRA = {"parquet": ("pyarrow", "parquet"), "webdataset": ("webdataset", "webdataset")}
 
 
 def require(fmt: str) -> Any:
