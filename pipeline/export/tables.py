@@ -72,7 +72,7 @@ def _write_tar(tmp: Path, clips: Sequence[ClipFeatures], modalities: Sequence[st
                labels: Mapping[str, str] | None) -> None:
     wds = require("webdataset")
     with tmp.open("wb") as f:
-        writer = wds.TarWriter(f, mtime=0.0)  # mtime: the same clips give the same bytes
+        writer = wds.TarWriter(f)
         for c in clips:
             sample: dict[str, Any] = {"__key__": tar_key(c.clip_id),
                                       "json": clip_fields(c, modalities, labels)}
