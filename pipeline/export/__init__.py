@@ -89,11 +89,11 @@ def export_features(folder: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def _items(store: FeatureStore, folder: Path, opts: ExportOptions) -> list[Item]:
-    """A clip per item (npz, npy), or ``shard_size`` clips per item in the store's read order
-    (one pass over each shard) for the grouped formats."""
-    if opts.format in PER_CLIP:
-        return [Item(c, f"{folder}:{c}", None) for c in store.clip_ids]
+    """A clip per item (npz, npy), or ``shard_size`` clips per item (the grouped formats), in
+    the store's read order: shard by shard."""
     ids = store.clip_ids_in_read_order()
+    if opts.format in PER_CLIP:
+        return [Item(c, f"{folder}:{c}", None) for c in ids]
     n = opts.shard_size
     return [Item(group_file(k, opts.format), f"{folder}:{ids[a]}", ids[a: a + n])
             for k, a in enumerate(range(0, len(ids), n))]
@@ -101,7 +101,12 @@ def _items(store: FeatureStore, folder: Path, opts: ExportOptions) -> list[Item]
 
 @functools.lru_cache(maxsize=1)
 def _store(folder: str) -> FeatureStore:
-    return open_features(folder)  # one per process, for all the clips it exports
+    """One store per process, for all the clips it exports. The items come in read order, so
+    two open shards are enough: each open shard holds HDF5's chunk caches (~1 MB a dataset),
+    and the default cap (up to 512 open) let those grow with the store."""
+    store = open_features(folder)
+    store.max_open_shards = 2
+    return store
 
 
 def export_item(item: Item, *, folder: str, out_dir: Path, opts: ExportOptions,
