@@ -34,8 +34,8 @@ def export(
         Path | None,
         typer.Option("--labels", show_default=False,
                      help="A labels CSV as `vpipe train --labels` reads it: each clip's label "
-                     "(its own, else its source's; empty when it has none) is written with it "
-                     "(npz, parquet, webdataset)."),
+                     "(its own, else its source's) is written with it (npz, parquet, "
+                     "webdataset; a clip without one: no npz label, null in parquet and json)."),
     ] = None,
     compress: Annotated[
         bool, typer.Option("--compress", help="With npz: zip-compressed (np.savez_compressed).")
