@@ -70,6 +70,8 @@ def test_npz_and_npy_carry_the_text(titled, tmp_path: Path) -> None:
             np.testing.assert_array_equal(np.load(tmp_path / "npy" / f"{cid}_text.npy"),
                                           clip.text)
             assert str(np.load(tmp_path / "npy" / f"{cid}_text_string.npy")) == clip.text_string
+    params = json.loads((tmp_path / "npy" / "vpipe.json").read_text())["params"]
+    assert params["modalities"] == ["image", "audio", "text"]  # an export without text differs
 
 
 def test_parquet_reads_back_with_pyarrow(titled, tmp_path: Path) -> None:
@@ -125,6 +127,11 @@ def test_webdataset_reads_back_with_webdataset(titled, tmp_path: Path) -> None:
     assert main(["export", str(d), "-o", str(out), "--format", "webdataset", "--shard-size",
                  "5", "--labels", str(csv_path), "-q"]) == 0
     assert [Path(p).stat().st_mtime_ns for p in shards] == mtimes
+    # Other labels are another export: refused without --overwrite.
+    other = tmp_path / "other.csv"
+    other.write_text(csv_path.read_text().replace("runs", "spins"))
+    assert main(["export", str(d), "-o", str(out), "--format", "webdataset", "--shard-size",
+                 "5", "--labels", str(other), "-q"]) == 2
 
 
 def test_npy_resume_and_changed_parameters(features: Path, tmp_path: Path, capsys) -> None:

@@ -18,6 +18,8 @@ the store (benchmarks/export_memory.py).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +28,6 @@ from pathlib import Path
 from pipeline.errors import UsageError
 from pipeline.export.clips import write_clip
 from pipeline.export.tables import group_file, require, write_group
-from pipeline.files import sha256_of
 from pipeline.records import OK, Run
 from pipeline.runner import Item, Summary, run_items
 from pipeline.shards import FeatureStore, open_features
@@ -59,7 +60,7 @@ def export_features(folder: str | os.PathLike, out_dir: str | os.PathLike,
     """The stage: every clip of the feature folder ``folder`` into ``out_dir`` (resumable).
 
     ``labels``: clip id -> label text (matched to the clips by the caller), written beside each
-    clip's arrays (not with npy); ``labels_file``, the file they came from, is recorded."""
+    clip's arrays (not with npy), their sha256 recorded; ``labels_file``: where they came from."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{folder}: no such feature folder")
@@ -68,13 +69,17 @@ def export_features(folder: str | os.PathLike, out_dir: str | os.PathLike,
                          "arrays only)")
     require(opts.format)  # a missing extra is said before anything is written
     with open_features(folder) as store:
+        # The modalities: an export of before had no text rows, so it is not taken as done.
         params = {"format": opts.format, "compress": opts.compress,
-                  "features": str(folder.resolve()), "features_attrs": store.attrs()}
+                  "features": str(folder.resolve()), "features_attrs": store.attrs(),
+                  "modalities": store.modalities}
         if opts.format in GROUPED:
             params["shard_size"] = opts.shard_size
+        if labels is not None:  # what was written: other labels are another export
+            text = json.dumps(dict(labels), sort_keys=True, ensure_ascii=False)
+            params["labels_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
         if labels_file is not None:
             params["labels"] = str(Path(labels_file).resolve())
-            params["labels_sha256"] = sha256_of(labels_file)
         items = _items(store, folder, opts)
         modalities, dims = store.modalities, {m: store.dim(m) for m in store.modalities}
     run = Run(Path(out_dir), "export", params, overwrite=overwrite,
