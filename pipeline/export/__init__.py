@@ -122,9 +122,8 @@ def export_item(item: Item, *, folder: str, out_dir: Path, opts: ExportOptions,
     if opts.format in PER_CLIP:
         clip = store[item.id]
         names = write_clip(clip, out_dir, opts.format, modalities, opts.compress, labels)
-        return {"id": item.id, "status": OK, "error": None, "source": clip.source,
-                "start": clip.start, "end": clip.end, "files": names,
-                **{f"n_{m}": clip.n(m) for m in modalities}}
+        # Only what a resume needs: the manifest keeps a record per clip in memory.
+        return {"id": item.id, "status": OK, "error": None, "files": names}
     clips = [store[c] for c in item.data]
     write_group(out_dir / item.id, opts.format, clips, modalities, dims, labels, attrs)
     return {"id": item.id, "status": OK, "error": None, "files": [item.id],
