@@ -107,8 +107,8 @@ def _items(store: FeatureStore, folder: Path, opts: ExportOptions) -> list[Item]
 @functools.lru_cache(maxsize=1)
 def _store(folder: str) -> FeatureStore:
     """One store per process, for all the clips it exports. The items come in read order, so
-    two open shards are enough: each open shard holds HDF5's chunk caches (~1 MB a dataset),
-    and the default cap (up to 512 open) let those grow with the store."""
+    two open shards are enough: each open shard holds ~1 MB of HDF5 caches, and the reader's
+    default cap (64 to 512 open) would let those pile up over a large store."""
     store = open_features(folder)
     store.max_open_shards = 2
     return store
