@@ -183,6 +183,13 @@ class FeatureStore:
         """Whether the store was made with ``vpipe features --text`` (its shards have /text)."""
         return self.dim(TEXT) > 0
 
+    @property
+    def modalities(self) -> list[str]:
+        """The modalities its shards hold, in schema order: the timed ones (``MODALITIES``,
+        each with timestamps, in every shard) and ``text`` when made with ``--text``. What
+        export and the Dataset go through, so that a new modality needs no change there."""
+        return [*MODALITIES, TEXT] if self.has_text else list(MODALITIES)
+
     def __len__(self) -> int:
         return len(self._cols)
 
