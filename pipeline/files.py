@@ -28,6 +28,7 @@ import shutil
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import NO_ROOM, DiskFull, UsageError, quote_path
 
@@ -274,3 +275,19 @@ def _tree_bytes(folder: str) -> int:
             except OSError:
                 pass
     return total
+
+
+# Keys of a recorded weights identity that say where a local file or folder was given, not
+# what it holds: the same content given by another path is the same model.
+WHERE_KEYS = ("name", "file", "folder")
+
+
+def content_identity(value: Any) -> Any:
+    """A recorded weights or model identity as it decides the outputs: a local file or folder
+    (``kind`` file or folder) by its content (sha256), not the path it was given by, so that
+    ``tiny-bert`` and ``/home/me/tiny-bert`` holding the same files are the same model."""
+    if isinstance(value, dict):
+        local = value.get("kind") in ("file", "folder")
+        return {k: content_identity(v) for k, v in value.items()
+                if not (local and k in WHERE_KEYS)}
+    return value

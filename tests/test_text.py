@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -498,12 +499,13 @@ def test_video_tagging_workflow_trains_the_three_branches_offline(
         lines.append(f"v{i}.mp4\ta video of the {name} cat\t{name},{'cat' if i % 2 else 'dog'}\n")
     (tmp_path / "train.txt").write_text("".join(lines))
     monkeypatch.chdir(tmp_path)
+    shutil.copytree(text_model, tmp_path / "tiny-bert")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))  # the folder is the only way
     sets = {
         "features.image-model": '"resnet18"', "features.image-weights": f'"{weights["image"]}"',
         "features.audio-weights": f'"{weights["audio"]}"', "features.audio-pca":
-        f'"{weights["pca"]}"', "features.text-model": f'"{text_model}"',
+        f'"{weights["pca"]}"', "features.text-model": '"tiny-bert"',  # relative, as typed
         "features.precision": '"fp32"', "features.workers": "0", "train.epochs": "2",
         "train.hidden": "16", "train.val-fraction": "0.25", "train.test-fraction": "0.25",
         "train.device": '"cpu"', "train.batch-size": "4",
@@ -521,3 +523,17 @@ def test_video_tagging_workflow_trains_the_three_branches_offline(
     assert json.dumps(run_cfg).count("text-guided") >= 1
     preds = (tmp_path / "w" / "train" / "predictions.jsonl").read_text().splitlines()
     assert len([p for p in preds if '"level": "clip"' in p]) == 8
+
+    # New videos with their titles: the relative text model folder is the run's by content
+    # (issue 27, 3.1: refused after every stage ran, "'tiny-bert' there, '/abs/tiny-bert' here").
+    synth.make_video(tmp_path / "new" / "n0.mp4", duration_s=2.0, size=(64, 48),
+                     color=colours["red"], beeps_at=(0.5,))
+    (tmp_path / "new-titles.csv").write_text("id,text\nn0,a video of the red cat\n")
+    predict = ["predict", "w/train", "new", "--text", "new-titles.csv", "--quiet"]
+    assert main([*predict, "-o", "p.jsonl"]) == 0
+    assert '"level": "clip"' in (tmp_path / "p.jsonl").read_text()
+    # Another text model's content: refused before any stage runs.
+    config = tmp_path / "tiny-bert" / "config.json"
+    config.write_text(config.read_text().replace("{", '{"vpipe_test_edit": 1, ', 1))
+    assert main([*predict, "-o", "p2.jsonl", "--work-dir", "w2"]) == 2
+    assert not (tmp_path / "w2").exists() and not (tmp_path / "p2.jsonl").exists()

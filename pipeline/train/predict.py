@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.device import pick_device, torch_threads
 from pipeline.errors import UsageError
-from pipeline.files import atomic_path, atomic_write_text, sha256_of
+from pipeline.files import atomic_path, atomic_write_text, content_identity, sha256_of
 from pipeline.shards import FeatureStore
 from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
 from pipeline.train.evaluation import (
@@ -41,11 +41,14 @@ FEATURE_IDENTITY = (
 )
 
 
-def _identity(key: str, value):
-    """An attribute as it decides the features: a weights file by its content, not its path."""
-    if key == "weights" and isinstance(value, dict) and value.get("kind") == "file":
-        return {k: v for k, v in value.items() if k not in ("name", "file")}
-    return value
+def _identity(key: str, value, attrs: dict):
+    """An attribute as it decides the features: a weights file or model folder by its content,
+    not the path it was given by (``model`` is that path for a folder's model: its weights'
+    sha256 say what it is)."""
+    weights = attrs.get("weights")
+    if key == "model" and isinstance(weights, dict) and weights.get("kind") == "folder":
+        return None
+    return content_identity(value) if key == "weights" else value
 
 
 def feature_differences(spec: ModelSpec, store: FeatureStore) -> list[str]:
@@ -57,7 +60,8 @@ def feature_differences(spec: ModelSpec, store: FeatureStore) -> list[str]:
             continue  # the attributes of a modality without rows say nothing
         trained, now = spec.feature_attrs.get(m, {}), store.attrs(m)
         for k in FEATURE_IDENTITY:
-            if k in trained and _identity(k, trained.get(k)) != _identity(k, now.get(k)):
+            if k in trained and (_identity(k, trained.get(k), trained)
+                                 != _identity(k, now.get(k), now)):
                 out.append(f"{m} {k}: {trained.get(k)!r} there, {now.get(k)!r} here")
     return out
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UsageError
+from pipeline.files import content_identity
 from pipeline.records import read_run_info
 from pipeline.workflow.plan import RUN_ONLY_FLAGS, Step
 
@@ -243,12 +244,22 @@ def check_steps(
         found = check(ctx.params, True) if check is not None else None
         recorded = rec.params
         for key, now in (found or {}).items():
-            if key in recorded and recorded[key] != now:
+            if key in recorded and not same_identity(recorded[key], now):
                 raise UsageError(
                     f"the run's features were made with {key.replace('_', ' ')} {recorded[key]}, "
                     f"and the same options now give {now}: features made now would not be the "
                     "ones the run learned from"
                 )
+
+
+def same_identity(recorded: Any, now: Any) -> bool:
+    """Whether an identity found at plan time is the recorded one: by content (a folder or
+    file given by another path is the same), and on the keys known before loading (a text
+    model's tokenizer class is read when it loads)."""
+    recorded, now = content_identity(recorded), content_identity(now)
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        return {k: recorded.get(k) for k in now} == now
+    return recorded == now
 
 
 def cache_key(steps: Sequence[Step], videos: Sequence[Path], extra: str = "") -> str:

@@ -27,7 +27,9 @@ class HFText(Encoder):
 
     modality: ClassVar[str] = "text"
     label: ClassVar[str] = "a Hugging Face name or folder"
-    identity_at_plan: ClassVar[bool] = False  # its tokenizer's class is read when loaded
+    # Known at plan time but for the tokenizer's class, read when loaded: `vpipe predict`
+    # compares what is known (workflow.replay.same_identity) before any stage runs.
+    identity_at_plan: ClassVar[bool] = True
     collects_missing: ClassVar[bool] = False  # the hub lookup raises its own error
 
     @classmethod
