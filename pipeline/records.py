@@ -194,6 +194,9 @@ def base_versions() -> dict[str, str]:
     return {"vpipe": __version__, "python": platform.python_version()}
 
 
+WORKFLOW_ENV = "VPIPE_WORKFLOW"  # set by `vpipe run` around each stage: the workflow's name
+
+
 def write_run_info(folder: Path, stage: str, fields: dict, versions: dict[str, str]) -> None:
     """Update ``folder/vpipe.json`` with ``fields``: the one writer of every stage's record
     (the item stages through :class:`Run`, ``vpipe train`` directly), so all share a layout."""
@@ -211,6 +214,9 @@ def write_run_info(folder: Path, stage: str, fields: dict, versions: dict[str, s
         # re-runs a feature folder's recorded stages on new videos from anywhere).
         "cwd": os.getcwd(),
     }
+    info.pop("workflow", None)  # which workflow ran it, when `vpipe run` did (WORKFLOW_ENV)
+    if os.environ.get(WORKFLOW_ENV):
+        info["workflow"] = os.environ[WORKFLOW_ENV]
     atomic_write_text(folder / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
 
 

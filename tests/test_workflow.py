@@ -657,3 +657,51 @@ def test_ctrl_c_in_a_stage_is_not_finished_and_the_rerun_completes_it(
     assert info["ended"] and info["interrupted"] is None
     assert info["counts"]["already_done"] == done and info["counts"]["done"] == 8 - done
     assert_same(outputs(project / work), first_run)
+
+
+def test_a_stage_another_workflow_finished_the_same_way_is_reused(project: Path, tmp_path,
+                                                                   monkeypatch, capsys) -> None:
+    """Issue 27 (3.9): a second workflow with the same subclip and extract-frames as a first
+    one reuses the first one's frames (a link, said in the log) and makes its own features;
+    nothing is written into the first one's folders, and --overwrite makes its own again."""
+    root = tmp_path / "two"
+    root.mkdir()
+    (root / "videos").symlink_to(project / "videos")
+    shutil.copy(project / "labels.csv", root)
+    first = TINY.replace('work_dir = "work"', 'work_dir = "work/a"').replace(
+        'name = "tiny"', 'name = "a"')
+    second = first.replace('work_dir = "work/a"', 'work_dir = "work/b"').replace(
+        'name = "a"', 'name = "b"').replace("batch-size = 8", "batch-size = 8\nshard-size = 2")
+    (root / "a.toml").write_text(first, encoding="utf-8")
+    (root / "b.toml").write_text(second, encoding="utf-8")
+    monkeypatch.chdir(root)
+    assert main(["run", "a.toml", "--until", "features", "--quiet"]) == 0
+    frames_a = root / "work" / "a" / "extract-frames"
+    before = (frames_a / "vpipe.json").read_text()
+    capsys.readouterr()
+    assert main(["run", "b.toml", "--until", "features"]) == 0
+    err = capsys.readouterr().err
+    frames_b = root / "work" / "b" / "extract-frames"
+    assert f"extract-frames: reused {frames_a}" in err
+    assert frames_b.is_symlink() and frames_b.resolve() == frames_a.resolve()
+    assert (frames_a / "vpipe.json").read_text() == before  # not written into
+    # The subclip step ran (the first step always does); the features are b's own.
+    assert not (root / "work" / "b" / "subclip").is_symlink()
+    assert not (root / "work" / "b" / "features").is_symlink()
+    with open_features(root / "work" / "b" / "features") as b, \
+            open_features(root / "work" / "a" / "features") as a:
+        assert {c.clip_id: c.image.tolist() for c in a} == {c.clip_id: c.image.tolist() for c in b}
+    # Again: still reused, and everything after it up to date.
+    assert main(["run", "b.toml", "--until", "features"]) == 0
+    err = capsys.readouterr().err
+    assert "extract-frames: reused" in err and "features: up to date" in err
+    # Other options for b's frames: the link goes, b makes its own, a's stays as it was.
+    assert main(["run", "b.toml", "--until", "extract-frames", "--set",
+                 "extract-frames.size=48", "--quiet"]) == 0
+    assert not frames_b.is_symlink() and frames_b.is_dir()
+    assert (frames_a / "vpipe.json").read_text() == before
+    assert json.loads(before)["workflow"] == "a"  # the stage records the workflow that ran it
+    # The same workflow in another work folder is a fresh run, not a reuse.
+    assert main(["run", "a.toml", "--until", "extract-frames", "--work-dir", "work/a2"]) == 0
+    assert "reused" not in capsys.readouterr().err
+    assert not (root / "work" / "a2" / "extract-frames").is_symlink()

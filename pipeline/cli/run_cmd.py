@@ -135,7 +135,7 @@ def run(
         return
     t0 = time.time()
     log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    code, results = wfl.run_plan(steps, main, log=log)
+    code, results = wfl.run_plan(steps, main, log=log, workflow=wf.name)
     for line in wfl.summary_lines(wf.name, results, code, time.time() - t0):
         log(line)
     if code:

@@ -53,6 +53,19 @@ RUN_ONLY_FLAGS = {"--quiet", "-q", "--overwrite", "--resume", "--workers", "--en
 RUN_ONLY_VALUES = {"--workers", "--engine", "--ray-address"}
 
 
+def output_args(args: Sequence[str]) -> list[str]:
+    """A stage's arguments without the options that change none of its outputs."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in RUN_ONLY_FLAGS:
+            skip = a in RUN_ONLY_VALUES
+        elif a.partition("=")[0] not in RUN_ONLY_VALUES:
+            out.append(a)
+    return out
+
+
 @dataclass
 class Stage:
     name: str

@@ -3,6 +3,7 @@ clearing the ones after a step redone with other options."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import sys
@@ -11,29 +12,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.records import DamagedRecord, first_changed_output, read_run_info
-from pipeline.workflow.plan import RUN_ONLY_FLAGS, RUN_ONLY_VALUES, STAGES, Step
+from pipeline.records import WORKFLOW_ENV, DamagedRecord, first_changed_output, read_run_info
+from pipeline.workflow.plan import STAGES, Step, output_args
+from pipeline.workflow.reuse import holds_own_outputs, link_to, reusable
 
 
 @dataclass
 class StepResult:
     name: str
-    status: str  # "ok", "up to date", "some items failed", "stopped", "not run"
+    status: str  # "ok", "up to date", "reused", "some items failed", "stopped", "not run"
     exit_code: int
     seconds: float
     out: Path | None
-
-
-def _output_args(args: Sequence[str]) -> list[str]:
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a in RUN_ONLY_FLAGS:
-            skip = a in RUN_ONLY_VALUES
-        elif a.partition("=")[0] not in RUN_ONLY_VALUES:
-            out.append(a)
-    return out
 
 
 def up_to_date(step: Step) -> bool:
@@ -46,7 +36,7 @@ def up_to_date(step: Step) -> bool:
         return False
     if (info.get("counts") or {}).get("failed", 1) != 0:
         return False
-    if _output_args(info.get("command", [])[1:]) != _output_args(step.args):
+    if output_args(info.get("command", [])[1:]) != output_args(step.args):
         return False
     # Finished once is not enough: the files its manifest names must still be there as written.
     return not (_is_item_stage(step) and first_changed_output(step.out))
@@ -73,7 +63,7 @@ def _redone(step: Step, args: list[str], before: dict) -> bool:
     """Did the step redo its items rather than add to them (other options, or new defaults,
     under ``--overwrite``)? Then what the stages after it made from them is stale."""
     old = before.get("command")
-    if "--overwrite" in args and old and _output_args(old[1:]) != _output_args(args):
+    if "--overwrite" in args and old and output_args(old[1:]) != output_args(args):
         return True
     counts, after = before.get("counts") or {}, _run_info(step).get("counts") or {}
     had = counts.get("done", 0) + counts.get("already_done", 0)
@@ -116,7 +106,7 @@ def _args_for(step: Step, first: bool, upstream_changed: bool) -> list[str] | No
     base = [a for a in step.args if a != "--overwrite"]
     if not (step.out.is_dir() and any(step.out.iterdir())):
         return base
-    same = _output_args(_run_info(step).get("command", [])[1:]) == _output_args(base)
+    same = output_args(_run_info(step).get("command", [])[1:]) == output_args(base)
     redo = upstream_changed or ("--overwrite" in step.args and not same)
     return [*base, "--overwrite"] if redo else base
 
@@ -127,12 +117,15 @@ def run_plan(
     *,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     prog: str = "vpipe run",
+    workflow: str | None = None,
 ) -> tuple[int, list[StepResult]]:
     """Run the steps in order through ``call(args) -> exit code``; returns the run's exit code.
 
     A stage that exits 2 stops the run; one that exits 1 (some items failed) lets the next
     stages work on the items that succeeded, and the run then exits 1. A stage already
     finished with the same command is reported "up to date" unless an earlier one changed.
+    With ``workflow`` (its name, recorded by each stage), one that another workflow finished
+    the same way is reused (:mod:`.reuse`).
     """
     results: list[StepResult] = []
     code = 0
@@ -144,6 +137,22 @@ def run_plan(
             log(f"{head}: up to date ({step.out})")
             results.append(StepResult(step.name, "up to date", 0, 0.0, step.out))
             continue
+        # The first step always runs (its inputs lie outside the workflow); a later one that
+        # another workflow finished with the same command on the same inputs is reused.
+        other = (reusable(step, args, workflow) if workflow and n > 1 and _is_item_stage(step)
+                 else None)
+        if other is not None:
+            linked = Path(step.out).is_symlink() and Path(step.out).resolve() == other.resolve()
+            if not linked:
+                link_to(step, other)
+            log(f"{head}: reused {other} (the same command on the same inputs; {step.out} "
+                "links to it)")
+            results.append(StepResult(step.name, "reused", 0, 0.0, step.out))
+            upstream_changed = not linked
+            continue
+        if not holds_own_outputs(step):  # never written into: this run makes its own
+            log(f"{head}: {step.out} linked to another workflow's folder; making its own")
+            Path(step.out).unlink()
         if upstream_redone and _is_item_stage_folder(step):
             # Its finished items were made from outputs that are gone: resuming would keep them.
             log(f"{head}: removing {step.out} (made from the previous outputs of earlier stages)")
@@ -151,12 +160,18 @@ def run_plan(
         before = _run_info(step)
         log(f"{head}: {shlex.join(['vpipe', *args])}")
         t0 = time.time()
-        saved = sys.argv
+        saved, named = sys.argv, os.environ.get(WORKFLOW_ENV)
         sys.argv = ["vpipe", *args]  # what the stage records as its command in vpipe.json
+        if workflow:
+            os.environ[WORKFLOW_ENV] = workflow  # ... and which workflow ran it
         try:
             rc = call(args)
         finally:
             sys.argv = saved
+            if named is None:
+                os.environ.pop(WORKFLOW_ENV, None)
+            else:
+                os.environ[WORKFLOW_ENV] = named
         seconds = time.time() - t0
         # Only what this stage wrote matters to the next: a stage remade from a deleted folder
         # whose successor then found nothing new (done 0) leaves the stages after it up to date.

@@ -1,0 +1,138 @@
+"""A stage another workflow already finished with the same command on the same inputs is
+reused, not redone: ``vpipe run video-tagging-notext`` after ``vpipe run video-tagging`` takes
+the first one's frames.
+
+How it is found: the other work folders beside this workflow's (``work/*/STAGE`` for
+``work_dir = "work/NAME"``), made by another workflow (each stage `vpipe run` runs records the
+workflow's name in its ``vpipe.json``; the same workflow in another ``--work-dir`` is a fresh
+run on purpose), run from the same folder (``cwd`` there). One matches when it finished
+(ended, nothing failed, not interrupted), its outputs are all still there as written, and its
+recorded command is this step's word for word but for ``-o`` and the options that change no
+output (``--workers``, ``--quiet``...), an input folder counting as the same when it is the
+same folder or a stage folder made the same way (the same stage, the same parameters, the
+same items: two ``subclip`` folders of the same videos).
+
+How it is recorded: this workflow's stage folder becomes a symbolic link to the one reused
+(``ls -l`` shows it), and the run says ``reused`` in its log and summary. A later run that has
+to write into that folder (other options, new inputs, ``--overwrite``) removes the link first
+and makes a folder of its own: nothing is ever written into another workflow's folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.records import DamagedRecord, first_changed_output, read_manifest, read_run_info
+from pipeline.workflow.plan import Step, output_args
+
+# Options whose value is where the output goes: compared neither way.
+OUT_FLAGS = ("-o", "--out")
+# Manifest fields that say where an item was read from or how many bytes its encoded output
+# took: two folders of the same items may differ there.
+WHERE_FIELDS = ("input", "output_bytes")
+
+
+def reusable(step: Step, args: Sequence[str], workflow: str,
+             cwd: Path | None = None) -> Path | None:
+    """The finished folder of another workflow than ``workflow`` that ``step`` (run as
+    ``args``) would only make again, if there is one."""
+    if step.out is None or "--overwrite" in args:
+        return None
+    cwd = cwd or Path.cwd()
+    own = Path(os.path.abspath(step.out))
+    for other in sorted(own.parent.parent.glob(f"*/{own.name}")):
+        if other.parent == own.parent or other.is_symlink() or not other.is_dir():
+            continue
+        if _same_run(other, step.name, args, cwd, workflow):
+            return other
+    return None
+
+
+def link_to(step: Step, other: Path) -> None:
+    """Make ``step``'s output folder a link to ``other`` (relative, so a moved project keeps
+    it); only where there is no folder of its own yet (an empty one is replaced)."""
+    out = Path(step.out)
+    if out.is_symlink():
+        out.unlink()
+    elif out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.symlink_to(os.path.relpath(other.resolve(), out.parent.resolve()),
+                   target_is_directory=True)
+
+
+def holds_own_outputs(step: Step) -> bool:
+    """Whether ``step``'s output folder is its own (not there, or not a link to another's)."""
+    return step.out is None or not Path(step.out).is_symlink()
+
+
+def _info(folder: Path) -> dict:
+    try:
+        return read_run_info(folder) or {}
+    except (OSError, DamagedRecord):
+        return {}
+
+
+def _finished(info: dict, stage: str) -> bool:
+    counts = info.get("counts") or {}
+    return (info.get("stage") == stage and bool(info.get("ended")) and not info.get("error")
+            and not info.get("interrupted") and counts.get("failed", 1) == 0)
+
+
+def _same_run(other: Path, stage: str, args: Sequence[str], cwd: Path, workflow: str) -> bool:
+    info = _info(other)
+    if not _finished(info, stage) or info.get("cwd") != str(cwd):
+        return False
+    if info.get("workflow") in (None, workflow):  # by hand, or this workflow in another
+        return False  # work folder (a fresh run was asked for)
+    recorded = list(info.get("command") or [])[1:]
+    if not _same_words(_output_words(recorded), _output_words(args), cwd):
+        return False
+    try:
+        return first_changed_output(other) is None
+    except (OSError, DamagedRecord):
+        return False
+
+
+def _output_words(args: Sequence[str]) -> list[str]:
+    """The words of a command that decide its outputs: ``-o``'s value and the run-only
+    options left out."""
+    words, skip = [], False
+    for a in output_args(args):
+        if skip:
+            skip = False
+        elif a in OUT_FLAGS:
+            skip = True
+        elif a.partition("=")[0] not in OUT_FLAGS:
+            words.append(a)
+    return words
+
+
+def _same_words(a: Sequence[str], b: Sequence[str], cwd: Path) -> bool:
+    return len(a) == len(b) and all(x == y or _same_folder(cwd / x, cwd / y)
+                                    for x, y in zip(a, b, strict=True))
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    """The same folder, or two stage folders made the same way of the same items."""
+    if not (a.is_dir() and b.is_dir()):
+        return False
+    if a.resolve() == b.resolve():
+        return True
+    ia, ib = _info(a), _info(b)
+    stage = ia.get("stage")
+    if not stage or not _finished(ia, stage) or not _finished(ib, stage):
+        return False
+    if ia.get("params") != ib.get("params"):
+        return False
+    try:
+        return _items(a) == _items(b)
+    except (OSError, DamagedRecord):
+        return False
+
+
+def _items(folder: Path) -> dict[str, dict]:
+    return {i: {k: v for k, v in rec.items() if k not in WHERE_FIELDS}
+            for i, rec in read_manifest(folder).items()}
