@@ -231,7 +231,9 @@ def train_epoch(
     amp = device.type == "cuda"  # float16 autocast + loss scaling on CUDA only
     model.train()
     bar = progress(total=n_items, desc=desc, quiet=quiet)
-    total = 0.0
+    # Summed on the device in float64, read once per epoch: a .item() per step would wait for
+    # the GPU at every step. The same sum as Python floats of each step's loss, bit for bit.
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches:
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             loss, n = task.batch_loss(spec, model, batch, device)
@@ -241,10 +243,10 @@ def train_epoch(
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         scaler.step(opt)
         scaler.update()
-        total += loss.item() * n
+        total += loss.detach().double() * n
         bar.update(n)
     bar.close()
-    return total / n_items
+    return total.item() / n_items
 
 
 def epoch_line(rec: dict, epochs: int, metric: str, is_best: bool) -> str:
@@ -288,7 +290,8 @@ def training_state(
         "optimizer": opt.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if cuda else None,
+        # The random state of the GPU the model is on (not GPU 0's: --device cuda:1).
+        "cuda_rng": torch.cuda.get_rng_state(next(model.parameters()).device) if cuda else None,
         "meta": spec.to_dict(),
         "history": at.history,
         "best": at.best,
@@ -308,10 +311,19 @@ def restore(
     """Put a ``last.pt`` state back into the model, optimizer, scaler and RNGs."""
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    load_scaler(scaler, state["scaler"])
     torch.set_rng_state(state["rng"])
     if state.get("cuda_rng") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_rng"])
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
     # Early stopping is judged again from bad_epochs, so that a --resume with a larger
     # --patience goes on after an early stop.
     return Progress(state["history"], state["best"], state["bad_epochs"])
+
+
+def load_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """A saved GradScaler state into ``scaler``. A run may resume on another device: a CPU run
+    saved a disabled scaler's empty state, which an enabled (CUDA) scaler refuses ("The source
+    state dict is empty"), so that scaler starts afresh, as a new CUDA run's does; a CUDA
+    state into the CPU's disabled scaler is a no-op."""
+    if saved or not scaler.is_enabled():
+        scaler.load_state_dict(saved)
