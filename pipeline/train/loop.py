@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.device import pick_device, torch_threads
+from pipeline.device import describe_device, pick_device, torch_threads
 from pipeline.records import now_iso
 from pipeline.runner import progress
 from pipeline.train.config import ModelSpec, TrainConfig
@@ -43,6 +43,7 @@ from pipeline.train.runs import (
     train_params,
     write_curves,
     write_metrics,
+    write_run_info,
 )
 from pipeline.train.sequences import ClipSequences
 from pipeline.train.tasks import get_task, options_task
@@ -122,6 +123,7 @@ def train_prepared(
         overwrite=overwrite,
     )
     task.write_run_files(p, out)
+    write_run_info(out, {"device": describe_device(device)})  # information, not a parameter
     model, opt, scaler = new_training(spec, p.data["train"], device)
     at = Progress()
     if state is not None:
