@@ -9,7 +9,7 @@ on an H100), printed and written as JSON (``--out``, default ``gpu-benchmark.jso
   features  `vpipe features` end to end on ~20k 720p JPEG frames (ResNet-50), GPU utilisation
             sampled (nvidia-smi), against the model alone: the goal is >= 5,000 frames/s and
             >= 0.8 of the model alone
-  vggish    VGGish per clip (as the stage calls it) against one batched call
+  vggish    VGGish per clip (as the stage called it before) against one call of all (now)
   text      the title encoder (a BERT-base-sized model) in the run's precision
   accuracy  GPU fp16/bf16/fp32 against CPU fp32: ResNet-50 rows (max relative error, cosine),
             VGGish quantised values (mismatches)

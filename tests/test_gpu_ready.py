@@ -142,8 +142,8 @@ def test_one_item_that_does_not_fit_is_one_clear_error():
     with pytest.raises(OutOfMemory, match="out of memory with 1 of the frames") as e:
         ModelBatch("cpu", size=4).run(torch.zeros(4, 2), call)
     assert "\n" not in str(e.value)
-    with pytest.raises(OutOfMemory, match="1 of the VGGish examples"):
-        CallSize("VGGish examples of a clip").run(torch.zeros(3, 2), call)
+    with pytest.raises(OutOfMemory, match="1 of the audio examples"):
+        CallSize("audio examples of a clip").run(torch.zeros(3, 2), call)
 
 
 def test_vggish_calls_of_a_long_clip_halve_on_out_of_memory(weights):
@@ -151,7 +151,7 @@ def test_vggish_calls_of_a_long_clip_halve_on_out_of_memory(weights):
     enc = vggish.load_audio_encoder(str(weights["audio"]), True, str(weights["pca"]))
     ex = torch.randn(5, 1, 96, 64, generator=torch.Generator().manual_seed(1))
     want = enc.embed(ex)
-    calls = CallSize("VGGish examples of a clip")
+    calls = CallSize("audio examples of a clip")
     call, sizes = oom_above(2, enc.embed)
     got = calls.run(ex, call)
     np.testing.assert_allclose(got, want, atol=1e-5)  # other call sizes: float rounding
@@ -290,3 +290,31 @@ def test_the_driver_version_is_read_from_proc(monkeypatch, tmp_path):
     (tmp_path / "version").write_text(text.replace("Open Kernel Module for x86_64",
                                                    "UNIX x86_64 Kernel Module"))
     assert device.nvidia_driver() == "580.95.05"
+
+
+# --------------------------------------------------- item 5: VGGish batched across clips
+
+
+def test_the_clips_finished_in_a_batch_share_one_audio_call(weights, monkeypatch):
+    """Equal, row for row, to one call per clip (the quantised values included); a failed
+    clip and a clip without audio in between."""
+    from pipeline.features.embed import audio_rows
+    from pipeline.features.encoders import Encoders
+
+    enc = Encoders(None, vggish.load_audio_encoder(str(weights["audio"]), True,
+                                                   str(weights["pca"])),
+                   torch.device("cpu"), "fp32")
+    g = torch.Generator().manual_seed(3)
+    ex = [torch.randn(n, 1, 96, 64, generator=g) * 2 for n in (3, 1, 4)]
+    done = [(0, (ex[0], None), None), (1, (None, np.zeros(0)), None),
+            (2, (ex[1], None), "bad frame"), (3, (ex[2], None), None),
+            (4, (ex[2][:0], None), None)]
+    calls = []
+    real = enc.audio.embed
+    monkeypatch.setattr(enc.audio, "embed", lambda x: calls.append(x.shape[0]) or real(x))
+    got = audio_rows(done, enc)
+    assert calls == [7]  # one call of the examples of every clip that did not fail
+    assert got[2] is None
+    assert [r.shape[0] for r in (got[0], got[1], got[3], got[4])] == [3, 0, 4, 0]
+    for rows, x in ((got[0], ex[0]), (got[3], ex[2])):
+        np.testing.assert_array_equal(rows, real(x))

@@ -14,7 +14,7 @@ calls of the chosen size. What was measured and chosen goes into ``vpipe.json``
 A call too large for the GPU's memory (``torch.OutOfMemoryError``) is not the end of the run:
 the call size is halved and the call retried, down to one frame (:func:`halved`), and the size
 used is recorded; :class:`CallSize` does the same for calls that are all of one clip's items
-(VGGish's examples). The time the model calls take, against the loader's pace, is
+(an audio encoder's examples). The time the model calls take, against the loader's pace, is
 :class:`LoaderMeter`'s to compare (``throughput`` in ``vpipe.json``).
 """
 

@@ -99,8 +99,8 @@ class Encoders:
     channels_last: bool = True  # the image model's memory layout (and its inputs')
     identities: dict[str, dict[str, Any]] = field(default_factory=dict)  # by modality
     math: dict[str, Any] = field(default_factory=dict)  # CUDA's math settings (device.cuda_math)
-    # A clip's VGGish examples go in one call, unless one ran out of memory.
-    audio_calls: CallSize = field(default_factory=lambda: CallSize("VGGish examples of a clip"))
+    # A clip's audio examples go in one call, unless one ran out of memory.
+    audio_calls: CallSize = field(default_factory=lambda: CallSize("audio examples of a clip"))
 
     @property
     def audio_dim(self) -> int:
