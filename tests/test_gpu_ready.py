@@ -318,3 +318,64 @@ def test_the_clips_finished_in_a_batch_share_one_audio_call(weights, monkeypatch
     assert [r.shape[0] for r in (got[0], got[1], got[3], got[4])] == [3, 0, 4, 0]
     for rows, x in ((got[0], ex[0]), (got[3], ex[2])):
         np.testing.assert_array_equal(rows, real(x))
+
+
+# ------------------------------------------------------- item 9: the trainer's prefetch
+
+
+def test_prefetched_batches_come_in_order_and_errors_in_their_place():
+    from pipeline.train.loop import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
+    assert list(prefetched(iter(range(5)), depth=0)) == list(range(5))
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("shard 3 unreadable")
+
+    got = []
+    with pytest.raises(ValueError, match="shard 3"):
+        for b in prefetched(failing(), depth=2):
+            got.append(b)
+    assert got == [1, 2]
+
+
+def test_a_consumer_that_stops_early_ends_the_prefetch_thread():
+    import threading
+    import time
+
+    from pipeline.train.loop import prefetched
+
+    made = []
+
+    def endless():
+        i = 0
+        while True:
+            made.append(i)
+            yield i
+            i += 1
+
+    gen = prefetched(endless(), depth=2)
+    assert next(gen) == 0
+    gen.close()
+    deadline = time.time() + 5
+    while any(t.name == "vpipe-prefetch" for t in threading.enumerate()):
+        assert time.time() < deadline, "the prefetch thread did not end"
+        time.sleep(0.05)
+    assert len(made) <= 5  # it ran at most a few batches ahead
+
+
+def test_pinned_reaches_every_tensor_of_a_batch(monkeypatch):
+    from collections import namedtuple
+
+    from pipeline.train.loop import pinned
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: t + 1000)  # no GPU to pin for
+    Pair = namedtuple("Pair", "x y")
+    batch = ({"image": (torch.zeros(2), torch.tensor([1, 2]))},
+             Pair(torch.ones(1), [torch.ones(1)]), "ids")
+    x, pair, ids = pinned(batch)
+    assert x["image"][0].tolist() == [1000, 1000] and x["image"][1].tolist() == [1001, 1002]
+    assert isinstance(pair, Pair) and pair.x.item() == 1001 and pair.y[0].item() == 1001
+    assert ids == "ids"

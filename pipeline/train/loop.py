@@ -15,11 +15,14 @@ the summary is written, as every stage does.
 
 from __future__ import annotations
 
+import queue
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -236,7 +239,8 @@ def train_epoch(
     # Summed on the device in float64, read once per epoch: a .item() per step would wait for
     # the GPU at every step. The same sum as Python floats of each step's loss, bit for bit.
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in batches:
+    # On CUDA the next batches are gathered (and pinned) in a thread while the GPU trains.
+    for batch in prefetched(batches, depth=2 if amp else 0, pin=amp):
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             loss, n = task.batch_loss(spec, model, batch, device)
         opt.zero_grad(set_to_none=True)
@@ -249,6 +253,65 @@ def train_epoch(
         bar.update(n)
     bar.close()
     return total.item() / n_items
+
+
+def prefetched(batches: Iterable, depth: int, pin: bool = False) -> Iterator:
+    """``batches`` as they are, made ``depth`` batches ahead in a thread (0: in this one);
+    with ``pin`` their tensors in pinned memory, so that the copy to the GPU does not stall.
+    An error in the thread comes out here, in its place in the order."""
+    if depth <= 0:
+        yield from batches
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple) -> bool:
+        """Queue ``item`` unless the consumer has stopped (False then)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for b in batches:
+                if not put((pinned(b) if pin else b, None)):
+                    return
+            put((_END, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put((_END, e))
+
+    thread = threading.Thread(target=fill, daemon=True, name="vpipe-prefetch")
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:  # the consumer stopped early (an error, Ctrl-C): the thread ends too
+        stop.set()
+
+
+_END = object()
+
+
+def pinned(x: Any) -> Any:
+    """``x`` (tensors in tuples, lists and dicts) with its CPU tensors in pinned memory."""
+    if isinstance(x, torch.Tensor):
+        return x.pin_memory() if x.device.type == "cpu" else x
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a named tuple
+        return type(x)(*(pinned(v) for v in x))
+    if isinstance(x, tuple | list):
+        return type(x)(pinned(v) for v in x)
+    if isinstance(x, dict):
+        return {k: pinned(v) for k, v in x.items()}
+    return x
 
 
 def epoch_line(rec: dict, epochs: int, metric: str, is_best: bool) -> str:
