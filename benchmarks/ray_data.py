@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray.data
 
     from pipeline.cli import main as vpipe
-    from pipeline.features.encoders import load_encoders
+    from pipeline.features.encoders.loaded import load_encoders
     from pipeline.features.on_ray import chunks, decode_chunk
     from pipeline.features.options import FeatureOptions
     from pipeline.features.sources import Decoding, source_for

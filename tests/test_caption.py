@@ -233,6 +233,34 @@ def test_captions_without_val_clips_train_through_the_one_loop(synth_set, tmp_pa
     assert (out / "curves.png").is_file() and (out / "vocab.json").is_file()
 
 
+def test_a_caption_split_of_few_sources_is_warned_of(synth_set, tmp_path, capsys) -> None:
+    """As for every task: a val split of 2 source videos says little, and the run says so."""
+    root, _, splits, refs = synth_set
+    val = sorted(c for c, s in splits.items() if s == "val")
+    kept = set(val[:2])  # the set's clips are their own sources: 2 val sources
+    few = {c: ("val" if c in kept else "train") if s == "val" else s for c, s in splits.items()}
+    csv_path = write_captions(tmp_path / "few-val.csv", refs, few)
+    out = tmp_path / "run"
+    args = [a for a in TRAIN if a != "--quiet"]
+    assert main(["train", str(root / "feats"), "--labels", str(csv_path), "-o", str(out), *args,
+                 "--epochs", "2", "--hidden", "16", "--beam", "1"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_sources"]["val"] == 2
+    note = "the val split holds 2 sources: its figures say little"
+    assert any(w.startswith(note) for w in s["warnings"])
+    assert f"vpipe train: warning: {note}" in capsys.readouterr().err
+
+
+def test_an_epoch_better_only_by_the_tie_break_says_so() -> None:
+    from pipeline.train.loop import epoch_line
+
+    rec = {"epoch": 3, "train_loss": 1.0, "val": {"loss": 0.5, "cider": 0.0}, "seconds": 0.1}
+    assert epoch_line(rec, 9, "cider", True).endswith("0.10s  *")
+    assert epoch_line(rec, 9, "cider", True, tie=True).endswith(
+        "0.10s  * (same val_cider, lower val_loss)")
+    assert epoch_line(rec, 9, "cider", False).endswith("0.10s")
+
+
 # --------------------------------------------------------------------------- bad input
 
 

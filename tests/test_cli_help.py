@@ -32,3 +32,14 @@ def test_the_command_list_is_not_cut(capsys) -> None:
     assert "..." not in listing
     assert all(name in listing for name in COMMANDS)
     assert "Cut each video into non-overlapping subclips" in listing
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["nosuch"], "vpipe: error: no such command 'nosuch' (see vpipe --help)"),
+    (["features", "--bogus", "x"], "vpipe: error: no such option: --bogus"),
+    (["train"], "vpipe: error: missing argument 'FEATURES' (see vpipe train --help)"),
+])
+def test_a_usage_error_of_the_command_line_is_one_vpipe_line(argv, says, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(says), err

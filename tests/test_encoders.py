@@ -192,3 +192,54 @@ def test_random_vggish_needs_no_release_pca(tmp_path: Path) -> None:
     torch.save({"pca_eigen_vectors": np.eye(128), "pca_means": np.zeros(128)}, pca)
     enc = vggish.load_audio_encoder("none", True, str(pca))
     assert enc.weights.kind == "random" and enc.pca_info.kind == "file"
+
+
+def test_a_family_declares_its_options_once_and_they_reach_everything() -> None:
+    """A family added with one option (as a new module would add it): the options gain the
+    field, `vpipe features` the flag after --audio-weights (and so workflows the key: they are
+    the command's options), the recorded parameters the value; the CLI imports no torch."""
+    code = """
+import sys, typer
+from typing import ClassVar
+from pipeline.features.encoders import Encoder, EncoderOption, register_encoder
+from pipeline.features import options
+from pipeline.cli.features_cmds import with_encoder_options
+
+@register_encoder
+class Loud(Encoder):
+    modality: ClassVar[str] = "audio"
+    label: ClassVar[str] = "loud"
+    options: ClassVar = (EncoderOption("audio_gain", 1.5, "--audio-gain", "Gain.", recorded=True),)
+
+def command(audio_weights: str = "release", quiet: bool = False, **encoder_options) -> None:
+    print(sorted(encoder_options.items()))
+
+app = typer.Typer()
+app.command()(with_encoder_options(command))
+cls = options.with_declared_options()  # as importing the options makes it, all families known
+print(cls().audio_gain, cls(audio_gain=2.0).audio_gain)
+print("audio_gain" in options.recorded_options(), "audio_pca" in options.recorded_options())
+typer.main.get_command(app).main(["--audio-gain", "3", "--no-audio-postprocess"],
+                                 standalone_mode=False)
+from pipeline.cli import command as every_command
+every_command()  # the whole CLI, as `vpipe --help` builds it
+print('torch' in sys.modules)
+"""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True)
+    assert run.stdout.splitlines() == [
+        "1.5 2.0", "True False",
+        "[('audio_gain', 3.0), ('audio_pca', 'release'), ('audio_postprocess', False)]", "False"]
+
+
+
+def test_vggish_declares_its_options_and_they_are_checked_from_the_declaration() -> None:
+    declared = {o.name: o for o in vggish.VGGish.options}
+    assert set(declared) == {"audio_postprocess", "audio_pca"}
+    assert FeatureOptions().audio_postprocess is True and FeatureOptions().audio_pca == "release"
+    with pytest.raises(UsageError, match="--no-audio-postprocess"):
+        vggish.VGGish.check("vggish", FeatureOptions(audio_weights="none"))
+    vggish.VGGish.check("vggish", FeatureOptions(audio_weights="none", audio_postprocess=False))

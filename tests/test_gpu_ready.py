@@ -162,7 +162,7 @@ def test_a_features_run_out_of_memory_halves_its_calls_and_records_it(tmp_path, 
                                                                        media, weights, done):
     """A run whose image model calls of more than 2 frames fail as a full GPU fails: the same
     shards as the run that fitted, the size used in vpipe.json."""
-    from pipeline.features.encoders import Encoders
+    from pipeline.features.encoders.loaded import Encoders
 
     real = Encoders._embed_call
 
@@ -299,7 +299,7 @@ def test_the_clips_finished_in_a_batch_share_one_audio_call(weights, monkeypatch
     """Equal, row for row, to one call per clip (the quantised values included); a failed
     clip and a clip without audio in between."""
     from pipeline.features.embed import audio_rows
-    from pipeline.features.encoders import Encoders
+    from pipeline.features.encoders.loaded import Encoders
 
     enc = Encoders(None, vggish.load_audio_encoder(str(weights["audio"]), True,
                                                    str(weights["pca"])),

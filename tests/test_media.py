@@ -325,3 +325,29 @@ def test_an_input_folder_without_files_is_a_usage_error(tmp_path: Path, capsys) 
         err = capsys.readouterr().err
         assert err == f"vpipe: error: {tmp_path / 'empty'}: no files in this folder\n"
         assert not (tmp_path / stage).exists()
+
+
+@pytest.mark.parametrize("pts, fps", [
+    # 25 fps with one frame missing at 4 s: 249 frames in 10 s average 24.9, within 1% of the
+    # stream's own 25 (clips of one such source used to report 24.95, 24.951, 25...).
+    (r"if(gte(N\,100)\,N+1\,N)/25/TB", 25.0),
+    # Truly variable: 25 fps for 2 s, then 5 fps: the average over the frames is the rate.
+    (r"if(lt(N\,50)\,N/25\,2+(N-50)/5)/TB", None),
+])
+def test_a_streams_rate_is_its_own_unless_its_frames_say_otherwise(tmp_path: Path, pts: str,
+                                                                    fps: float | None) -> None:
+    out = tmp_path / "v.mp4"
+    subprocess.run([media.ffmpeg_exe(), "-y", "-v", "error", "-f", "lavfi", "-i",
+                    "testsrc=size=64x48:rate=25:duration=10", "-vf", f"setpts={pts}",
+                    "-fps_mode", "passthrough", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                    str(out)], check=True)
+    info = media.probe(out)
+    import av
+
+    with av.open(str(out)) as c:
+        average = float(c.streams.video[0].average_rate)
+    if fps is not None:
+        assert average != fps and abs(average / fps - 1) <= 0.01
+        assert info.fps == fps
+    else:
+        assert info.fps == pytest.approx(average) and info.fps < 20

@@ -154,7 +154,7 @@ def test_titles_for_a_run_without_them_refused(project, fresh, tmp_path, capsys)
     code = main(["predict", str(project / "w" / "train"), str(fresh), "-o",
                  str(tmp_path / "p.jsonl"), "--titles", str(tmp_path / "t.csv")])
     assert code == 2
-    assert "made without --text" in capsys.readouterr().err
+    assert "made without features --text" in capsys.readouterr().err
 
 
 def test_no_videos_refused(project, tmp_path, capsys):
@@ -179,7 +179,7 @@ def test_what_new_videos_cannot_reproduce_is_said():
     why = refusals([seg, text], titles=None)
     assert len(why) == 2
     assert "segments file (/d/segs.csv)" in why[0]
-    assert "--titles CSV" in why[1]
+    assert "--text CSV" in why[1]
     assert refusals([text], titles="new.csv") == []
 
 

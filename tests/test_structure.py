@@ -159,9 +159,9 @@ def test_the_task_comparison_finder_sees_each_spelling() -> None:
 
 def test_only_vggish_knows_vggish() -> None:
     """Nothing outside an encoder's module asks which encoder it is: no code compares a name
-    with "vggish", reads VGGish's own options (``opts.audio_pca``; the CLI declares them, with
-    their defaults, ``OPT.audio_pca``) or
-    reaches its functions elsewhere."""
+    with "vggish", names VGGish's own options (``opts.audio_pca``, "audio_postprocess": they
+    reach the options, the CLI and the records from its declaration) or reaches its functions
+    elsewhere."""
     own = PACKAGE / "features" / "encoders" / "vggish.py"
     vggish_only = {"audio_pca", "audio_postprocess", "audio_examples", "wav_examples",
                    "resolve_audio_weights", "check_audio_options", "load_audio_encoder"}
@@ -178,7 +178,8 @@ def test_only_vggish_knows_vggish() -> None:
                 for c in [node.left, *node.comparators]
             ):
                 found.append(f"{path.name}:{node.lineno}: compares with 'vggish'")
-            default = isinstance(node, ast.Attribute) and getattr(node.value, "id", "") == "OPT"
-            if isinstance(node, ast.Attribute) and node.attr in vggish_only and not default:
-                found.append(f"{path.name}:{node.lineno}: {node.attr}")
+            named = (node.attr if isinstance(node, ast.Attribute) else
+                     node.value if isinstance(node, ast.Constant) else None)
+            if named in vggish_only:
+                found.append(f"{path.name}:{node.lineno}: {named}")
     assert not found

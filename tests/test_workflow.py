@@ -593,6 +593,26 @@ def test_a_set_that_conflicts_with_the_file_fails_the_dry_run(tmp_path: Path, ca
         err = capsys.readouterr().err
         assert "wf.toml:4: [extract-frames] give --fps or --every, not both" in err
         assert not (tmp_path / "work").exists()
+    # A key unset by --set STAGE.OPTION= (nothing after =): the other one then holds alone.
+    assert main(["run", "wf.toml", "--set", "extract-frames.every=", "--set",
+                 "extract-frames.fps=2", "--dry-run"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "extract-frames" in x)
+    assert "--fps 2" in line and "--every" not in line
+    assert main(["run", "wf.toml", "--set", "extract-frames.fps=", "--dry-run"]) == 2
+    assert "[extract-frames] in wf.toml has no fps to unset" in capsys.readouterr().err
+
+
+def test_a_switch_is_written_with_its_on_name_and_its_off_name_reads_the_same(
+        tmp_path: Path, capsys, monkeypatch) -> None:
+    (tmp_path / "media").mkdir()
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    for spelled in ("audio-postprocess = false", "no-audio-postprocess = true"):
+        (tmp_path / "wf.toml").write_text(f'inputs = ["media"]\n[features]\n{spelled}\n',
+                                          encoding="utf-8")
+        assert main(["run", "wf.toml", "--dry-run"]) == 0
+        lines.append(capsys.readouterr().out.strip().splitlines()[-1])
+    assert lines[0] == lines[1] and "--no-audio-postprocess" in lines[0]
 
 
 @pytest.mark.slow

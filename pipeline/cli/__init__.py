@@ -44,8 +44,10 @@ def _main(argv: list[str] | None) -> int:
     from pipeline.errors import VpipeError, one_line
     from pipeline.files import disk_full
 
+    tree = command()
+    _usage_errors_in_one_line()
     try:
-        command().main(args=argv, prog_name="vpipe", standalone_mode=True)
+        tree.main(args=argv, prog_name="vpipe", standalone_mode=True)
     except Exception as e:
         # A full disk, wherever the stage met it: what it was writing, said as the stage's
         # own line (it stops the stage; the same command completes once there is space).
@@ -63,6 +65,21 @@ def _main(argv: list[str] | None) -> int:
             _say_interrupted(argv)
         return code if isinstance(code, int) else (0 if code is None else 1)
     return 0
+
+
+def _usage_errors_in_one_line() -> None:
+    """Click's usage errors (an unknown command or option, a bad value) said as every other
+    error of vpipe is, ``vpipe: error: ...`` in one line naming where the help is, instead of
+    its usage line, a hint and ``Error: ...``; the exit code stays 2."""
+    from typer._click.exceptions import UsageError
+
+    def show(self: UsageError, file: object = None) -> None:
+        where = f"{self.ctx.command_path} --help" if self.ctx is not None else "vpipe --help"
+        message = self.format_message()
+        message = message[:1].lower() + message[1:] if message[1:2].islower() else message
+        print(f"vpipe: error: {message.rstrip('.')} (see {where})", file=sys.stderr)
+
+    UsageError.show = show  # type: ignore[method-assign]
 
 
 def _said(e: BaseException) -> bool:

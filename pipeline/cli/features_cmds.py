@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from inspect import Parameter, signature
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,12 +19,31 @@ from pipeline.cli.app import (
     engine_for_options,
     preload_torch,
 )
+from pipeline.features.encoders import declared_options
 from pipeline.features.options import FeatureOptions
 
 OPT = FeatureOptions  # the defaults, written once in the options dataclass
 
 
+def with_encoder_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` (which takes ``**encoder_options``) a Typer option for each option an
+    encoder family declares, after its modality's ``--<modality>-weights``: the flag, help and
+    default come from the family's declaration alone, and so do workflows' keys (they are the
+    command's options)."""
+    sig = signature(command, eval_str=True)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    for opt in reversed(declared_options()):
+        at = next(i for i, p in enumerate(params) if p.name == opt.name.split("_")[0] + "_weights")
+        params.insert(at + 1, Parameter(
+            opt.name, Parameter.POSITIONAL_OR_KEYWORD, default=opt.default,
+            annotation=Annotated[opt.type, typer.Option(opt.flags, help=opt.help)],
+        ))
+    command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    return command
+
+
 @app.command("features")
+@with_encoder_options
 def features(
     inputs: Annotated[
         list[Path],
@@ -67,17 +88,7 @@ def features(
             "release PCA being fitted to the trained network), or a state-dict file.",
         ),
     ] = OPT.audio_weights,
-    audio_postprocess: Annotated[
-        bool,
-        typer.Option(
-            "--audio-postprocess/--no-audio-postprocess",
-            help="Apply the AudioSet release's PCA + 8-bit quantisation to VGGish embeddings "
-            "(--no-audio-postprocess: raw 128-d embeddings, no PCA file needed).",
-        ),
-    ] = OPT.audio_postprocess,
-    audio_pca: Annotated[
-        str, typer.Option("--audio-pca", help="PCA parameters: release (hub cache) or a .pth file.")
-    ] = OPT.audio_pca,
+    # Here come the options the encoder families declare (with_encoder_options).
     batch_size: Annotated[
         int,
         typer.Option(
@@ -183,6 +194,7 @@ def features(
     ray_address: RayAddress = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    **encoder_options: Any,
 ) -> None:
     """Frame features (a ResNet's global average pool, another torchvision classifier's
     penultimate layer, or an hf: CLIP-style image embedding) and audio features (VGGish) into
@@ -207,8 +219,6 @@ def features(
         image_weights=image_weights,
         audio_model=audio_model,
         audio_weights=audio_weights,
-        audio_postprocess=audio_postprocess,
-        audio_pca=audio_pca,
         dtype=dtype,
         compression=compression,
         shard_size=shard_size,
@@ -223,6 +233,7 @@ def features(
         text=None if text is None else str(text),
         text_max_chars=text_max_chars,
         text_model=text_model,
+        **encoder_options,
     )
     runner = engine_for_options(engine, ray_address, None, quiet, "features")
     summary = extract_features(inputs, out, opts, overwrite=overwrite, quiet=quiet,

@@ -75,7 +75,8 @@ def run(
             "--set",
             metavar="STAGE.OPTION=VALUE",
             help="Change one option of one stage, e.g. --set features.image-model=resnet18 "
-            "(repeatable).",
+            "(repeatable); nothing after = removes the file's value, e.g. --set "
+            "extract-frames.every= --set extract-frames.fps=2.",
             show_default=False,
         ),
     ] = None,

@@ -68,8 +68,12 @@ def train(
         str,
         typer.Option(
             "--model",
-            help="lstm (LRCN: LSTM, head on the last step) or attention (per-modality LSTM "
-            "with attention pooling, as in multimodal tagging).",
+            help="lstm (LRCN: LSTM, head on the last step), attention (per-modality LSTM "
+            "with attention pooling, as in multimodal tagging), or your own torch.nn.Module "
+            "as package.module:ClassName (importable, e.g. on PYTHONPATH): built as "
+            "ClassName(dims, n_outputs), called on the padded batch (README: \"Your own "
+            "model\"); its source file's sha256 is recorded and checked by resume, evaluate "
+            "and predict.",
         ),
     ] = TrainConfig.model,
     pool: Annotated[
@@ -162,6 +166,15 @@ def train(
             "large models on an otherwise idle machine).",
         ),
     ] = TrainConfig.threads,
+    log: Annotated[
+        str,
+        typer.Option(
+            "--log",
+            help="none, or tensorboard: each epoch's figures also as TensorBoard scalars in "
+            "OUT/tensorboard (tensorboard --logdir OUT; pip install 'vpipe[tensorboard]'). "
+            "metrics.jsonl and curves.png are written either way.",
+        ),
+    ] = TrainConfig.log,
     attention: Annotated[
         str,
         typer.Option("--attention", help="--model attention: self (each step scored from its "
@@ -237,6 +250,7 @@ def train(
         device=device,
         stream=stream,
         threads=threads,
+        log=log,
         attention=attention,
         caption_attention=caption_attention,
         beam=beam,
@@ -318,7 +332,7 @@ def evaluate(
 PredictInputs = Annotated[
     list[Path],
     typer.Argument(
-        metavar="FEATURES|VIDEOS...",
+        metavar="FEATURES|VIDEOS",
         help="A feature folder written by `vpipe features`, or videos (files or folders) to take "
         "through the stages the run's features were made with.",
         show_default=False,
@@ -366,10 +380,12 @@ def predict(
     titles: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
+            "--text",
             "--titles",
             metavar="CSV",
             help="With videos, for a run whose features include titles: the new videos' titles "
-            "(id,text; id = the file stem).",
+            "file, as `vpipe features --text` takes it (id,text; id = the file stem). --titles "
+            "is the same option.",
             show_default=False,
         ),
     ] = None,
@@ -415,7 +431,7 @@ def predict(
             raise UsageError("no clip was made from the videos given (see the errors above)")
         features, new_videos = steps[-1].out, True
     elif work_dir is not None or titles is not None:
-        raise UsageError("--work-dir and --titles are for videos; a feature folder is used as is")
+        raise UsageError("--work-dir and --text are for videos; a feature folder is used as is")
     r = predict_run(
         run, features, out, checkpoint=_checkpoint(checkpoint), threshold=threshold,
         device=device, stream=stream, new_videos=new_videos,

@@ -26,7 +26,7 @@ def __getattr__(name: str) -> Any:
 
         return extract_features
     if name == "load_encoders":
-        from pipeline.features.encoders import load_encoders
+        from pipeline.features.encoders.loaded import load_encoders
 
         return load_encoders
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

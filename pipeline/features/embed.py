@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pipeline import shards
-from pipeline.features.encoders import Encoders
+from pipeline.features.encoders.loaded import Encoders
 from pipeline.features.sources import Batch, ClipJob
 from pipeline.records import FAILED, OK
 

@@ -24,7 +24,7 @@ from typing import Any
 from pipeline import shards
 from pipeline.engine import TASK_RETRIES, RayEngine
 from pipeline.features.embed import commit_shard, embed_batches, failed_record
-from pipeline.features.encoders import Encoders
+from pipeline.features.encoders.loaded import Encoders
 from pipeline.features.options import FeatureOptions
 from pipeline.features.sources import Batch, ClipJob, Decoding
 from pipeline.runner import Tracker
@@ -73,7 +73,7 @@ class FeatureActor:
     def __init__(self, opts: FeatureOptions, identity: dict, threads: int) -> None:
         import torch
 
-        from pipeline.features.encoders import load_encoders
+        from pipeline.features.encoders.loaded import load_encoders
 
         if threads > 0:
             torch.set_num_threads(threads)

@@ -1,15 +1,24 @@
-"""The options of ``vpipe features``: one frozen dataclass, whose defaults the CLI shows."""
+"""The options of ``vpipe features``: one frozen dataclass, whose defaults the CLI shows.
+
+:class:`FeatureOptions` is :class:`BaseOptions` (what every run has) plus a field for each
+option an encoder family declares (:attr:`~pipeline.features.encoders.registry.Encoder.options`,
+e.g. VGGish's ``audio_postprocess`` and ``audio_pca``), made when this module is imported.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import UsageError
+from pipeline.features.encoders import declared_options
 from pipeline.features.text import DEFAULT_MAX_CHARS, DEFAULT_TEXT_MODEL
 from pipeline.runner import default_workers, usable_cores
 
 DTYPES = ("float32", "float16")
+# The options that decide the output as they are (the encoders add their weights' identity).
+RECORDED = ("image_model", "audio_model", "dtype", "compression", "shard_size")
 COMPRESSIONS = ("none", "gzip", "lzf")
 
 
@@ -24,15 +33,14 @@ def loader_workers(device_type: str = "cpu") -> int:
 
 
 @dataclass(frozen=True)
-class FeatureOptions:
-    """Everything that decides the contents of the shards, plus how fast they are made."""
+class BaseOptions:
+    """Everything that decides the contents of the shards, plus how fast they are made, but
+    the encoder families' own options (:class:`FeatureOptions` adds those)."""
 
     image_model: str = "resnet50"
     image_weights: str = "imagenet"
     audio_model: str = "vggish"
     audio_weights: str = "release"
-    audio_postprocess: bool = True
-    audio_pca: str = "release"
     dtype: str = "float32"
     compression: str = "none"
     shard_size: int = 256
@@ -94,3 +102,25 @@ class FeatureOptions:
 
         fps, every = self.sampling()
         return FrameSampler(fps=fps, every=every)
+
+
+def with_declared_options() -> type[BaseOptions]:
+    """The options class of :class:`BaseOptions` and the families' declared options."""
+    fields = [(o.name, o.type, field(default=o.default)) for o in declared_options()]
+    cls = dataclasses.make_dataclass("FeatureOptions", fields, bases=(BaseOptions,),
+                                     frozen=True)
+    cls.__module__ = __name__  # picklable by name (Ray ships the options to its tasks)
+    cls.__doc__ = ("The options of a features run: :class:`BaseOptions` and the encoder "
+                   "families' own (" + ", ".join(f.name for f in dataclasses.fields(cls)
+                                                 if f.name not in BASE_FIELDS) + ").")
+    return cls
+
+
+def recorded_options() -> tuple[str, ...]:
+    """The options a features run records as given: :data:`RECORDED` and the families' own
+    options that say so (a re-run with other values is refused)."""
+    return (*RECORDED, *(o.name for o in declared_options() if o.recorded))
+
+
+BASE_FIELDS = frozenset(f.name for f in dataclasses.fields(BaseOptions))
+FeatureOptions = with_declared_options()

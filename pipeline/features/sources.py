@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.errors import MediaError, UsageError, VpipeError
-from pipeline.features.encoders import Encoders, Preprocessing
+from pipeline.features.encoders import Preprocessing
+from pipeline.features.encoders.loaded import Encoders
 from pipeline.features.options import FeatureOptions
 from pipeline.records import OK, read_manifest, read_run_info
 from pipeline.runner import Item

@@ -25,8 +25,8 @@ from pipeline import shards
 from pipeline.device import describe_device
 from pipeline.features.batching import LoaderMeter
 from pipeline.features.embed import commit_shard, embed_batches, failed_record, ok_record
-from pipeline.features.encoders import Encoders, load_encoders
-from pipeline.features.options import FeatureOptions, loader_workers
+from pipeline.features.encoders.loaded import Encoders, load_encoders
+from pipeline.features.options import FeatureOptions, loader_workers, recorded_options
 from pipeline.features.sources import ClipJob, Decoding, source_for
 from pipeline.features.text import Titles, match_titles, read_titles
 from pipeline.files import check_out_dir, sha256_of, writing
@@ -35,9 +35,7 @@ from pipeline.runner import Summary, Tracker, end_run, failure_record
 
 STAGE = "features"
 SHARD_MAX_BYTES = 1 << 30  # a shard closes at this size even below --shard-size
-# The options that decide the output as they are (the encoders add their weights' identity).
-RECORDED_OPTIONS = ("image_model", "audio_model", "audio_postprocess", "dtype", "compression",
-                    "shard_size")
+
 
 
 def feature_params(opts: FeatureOptions, enc: Encoders, source: Any,
@@ -50,7 +48,7 @@ def feature_params(opts: FeatureOptions, enc: Encoders, source: Any,
                 "text_max_chars": opts.text_max_chars}
     return {
         "inputs": [str(Path(p).resolve()) for p in inputs],
-        **{k: v for k, v in asdict(opts).items() if k in RECORDED_OPTIONS},
+        **{k: v for k, v in asdict(opts).items() if k in recorded_options()},
         **enc.identity(),
         **source.params(),
         **text,
@@ -131,6 +129,17 @@ def shard_of(rec: dict) -> list[str]:
     return [rec["shard"]]
 
 
+def loading_line(n_clips: int, opts: FeatureOptions) -> str:
+    """What the stage says while its models load: the clips and each model with its weights."""
+    hf = opts.image_model.startswith("hf:")  # its weights come with it
+    models = [opts.image_model if hf else f"{opts.image_model} ({opts.image_weights})"]
+    if opts.audio_model != "none":
+        models.append(f"{opts.audio_model} ({opts.audio_weights})")
+    if opts.text:
+        models.append(opts.text_model)
+    return f"vpipe features: {n_clips} clips; loading {', '.join(models)} ..."
+
+
 def extract_features(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -156,14 +165,7 @@ def extract_features(
     jobs = source.clips()
     text_counts = give_titles(jobs, titles, opts.text_max_chars) if titles else None
     if not quiet:  # seconds of loading before the bar: say what
-        hf = opts.image_model.startswith("hf:")  # its weights come with it
-        models = [opts.image_model if hf else f"{opts.image_model} ({opts.image_weights})"]
-        if opts.audio_model != "none":
-            models.append(f"{opts.audio_model} ({opts.audio_weights})")
-        if opts.text:
-            models.append(opts.text_model)
-        print(f"vpipe features: {len(jobs)} clips; loading {', '.join(models)} ...",
-              file=sys.stderr, flush=True)
+        print(loading_line(len(jobs), opts), file=sys.stderr, flush=True)
     enc = load_encoders(opts)
     out = Path(out_dir)
     params = feature_params(opts, enc, source, inputs)

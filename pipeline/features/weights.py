@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch only where a file is read: the CLI imports this module
+    import torch
+    from torch import nn
 
 from pipeline.errors import WeightsUnavailable
 
@@ -110,12 +111,16 @@ def hub_checkpoint(url: str, what: str, options: str) -> Path:
 def hub_path(info: WeightsInfo) -> Path:
     """The file a resolved ``hub`` or ``file`` WeightsInfo names."""
     if info.kind == "hub":
-        return Path(torch.hub.get_dir()) / "checkpoints" / str(info.file)
+        from torch.hub import get_dir
+
+        return Path(get_dir()) / "checkpoints" / str(info.file)
     return Path(info.name)
 
 
 def load_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     """A state dict from a file (a training checkpoint's ``state_dict``/``model`` unwrapped)."""
+    import torch
+
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

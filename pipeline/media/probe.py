@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -97,6 +98,17 @@ def video_stream(container, path: Path):
     raise NotAVideo(f"{path}: not a video (no video stream in this {container.format.name} file)")
 
 
+def stream_rate(v: Any) -> Any:
+    """A video stream's frame rate: the stream's own (FFmpeg's guess from r_frame_rate) where
+    the average over its frames agrees within 1% (so every clip cut from a 25 fps source says
+    25, not 24.95 or 24.951 as averages over a few seconds do), else the average (a variable
+    rate); 0 when the file says neither."""
+    avg, nominal = v.average_rate, v.guessed_rate or v.base_rate
+    if avg and nominal and abs(float(avg) / float(nominal) - 1) <= 0.01:
+        return nominal
+    return avg or nominal
+
+
 def probe(path: str | os.PathLike) -> MediaInfo:
     """Probe a file with PyAV; raise NotAVideo or MediaError (one line naming the file)."""
     path = Path(path)
@@ -106,7 +118,7 @@ def probe(path: str | os.PathLike) -> MediaInfo:
             raise NotAVideo(f"{path}: not a video (a still image or text file: {fmt})")
         v = video_stream(c, path)
         cc = v.codec_context
-        rate = v.average_rate or v.guessed_rate or v.base_rate
+        rate = stream_rate(v)
         start = c.start_time / 1e6 if c.start_time is not None else 0.0
         if c.duration is not None:
             duration = c.duration / 1e6

@@ -20,10 +20,16 @@ CAPTION_ATTENTION = ("soft", "none")
 # attention model, and soft|none were the caption decoder's; runs and workflows of then are
 # read so (tasks.Task.read_options, upgrade_options).
 OLD_SELF = "soft"
-MODELS = ("lstm", "attention")
+MODELS = ("lstm", "attention")  # or a user's class, package.module:ClassName (own_model)
 POOLS = ("last", "mean")  # the lstm model's head; the attention model pools by attention
+LOGS = ("none", "tensorboard")  # --log: where each epoch's figures go besides metrics.jsonl
 CHECKPOINTS = ("best", "last")  # the checkpoints of a run that evaluate and predict may use
 DEFAULT_CHECKPOINT = "best"
+
+
+def is_own_model(name: str) -> bool:
+    """Whether a ``--model`` value names a user's class (``module:Class``), not a built-in."""
+    return ":" in name
 
 
 # TrainConfig fields that no command takes: set by train_folds on each fold's run.
@@ -35,7 +41,7 @@ class TrainConfig:
     """Every training option, as plain values (written to ``config.json``)."""
 
     task: str | None = None  # regression | classification | multilabel | caption; None: inferred
-    model: str = "lstm"  # lstm (LRCN) | attention (multimodal tagging)
+    model: str = "lstm"  # lstm (LRCN) | attention (multimodal tagging) | package.module:Class
     pool: str = "last"  # lstm head on the last valid step or the mean of steps
     modalities: list[str] | None = None  # None: every modality present in the shards (text too)
     hidden: int = 128
@@ -61,6 +67,7 @@ class TrainConfig:
     device: str = "auto"
     stream: bool = False  # read features from HDF5 per batch instead of holding them in RAM
     threads: int = 0  # torch threads; 0: half the cores, 1 to 4 (device.default_threads)
+    log: str = "none"  # none | tensorboard: each epoch's figures also as TensorBoard scalars
     attention: str = SELF  # the attention model's pooling: self | text-guided (the title steers)
     # caption task (--task caption): the decoder and its vocabulary
     caption_attention: str = "soft"  # soft: attention over the encoded frames per word; none:
@@ -85,14 +92,20 @@ class ModelSpec:
     target_norm: tuple[float, float]
     feature_attrs: dict[str, dict]  # modality -> the shards' attributes (model, weights...)
     vpipe_version: str
+    # A user's model (--model module:Class): its import path, source file and sha256.
+    model_source: dict | None = None
 
     @property
     def modalities(self) -> list[str]:
         return list(self.dims)
 
     def to_dict(self) -> dict:
-        """Plain values only, as ``torch.load(weights_only=True)`` and JSON accept them."""
-        return asdict(self)
+        """Plain values only, as ``torch.load(weights_only=True)`` and JSON accept them (no
+        ``model_source`` for vpipe's own models: their files stay as they were)."""
+        d = asdict(self)
+        if d["model_source"] is None:
+            del d["model_source"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
@@ -104,4 +117,5 @@ class ModelSpec:
             target_norm=(float(d["target_norm"][0]), float(d["target_norm"][1])),
             feature_attrs=dict(d["feature_attrs"]),
             vpipe_version=d["vpipe_version"],
+            model_source=d.get("model_source"),
         )

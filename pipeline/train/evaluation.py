@@ -161,20 +161,28 @@ def random_weights_note(modalities: list[str]) -> str:
             "say nothing of what pretrained features would give")
 
 
+def small_split_notes(n_sources: dict[str, int], in_folds: bool = False) -> list[str]:
+    """A val or test split of fewer than :data:`MIN_SOURCES` sources: its figures say little
+    (every task says it, captions included)."""
+    out = []
+    for split in ("val", "test"):
+        n = n_sources.get(split, 0)
+        if 0 < n < MIN_SOURCES:
+            remedy = ("use fewer --folds" if split == "test" and in_folds
+                      else f"raise --{split}-fraction")
+            out.append(f"the {split} split holds {n} source{'s' if n > 1 else ''}: its figures "
+                       f"say little (at least {MIN_SOURCES} would; label more sources or "
+                       f"{remedy})")
+    return out
+
+
 def caveats(summary: dict) -> list[str]:
     """What makes the figures of a run weak, in words: splits of too few sources, and a model
     that does not beat the trivial predictor."""
     out = []
     if summary.get("random_weights"):
         out.append(random_weights_note(summary["random_weights"]))
-    for split in ("val", "test"):
-        n = summary["n_sources"].get(split, 0)
-        if 0 < n < MIN_SOURCES:
-            remedy = ("use fewer --folds" if split == "test" and summary.get("fold")
-                      else f"raise --{split}-fraction")
-            out.append(f"the {split} split holds {n} source{'s' if n > 1 else ''}: its figures "
-                       f"say little (at least {MIN_SOURCES} would; label more sources or "
-                       f"{remedy})")
+    out += small_split_notes(summary["n_sources"], bool(summary.get("fold")))
     task = get_task(summary["task"])
     name, higher = task.main_metric, task.higher_is_better
     side = "test" if summary["test"] else "val" if summary["val"] else None

@@ -14,7 +14,7 @@ from pipeline import __version__
 from pipeline.device import check_device_name
 from pipeline.errors import UsageError
 from pipeline.shards import MODALITIES, TEXT, FeatureStore, open_features
-from pipeline.train.config import MODELS, POOLS, ModelSpec, TrainConfig
+from pipeline.train.config import LOGS, MODELS, POOLS, ModelSpec, TrainConfig, is_own_model
 from pipeline.train.labels import (
     LabelledClips,
     LabelSpace,
@@ -75,8 +75,17 @@ def read_options(cfg: TrainConfig, quiet: bool = False) -> TrainConfig:
 def check_config(cfg: TrainConfig) -> None:
     """Reject option values that cannot work, before anything is read."""
     task = options_task(cfg.task)  # an unknown --task is refused here
-    if cfg.model not in MODELS:
-        raise UsageError(f"--model {cfg.model!r}: choose one of {', '.join(MODELS)}")
+    if is_own_model(cfg.model):
+        from pipeline.train.own_model import find_class
+
+        find_class(cfg.model)  # importable, and a torch.nn.Module, before anything is read
+    elif cfg.model not in MODELS:
+        raise UsageError(f"--model {cfg.model!r}: choose one of {', '.join(MODELS)}, or your "
+                         "own class as package.module:ClassName")
+    if cfg.log not in LOGS:
+        raise UsageError(f"--log {cfg.log!r}: choose none or tensorboard")
+    if cfg.log == "tensorboard":
+        tensorboard_writer_class()  # installed, before anything is read
     if cfg.pool not in POOLS:
         raise UsageError(f"--pool {cfg.pool!r}: choose last or mean")
     # patience 0 stopped after the first epoch ("no better val ... for 0 epochs"); top-k 0
@@ -104,6 +113,16 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError("--dropout must be in [0, 1)")
     check_device_name(cfg.device)
     task.check_options(cfg)
+
+
+def tensorboard_writer_class() -> type:
+    """torch's SummaryWriter, or a usage error saying how to install TensorBoard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError("--log tensorboard needs TensorBoard: pip install "
+                         "'vpipe[tensorboard]'") from None
+    return SummaryWriter
 
 
 def open_store(features: str | Path) -> FeatureStore:
@@ -189,4 +208,14 @@ def model_spec(cfg: TrainConfig, p: Prepared) -> ModelSpec:
         target_norm=get_task(p.task).target_norm(p),
         feature_attrs=p.store_attrs,
         vpipe_version=__version__,
+        model_source=own_model_source(cfg),
     )
+
+
+def own_model_source(cfg: TrainConfig) -> dict | None:
+    """What the run records of a user's model class (None for lstm and attention)."""
+    if not is_own_model(cfg.model):
+        return None
+    from pipeline.train.own_model import model_source
+
+    return model_source(cfg.model)

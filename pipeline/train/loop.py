@@ -169,6 +169,7 @@ def fit(
         )
     n_train = task.n_train_items(p)
     plotted = time.time()
+    board = EpochBoard(out, cfg.log)
     for epoch in range(at.epochs_done, cfg.epochs):
         if at.bad_epochs >= cfg.patience:
             break
@@ -194,6 +195,9 @@ def fit(
             if has_val
             else (at.best is None or monitor["loss"] < at.best["loss"])
         )
+        # Better only by the tie-break (the same val figure, a lower val loss): said so.
+        tie = (is_best and has_val and at.best is not None
+               and monitor.get(task.main_metric) == at.best.get(task.main_metric))
         if is_best:
             at.best, at.bad_epochs = {**monitor, "epoch": epoch + 1}, 0
             weights = {"model": model.state_dict(), "meta": spec.to_dict(), "epoch": epoch + 1}
@@ -203,19 +207,56 @@ def fit(
         at.history.append(rec)
         save_checkpoint(training_state(model, opt, scaler, spec, at), out / "last.pt")
         write_metrics(out, at.history)
+        board.add(rec)
         if time.time() - plotted > 30:  # drawing costs ~0.2 s: keep it live, not per tiny epoch
             write_curves(at.history, spec.task, out / "curves.png")
             plotted = time.time()
         if not quiet:
-            print(epoch_line(rec, cfg.epochs, task.main_metric, is_best), file=sys.stderr)
+            print(epoch_line(rec, cfg.epochs, task.main_metric, is_best, tie), file=sys.stderr)
             if at.bad_epochs >= cfg.patience:
-                print(
-                    f"vpipe train: early stop, no better val {task.main_metric} for "
-                    f"{cfg.patience} epochs",
-                    file=sys.stderr,
-                )
+                what = (f"val {task.main_metric} (nor the same with a lower val loss)" if has_val
+                        else "train loss")
+                print(f"vpipe train: early stop, no better {what} for {cfg.patience} epochs",
+                      file=sys.stderr)
+    board.close()
     if at.history:
         write_curves(at.history, spec.task, out / "curves.png")
+
+
+class EpochBoard:
+    """``--log tensorboard``: each epoch's record as scalars in ``OUT/tensorboard`` (step: the
+    epoch, so a resumed run goes on where it stopped); nothing with ``--log none``."""
+
+    def __init__(self, out: Path, log: str) -> None:
+        self.writer = None
+        if log == "tensorboard":
+            from pipeline.train.inputs import tensorboard_writer_class
+
+            self.writer = tensorboard_writer_class()(log_dir=str(out / "tensorboard"))
+
+    def add(self, rec: dict) -> None:
+        if self.writer is None:
+            return
+        for name, value in flat_figures(rec).items():
+            self.writer.add_scalar(name, value, rec["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def flat_figures(rec: dict, prefix: str = "") -> dict[str, float]:
+    """An epoch record's numbers by slash-joined name (``val/mse``, ``train_loss``)."""
+    out: dict[str, float] = {}
+    for k, v in rec.items():
+        if k == "epoch":
+            continue
+        if isinstance(v, dict):
+            out.update(flat_figures(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
 
 
 def train_epoch(
@@ -314,14 +355,17 @@ def pinned(x: Any) -> Any:
     return x
 
 
-def epoch_line(rec: dict, epochs: int, metric: str, is_best: bool) -> str:
-    """``epoch 3/20  train_loss 0.4123  val_loss 0.5012  val_accuracy 0.8100  0.42s  *``."""
+def epoch_line(rec: dict, epochs: int, metric: str, is_best: bool, tie: bool = False) -> str:
+    """``epoch 3/20  train_loss 0.4123  val_loss 0.5012  val_accuracy 0.8100  0.42s  *``: the
+    mark on a new best epoch, ``* (same val_accuracy, lower val_loss)`` where only the
+    tie-break made it one."""
     parts = [f"epoch {rec['epoch']}/{epochs}", f"train_loss {rec['train_loss']:.4f}"]
     shown = rec["val"].get(metric)  # None: no val split, or the metric is undefined there
     if shown is not None:
         parts += [f"val_loss {rec['val']['loss']:.4f}", f"val_{metric} {shown:.4f}"]
     parts.append(f"{rec['seconds']:.2f}s")
-    return "  ".join(parts) + ("  *" if is_best else "")
+    mark = f"  * (same val_{metric}, lower val_loss)" if tie else "  *" if is_best else ""
+    return "  ".join(parts) + mark
 
 
 # --------------------------------------------------------------------------- state and resume

@@ -35,12 +35,13 @@ from pipeline.files import (
 from pipeline.lock import LOCK, FolderLock
 from pipeline.records import DamagedRecord, damaged, now_iso, read_json, read_run_info
 from pipeline.runner import sigint_held
-from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig
+from pipeline.train.config import DEFAULT_CHECKPOINT, ModelSpec, TrainConfig, is_own_model
 from pipeline.train.model import SequenceModel, build_model
+from pipeline.train.own_model import model_source
 from pipeline.train.tasks import get_task, options_task
 
 # Options that never change what is learned: they may differ whenever a run is continued.
-OPTIONS_NOT_LEARNED = {"device", "stream", "threads"}
+OPTIONS_NOT_LEARNED = {"device", "stream", "threads", "log"}
 # Options that may also change with an explicit --resume (train longer, be more patient).
 OPTIONS_RESUME_MAY_CHANGE = OPTIONS_NOT_LEARNED | {"epochs", "patience"}
 # Parameters (besides the options) that say what a run learns from; "features"/"labels" paths
@@ -69,6 +70,8 @@ def train_params(cfg: TrainConfig, features: Path, labels: Path, fingerprint: st
         "labels": str(Path(labels).resolve()),
         "labels_sha256": sha256_of(labels),
         "features_fingerprint": fingerprint,
+        # A user's model: its source's sha256 too, so that a changed class is not resumed.
+        **({"model_source": model_source(cfg.model)} if is_own_model(cfg.model) else {}),
     }
 
 
@@ -287,7 +290,15 @@ def check_same_options(out: Path, old: dict, new: dict, resume: bool) -> None:
 
 
 def check_same_inputs(out: Path, before: dict, params: dict) -> None:
-    """Refuse other labels or features (by content) than the run's ``vpipe.json`` params."""
+    """Refuse other labels or features (by content), or another source of the user's model
+    class, than the run's ``vpipe.json`` params."""
+    was, now = before.get("model_source"), params.get("model_source")
+    if was and now and was != now:  # the model option itself is compared with the options
+        raise ParamsChanged(
+            f"{out}: the run there was trained with another model_source of {now['class']} "
+            f"({now['file']}: sha256 {was['sha256'][:12]}... then, {now['sha256'][:12]}... "
+            "now); restore the file, or use --overwrite to start again"
+        )
     changed = [k for k in INPUT_DIGESTS if k in before and before[k] != params.get(k)]
     if changed:
         what = " and ".join("labels" if k == "labels_sha256" else "features" for k in changed)

@@ -157,6 +157,13 @@ def load_workflow(
         stage = next((st for st in stages if st.name == stage_name), None)
         if stage is None:
             raise UsageError(f"--set {item}: no stage [{stage_name}] in {path}")
+        if value is UNSET:  # STAGE.OPTION= : the file's value goes, the stage's default holds
+            same = [k for k in stage.options if k.replace("_", "-") == key.replace("_", "-")]
+            if not same:
+                raise UsageError(f"--set {item}: [{stage_name}] in {path} has no {key} to unset")
+            for k in same:
+                del stage.options[k]
+            continue
         stage.options[key] = value
         wf.overrides.add((stage_name, key))
 
@@ -180,12 +187,18 @@ def load_workflow(
     return wf
 
 
+UNSET = object()  # --set STAGE.OPTION= (nothing after "="): remove the file's value
+
+
 def _parse_set(item: str) -> tuple[str, str, Any]:
-    """``"features.image-weights=none"`` -> ("features", "image-weights", "none")."""
+    """``"features.image-weights=none"`` -> ("features", "image-weights", "none");
+    ``"extract-frames.every="`` -> ("extract-frames", "every", UNSET)."""
     name, sep, raw = item.partition("=")
     stage, dot, key = name.strip().partition(".")
     if not sep or not dot or not stage or not key:
         raise UsageError(f"--set {item}: write STAGE.OPTION=VALUE, e.g. --set subclip.count=2")
+    if not raw.strip():
+        return stage, key.strip(), UNSET
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:

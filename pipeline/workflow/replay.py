@@ -182,7 +182,7 @@ def refusals(chain: Sequence[Recorded], titles: str | None) -> list[str]:
         if r.name == "features" and "--text" in words and titles is None:
             why.append(
                 f"the run reads titles (vpipe features --text {words[words.index('--text') + 1]}): "
-                "give the new videos' titles with --titles CSV (id,text; id = the file stem)"
+                "give the new videos' titles with --text CSV (id,text; id = the file stem)"
             )
     return why
 
@@ -300,9 +300,9 @@ def plan_replay(
         raise UsageError(f"{run}: new videos cannot go through the run's stages: " + "; ".join(why))
     titles = None if titles is None else str(Path(titles).resolve())
     if titles is not None and not Path(titles).is_file():
-        raise UsageError(f"--titles {titles}: no such file")
+        raise UsageError(f"--text {titles}: no such file")
     if titles is not None and not any("--text" in r.options for r in chain):
-        raise UsageError("--titles: the run's features have no titles (made without --text)")
+        raise UsageError("--text: the run's features have no titles (made without features --text)")
     # Absolute, links resolved; a link that leads nowhere (dangling, looping) stays itself, so
     # that subclip fails it by its name as it does one found in a folder.
     given = [str(Path(v).resolve()) if Path(v).exists() else os.path.abspath(v) for v in videos]

@@ -7,10 +7,11 @@ processor's config, computed the way that library computes it and split as
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 from pipeline.errors import UsageError
 from pipeline.features.encoders.image import ImageEncoder, Preprocessing
@@ -64,18 +65,24 @@ def resolve_hf_image_model(model_name: str, weights: str) -> Any:
     )
 
 
-class ImageEmbedding(nn.Module):
+def image_embedding(model: nn.Module) -> nn.Module:
     """A Hugging Face model's projected image embedding (``get_image_features``: CLIP's
-    ``image_embeds``) as a module from normalised pixels to rows."""
+    ``image_embeds``) as a module from normalised pixels to rows (defined here, so that
+    reading this family's options does not import torch)."""
+    import torch
+    from torch import nn
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+    class ImageEmbedding(nn.Module):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model.get_image_features(pixel_values=x)
-        # transformers 5 returns the output object, the projection in pooler_output; 4 a tensor
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.model.get_image_features(pixel_values=x)
+            # transformers 5: the output object, the projection in pooler_output; 4: a tensor
+            return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    return ImageEmbedding(model)
 
 
 def _size(size: Any, key: str) -> int | None:
@@ -136,6 +143,7 @@ def hf_preprocessing(proc: Any, name: str) -> Preprocessing:
 def load_hf_image_encoder(info: HFModelInfo) -> ImageEncoder:
     """An ``hf:`` model (one with ``get_image_features``: CLIP, SigLIP, ...) and its image
     processor, read from the folder :func:`resolve_hf_image_model` found."""
+    import torch
     from transformers import AutoImageProcessor, AutoModel
 
     try:
@@ -150,7 +158,7 @@ def load_hf_image_encoder(info: HFModelInfo) -> ImageEncoder:
             "(get_image_features); CLIP-style models have one"
         )
     pre = hf_preprocessing(proc, info.name)
-    enc = ImageEmbedding(model.float().eval().requires_grad_(False))
+    enc = image_embedding(model.float().eval().requires_grad_(False))
     with torch.inference_mode():  # the dim as the model gives it
         dim = int(enc(torch.zeros(1, 3, pre.crop_size, pre.crop_size)).shape[-1])
     layer = "get_image_features (the projected image embedding, CLIP's image_embeds)"

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch where a model runs: the CLI reads the families' options
+    import torch
+    from torch import nn
 
 from pipeline.features.encoders.registry import encoder_for
 from pipeline.features.hf import HFModelInfo
@@ -59,6 +60,8 @@ class Preprocessing:
 
     def uint8_from_image(self, im: Any, F: Any = None, modes: Any = None) -> torch.Tensor:
         """Resize/crop a PIL image (or a uint8 CHW tensor) to the model's input, still uint8."""
+        import torch
+
         if F is None:
             import torchvision.transforms.functional as F
             from torchvision.transforms import InterpolationMode as modes
@@ -80,8 +83,12 @@ class Preprocessing:
             im = F.crop(im, int((h - c) / 2), int((w - c) / 2), c, c)
         return im if isinstance(im, torch.Tensor) else F.pil_to_tensor(im)
 
-    def normalize(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """uint8 (N, 3, H, W) → normalised float, batched (same ops as the preset per frame)."""
+    def normalize(self, batch: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """uint8 (N, 3, H, W) → normalised float (float32 unless ``dtype``), batched (same ops
+        as the preset per frame)."""
+        import torch
+
+        dtype = dtype or torch.float32
         x = batch.to(dtype) / 255
         mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=dtype, device=x.device).view(1, 3, 1, 1)

@@ -9,10 +9,10 @@ weights' ``ImageClassification`` preset, split as :class:`.image.Preprocessing` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch where a model runs: the CLI reads the families' options
+    from torch import nn
 
 from pipeline.errors import UsageError
 from pipeline.features.encoders.hf_image import HF_PREFIX
@@ -172,6 +172,9 @@ def resolve_torchvision_weights(model_name: str, weights: str) -> tuple[Any, Any
 def load_torchvision_image(model_name: str, info: WeightsInfo, w: Any) -> ImageEncoder:
     """Build the frame encoder with its weights loaded (CPU, eval mode): a ResNet with ``fc``
     removed, another torchvision model without its classifier's last Linear."""
+    import torch
+    from torch import nn
+
     if model_name not in RESNETS:
         return load_torchvision_encoder(model_name, info, w)
     import torchvision
@@ -221,6 +224,8 @@ def arch_kwargs(model_name: str, w: Any) -> dict[str, Any]:
 
 def classifier_linear(model: nn.Module) -> str | None:
     """The name of the classifier's last Linear (``fc``, ``heads.head``, ``classifier.1``...)."""
+    from torch import nn
+
     last = None
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and name.split(".")[0] in HEADS:
@@ -231,7 +236,9 @@ def classifier_linear(model: nn.Module) -> str | None:
 def load_torchvision_encoder(model_name: str, info: WeightsInfo, w: Any) -> ImageEncoder:
     """A torchvision classification model with its classifier's last Linear replaced by
     Identity: the features are that Linear's input (dropout before it is a no-op in eval)."""
+    import torch
     import torchvision
+    from torch import nn
 
     kwargs = arch_kwargs(model_name, w)
     model = None
@@ -270,6 +277,7 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
     On a 2-core CPU this is the difference between memory-bound BN/ReLU passes over every
     activation and none; results agree with the unfused model to ~1e-7 relative.
     """
+    from torch import nn
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     pairs = [(model, "conv1", "bn1")]

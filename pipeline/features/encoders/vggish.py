@@ -12,14 +12,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:  # torch where the network runs: the CLI reads this module's options
+    import torch
+    from torch import nn
 
 from pipeline.errors import MediaError, UsageError
-from pipeline.features.encoders.registry import Encoder, register_encoder
+from pipeline.features.encoders.registry import Encoder, EncoderOption, register_encoder
 from pipeline.features.weights import (
     RANDOM_SEED,
     MissingWeights,
@@ -54,6 +56,17 @@ class VGGish(Encoder):
 
     modality: ClassVar[str] = "audio"
     label: ClassVar[str] = "vggish"
+    options: ClassVar[tuple[EncoderOption, ...]] = (
+        EncoderOption(
+            "audio_postprocess", True, "--audio-postprocess/--no-audio-postprocess",
+            "VGGish: apply the AudioSet release's PCA + 8-bit quantisation to the embeddings "
+            "(--no-audio-postprocess: raw 128-d embeddings, no PCA file needed).",
+            recorded=True,
+        ),
+        # Recorded as the file it resolves to (identity()'s audio_pca), not as given.
+        EncoderOption("audio_pca", "release", "--audio-pca",
+                      "VGGish's PCA parameters: release (hub cache) or a .pth file."),
+    )
 
     @classmethod
     def claims(cls, name: str) -> bool:
@@ -147,6 +160,8 @@ class AudioEncoder:
 
     def embed(self, examples: torch.Tensor) -> np.ndarray:
         """(N, 1, 96, 64) log-mel examples → (N, 128) float32 embeddings."""
+        import torch
+
         if examples.shape[0] == 0:
             return np.zeros((0, AUDIO_DIM), np.float32)
         with torch.inference_mode():
@@ -162,6 +177,7 @@ class AudioEncoder:
 
 def postprocess(emb: torch.Tensor, matrix: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """The AudioSet release's PCA/whitening, clip to [-2, 2], quantise to 0..255 (as floats)."""
+    import torch
     from torchvggish import vggish_params as p
 
     lo, hi = p.QUANTIZE_MIN_VAL, p.QUANTIZE_MAX_VAL
@@ -176,6 +192,7 @@ def load_audio_encoder(
 
     ``resolved``: what :func:`resolve_audio_weights` returned, when the caller already ran it.
     """
+    import torch
     from torchvggish.torchvggish import VGG, make_layers
 
     winfo, wpath, pinfo, ppath = resolved or resolve_audio_weights(weights, postprocess_on, pca)
@@ -233,6 +250,7 @@ class VggishInput:
 def audio_examples(pcm: np.ndarray, rate_hz: int) -> tuple[torch.Tensor, np.ndarray]:
     """VGGish input examples of int16 mono samples (as torchvggish builds them from a wav) and
     their start times; none for less than one 0.96 s example."""
+    import torch
     from torchvggish import vggish_input
     from torchvggish import vggish_params as p
 

@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import UsageError
-from pipeline.train.config import OLD_SELF, POOLING_ATTENTION, SELF, TEXT_GUIDED, TrainConfig
+from pipeline.train.config import (
+    OLD_SELF,
+    POOLING_ATTENTION,
+    SELF,
+    TEXT_GUIDED,
+    TrainConfig,
+    is_own_model,
+)
 from pipeline.train.tasks import Task
 
 if TYPE_CHECKING:
@@ -114,6 +121,11 @@ class LabelTask(Task):
         from pipeline.train.model import SequenceModel
 
         c = spec.config
+        if is_own_model(c.model):
+            from pipeline.train.own_model import build_own_model
+
+            return build_own_model(c.model, spec.dims, self.n_outputs(spec.classes),
+                                   spec.model_source)
         return SequenceModel(spec.dims, self.n_outputs(spec.classes), model=c.model,
                              pool=c.pool, hidden=c.hidden, layers=c.layers, dropout=c.dropout,
                              bidirectional=c.bidirectional,

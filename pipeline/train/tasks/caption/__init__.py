@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline.errors import UsageError
-from pipeline.train.config import CAPTION_ATTENTION, SELF, TrainConfig
+from pipeline.train.config import CAPTION_ATTENTION, SELF, TrainConfig, is_own_model
 from pipeline.train.tasks import Task
 from pipeline.train.tasks.caption import evaluation as ev
 from pipeline.train.tasks.caption.captions import prepare_captions
@@ -45,6 +45,10 @@ class Caption(Task):
         return {**options, "attention": SELF, "caption_attention": options.get("attention")}
 
     def check_options(self, cfg: TrainConfig) -> None:
+        if is_own_model(cfg.model):
+            raise UsageError(f"--model {cfg.model}: your own model trains the label tasks "
+                             "(regression, classification, multilabel); captions are "
+                             "vpipe's decoder")
         if cfg.folds:
             raise UsageError("--folds is not supported with --task caption (train one "
                              "train/val/test split, e.g. with --test-fraction)")

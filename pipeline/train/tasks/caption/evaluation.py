@@ -18,7 +18,12 @@ from pipeline.device import pick_device
 from pipeline.errors import UsageError
 from pipeline.shards import FeatureStore
 from pipeline.train.config import ModelSpec
-from pipeline.train.evaluation import random_weights, random_weights_note, summary_head
+from pipeline.train.evaluation import (
+    random_weights,
+    random_weights_note,
+    small_split_notes,
+    summary_head,
+)
 from pipeline.train.model import to_device
 from pipeline.train.sequences import ClipSequences, pad_batch
 from pipeline.train.tasks.caption.captions import CaptionInput, read_captions
@@ -122,6 +127,9 @@ def summarise_captions(model: CaptionModel, spec: ModelSpec, p: CaptionInput,
                                {c: top for c in p.split_ids[s]}, with_meteor=False)
             for s in ("val", "test") if p.split_ids[s]}
     random = random_weights(spec.feature_attrs)
+    source_of = p.store.source_of()
+    n_sources = {s: len({source_of[c] for c in ids}) for s, ids in p.split_ids.items()}
+    warnings = [random_weights_note(random)] if random else []
     return {
         **summary_head(spec, p.task_reason, f"caption-{spec.config.caption_attention}",
                        MAIN_METRIC, best_epoch, history, stopped, figures, base),
@@ -129,6 +137,7 @@ def summarise_captions(model: CaptionModel, spec: ModelSpec, p: CaptionInput,
         "beam": spec.config.beam,
         "vocabulary": len(spec.classes),
         "n_clips": {s: len(v) for s, v in p.split_ids.items()},
+        "n_sources": n_sources,
         "n_captions": {s: len(v) for s, v in p.pairs.items()},
         "dropped_training_captions": p.dropped,
         "unlabeled_clips": len(p.joined.unlabeled),
@@ -137,7 +146,7 @@ def summarise_captions(model: CaptionModel, spec: ModelSpec, p: CaptionInput,
         if history else None,
         "device": str(device),
         "random_weights": random,
-        "warnings": [random_weights_note(random)] if random else [],
+        "warnings": warnings + small_split_notes(n_sources),
     }
 
 

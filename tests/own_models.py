@@ -1,0 +1,44 @@
+"""Models defined outside vpipe, as a researcher's own module would define them, for
+``vpipe train --model own_models:ClassName`` in tests/test_own_model.py."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MeanPool(nn.Module):
+    """Each modality's valid rows averaged, concatenated, through a small MLP."""
+
+    def __init__(self, dims: dict[str, int], n_outputs: int) -> None:
+        super().__init__()
+        self.modalities = list(dims)
+        width = sum(dims.values())
+        self.head = nn.Sequential(nn.Linear(width, 32), nn.ReLU(), nn.Linear(32, n_outputs))
+
+    def forward(self, inputs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        pooled = []
+        for m in self.modalities:
+            x, lengths = inputs[m]
+            n = lengths.to(x.device).clamp(min=1).to(x.dtype)[:, None]
+            pooled.append(x.sum(1) / n)  # padding is zero: the sum is over valid rows
+        return self.head(torch.cat(pooled, dim=1))
+
+
+class Recorder(MeanPool):
+    """MeanPool that keeps the last inputs it was given (to check what vpipe hands over)."""
+
+    seen: dict = {}
+
+    def forward(self, inputs):
+        Recorder.seen = {m: (x.detach().clone(), n.clone()) for m, (x, n) in inputs.items()}
+        return super().forward(inputs)
+
+
+class NeedsMore(nn.Module):
+    def __init__(self, dims: dict[str, int], n_outputs: int, depth: int) -> None:
+        super().__init__()
+
+
+class NotAModule:
+    pass
