@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,13 +87,26 @@ def cuda_device(index: int | None, count: int, current: int) -> torch.device:
 
 
 def nvidia_driver() -> str | None:
-    """The NVIDIA kernel driver's version when one is loaded (``/proc/driver/nvidia``)."""
+    """The NVIDIA kernel driver's version when one is loaded (``/proc/driver/nvidia``, else
+    what ``nvidia-smi`` says where a container hides the former); None without one."""
     try:
         text = Path("/proc/driver/nvidia/version").read_text()
     except OSError:
-        return None
+        return _smi_driver()
     m = re.search(r"Kernel Module(?: for \S+)?\s+([0-9][0-9.]*)", text)
     return m.group(1) if m else "unknown version"
+
+
+def _smi_driver() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = r.stdout.split()
+    return lines[0] if r.returncode == 0 and lines else None
 
 
 def fallback_reason(driver: str | None, torch_cuda: str | None, error: str | None) -> str | None:

@@ -379,3 +379,16 @@ def test_pinned_reaches_every_tensor_of_a_batch(monkeypatch):
     assert x["image"][0].tolist() == [1000, 1000] and x["image"][1].tolist() == [1001, 1002]
     assert isinstance(pair, Pair) and pair.x.item() == 1001 and pair.y[0].item() == 1001
     assert ids == "ids"
+
+
+def test_without_proc_the_driver_comes_from_nvidia_smi(monkeypatch):
+    import subprocess
+
+    real = device.Path
+    monkeypatch.setattr(device, "Path", lambda p: real("/nonexistent") / p.lstrip("/"))
+    monkeypatch.setattr(device.shutil, "which", lambda name: None)
+    assert device.nvidia_driver() is None  # no /proc entry, no nvidia-smi: no driver
+    monkeypatch.setattr(device.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(device.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 0, stdout="580.95.05\n580.95.05\n", stderr=""))
+    assert device.nvidia_driver() == "580.95.05"
