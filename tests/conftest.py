@@ -20,6 +20,36 @@ PCA_FILE = "vggish_pca_params-970ea276.pth"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite runs on the CPU, GPU or not: its exact comparisons hold there (on a GPU,
+    ``--device auto`` would bring fp16/bf16 autocast and TF32). CUDA is hidden from this
+    process and every process it starts, unless the tests asked for are the CUDA subset
+    (``pytest -m gpu``: tests/test_gpu.py, within stated tolerances)."""
+    if not selects_gpu(config.option.markexpr or ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def selects_gpu(markexpr: str) -> bool:
+    return "gpu" in markexpr and "not gpu" not in markexpr
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A ``gpu`` test runs only with ``-m gpu`` and a CUDA device; else it is skipped."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    if not selects_gpu(config.option.markexpr or ""):
+        reason = "CUDA subset: run with `pytest -m gpu` on a machine with a GPU"
+    else:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+        reason = "no CUDA device"
+    for item in gpu:
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(scope="session")
 def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("media")

@@ -110,7 +110,9 @@ def test_cpu_bf16_detection_follows_cpuinfo_flags() -> None:
 
 def test_precision_rules() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert device.pick_precision("auto", cuda) == "fp16"
+    # On CUDA: bf16 from Ampere (8.0) on, fp16 before (the capability given, not read).
+    assert device.pick_precision("auto", cuda, (7, 5)) == "fp16"
+    assert device.pick_precision("auto", cuda, (8, 0)) == "bf16"
     assert device.pick_precision("auto", cpu) == ("bf16" if device.cpu_has_bf16() else "fp32")
     assert device.pick_precision("fp32", cpu) == "fp32"
     with pytest.raises(UsageError, match="fp16 needs a CUDA device"):

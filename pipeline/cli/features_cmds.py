@@ -114,7 +114,8 @@ def features(
             "--workers",
             min=0,
             help="Frame decoding processes (0: in the model's process); not used with --engine "
-            "ray, where Ray tasks decode. [default: cores - 1, at least 1]",
+            "ray, where Ray tasks decode. [default: on CUDA the usable cores - 1; on a CPU "
+            "cores - 1, up to 4; at least 1]",
             show_default=False,
         ),
     ] = None,
@@ -212,7 +213,6 @@ def features(
     """
     preload_torch(image_model)
     from pipeline.features import extract_features
-    from pipeline.features.options import loader_workers
 
     opts = FeatureOptions(
         image_model=image_model,
@@ -224,7 +224,7 @@ def features(
         shard_size=shard_size,
         batch_size=batch_size,
         compile=compile_model,
-        workers=loader_workers() if workers is None else workers,
+        workers=workers,  # None: chosen for the run's device
         device=device,
         precision=precision,
         from_video=from_video,

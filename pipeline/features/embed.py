@@ -1,6 +1,7 @@
 """The steps both engines share: the image encoder over decoded batches (which mix clips), each
 clip's rows gathered, and a clip whose last frame is through turned into its features (its
-VGGish rows and its title's token rows added) or into the record of the error that failed it.
+audio rows, encoded with those of the other clips finished in the same batch, and its title's
+token rows added) or into the record of the error that failed it.
 :mod:`.stage` runs it in this process, :mod:`.on_ray` in the actors of a Ray cluster."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline import shards
 from pipeline.features.encoders.loaded import Encoders
@@ -35,9 +37,10 @@ def embed_batches(batches: Iterable[Batch], jobs: list[ClipJob], enc: Encoders,
                 job.rows.append(y[k])
                 job.times.append(float(batch.times[k]))
             advance(y.shape[0])
-        for j, examples, error in batch.done:
+        audio = audio_rows(batch.done, enc)
+        for (j, examples, error), rows in zip(batch.done, audio, strict=True):
             job = jobs[j]
-            clip = None if error is not None else clip_features(job, examples, enc)
+            clip = None if error is not None else clip_features(job, examples, enc, rows)
             job.rows, job.times = [], []  # free the rows: they are in the clip now
             if clip is None or enc.text is None:
                 yield job, clip, error
@@ -61,8 +64,30 @@ def with_titles(finished: list[tuple[ClipJob, shards.ClipFeatures]], enc: Encode
         yield job, clip, None
 
 
-def clip_features(job: ClipJob, examples: Any, enc: Encoders) -> shards.ClipFeatures:
-    """A finished clip's rows, its VGGish rows and its record's fields, as a shard stores them."""
+def audio_rows(done: list[tuple[int, Any, str | None]], enc: Encoders
+               ) -> list[np.ndarray | None]:
+    """The audio rows of each clip finished in a batch (None: a failed clip), the examples of
+    all of them in one call of the audio encoder rather than a call (and a sync) per clip."""
+    examples = [ex[0] if err is None and ex is not None and ex[0] is not None else None
+                for _, ex, err in done]
+    present = [x for x in examples if x is not None and x.shape[0]]
+    if len(present) < 2:  # nothing to gather: each clip as it comes
+        return [None if err is not None else enc.embed_audio(x)
+                for (_, _, err), x in zip(done, examples, strict=True)]
+    rows = enc.embed_audio(torch.cat(present))
+    out: list[np.ndarray | None] = []
+    at = 0
+    for (_, _, err), x in zip(done, examples, strict=True):
+        n = 0 if x is None else int(x.shape[0])
+        out.append(None if err is not None else rows[at:at + n])
+        at += n
+    return out
+
+
+def clip_features(job: ClipJob, examples: Any, enc: Encoders,
+                  audio: np.ndarray | None = None) -> shards.ClipFeatures:
+    """A finished clip's rows, its audio rows (``audio``, else encoded here) and its record's
+    fields, as a shard stores them."""
     ex, audio_ts = examples if examples is not None else (None, np.zeros(0))
     r = job.rec
     image = np.stack(job.rows) if job.rows else np.zeros((0, enc.image.dim), np.float32)
@@ -73,7 +98,7 @@ def clip_features(job: ClipJob, examples: Any, enc: Encoders) -> shards.ClipFeat
         float(r.get("end") or 0.0),
         image,
         np.asarray(job.times, np.float64),
-        enc.embed_audio(ex),
+        enc.embed_audio(ex) if audio is None else audio,
         audio_ts,
     )
 

@@ -22,9 +22,11 @@ from typing import Any
 import numpy as np
 
 from pipeline import shards
+from pipeline.device import describe_device
+from pipeline.features.batching import LoaderMeter
 from pipeline.features.embed import commit_shard, embed_batches, failed_record, ok_record
 from pipeline.features.encoders.loaded import Encoders, load_encoders
-from pipeline.features.options import FeatureOptions, recorded_options
+from pipeline.features.options import FeatureOptions, loader_workers, recorded_options
 from pipeline.features.sources import ClipJob, Decoding, source_for
 from pipeline.features.text import Titles, match_titles, read_titles
 from pipeline.files import check_out_dir, sha256_of, writing
@@ -177,6 +179,9 @@ def extract_features(
         for p in shards.shard_paths(out):
             p.unlink()
     tracker = Tracker(run, quiet=quiet, unit="frame")
+    # Where the models ran (this process's device; Ray's actors say theirs in "engine"): run
+    # information, not a parameter, as --device may change on resume.
+    run.extra["device"] = {**describe_device(enc.device), **enc.math}
     if text_counts is not None:
         run.extra["text"] = text_counts
         tracker.summary.note = title_note(text_counts, str(opts.text))
@@ -204,10 +209,13 @@ def extract_features(
             encode_on_ray(todo, source, enc, opts, tracker, out, on_shard, engine,
                           shard_attrs(enc, source, opts))
         else:
-            encode(todo, source, enc, opts, tracker, out, on_shard)
+            throughput = encode(todo, source, enc, opts, tracker, out, on_shard)
             if todo:
                 layout = "channels_last" if enc.channels_last else "contiguous"
                 run.extra["model_batch"] = {**enc.batching.report(), "memory_format": layout}
+                run.extra["throughput"] = throughput
+                if enc.audio_calls.report() is not None:
+                    run.extra["audio_calls"] = enc.audio_calls.report()
     except BaseException as e:
         end_run(tracker, e, lambda: [job.id for job in jobs])
         raise
@@ -215,8 +223,10 @@ def extract_features(
 
 
 def encode(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions,
-           tracker: Tracker, out: Path, on_shard: Callable[[Path], None] | None) -> None:
-    """The loop: image rows batch by batch, audio rows per finished clip, shards as they fill."""
+           tracker: Tracker, out: Path, on_shard: Callable[[Path], None] | None
+           ) -> dict[str, Any]:
+    """The loop: image rows batch by batch, audio rows per finished clip, shards as they fill.
+    Returns what the loader delivered against what the model consumed (``throughput``)."""
     sink = ShardSink(out, enc, opts, tracker, shard_attrs(enc, source, opts), on_shard)
     total = sum(len(j.frames) for j in jobs)
     tracker.start(total=total or None)
@@ -224,8 +234,10 @@ def encode(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions
         enc.batching.expect(total)
     try:
         # The loader's batches; the encoders cut them into model calls of the size they chose.
-        loader_opts = dataclasses.replace(opts, batch_size=enc.batching.loader_batch)
-        batches = source.batches(jobs, Decoding.of(enc), loader_opts)
+        workers = loader_workers(enc.device.type) if opts.workers is None else opts.workers
+        loader_opts = dataclasses.replace(opts, batch_size=enc.batching.loader_batch,
+                                          workers=workers)
+        batches = LoaderMeter(source.batches(jobs, Decoding.of(enc), loader_opts), workers)
         for job, clip, error in embed_batches(batches, jobs, enc, tracker.advance):
             if error is not None:
                 tracker.record(job.item, [failed_record(job, error)])
@@ -234,6 +246,7 @@ def encode(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions
         sink.close()
     finally:
         sink.abort()
+    return batches.report(enc.batching)
 
 
 def shard_attrs(enc: Encoders, source: Any, opts: FeatureOptions) -> dict:

@@ -15,15 +15,18 @@ the summary is written, as every stage does.
 
 from __future__ import annotations
 
+import queue
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pipeline.device import pick_device, torch_threads
+from pipeline.device import describe_device, pick_device, torch_threads
 from pipeline.records import now_iso
 from pipeline.runner import progress
 from pipeline.train.config import ModelSpec, TrainConfig
@@ -43,6 +46,7 @@ from pipeline.train.runs import (
     train_params,
     write_curves,
     write_metrics,
+    write_run_info,
 )
 from pipeline.train.sequences import ClipSequences
 from pipeline.train.tasks import get_task, options_task
@@ -122,6 +126,7 @@ def train_prepared(
         overwrite=overwrite,
     )
     task.write_run_files(p, out)
+    write_run_info(out, {"device": describe_device(device)})  # information, not a parameter
     model, opt, scaler = new_training(spec, p.data["train"], device)
     at = Progress()
     if state is not None:
@@ -272,8 +277,11 @@ def train_epoch(
     amp = device.type == "cuda"  # float16 autocast + loss scaling on CUDA only
     model.train()
     bar = progress(total=n_items, desc=desc, quiet=quiet)
-    total = 0.0
-    for batch in batches:
+    # Summed on the device in float64, read once per epoch: a .item() per step would wait for
+    # the GPU at every step. The same sum as Python floats of each step's loss, bit for bit.
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    # On CUDA the next batches are gathered (and pinned) in a thread while the GPU trains.
+    for batch in prefetched(batches, depth=2 if amp else 0, pin=amp):
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             loss, n = task.batch_loss(spec, model, batch, device)
         opt.zero_grad(set_to_none=True)
@@ -282,10 +290,69 @@ def train_epoch(
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         scaler.step(opt)
         scaler.update()
-        total += loss.item() * n
+        total += loss.detach().double() * n
         bar.update(n)
     bar.close()
-    return total / n_items
+    return total.item() / n_items
+
+
+def prefetched(batches: Iterable, depth: int, pin: bool = False) -> Iterator:
+    """``batches`` as they are, made ``depth`` batches ahead in a thread (0: in this one);
+    with ``pin`` their tensors in pinned memory, so that the copy to the GPU does not stall.
+    An error in the thread comes out here, in its place in the order."""
+    if depth <= 0:
+        yield from batches
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple) -> bool:
+        """Queue ``item`` unless the consumer has stopped (False then)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for b in batches:
+                if not put((pinned(b) if pin else b, None)):
+                    return
+            put((_END, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put((_END, e))
+
+    thread = threading.Thread(target=fill, daemon=True, name="vpipe-prefetch")
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:  # the consumer stopped early (an error, Ctrl-C): the thread ends too
+        stop.set()
+
+
+_END = object()
+
+
+def pinned(x: Any) -> Any:
+    """``x`` (tensors in tuples, lists and dicts) with its CPU tensors in pinned memory."""
+    if isinstance(x, torch.Tensor):
+        return x.pin_memory() if x.device.type == "cpu" else x
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a named tuple
+        return type(x)(*(pinned(v) for v in x))
+    if isinstance(x, tuple | list):
+        return type(x)(pinned(v) for v in x)
+    if isinstance(x, dict):
+        return {k: pinned(v) for k, v in x.items()}
+    return x
 
 
 def epoch_line(rec: dict, epochs: int, metric: str, is_best: bool, tie: bool = False) -> str:
@@ -332,7 +399,8 @@ def training_state(
         "optimizer": opt.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if cuda else None,
+        # The random state of the GPU the model is on (not GPU 0's: --device cuda:1).
+        "cuda_rng": torch.cuda.get_rng_state(next(model.parameters()).device) if cuda else None,
         "meta": spec.to_dict(),
         "history": at.history,
         "best": at.best,
@@ -352,10 +420,19 @@ def restore(
     """Put a ``last.pt`` state back into the model, optimizer, scaler and RNGs."""
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    load_scaler(scaler, state["scaler"])
     torch.set_rng_state(state["rng"])
     if state.get("cuda_rng") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_rng"])
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
     # Early stopping is judged again from bad_epochs, so that a --resume with a larger
     # --patience goes on after an early stop.
     return Progress(state["history"], state["best"], state["bad_epochs"])
+
+
+def load_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """A saved GradScaler state into ``scaler``. A run may resume on another device: a CPU run
+    saved a disabled scaler's empty state, which an enabled (CUDA) scaler refuses ("The source
+    state dict is empty"), so that scaler starts afresh, as a new CUDA run's does; a CUDA
+    state into the CPU's disabled scaler is a no-op."""
+    if saved or not scaler.is_enabled():
+        scaler.load_state_dict(saved)

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.device import autocast_dtype, pick_device, pick_precision
-from pipeline.features.batching import ModelBatch
+from pipeline.device import autocast_dtype, cuda_math, pick_device, pick_precision
+from pipeline.features.batching import CallSize, ModelBatch
 from pipeline.features.encoders import resolve_encoders
 from pipeline.features.encoders.image import ImageEncoder
 from pipeline.features.options import FeatureOptions
@@ -31,6 +31,9 @@ class Encoders:
     batching: ModelBatch | None = None  # None: each batch in one call, as given
     channels_last: bool = True  # the image model's memory layout (and its inputs')
     identities: dict[str, dict[str, Any]] = field(default_factory=dict)  # by modality
+    math: dict[str, Any] = field(default_factory=dict)  # CUDA's math settings (device.cuda_math)
+    # A clip's audio examples go in one call, unless one ran out of memory.
+    audio_calls: CallSize = field(default_factory=lambda: CallSize("audio examples of a clip"))
 
     @property
     def audio_dim(self) -> int:
@@ -77,7 +80,7 @@ class Encoders:
         cast = autocast_dtype(self.precision)
         with torch.autocast(self.device.type, dtype=cast or torch.float32,
                             enabled=cast is not None):
-            return self.audio.embed(examples.to(self.device))
+            return self.audio_calls.run(examples, lambda x: self.audio.embed(x.to(self.device)))
 
     def attrs(self) -> dict[str, dict]:
         """The shard attributes of /image and /audio (sampling is the source's to add)."""
@@ -108,6 +111,8 @@ def load_encoders(opts: FeatureOptions) -> Encoders:
     opts.check()
     device = pick_device(opts.device)
     precision = pick_precision(opts.precision, device)
+    # Image batches are one size (the chosen call size): cuDNN may time its kernels for it.
+    math = cuda_math(precision, fixed_shapes=True) if device.type == "cuda" else {}
     resolved = resolve_encoders(opts)
     loaded = {m: r.load(opts) for m, r in resolved.items()}
     identities = {m: r.family.identity(r.weights, loaded[m]) for m, r in resolved.items()}
@@ -132,4 +137,5 @@ def load_encoders(opts: FeatureOptions) -> Encoders:
     if text is not None:  # the title encoder follows the image encoder's device and precision
         text.to(device, cast)
     batching = ModelBatch(device.type, opts.batch_size, compiled=opts.compile)
-    return Encoders(image, audio, device, precision, text, batching, channels_last, identities)
+    return Encoders(image, audio, device, precision, text, batching, channels_last, identities,
+                    math)
