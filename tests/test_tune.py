@@ -225,3 +225,22 @@ def test_without_optuna_tune_says_how_to_install_it(store, tmp_path, monkeypatch
     assert main(tune_args(store, tmp_path / "out")) == 2
     assert "vpipe tune needs Optuna: pip install 'vpipe[tune]'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_trials_run_as_ray_tasks(store, tmp_path):
+    ray = pytest.importorskip("ray", reason="--engine ray needs pip install 'vpipe[ray]'")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    try:
+        out = tmp_path / "on-ray"
+        assert main(tune_args(store, out, "--quiet", "--engine", "ray", "--jobs", "2",
+                              trials=2)) == 0
+    finally:
+        ray.shutdown()
+    s = read(out / "summary.json")
+    assert [t["state"] for t in s["trials"]] == ["complete"] * 2
+    assert s["best"]["options"]["lr"] == LEARNS and s["best"]["test"]
+    assert read(out / "vpipe.json")["params"]["engine"] == "ray"
+    assert all((out / t["run"] / "best.pt").is_file() for t in s["trials"])
