@@ -108,6 +108,21 @@ def test_only_the_best_trial_is_scored_on_test(store, done, tmp_path):
                  "-q"]) == 0
 
 
+def test_a_trial_worse_than_the_median_is_pruned_and_its_run_ends_cleanly(store, tmp_path):
+    out = tmp_path / "out"
+    assert main(tune_args(store, out, "--quiet", trials=8)) == 0
+    s = read(out / "summary.json")
+    pruned = [t for t in s["trials"] if t["state"] == "pruned"]
+    assert pruned, [(t["options"], t["state"], t["val"]) for t in s["trials"]]
+    assert all(t["trial"] >= 4 for t in pruned)  # not before 4 trials ended
+    for t in pruned:
+        run = read(out / t["run"] / "summary.json")
+        assert 2 <= run["epochs_run"] == t["epochs"] < 5
+        assert len((out / t["run"] / "metrics.jsonl").read_text().splitlines()) == t["epochs"]
+        assert run["test"] == {} and read(out / t["run"] / "vpipe.json")["ended"]
+    assert s["best"]["options"]["lr"] == LEARNS
+
+
 def test_the_same_command_again_trains_nothing_and_scores_nothing(store, done, tmp_path):
     import shutil
 
