@@ -91,7 +91,7 @@ def tune(features: str | Path, labels: str | Path, out: str | Path, base: TrainC
         redone = put_back_cut_trials(study, storage)
         if redone and not quiet:
             print(f"vpipe tune: redoing {redone} trial(s) cut by a kill", file=sys.stderr)
-        threads = base.threads or max(1, min(4, usable_cores() // jobs))
+        threads = base.threads or trial_threads(jobs)
         config = asdict(replace(base, threads=threads))
         table = Table(dims, task.main_metric, quiet)
         try:
@@ -105,10 +105,14 @@ def tune(features: str | Path, labels: str | Path, out: str | Path, base: TrainC
         return finish(out, study, dims, task, features, labels, params, quiet)
 
 
-def usable_cores() -> int:
-    from pipeline.runner import usable_cores as cores
+def trial_threads(jobs: int) -> int:
+    """Each trial's torch threads when --threads is 0: train's default for one trial at a time
+    (half the cores, 1 to 4: more makes a small LSTM crawl on a busy machine), else the cores
+    split between the ``jobs`` trials, 1 to 4 each."""
+    from pipeline.device import default_threads
+    from pipeline.runner import usable_cores
 
-    return cores()
+    return default_threads() if jobs == 1 else max(1, min(4, usable_cores() // jobs))
 
 
 @contextlib.contextmanager
