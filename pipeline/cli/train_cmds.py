@@ -225,38 +225,7 @@ def train(
 
     train_run = train_folds if folds else train  # the task (given or inferred) does the rest
 
-    cfg = TrainConfig(
-        task=task,
-        model=model,
-        pool=pool,
-        modalities=[m.strip() for m in modalities.split(",") if m.strip()] if modalities else None,
-        hidden=hidden,
-        layers=layers,
-        dropout=dropout,
-        bidirectional=bidirectional,
-        lr=lr,
-        weight_decay=weight_decay,
-        epochs=epochs,
-        batch_size=batch_size,
-        clip_grad=clip_grad,
-        patience=patience,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        seed=seed,
-        folds=folds,
-        max_frames=max_frames,
-        threshold=threshold,
-        top_k=top_k,
-        device=device,
-        stream=stream,
-        threads=threads,
-        log=log,
-        attention=attention,
-        caption_attention=caption_attention,
-        beam=beam,
-        min_count=min_count,
-        max_words=max_words,
-    )
+    cfg = train_config(locals())
     s = train_run(features, labels, out, cfg, resume=resume, overwrite=overwrite, quiet=quiet)
     if folds and not quiet:  # each fold's figure and the mean ± std, also when all were done
         from pipeline.train.folds import result_lines
@@ -283,6 +252,17 @@ def train(
         )
         for text in s.get("warnings", []):
             print(f"vpipe train: warning: {text}", file=sys.stderr)
+
+
+def train_config(options: dict) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed ``vpipe train`` options (``options``: any mapping
+    holding them, e.g. the command's ``locals()``; --modalities is a comma-separated list)."""
+    from dataclasses import fields
+
+    values = {f.name: options[f.name] for f in fields(TrainConfig) if f.name in options}
+    mods = values.get("modalities")
+    values["modalities"] = [m.strip() for m in mods.split(",") if m.strip()] if mods else None
+    return TrainConfig(**values)
 
 
 @app.command()

@@ -58,6 +58,13 @@ class Prepared:
             self._data = {s: every.subset(ids) for s, ids in self.split_ids.items()}
         return self._data
 
+    def without_test(self) -> Prepared:
+        """The same input with an empty test split, for a summary that must not score it
+        (a ``vpipe tune`` trial); the split ids the run records stay whole."""
+        data = {**self.data, "test": self.data["test"].subset([])}
+        return replace(self, split_ids={**self.split_ids, "test": []},
+                       targets={**self.targets, "test": self.targets["test"][:0]}, _data=data)
+
 
 def _positive(x: float) -> bool:
     """True for a finite number above 0 (NaN and inf are not)."""

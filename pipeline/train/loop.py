@@ -15,11 +15,12 @@ the summary is written, as every stage does.
 
 from __future__ import annotations
 
+import json
 import queue
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from typing import Any
 import torch
 
 from pipeline.device import describe_device, pick_device, torch_threads
-from pipeline.records import now_iso
+from pipeline.errors import ParamsChanged
+from pipeline.files import atomic_write_text
+from pipeline.records import now_iso, read_json
 from pipeline.runner import progress
 from pipeline.train.config import ModelSpec, TrainConfig
 from pipeline.train.inputs import Prepared, model_spec, read_options
@@ -37,9 +40,12 @@ from pipeline.train.runs import (
     features_fingerprint,
     finish_run_folder,
     is_complete,
+    load_run,
     load_weights,
     open_run_folder,
+    read_splits,
     report_complete,
+    result_of,
     run_folder_lock,
     save_checkpoint,
     start_run_folder,
@@ -50,6 +56,9 @@ from pipeline.train.runs import (
 )
 from pipeline.train.sequences import ClipSequences
 from pipeline.train.tasks import get_task, options_task
+
+# Called with each epoch's record once it is saved; True stops training (see train_prepared).
+EpochHook = Callable[[dict], bool]
 
 
 @dataclass
@@ -74,15 +83,19 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
+    on_epoch: EpochHook | None = None,
+    withhold_test: bool = False,
 ) -> dict:
     """Train a model on cached features; writes the run folder and returns its summary.
-    ``labels_csv`` is the task's table: labels, or captions for ``--task caption``."""
+    ``labels_csv`` is the task's table: labels, or captions for ``--task caption``.
+    ``on_epoch`` and ``withhold_test``: see :func:`train_prepared` (``vpipe tune``'s trials)."""
     out = Path(out)
     with run_folder_lock(out, [features, labels_csv]), torch_threads(cfg.threads):
         # Unknown options, the labels' task (given or inferred) and its input: all checked here.
         cfg = read_options(cfg, quiet)
         p = options_task(cfg.task).prepare(Path(features), Path(labels_csv), cfg, quiet)
-        return train_prepared(p, features, labels_csv, out, cfg, resume, overwrite, quiet)
+        return train_prepared(p, features, labels_csv, out, cfg, resume, overwrite, quiet,
+                              on_epoch=on_epoch, withhold_test=withhold_test)
 
 
 # Captions train through train() as every task does; the name stays for existing callers.
@@ -98,9 +111,17 @@ def train_prepared(
     resume: bool,
     overwrite: bool,
     quiet: bool,
+    *,
+    on_epoch: EpochHook | None = None,
+    withhold_test: bool = False,
 ) -> dict:
     """The run of checked input ``p`` in ``out`` (its lock held): resumed, reported complete
-    or trained; closes ``p``'s store. One run, or one fold of ``train_folds``."""
+    or trained; closes ``p``'s store. One run, or one fold of ``train_folds``.
+
+    ``on_epoch(record)`` is called after each epoch is saved (the record as in metrics.jsonl);
+    returning True ends training there, as an early stop does (a tuning trial pruned).
+    ``withhold_test``: the summary has no test figures (a tuning trial: the test split is
+    scored once, on the best trial, by :func:`score_test`)."""
     spec = model_spec(cfg, p)
     task = get_task(spec.task)
     cfg = spec.config  # the options with the modalities used
@@ -135,14 +156,41 @@ def train_prepared(
             how = "" if resume else " (an unfinished run with the same options)"
             print(f"vpipe train: resuming {out} after epoch {at.epochs_done}{how}", file=sys.stderr)
     already = at.epochs_done
-    fit(model, opt, scaler, p, spec, at, out, quiet)
+    fit(model, opt, scaler, p, spec, at, out, quiet, on_epoch)
 
     best_epoch = load_weights(model, out / "best.pt")
     stopped = at.bad_epochs >= cfg.patience
-    summary = task.summarise(model, spec, p, at.history, stopped, best_epoch, device, quiet)
+    scored = p.without_test() if withhold_test else p
+    summary = task.summarise(model, spec, scored, at.history, stopped, best_epoch, device, quiet)
     write_curves(at.history, spec.task, out / "curves.png", final=summary)
     finish_run_folder(out, summary, done=at.epochs_done - already, already=already)
     p.store.close()
+    return summary
+
+
+def score_test(run: Path, features: str | Path, labels_csv: str | Path, quiet: bool) -> dict:
+    """Score a finished run trained with ``withhold_test`` on its test split, once, with its
+    best checkpoint, and write the summary ``train`` would have written (the loop's own)."""
+    with run_folder_lock(run):
+        model, spec = load_run(run)
+        state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+        before = read_json(run / "summary.json")
+        p = options_task(spec.config.task).prepare(Path(features), Path(labels_csv),
+                                                    spec.config, quiet=True)
+        try:
+            if p.split_ids != read_splits(run):
+                raise ParamsChanged(f"{run}: its labels or features changed since it was "
+                                    "trained; its test split cannot be scored")
+            device = pick_device(spec.config.device)
+            model.to(device)
+            summary = get_task(spec.task).summarise(model, spec, p, state["history"],
+                                                    state["stopped"], before["best_epoch"],
+                                                    device, quiet)
+        finally:
+            p.store.close()
+        write_curves(state["history"], spec.task, run / "curves.png", final=summary)
+        atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_run_info(run, {"result": result_of(summary)})
     return summary
 
 
@@ -155,9 +203,11 @@ def fit(
     at: Progress,
     out: Path,
     quiet: bool,
+    on_epoch: EpochHook | None = None,
 ) -> None:
     """The epoch loop from ``at`` on: train, evaluate val and test, keep ``best.pt`` and
-    ``last.pt``, stop after ``patience`` epochs without a better validation metric."""
+    ``last.pt``, stop after ``patience`` epochs without a better validation metric (or when
+    ``on_epoch`` says so)."""
     cfg, task = spec.config, get_task(spec.task)
     device = next(model.parameters()).device
     has_val = len(p.split_ids["val"]) > 0
@@ -218,6 +268,8 @@ def fit(
                         else "train loss")
                 print(f"vpipe train: early stop, no better {what} for {cfg.patience} epochs",
                       file=sys.stderr)
+        if on_epoch is not None and on_epoch(rec):
+            break
     board.close()
     if at.history:
         write_curves(at.history, spec.task, out / "curves.png")

@@ -30,6 +30,8 @@ class StageSpec:
     # One unit of work (no per-item manifest): its --overwrite always starts it again, so the
     # runner passes it only when the output is to be redone.
     whole: bool = False
+    # Where in its output the kind it makes is (a search's best run: OUT/best); None: all of it.
+    made_at: str | None = None
 
 
 # The commands a workflow may list. Kinds: "videos" (files/folders of videos, or subclips),
@@ -42,6 +44,7 @@ STAGES: dict[str, StageSpec] = {
     "inspect": StageSpec(("features",), None, None),
     "export": StageSpec(("features",), None),
     "train": StageSpec(("features",), "run", labels=True, whole=True),
+    "tune": StageSpec(("features",), "run", labels=True, whole=True, made_at="best"),
     "evaluate": StageSpec(("run", "features"), "metrics", "evaluation.json", labels=True),
     "predict": StageSpec(("run", "features"), "predictions", "predictions.jsonl"),
 }
@@ -316,8 +319,8 @@ def plan(
         _check_args(wf, stage, command, trial[1:], fetch)
         steps.append(Step(stage.name, args, Path(out) if out is not None else None))
         if spec.makes is not None and out is not None:
-            made[spec.makes] = out
-            earlier.add(out)
+            made[spec.makes] = out if spec.made_at is None else str(Path(out) / spec.made_at)
+            earlier.add(made[spec.makes])
     return steps
 
 
