@@ -155,6 +155,15 @@ def test_npy_resume_and_changed_parameters(features: Path, tmp_path: Path, capsy
     assert main(["export", str(features), "-o", str(out), "--format", "npy", "--compress"]) == 2
     assert "--compress is for --format npz" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nope"), "-o", str(out)]) == 2
+    # --overwrite with other options: the previous export's files go with its records, so a
+    # reader globbing the folder gets one export, not both.
+    assert main(["export", str(features), "-o", str(out), "--overwrite", "-q"]) == 0
+    assert not list(out.glob("*.npy")) and len(list(out.glob("*.npz"))) == n
+    pytest.importorskip("pyarrow")
+    for size in ("3", "50"):
+        assert main(["export", str(features), "-o", str(out), "--format", "parquet",
+                     "--shard-size", size, "--overwrite", "-q"]) == 0
+    assert not list(out.glob("*.npz")) and len(list(out.glob("*.parquet"))) == 1
 
 
 def one_line_error(capsys) -> str:

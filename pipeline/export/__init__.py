@@ -17,6 +17,7 @@ the store (benchmarks/export_memory.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -28,7 +29,7 @@ from pathlib import Path
 from pipeline.errors import UsageError
 from pipeline.export.clips import write_clip
 from pipeline.export.tables import group_file, require, write_group
-from pipeline.records import OK, Run
+from pipeline.records import OK, DamagedRecord, Run, read_manifest
 from pipeline.runner import Item, Summary, run_items
 from pipeline.shards import FeatureStore, open_features
 
@@ -82,8 +83,11 @@ def export_features(folder: str | os.PathLike, out_dir: str | os.PathLike,
             params["labels"] = str(Path(labels_file).resolve())
         items = _items(store, folder, opts)
         modalities, dims = store.modalities, {m: store.dim(m) for m in store.modalities}
+    before = _previous_files(Path(out_dir)) if overwrite else []
     run = Run(Path(out_dir), "export", params, overwrite=overwrite,
               outputs=lambda rec: rec.get("files", []), inputs=[folder]).open()
+    if run.reset:  # other options: what the previous export wrote goes, or readers mix both
+        _remove(Path(out_dir), before)
     work = functools.partial(
         export_item, folder=str(folder), out_dir=Path(out_dir), opts=opts,
         modalities=modalities, dims=dims, labels=labels, attrs=params["features_attrs"])
@@ -91,6 +95,26 @@ def export_features(folder: str | os.PathLike, out_dir: str | os.PathLike,
         return run_items(run, items, work, workers=1, quiet=quiet)
     finally:
         _store.cache_clear()
+
+
+def _previous_files(out: Path) -> list[str]:
+    """The files a previous export recorded in ``out`` (none when there is no readable
+    manifest: then nothing of it is known to be the export's)."""
+    try:
+        return [f for rec in read_manifest(out).values() for f in rec.get("files", [])]
+    except (OSError, DamagedRecord):
+        return []
+
+
+def _remove(out: Path, files: list[str]) -> None:
+    """Delete ``files`` (relative to ``out``) and the folders they leave empty."""
+    for name in files:
+        path = out / name
+        if path.is_file() and out.resolve() in path.resolve().parents:
+            path.unlink()
+            if path.parent != out:
+                with contextlib.suppress(OSError):  # not empty: another output is there
+                    path.parent.rmdir()
 
 
 def _items(store: FeatureStore, folder: Path, opts: ExportOptions) -> list[Item]:
