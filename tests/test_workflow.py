@@ -662,8 +662,8 @@ def test_ctrl_c_in_a_stage_is_not_finished_and_the_rerun_completes_it(
 def test_a_stage_another_workflow_finished_the_same_way_is_reused(project: Path, tmp_path,
                                                                    monkeypatch, capsys) -> None:
     """Issue 27 (3.9): a second workflow with the same subclip and extract-frames as a first
-    one reuses the first one's frames (a link, said in the log) and makes its own features;
-    nothing is written into the first one's folders, and --overwrite makes its own again."""
+    one reuses the first one's frames (hard links, said in the log) and makes its own
+    features; the folder is then its own: the first one redone or deleted leaves it whole."""
     root = tmp_path / "two"
     root.mkdir()
     (root / "videos").symlink_to(project / "videos")
@@ -683,25 +683,28 @@ def test_a_stage_another_workflow_finished_the_same_way_is_reused(project: Path,
     err = capsys.readouterr().err
     frames_b = root / "work" / "b" / "extract-frames"
     assert f"extract-frames: reused {frames_a}" in err
-    assert frames_b.is_symlink() and frames_b.resolve() == frames_a.resolve()
-    assert (frames_a / "vpipe.json").read_text() == before  # not written into
+    assert not frames_b.is_symlink() and (frames_a / "vpipe.json").read_text() == before
+    info = json.loads((frames_b / "vpipe.json").read_text())
+    assert info["reused_from"] == str(frames_a.resolve()) and info["workflow"] == "b"
+    assert json.loads(before)["workflow"] == "a"  # each stage records the workflow that ran it
+    jpgs = sorted(p.relative_to(frames_a) for p in frames_a.rglob("*.jpg"))
+    assert jpgs and jpgs == sorted(p.relative_to(frames_b) for p in frames_b.rglob("*.jpg"))
+    assert all((frames_a / j).stat().st_ino == (frames_b / j).stat().st_ino for j in jpgs)
     # The subclip step ran (the first step always does); the features are b's own.
-    assert not (root / "work" / "b" / "subclip").is_symlink()
-    assert not (root / "work" / "b" / "features").is_symlink()
     with open_features(root / "work" / "b" / "features") as b, \
             open_features(root / "work" / "a" / "features") as a:
         assert {c.clip_id: c.image.tolist() for c in a} == {c.clip_id: c.image.tolist() for c in b}
-    # Again: still reused, and everything after it up to date.
-    assert main(["run", "b.toml", "--until", "features"]) == 0
+    assert main(["run", "b.toml", "--until", "features"]) == 0  # again: its own, up to date
     err = capsys.readouterr().err
-    assert "extract-frames: reused" in err and "features: up to date" in err
-    # Other options for b's frames: the link goes, b makes its own, a's stays as it was.
-    assert main(["run", "b.toml", "--until", "extract-frames", "--set",
-                 "extract-frames.size=48", "--quiet"]) == 0
-    assert not frames_b.is_symlink() and frames_b.is_dir()
-    assert (frames_a / "vpipe.json").read_text() == before
-    assert json.loads(before)["workflow"] == "a"  # the stage records the workflow that ran it
+    assert "extract-frames: up to date" in err and "features: up to date" in err
+    # a redone with other frames, then deleted: b's frames are as they were, still up to date.
+    frames = {j: (frames_b / j).read_bytes() for j in jpgs}
+    assert main(["run", "a.toml", "--until", "extract-frames", "--set", "extract-frames.size=48",
+                 "--overwrite", "--quiet"]) == 0
+    shutil.rmtree(root / "work" / "a")
+    assert {j: (frames_b / j).read_bytes() for j in jpgs} == frames
+    assert main(["run", "b.toml", "--until", "features"]) == 0
+    assert "features: up to date" in capsys.readouterr().err
     # The same workflow in another work folder is a fresh run, not a reuse.
-    assert main(["run", "a.toml", "--until", "extract-frames", "--work-dir", "work/a2"]) == 0
+    assert main(["run", "b.toml", "--until", "extract-frames", "--work-dir", "work/b2"]) == 0
     assert "reused" not in capsys.readouterr().err
-    assert not (root / "work" / "a2" / "extract-frames").is_symlink()

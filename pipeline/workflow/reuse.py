@@ -12,19 +12,33 @@ output (``--workers``, ``--quiet``...), an input folder counting as the same whe
 same folder or a stage folder made the same way (the same stage, the same parameters, the
 same items: two ``subclip`` folders of the same videos).
 
-How it is recorded: this workflow's stage folder becomes a symbolic link to the one reused
-(``ls -l`` shows it), and the run says ``reused`` in its log and summary. A later run that has
-to write into that folder (other options, new inputs, ``--overwrite``) removes the link first
-and makes a folder of its own: nothing is ever written into another workflow's folder.
+How it is taken: this workflow's stage folder is made as a copy of that one in which the
+records (``vpipe.json``, ``manifest.jsonl``, ``index.jsonl``) are copied and every output file
+is a hard link to the other's (no bytes copied; a copy where the two are on different file
+systems), and its ``vpipe.json`` says ``reused_from`` and carries this workflow's command and
+name. From then on it is this workflow's own folder: the other one may be redone, changed or
+deleted without touching it (vpipe replaces files, never rewrites one in place), and a later
+run here treats it as any folder of its own. The run says ``reused`` in its log and summary.
+Only a stage whose folder here is not there yet (or empty) is taken so.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.records import DamagedRecord, first_changed_output, read_manifest, read_run_info
+from pipeline.files import atomic_write_text
+from pipeline.lock import LOCK
+from pipeline.records import (
+    RUN_INFO,
+    DamagedRecord,
+    first_changed_output,
+    read_manifest,
+    read_run_info,
+)
 from pipeline.workflow.plan import Step, output_args
 
 # Options whose value is where the output goes: compared neither way.
@@ -42,30 +56,44 @@ def reusable(step: Step, args: Sequence[str], workflow: str,
         return None
     cwd = cwd or Path.cwd()
     own = Path(os.path.abspath(step.out))
+    if own.is_dir() and any(own.iterdir()):  # a folder of its own already: resumed as it is
+        return None
     for other in sorted(own.parent.parent.glob(f"*/{own.name}")):
-        if other.parent == own.parent or other.is_symlink() or not other.is_dir():
+        if other.parent == own.parent or not other.is_dir():
             continue
         if _same_run(other, step.name, args, cwd, workflow):
             return other
     return None
 
 
-def link_to(step: Step, other: Path) -> None:
-    """Make ``step``'s output folder a link to ``other`` (relative, so a moved project keeps
-    it); only where there is no folder of its own yet (an empty one is replaced)."""
+def take(step: Step, other: Path, args: Sequence[str], workflow: str) -> None:
+    """Make ``step``'s output folder a folder of its own holding ``other``'s outputs as hard
+    links and its records as copies, recorded as this workflow's (written under a temporary
+    name, then renamed into place)."""
     out = Path(step.out)
-    if out.is_symlink():
-        out.unlink()
-    elif out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
+    tmp = out.with_name(f".{out.name}.reuse-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for root, _dirs, files in os.walk(other):
+        here = tmp / Path(root).relative_to(other)
+        here.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if name == LOCK or (name.startswith(".") and ".tmp-" in name):
+                continue  # the other's lock, or a write it has in progress
+            src, dst = Path(root) / name, here / name
+            if name.endswith((".json", ".jsonl")):  # records: appended and rewritten
+                shutil.copy2(src, dst)
+                continue
+            try:
+                os.link(src, dst)
+            except OSError:  # another file system, or links not allowed
+                shutil.copy2(src, dst)
+    info = read_run_info(tmp) or {}
+    info.update(command=["vpipe", *args], workflow=workflow, reused_from=str(other.resolve()))
+    atomic_write_text(tmp / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
+    if out.is_dir():
+        out.rmdir()  # empty: reusable() said so
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.symlink_to(os.path.relpath(other.resolve(), out.parent.resolve()),
-                   target_is_directory=True)
-
-
-def holds_own_outputs(step: Step) -> bool:
-    """Whether ``step``'s output folder is its own (not there, or not a link to another's)."""
-    return step.out is None or not Path(step.out).is_symlink()
+    os.replace(tmp, out)
 
 
 def _info(folder: Path) -> dict:

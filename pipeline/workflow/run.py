@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.records import WORKFLOW_ENV, DamagedRecord, first_changed_output, read_run_info
 from pipeline.workflow.plan import STAGES, Step, output_args
-from pipeline.workflow.reuse import holds_own_outputs, link_to, reusable
+from pipeline.workflow.reuse import reusable, take
 
 
 @dataclass
@@ -142,17 +142,12 @@ def run_plan(
         other = (reusable(step, args, workflow) if workflow and n > 1 and _is_item_stage(step)
                  else None)
         if other is not None:
-            linked = Path(step.out).is_symlink() and Path(step.out).resolve() == other.resolve()
-            if not linked:
-                link_to(step, other)
-            log(f"{head}: reused {other} (the same command on the same inputs; {step.out} "
-                "links to it)")
+            take(step, other, args, workflow)
+            log(f"{head}: reused {other} (the same command on the same inputs; its outputs "
+                f"hard-linked into {step.out})")
             results.append(StepResult(step.name, "reused", 0, 0.0, step.out))
-            upstream_changed = not linked
+            upstream_changed = True  # new in this workflow: the stages after it run
             continue
-        if not holds_own_outputs(step):  # never written into: this run makes its own
-            log(f"{head}: {step.out} linked to another workflow's folder; making its own")
-            Path(step.out).unlink()
         if upstream_redone and _is_item_stage_folder(step):
             # Its finished items were made from outputs that are gone: resuming would keep them.
             log(f"{head}: removing {step.out} (made from the previous outputs of earlier stages)")
