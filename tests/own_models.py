@@ -42,3 +42,25 @@ class NeedsMore(nn.Module):
 
 class NotAModule:
     pass
+
+
+class TooWide(MeanPool):
+    """Twice the outputs the task asked for."""
+
+    def __init__(self, dims: dict[str, int], n_outputs: int) -> None:
+        super().__init__(dims, 2 * n_outputs)
+
+
+class Tupled(MeanPool):
+    def forward(self, inputs):
+        return super().forward(inputs), None
+
+
+class NoParameters(nn.Module):
+    def __init__(self, dims: dict[str, int], n_outputs: int) -> None:
+        super().__init__()
+        self.n = n_outputs
+
+    def forward(self, inputs):
+        x, _ = next(iter(inputs.values()))
+        return torch.zeros(x.shape[0], self.n)

@@ -43,8 +43,8 @@ def test_own_model_trains_evaluates_and_predicts_through_the_cli(regression, tmp
     assert summary["test"]["mse"] < 0.3 * summary["baseline"]["test"]["mse"]
     assert summary["model"] == "own_models:MeanPool"
     source = json.loads((run / "vpipe.json").read_text())["params"]["model_source"]
-    assert source == {"class": "own_models:MeanPool", "file": own_models.__file__,
-                      "sha256": sha256_of(Path(own_models.__file__))}
+    assert (source["class"], source["file"]) == ("own_models:MeanPool", own_models.__file__)
+    assert source["files"] == {own_models.__file__: sha256_of(Path(own_models.__file__))}
     capsys.readouterr()
     assert main(["evaluate", str(run), str(folder), "--labels", str(labels), "--split", "test",
                  "-o", str(tmp_path / "eval.json")]) == 0
@@ -58,7 +58,7 @@ def test_own_model_trains_evaluates_and_predicts_through_the_cli(regression, tmp
 
 def test_what_the_model_is_handed_is_normalised_and_zero_padded() -> None:
     torch.manual_seed(0)
-    net = OwnModel(own_models.Recorder({"image": 3, "audio": 2}, 1), {"image": 3, "audio": 2})
+    net = OwnModel(own_models.Recorder({"image": 3, "audio": 2}, 1), {"image": 3, "audio": 2}, 1)
     mean, std = np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 4.0])
     net.set_normalisation({"image": (mean, std), "audio": (np.zeros(2), np.ones(2))})
     rng = np.random.default_rng(0)
@@ -101,6 +101,11 @@ def test_a_changed_source_is_refused_by_resume_evaluate_and_predict(regression, 
     ("own_models:Missing", "Missing in own_models is not found"),
     ("no_such_package.models:Net", "cannot import no_such_package.models"),
     ("own_models:NeedsMore", "NeedsMore(dims, n_outputs) failed"),
+    ("own_models:TooWide", "TooWide.forward returned (2, 2) for a batch of 2 clips; the task "
+                           "needs a tensor (2, 1)"),
+    ("own_models:Tupled", "Tupled.forward returned tuple"),
+    ("own_models:NoParameters", "NoParameters has no trainable parameters"),
+    (".own_models:MeanPool", "give package.module:ClassName (an absolute module path"),
 ])
 def test_a_class_that_cannot_be_used_is_one_line(regression, tmp_path, capsys, name,
                                                  says) -> None:
@@ -153,3 +158,30 @@ def test_log_takes_none_or_tensorboard(regression, tmp_path, capsys) -> None:
                  "--log", "wandb"]) == 2
     assert "--log 'wandb': choose none or tensorboard" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_changed_base_class_file_is_refused_too(regression, tmp_path, monkeypatch,
+                                                  capsys) -> None:
+    """The class's own file and its base classes' files are recorded (hostile pass: a base
+    class edited after training changed predictions without a word)."""
+    folder, labels = regression
+    pkg = tmp_path / "src"
+    pkg.mkdir()
+    shutil.copy(own_models.__file__, pkg / "base_models.py")
+    (pkg / "child_models.py").write_text(
+        "from base_models import MeanPool\n\n\nclass Child(MeanPool):\n    pass\n")
+    (pkg / "broken_models.py").write_text("raise RuntimeError('not today')\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    run = tmp_path / "run"
+    assert main(["train", str(folder), "--labels", str(labels), "-o", str(run), "--model",
+                 "child_models:Child", "--epochs", "1", *FAST, "--quiet"]) == 0
+    with open(pkg / "base_models.py", "a") as f:
+        f.write("# the base changed\n")
+    capsys.readouterr()
+    assert main(["predict", str(run), str(folder), "-o", str(tmp_path / "p.jsonl")]) == 2
+    assert "base_models.py has changed since this run was trained" in capsys.readouterr().err
+    assert main(["train", str(folder), "--labels", str(labels), "-o", str(tmp_path / "r2"),
+                 "--model", "broken_models:Net", *FAST, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "importing broken_models failed (RuntimeError: not today)" in err
+    assert "PYTHONPATH" not in err

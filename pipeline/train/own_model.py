@@ -23,8 +23,11 @@ What a run records of the class: its import path and its source file's sha256
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
+import json
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +42,19 @@ def find_class(name: str) -> type[nn.Module]:
     """The class ``package.module:ClassName`` names; a UsageError in one line when it cannot
     be imported or is not a ``torch.nn.Module``."""
     module_name, _, class_name = name.partition(":")
-    if not module_name or not class_name:
-        raise UsageError(f"--model {name!r}: give package.module:ClassName")
+    if not module_name or not class_name or module_name.startswith("."):
+        raise UsageError(f"--model {name!r}: give package.module:ClassName (an absolute module "
+                         "path, its folder on PYTHONPATH)")
     try:
         module = importlib.import_module(module_name)
-    except Exception as e:  # not found, or its own import failed: say which
-        raise UsageError(f"--model {name}: cannot import {module_name} ({type(e).__name__}: "
-                         f"{e}; is its folder on PYTHONPATH?)") from None
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):  # the module itself is not found
+            raise UsageError(f"--model {name}: cannot import {module_name} (no module named "
+                             f"{e.name!r}; is its folder on PYTHONPATH?)") from None
+        raise UsageError(f"--model {name}: importing {module_name} failed ({e})") from None
+    except Exception as e:  # its own code failed as it was imported
+        raise UsageError(f"--model {name}: importing {module_name} failed "
+                         f"({type(e).__name__}: {e})") from None
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         what = "not found" if cls is None else "not a torch.nn.Module class"
@@ -53,24 +62,46 @@ def find_class(name: str) -> type[nn.Module]:
     return cls
 
 
-def model_source(name: str) -> dict[str, str]:
-    """What a run records of its own model: the import path, the source file, its sha256."""
+def model_source(name: str) -> dict[str, Any]:
+    """What a run records of its own model: the import path, the class's source file and the
+    sha256 of it and of the files of its base classes outside torch and installed packages
+    (``files``), one digest over them all (``sha256``)."""
     cls = find_class(name)
     try:
         path = Path(inspect.getfile(cls)).resolve()
     except TypeError:
         raise UsageError(f"--model {name}: the class has no source file to record") from None
-    return {"class": name, "file": str(path), "sha256": sha256_of(path)}
+    files = {str(p): sha256_of(p) for p in _own_files(cls)}
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"class": name, "file": str(path), "sha256": digest, "files": files}
+
+
+def _own_files(cls: type) -> list[Path]:
+    """The source files of ``cls`` and its base classes that are the user's: not torch's, not
+    the standard library's, not an installed package's."""
+    library = {Path(p).resolve() for p in (sysconfig.get_paths()["stdlib"],
+                                           sysconfig.get_paths()["purelib"],
+                                           sysconfig.get_paths()["platlib"])}
+    out: list[Path] = []
+    for base in cls.__mro__:
+        try:
+            path = Path(inspect.getfile(base)).resolve()
+        except TypeError:  # builtins
+            continue
+        if path not in out and not any(lib in path.parents for lib in library):
+            out.append(path)
+    return out
 
 
 def check_source(recorded: dict[str, str]) -> None:
     """Refuse a run whose model source file is gone or has changed since it was trained."""
     now = model_source(recorded["class"])
     if now["sha256"] != recorded["sha256"]:
+        was = recorded.get("files") or {recorded["file"]: recorded["sha256"]}
+        changed = [f for f in {**was, **now["files"]} if was.get(f) != now["files"].get(f)]
         raise UsageError(
-            f"--model {recorded['class']}: its source {now['file']} has changed since this run "
-            f"was trained (sha256 {recorded['sha256'][:12]}... then, {now['sha256'][:12]}... "
-            "now); restore it, or train a new run"
+            f"--model {recorded['class']}: its source {changed[0] if changed else now['file']} "
+            "has changed since this run was trained; restore it, or train a new run"
         )
 
 
@@ -78,10 +109,11 @@ class OwnModel(nn.Module):
     """The user's module behind vpipe's input normalisation: per-modality mean/std buffers set
     from the training frames (``set_normalisation``), padding kept at zero."""
 
-    def __init__(self, inner: nn.Module, dims: dict[str, int]) -> None:
+    def __init__(self, inner: nn.Module, dims: dict[str, int], n_outputs: int) -> None:
         super().__init__()
         self.inner = inner
         self.modalities = list(dims)
+        self.n_outputs = n_outputs
         for m, d in dims.items():
             self.register_buffer(f"mean_{m}", torch.zeros(d))
             self.register_buffer(f"std_{m}", torch.ones(d))
@@ -99,7 +131,13 @@ class OwnModel(nn.Module):
             mask = steps[None, :] < lengths.to(x.device)[:, None]
             mean, std = getattr(self, f"mean_{m}"), getattr(self, f"std_{m}")
             normed[m] = ((x - mean) / std * mask[..., None], lengths)
-        return self.inner(normed)
+        out = self.inner(normed)
+        b = next(iter(inputs.values()))[0].shape[0]
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (b, self.n_outputs):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise UsageError(f"{type(self.inner).__name__}.forward returned {got} for a batch "
+                             f"of {b} clips; the task needs a tensor ({b}, {self.n_outputs})")
+        return out
 
 
 def build_own_model(name: str, dims: dict[str, int], n_outputs: int,
@@ -114,4 +152,13 @@ def build_own_model(name: str, dims: dict[str, int], n_outputs: int,
     except Exception as e:
         raise UsageError(f"--model {name}: {cls.__name__}(dims, n_outputs) failed "
                          f"({type(e).__name__}: {e})") from None
-    return OwnModel(inner, dims)
+    if not any(p.requires_grad for p in inner.parameters()):
+        raise UsageError(f"--model {name}: {cls.__name__} has no trainable parameters")
+    model = OwnModel(inner, dims, n_outputs)
+    with torch.no_grad():  # its output's shape, before any training: two clips of one row
+        model.eval()(probe_batch(dims))
+    return model.train()
+
+
+def probe_batch(dims: dict[str, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {m: (torch.zeros(2, 1, d), torch.ones(2, dtype=torch.long)) for m, d in dims.items()}
