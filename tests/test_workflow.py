@@ -613,6 +613,19 @@ def test_a_switch_is_written_with_its_on_name_and_its_off_name_reads_the_same(
         assert main(["run", "wf.toml", "--dry-run"]) == 0
         lines.append(capsys.readouterr().out.strip().splitlines()[-1])
     assert lines[0] == lines[1] and "--no-audio-postprocess" in lines[0]
+    # Both spellings in one table: one line; --set replaces (or unsets) either spelling.
+    (tmp_path / "wf.toml").write_text('inputs = ["media"]\n[features]\naudio-postprocess = true\n'
+                                      'no-audio-postprocess = true\n', encoding="utf-8")
+    assert main(["run", "wf.toml", "--dry-run"]) == 2
+    assert "audio-postprocess and no-audio-postprocess set the same option; keep one" in \
+        capsys.readouterr().err
+    (tmp_path / "wf.toml").write_text('inputs = ["media"]\n[features]\n'
+                                      'no-audio-postprocess = true\n', encoding="utf-8")
+    assert main(["run", "wf.toml", "--dry-run", "--set", "features.audio-postprocess=true"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "--audio-postprocess" in line and "--no-audio-postprocess" not in line
+    assert main(["run", "wf.toml", "--dry-run", "--set", "features.audio-postprocess="]) == 0
+    assert "audio-postprocess" not in capsys.readouterr().out.strip().splitlines()[-1]
 
 
 @pytest.mark.slow

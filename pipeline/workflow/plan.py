@@ -173,13 +173,16 @@ def load_workflow(
         stage = next((st for st in stages if st.name == stage_name), None)
         if stage is None:
             raise UsageError(f"--set {item}: no stage [{stage_name}] in {path}")
+        # The key as the file may spell it, the switch's other spelling included.
+        same = [k for k in stage.options if _spellings(k) & _spellings(key)]
         if value is UNSET:  # STAGE.OPTION= : the file's value goes, the stage's default holds
-            same = [k for k in stage.options if k.replace("_", "-") == key.replace("_", "-")]
             if not same:
                 raise UsageError(f"--set {item}: [{stage_name}] in {path} has no {key} to unset")
             for k in same:
                 del stage.options[k]
             continue
+        for k in same:  # --set replaces the file's value, whichever way it is spelled
+            del stage.options[k]
         stage.options[key] = value
         wf.overrides.add((stage_name, key))
 
@@ -204,6 +207,13 @@ def load_workflow(
 
 
 UNSET = object()  # --set STAGE.OPTION= (nothing after "="): remove the file's value
+
+
+def _spellings(key: str) -> set[str]:
+    """A key and its switch's other spelling (``audio-postprocess``, ``no-audio-postprocess``),
+    ``_`` read as ``-``."""
+    k = key.replace("_", "-")
+    return {k, k[3:] if k.startswith("no-") else f"no-{k}"}
 
 
 def _parse_set(item: str) -> tuple[str, str, Any]:
@@ -333,11 +343,16 @@ def _step_args(wf: Workflow, stage: Any, spec: Any, command: Any,
         out = str(Path(positional[0]) / spec.out)
     labels = wf.labels if spec.labels else None
     option_words: list[str] = []
+    seen: dict[str, str] = {}  # option -> the key that set it
     for key, value in stage.options.items():
         param = _find_param(command, key)
         if param is None or param.name in ("help", "version"):
             msg = f"unknown option {key!r} for [{stage.name}] (see: vpipe {stage.name} --help)"
             raise wf.error(stage.name, key, msg)
+        if param.name in seen:  # a switch's two spellings (audio-postprocess, no-...)
+            msg = f"{seen[param.name]} and {key} set the same option; keep one"
+            raise wf.error(stage.name, key, msg)
+        seen[param.name] = key
         if not param.opts[0].startswith("-"):
             msg = f"{key!r} is set by the workflow (the previous stage's output or the inputs)"
             raise wf.error(stage.name, key, msg)
