@@ -69,7 +69,7 @@ class LocalEngine:
             for it in items:
                 yield it, call(it)
             return
-        with ProcessPoolExecutor(max_workers=self.workers, initializer=_end_with_parent) as pool:
+        with ProcessPoolExecutor(max_workers=self.workers, initializer=end_with_parent) as pool:
             pending = {pool.submit(call, it): it for it in items}
             try:
                 while pending:
@@ -369,7 +369,7 @@ def _run_call(call: Callable[[Any], list[dict]], item: Any) -> list[dict]:
     return call(item)
 
 
-def _end_with_parent(poll_s: float = 0.5) -> None:
+def end_with_parent(poll_s: float = 0.5) -> None:
     """In a pool worker: exit once the vpipe process that started it is gone.
 
     A parent ended by SIGKILL (``kill -9``, the OOM killer) cannot shut its pool down, and

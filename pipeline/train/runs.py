@@ -16,7 +16,7 @@ import io
 import json
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -89,14 +89,18 @@ def write_run_info(out: Path, fields: dict) -> None:
 
 
 @contextlib.contextmanager
-def run_folder_lock(out: Path, inputs: Sequence[str | Path] = ()) -> Iterator[None]:
-    """Hold ``RUN/.vpipe.lock`` for a whole train call: a second copy into the same run folder
-    is refused naming the holder's pid (exit 2), and a killed holder blocks nothing.
+def run_folder_lock(out: Path, inputs: Sequence[str | Path] = (), *,
+                    record: Callable[[Path, dict], None] | None = None,
+                    said: str = "vpipe train: interrupted; the same command continues {out} "
+                                "from its last finished epoch") -> Iterator[None]:
+    """Hold ``RUN/.vpipe.lock`` for a whole train call (or tune search): a second copy into the
+    same folder is refused naming the holder's pid (exit 2), and a killed holder blocks nothing.
 
     Taken before anything is read or cleaned there, once ``out`` is known not to be, hold or
     sit in one of ``inputs``. A folder made here for the lock is removed again if the call
-    leaves it empty (refused input leaves no run behind). A Ctrl-C is recorded in the run's
-    vpipe.json (``interrupted``; ``ended`` stays empty) and said in one line.
+    leaves it empty (refused input leaves no run behind). A Ctrl-C is recorded in the folder's
+    vpipe.json (``interrupted``, through ``record``; ``ended`` stays empty) and ``said`` in
+    one line.
     """
     check_out_dir(out, inputs)
     made = not out.exists()
@@ -107,9 +111,8 @@ def run_folder_lock(out: Path, inputs: Sequence[str | Path] = ()) -> Iterator[No
     except KeyboardInterrupt as e:
         if (out / records.RUN_INFO).is_file():
             with sigint_held():
-                write_run_info(out, {"interrupted": now_iso()})
-            print(f"vpipe train: interrupted; the same command continues {out} from its last "
-                  "finished epoch", file=sys.stderr)
+                (record or write_run_info)(out, {"interrupted": now_iso()})
+            print(said.format(out=out), file=sys.stderr)
             e.vpipe_said = True  # type: ignore[attr-defined]  # the CLI adds no second line
         raise
     finally:

@@ -9,14 +9,12 @@ reports its epochs to the study's storage itself, so the driver's table reads th
 from __future__ import annotations
 
 import multiprocessing
-import os
-import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
+from pipeline.engine import end_with_parent
 from pipeline.errors import UsageError
 from pipeline.train.tune.trial import FAILED, TrialJob, run_trial
 
@@ -43,19 +41,6 @@ class InProcess:
         pass
 
 
-def _end_with_driver(poll_s: float = 0.5) -> None:
-    """In a pool process: exit once the driver that started it is gone (a driver killed with
-    SIGKILL cannot shut its pool down; its trial is redone by the next run)."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="vpipe-driver-watch", daemon=True).start()
-
-
 class Pool:
     """``jobs`` trials at a time, each in a process of its own (started fresh: torch's threads
     do not survive a fork), its torch threads the driver's share of the cores."""
@@ -66,7 +51,7 @@ class Pool:
         self.running: dict[Any, TrialJob] = {}
 
     def start(self, out: Path, inputs: list[Path]) -> None:
-        self.pool = ProcessPoolExecutor(max_workers=self.jobs, initializer=_end_with_driver,
+        self.pool = ProcessPoolExecutor(max_workers=self.jobs, initializer=end_with_parent,
                                         mp_context=multiprocessing.get_context("spawn"))
 
     def submit(self, job: TrialJob, hook: Callable | None) -> None:

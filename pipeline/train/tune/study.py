@@ -16,17 +16,21 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from pipeline import records
 from pipeline.errors import ParamsChanged, UsageError
-from pipeline.files import atomic_write_text, check_out_dir, remove
-from pipeline.lock import FolderLock
+from pipeline.files import atomic_write_text, remove
 from pipeline.records import now_iso, read_json, read_run_info
 from pipeline.train.config import TrainConfig
-from pipeline.train.runs import INPUT_DIGESTS, OPTIONS_NOT_LEARNED, run_entries, train_versions
+from pipeline.train.runs import (
+    INPUT_DIGESTS,
+    OPTIONS_NOT_LEARNED,
+    run_entries,
+    run_folder_lock,
+    train_versions,
+)
 from pipeline.train.tune import summary as summ
 from pipeline.train.tune.space import Dimension, describe, parse_space
 from pipeline.train.tune.table import Table
@@ -115,27 +119,11 @@ def trial_threads(jobs: int) -> int:
     return default_threads() if jobs == 1 else max(1, min(4, usable_cores() // jobs))
 
 
-@contextlib.contextmanager
-def tune_lock(out: Path, inputs: list[Path]) -> Iterator[None]:
-    """Hold ``OUT/.vpipe.lock`` for the whole search (a second copy is refused at once); a
-    folder made only for the lock is removed again; a Ctrl-C is recorded in vpipe.json."""
-    check_out_dir(out, inputs)
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    lock = FolderLock(out)
-    try:
-        yield
-    except KeyboardInterrupt as e:
-        if (out / records.RUN_INFO).is_file():
-            write_info(out, {"interrupted": now_iso()})
-            print(f"vpipe tune: interrupted; the same command continues {out} (the trials "
-                  "cut are redone from their last epoch)", file=sys.stderr)
-            e.vpipe_said = True  # type: ignore[attr-defined]
-        raise
-    finally:
-        lock.release()
-        if made and not any(out.iterdir()):
-            out.rmdir()
+def tune_lock(out: Path, inputs: list[Path]) -> contextlib.AbstractContextManager:
+    """Hold ``OUT/.vpipe.lock`` for the whole search, as train holds its run folder's."""
+    return run_folder_lock(out, inputs, record=write_info,
+                           said="vpipe tune: interrupted; the same command continues {out} "
+                                "(the trials cut are redone from their last epoch)")
 
 
 def write_info(out: Path, fields: dict) -> None:
