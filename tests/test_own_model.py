@@ -185,3 +185,14 @@ def test_a_changed_base_class_file_is_refused_too(regression, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "importing broken_models failed (RuntimeError: not today)" in err
     assert "PYTHONPATH" not in err
+
+
+def test_a_nan_loss_stops_training_in_one_line(regression, tmp_path, capsys) -> None:
+    """Hostile pass: a model whose output is NaN trained to the end, exit 0, `test mse nan`."""
+    folder, labels = regression
+    code = main(["train", str(folder), "--labels", str(labels), "-o", str(tmp_path / "run"),
+                 "--model", "own_models:NotANumber", "--epochs", "3", *FAST, "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "training loss nan at epoch 1: training stops" in err[0]
+    assert not (tmp_path / "run" / "summary.json").exists()

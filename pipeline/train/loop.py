@@ -16,6 +16,7 @@ the summary is written, as every stage does.
 from __future__ import annotations
 
 import json
+import math
 import queue
 import sys
 import threading
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from pipeline.device import describe_device, pick_device, torch_threads
-from pipeline.errors import ParamsChanged
+from pipeline.errors import ParamsChanged, VpipeError
 from pipeline.files import atomic_write_text
 from pipeline.records import now_iso, read_json
 from pipeline.runner import progress
@@ -235,6 +236,10 @@ def fit(
                 spec, desc, quiet
             ),
         }
+        if not math.isfinite(rec["train_loss"]):  # every later epoch would be NaN too
+            raise TrainingDiverged(
+                f"training loss {rec['train_loss']} at epoch {epoch + 1}: training stops (the "
+                "weights overflowed: a lower --lr? or features with NaN or inf?)")
         for split in ("val",):  # test: once, at the end, with the best weights
             rec[split] = task.evaluate_split(model, p, split, spec, device)
         rec["seconds"] = round(time.time() - t0, 3)
@@ -309,6 +314,10 @@ def flat_figures(rec: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[f"{prefix}{k}"] = float(v)
     return out
+
+
+class TrainingDiverged(VpipeError):
+    """A training loss that is NaN or infinite: the run stops, saying where (exit 1)."""
 
 
 def train_epoch(

@@ -60,7 +60,7 @@ def run_trial(job: TrialJob, also: Callable[[dict], None] | None = None) -> dict
     import optuna
 
     from pipeline.train.config import TrainConfig
-    from pipeline.train.loop import train
+    from pipeline.train.loop import TrainingDiverged, train
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.get_storage(job.storage)
@@ -95,7 +95,7 @@ def run_trial(job: TrialJob, also: Callable[[dict], None] | None = None) -> dict
                   on_epoch=on_epoch, withhold_test=True)
     except (DiskFull, KeyboardInterrupt):
         raise  # no trial can go on: the study stops (the same command continues it)
-    except TrialFailed as e:
+    except (TrialFailed, TrainingDiverged) as e:
         outcome["reason"] = str(e)
     except MemoryError:
         outcome["reason"] = "out of memory"
