@@ -204,13 +204,13 @@ def test_a_killed_driver_leaves_no_process_of_its_cluster(ray_env, videos: Path,
     assert left_running(cluster) == []
 
 
-def test_ctrl_c_mid_subclip_on_ray_is_exit_130_and_the_rerun_completes(
-        ray_env, videos: Path, tmp_path: Path) -> None:
-    local, on_ray = tmp_path / "local", tmp_path / "ray"
-    assert main(subclip(videos, local, "--workers", "1")) == 0
-    cmd = subclip(videos, on_ray, "--engine", "ray", "--workers", "2")
+def interrupt_then_rerun(cmd: list[str], ray_env: dict, out: Path, tmp_path: Path,
+                         items: int) -> None:
+    """Ctrl-C to a Ray run's process group once it has recorded an item: one clean exit 130,
+    some but not all of ``items`` done, none of its cluster left; then the same command
+    completes (skipped when the run ended before the interrupt reached it)."""
     run = Driver(cmd, ray_env, tmp_path / "err")
-    if not run.when_recorded(on_ray):
+    if not run.when_recorded(out):
         pytest.skip(f"the run ended before it could be interrupted: {run.wait()}")
     cluster = processes_below(run.proc.pid)
     os.killpg(run.proc.pid, signal.SIGINT)
@@ -218,10 +218,18 @@ def test_ctrl_c_mid_subclip_on_ray_is_exit_130_and_the_rerun_completes(
     if code == 0:
         pytest.skip("the run finished before the interrupt reached it")
     assert_one_clean_exit(code, err)
-    assert 1 <= len(read_manifest(on_ray)) < 16
+    assert 1 <= len(read_manifest(out)) < items
     assert left_running(cluster) == []
     code, err = Driver(cmd, ray_env, tmp_path / "err2").wait()
     assert code == 0, err
+
+
+def test_ctrl_c_mid_subclip_on_ray_is_exit_130_and_the_rerun_completes(
+        ray_env, videos: Path, tmp_path: Path) -> None:
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    assert main(subclip(videos, local, "--workers", "1")) == 0
+    cmd = subclip(videos, on_ray, "--engine", "ray", "--workers", "2")
+    interrupt_then_rerun(cmd, ray_env, on_ray, tmp_path, items=16)
     assert_same_outputs(local, on_ray)
 
 
@@ -278,18 +286,6 @@ def test_ctrl_c_mid_features_on_ray_is_exit_130_and_the_rerun_completes(
     common = ("--shard-size", "1", "--audio-model", "none")  # one model to load, not two
     assert main(feature_args(media, local, weights, *common)) == 0
     cmd = feature_args(media, on_ray, weights, *common, "--engine", "ray")
-    run = Driver(cmd, ray_env, tmp_path / "err")
-    if not run.when_recorded(on_ray):
-        pytest.skip(f"the run ended before it could be interrupted: {run.wait()}")
-    cluster = processes_below(run.proc.pid)
-    os.killpg(run.proc.pid, signal.SIGINT)
-    code, err = run.wait_noting(cluster)
-    if code == 0:
-        pytest.skip("the run finished before the interrupt reached it")
-    assert_one_clean_exit(code, err)
-    assert 1 <= len(read_manifest(on_ray)) < 8
-    assert left_running(cluster) == []
-    code, err = Driver(cmd, ray_env, tmp_path / "err2").wait()
-    assert code == 0, err
+    interrupt_then_rerun(cmd, ray_env, on_ray, tmp_path, items=8)
     assert_same_features(local, on_ray)
     assert {r["status"] for r in read_manifest(on_ray).values()} == {"ok"}

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.cli import main
 from pipeline.shards import open_features
@@ -19,12 +18,7 @@ N_SOURCES = 7  # 3 folds of 3, 2 and 2 sources
 TINY = ["--epochs", "2", "--hidden", "8", "--batch-size", "8", "--threads", "1", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("optuna", reason="vpipe tune needs pip install 'vpipe[tune]'")
 
@@ -26,12 +25,7 @@ TINY = ["--epochs", "5", "--batch-size", "16", "--threads", "1", "--device", "cp
 SPACE = f"lr={STUCK},{LEARNS} hidden=8,16"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
