@@ -253,3 +253,94 @@ def test_trials_run_as_ray_tasks(store, tmp_path):
     assert s["best"]["options"]["lr"] == LEARNS and s["best"]["test"]
     assert read(out / "vpipe.json")["params"]["engine"] == "ray"
     assert all((out / t["run"] / "best.pt").is_file() for t in s["trials"])
+
+
+def test_with_folds_the_objective_is_the_mean_over_folds_and_only_the_best_is_tested(
+        store, tmp_path):
+    out = tmp_path / "folds"
+    assert main(tune_args(store, out, "--quiet", "--folds", "3", trials=3)) == 0
+    s = read(out / "summary.json")
+    assert s["objective"].startswith("mean over 3 folds of val accuracy")
+    best = s["best"]
+    for t in s["trials"]:
+        assert t["state"] == "complete"  # 3 trials: the pruner waits for 4
+        folds = [read(out / t["run"] / f"fold-{k}" / "summary.json") for k in (1, 2, 3)]
+        vals = [f["val"]["accuracy"] for f in folds]
+        assert t["val"] == pytest.approx(sum(vals) / 3, abs=1e-12)
+        assert t["epochs"] == sum(f["epochs_run"] for f in folds)
+        tested = t["trial"] == best["trial"]
+        assert (out / t["run"] / "predictions.jsonl").exists() == tested
+        for k, f in enumerate(folds, 1):
+            assert bool(f["test"]) == tested, (t["trial"], k)
+            assert "test_" not in (out / t["run"] / f"fold-{k}" / "metrics.jsonl").read_text()
+    assert best["options"]["lr"] == LEARNS and best["folds"] == 3
+    # The best trial's test figure is the mean of its folds' test groups, as train --folds says.
+    folds_summary = read(out / best["run"] / "summary.json")
+    tests = [read(out / best["run"] / f"fold-{k}" / "summary.json")["test"]["accuracy"]
+             for k in (1, 2, 3)]
+    assert best["test"]["accuracy"] == pytest.approx(sum(tests) / 3, abs=1e-12)
+    assert folds_summary["mean"]["test"]["accuracy"] == best["test"]["accuracy"]
+    lines = (out / best["run"] / "predictions.jsonl").read_text().splitlines()
+    folder, csv_path = store
+    n_clips = sum(1 for _ in csv_path.open()) - 1
+    clips = [json.loads(ln) for ln in lines if json.loads(ln)["level"] == "clip"]
+    assert len(clips) == n_clips == len({c["id"] for c in clips})  # every clip, out of fold
+    assert {c["fold"] for c in clips} == {1, 2, 3}
+    assert read(out / "best" / "vpipe.json")["result"]["split"] == "test"
+    assert main(["evaluate", str(out / "best" / "fold-2"), str(folder), "--labels",
+                 str(csv_path), "--split", "test", "-o", str(tmp_path / "e.json")]) == 0
+    # Again: nothing trained, nothing scored again.
+    before = (out / best["run"] / "predictions.jsonl").stat().st_mtime_ns
+    assert main(tune_args(store, out, "--quiet", "--folds", "3", trials=3)) == 0
+    assert (out / best["run"] / "predictions.jsonl").stat().st_mtime_ns == before
+
+
+def test_folds_options_are_checked_before_anything_is_written(store, tmp_path, capsys):
+    assert main(tune_args(store, tmp_path / "out", "--folds", "1")) == 2
+    assert "--folds must be at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_on_a_terminal_the_table_of_trials_is_drawn_live(store, tmp_path):
+    """A real `vpipe tune` with its stderr on a pseudo-terminal: the table is redrawn in place
+    as epochs end (the running trial's epoch counts up), one row per trial, then the line."""
+    import pty
+
+    out = tmp_path / "live"
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *tune_args(store, out, trials=2)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait() == 0
+    text = b"".join(chunks).decode()
+    assert "\x1b[J" in text and "\x1b[1F" in text  # drawn, then redrawn in place
+    for epoch in range(1, 6):  # trial 0's epochs shown as they end, not only at its end
+        assert f"trial   0  running   epoch   {epoch}" in text, text[-2000:]
+    final = text.rsplit("\x1b[J", 1)[1].splitlines()
+    assert [ln.split()[:3] for ln in final[:2]] == [["trial", "0", "complete"],
+                                                    ["trial", "1", "complete"]]
+    assert final[2].startswith("vpipe tune: 2 trials (2 complete, 0 pruned, 0 failed)")
+
+
+def test_with_folds_a_poor_trial_is_pruned_between_folds(store, tmp_path):
+    out = tmp_path / "folds-pruned"
+    assert main(tune_args(store, out, "--quiet", "--folds", "3", trials=7)) == 0
+    s = read(out / "summary.json")
+    pruned = [t for t in s["trials"] if t["state"] == "pruned"]
+    assert pruned, [(t["options"], t["state"], t["val"]) for t in s["trials"]]
+    for t in pruned:
+        assert t["trial"] >= 4 and t["options"]["lr"] == STUCK
+        run = read(out / t["run"] / "summary.json")
+        assert run["folds_trained"] == 2 and not (out / t["run"] / "fold-3").exists()
+        assert t["val"] == pytest.approx(run["mean"]["val"]["accuracy"], abs=1e-12)

@@ -16,9 +16,8 @@ import typer
 from pipeline.cli import train_cmds
 from pipeline.cli.app import Engine, OutDir, Overwrite, RayAddress, app, preload_torch
 
-# train's parameters that tune does not take: its own output, resume and quiet are tune's,
-# and --folds is not searched over yet.
-NOT_TAKEN = ("features", "labels", "out", "resume", "overwrite", "quiet", "folds")
+# train's parameters that tune does not take: its own output, resume and quiet are tune's.
+NOT_TAKEN = ("features", "labels", "out", "resume", "overwrite", "quiet")
 
 Search = Annotated[
     list[str],
@@ -63,8 +62,11 @@ def tune(
 
     Each trial is an ordinary run folder, OUT/trial-NNN, trained by vpipe train's loop with
     the options given here and the ones the search picks; the objective is the task's main
-    metric on the val split. At the end the best trial alone is scored on the test split;
-    OUT/best links to its run (for vpipe evaluate and predict) and OUT/summary.json holds
+    metric on the val split, or with --folds K its mean over K folds by source (each trial a
+    vpipe train --folds folder, reported to the pruner after each fold). At the end the best
+    trial alone is scored on the test split (with --folds: each fold's test group, and the
+    out-of-fold predictions); OUT/best links to its run (for vpipe evaluate and predict; with
+    --folds, OUT/best/fold-k) and OUT/summary.json holds
     every trial (options, val figure, state, time) and the best options as vpipe train words,
     vpipe run --set overrides and a workflow's [train] table. The study is OUT/study.db: the
     same command again continues it (a trial cut by a kill is redone from its last epoch);

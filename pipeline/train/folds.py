@@ -30,7 +30,7 @@ from pipeline.files import atomic_write_text, clean_temp_files, remove
 from pipeline.records import now_iso, read_run_info
 from pipeline.train.config import TrainConfig
 from pipeline.train.inputs import model_spec, open_store, prepare, read_options
-from pipeline.train.loop import train_prepared
+from pipeline.train.loop import EpochHook, train_prepared
 from pipeline.train.predict import prediction_lines
 from pipeline.train.runs import (
     check_same_inputs,
@@ -62,21 +62,37 @@ def train_folds(
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
+    on_epoch: EpochHook | None = None,
+    on_fold: Callable[[int, dict], bool] | None = None,
+    withhold_test: bool = False,
 ) -> dict:
     """Cross-validate over ``cfg.folds`` groups of sources; writes ``OUT/fold-1..K`` and the
-    folds' summary, and returns that summary (``already_complete`` when no fold trained)."""
+    folds' summary, and returns that summary (``already_complete`` when no fold trained).
+
+    ``vpipe tune``'s trials: ``on_epoch`` is each fold's (as for one run); ``on_fold(k,
+    summary)`` is called after fold k, returning True to train no further fold (a pruned
+    trial); ``withhold_test`` trains the folds without scoring their test groups and writes the
+    validation summary (:func:`val_summary`); :func:`score_folds_test` scores them later, once."""
     out = Path(out)
+    check_folds(cfg)
+    with run_folder_lock(out, [features, labels_csv]), torch_threads(cfg.threads):
+        return _train_folds(Path(features), Path(labels_csv), out, cfg, resume, overwrite, quiet,
+                            on_epoch, on_fold, withhold_test)
+
+
+def check_folds(cfg: TrainConfig) -> None:
+    """``--folds``: at least 2, and a task that can be cross-validated."""
     if cfg.task is not None and not get_task(cfg.task).supports_folds:
         raise UsageError(f"--folds is not supported with --task {cfg.task} (train one "
                          "train/val/test split, e.g. with --test-fraction)")
     if cfg.folds < 2:
         raise UsageError("--folds must be at least 2 (or 0: one train/val/test split)")
-    with run_folder_lock(out, [features, labels_csv]), torch_threads(cfg.threads):
-        return _train_folds(Path(features), Path(labels_csv), out, cfg, resume, overwrite, quiet)
 
 
 def _train_folds(features: Path, labels_csv: Path, out: Path, cfg: TrainConfig, resume: bool,
-                 overwrite: bool, quiet: bool) -> dict:
+                 overwrite: bool, quiet: bool, on_epoch: EpochHook | None = None,
+                 on_fold: Callable[[int, dict], bool] | None = None,
+                 withhold_test: bool = False) -> dict:
     # Everything is checked once, with its notes said once, before anything is written.
     cfg = read_options(cfg, quiet)
     first = prepare(features, labels_csv, replace(cfg, fold=1), quiet)
@@ -107,13 +123,19 @@ def _train_folds(features: Path, labels_csv: Path, out: Path, cfg: TrainConfig, 
                   file=sys.stderr)
         test_ids = list(p.split_ids["test"])
         with run_folder_lock(run):
-            s = train_prepared(p, features, labels_csv, run, fold_cfg, resume, False, quiet)
+            s = train_prepared(p, features, labels_csv, run, fold_cfg, resume, False, quiet,
+                               on_epoch=on_epoch, withhold_test=withhold_test)
         counts = (read_run_info(run) or {}).get("counts") or {}
         folds.append({"fold": k, "summary": s, "sources": sources, "test_ids": test_ids,
                       "counts": counts})
+        if on_fold is not None and on_fold(k, s):
+            break
 
-    write_out_of_fold(out, features, folds, cfg.device, cfg.stream)
-    summary = folds_summary(folds, params)
+    if withhold_test:
+        summary = val_summary(folds, params, cfg.folds)
+    else:
+        write_out_of_fold(out, features, folds, cfg.device, cfg.stream)
+        summary = folds_summary(folds, params)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     trained = [f for f in folds if not f["summary"].get("already_complete")]
     counts = {
@@ -124,8 +146,72 @@ def _train_folds(features: Path, labels_csv: Path, out: Path, cfg: TrainConfig, 
         "folds_done": len(trained),
         "folds_already_done": len(folds) - len(trained),
     }
-    write_run_info(out, {"ended": now_iso(), "counts": counts, "result": folds_result(summary)})
+    result = val_result(summary) if withhold_test else folds_result(summary)
+    write_run_info(out, {"ended": now_iso(), "counts": counts, "result": result})
     return {**summary, "already_complete": True} if not trained else summary
+
+
+def val_summary(folds: list[dict], params: dict, k: int) -> dict:
+    """``OUT/summary.json`` of folds trained with their test groups withheld (a tuning
+    trial): each fold's validation figures at its best epoch and their mean over the folds
+    trained (fewer than K when the trial was pruned)."""
+    first = folds[0]["summary"]
+    vals = [f["summary"].get("val") or {} for f in folds]
+    return {
+        "folds": k,
+        "folds_trained": len(folds),
+        "task": first["task"],
+        "model": first["model"],
+        "modalities": first["modalities"],
+        "main_metric": first["main_metric"],
+        "seed": params["seed"],
+        "epochs_run": sum(f["summary"]["epochs_run"] for f in folds),
+        "mean": {"val": over_folds(vals, _mean)},
+        "std": {"val": over_folds(vals, _std)},
+        "std_ddof": STD_DDOF,
+        "per_fold": [{"fold": f["fold"], "run": f"fold-{f['fold']}",
+                      "best_epoch": f["summary"]["best_epoch"],
+                      "epochs_run": f["summary"]["epochs_run"], "val": v}
+                     for f, v in zip(folds, vals, strict=True)],
+        "test": "withheld: scored once, on the best trial of vpipe tune",
+    }
+
+
+def val_result(summary: dict) -> dict:
+    name = summary["main_metric"]
+    return {"folds": summary["folds"], "main_metric": name, "split": "val",
+            "mean": summary["mean"]["val"].get(name), "std": summary["std"]["val"].get(name)}
+
+
+def score_folds_test(out: str | Path, features: str | Path, labels_csv: str | Path) -> dict:
+    """Score the test group of every fold of ``out`` (trained with ``withhold_test``), once,
+    and write what ``vpipe train --folds`` would have written: the folds' summary with test
+    figures, the out-of-fold predictions and the result in ``vpipe.json``."""
+    from pipeline.train.loop import score_test
+
+    out = Path(out)
+    with run_folder_lock(out, [features, labels_csv]):
+        info = read_run_info(out) or {}
+        params = info.get("params") or {}
+        cfg = load_run(fold_dir(out, 1))[1].config
+        folds = []
+        for k in range(1, int(params["folds"]) + 1):
+            run = fold_dir(out, k)
+            s = score_test(run, features, labels_csv, quiet=True)
+            p = prepare(Path(features), Path(labels_csv), replace(cfg, fold=k), quiet=True)
+            try:
+                source_of = p.store.source_of()
+                sources = {n: sorted({source_of[c] for c in ids})
+                           for n, ids in p.split_ids.items()}
+                test_ids = list(p.split_ids["test"])
+            finally:
+                p.store.close()
+            folds.append({"fold": k, "summary": s, "sources": sources, "test_ids": test_ids})
+        write_out_of_fold(out, Path(features), folds, cfg.device, cfg.stream)
+        summary = folds_summary(folds, params)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_run_info(out, {"result": folds_result(summary)})
+    return summary
 
 
 def open_folds_folder(out: Path, params: dict, resume: bool, overwrite: bool) -> None:

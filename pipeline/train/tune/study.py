@@ -71,8 +71,9 @@ def tune(features: str | Path, labels: str | Path, out: str | Path, base: TrainC
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
     if base.folds:
-        raise UsageError("vpipe tune does not take --folds yet: the objective is the "
-                         "validation figure of one train/val/test split")
+        from pipeline.train.folds import check_folds
+
+        check_folds(base)
     optuna = optuna_module()
     base = read_options(base, quiet)
     dims = parse_space(search, base)
@@ -141,15 +142,18 @@ def check_input(features: Path, labels: Path, base: TrainConfig, dims: list[Dime
     from pipeline.train.runs import features_fingerprint, train_params
     from pipeline.train.tasks import get_task, options_task
 
-    p = options_task(base.task).prepare(features, labels, base, quiet)
+    first = replace(base, fold=1) if base.folds else base  # each fold validates alike
+    p = options_task(base.task).prepare(features, labels, first, quiet)
     try:
-        spec = model_spec(base, p)
+        spec = model_spec(first, p)
         fingerprint = features_fingerprint(p.store, list(p.joined.labels), p.store_attrs, p.dims)
     finally:
         p.store.close()
     if not p.split_ids["val"]:
         raise UsageError("vpipe tune compares trials on the val split, and it is empty "
                          "(raise --val-fraction, or give val rows in the split column)")
+    if base.folds and not get_task(spec.task).supports_folds:
+        raise UsageError(f"--folds is not supported with --task {spec.task}")
     params = {**train_params(base, features, labels, fingerprint), "search": describe(dims),
               "trials": trials}
     return get_task(spec.task), params
@@ -204,6 +208,7 @@ def run_study(study, dims: list[Dimension], trials: int, runner, table: Table, j
             in_flight += 1
         if not in_flight:
             return
+        table.show(study)  # the trials just asked for, before their first epoch
         for outcome in runner.finished(timeout=1.0):
             in_flight -= 1
             done += 1
@@ -232,6 +237,7 @@ def finish(out: Path, study, dims: list[Dimension], task, features: Path, labels
            params: dict, quiet: bool) -> dict:
     """Score the best trial on test (once), link ``OUT/best`` to it, write summary.json and
     stamp vpipe.json."""
+    from pipeline.train.folds import score_folds_test
     from pipeline.train.loop import score_test
 
     trials = summ.trial_rows(study, dims)
@@ -240,7 +246,11 @@ def finish(out: Path, study, dims: list[Dimension], task, features: Path, labels
     if best is not None:
         run = trial_dir(out, best.number)
         best_summary = read_json(run / "summary.json") or {}
-        if not best_summary.get("test"):
+        if params.get("folds"):
+            if not isinstance(best_summary.get("mean", {}).get("test"), dict):
+                best_summary = score_folds_test(run, features, labels)
+            best_summary = summ.folds_as_run(best_summary)
+        elif not best_summary.get("test"):
             best_summary = score_test(run, features, labels, quiet=True)
         link_best(out, run)
     summary = summ.study_summary(study, dims, task, trials, best, best_summary, params)

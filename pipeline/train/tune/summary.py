@@ -47,7 +47,8 @@ def study_summary(study, dims: list[Dimension], task, trials: list[dict], best,
     summary: dict = {
         "main_metric": name,
         "direction": "maximize" if task.higher_is_better else "minimize",
-        "objective": f"val {name} of each trial's best epoch",
+        "objective": (f"mean over {params['folds']} folds of val {name} at each fold's best "
+                      "epoch" if params.get("folds") else f"val {name} of each trial's best epoch"),
         "search": describe(dims),
         "trials_asked": params["trials"],
         "sampler": "TPE",
@@ -65,11 +66,21 @@ def study_summary(study, dims: list[Dimension], task, trials: list[dict], best,
             "test": best_summary.get("test"),
             "baseline": best_summary.get("baseline", {}).get("test"),
             "best_epoch": best_summary.get("best_epoch"),
+            **({"test_std": best_summary["test_std"], "folds": params["folds"]}
+               if params.get("folds") else {}),
             "train_options": " ".join(cli_words(options)),
             "set": set_line(options),
             "workflow": workflow_snippet(options),
         }
     return summary
+
+
+def folds_as_run(summary: dict) -> dict:
+    """The best trial's ``train --folds`` summary in a single run's terms for the study's
+    summary: the test figures and baseline are their means over the folds (with their std)."""
+    return {"test": summary["mean"]["test"], "test_std": summary["std"]["test"],
+            "baseline": {"test": summary["mean"]["baseline"]},
+            "best_epoch": [f["best_epoch"] for f in summary["per_fold"]]}
 
 
 def counts(trials: list[dict]) -> dict:
@@ -94,7 +105,12 @@ def summary_line(summary: dict, out) -> str:
     best, name = summary["best"], summary["main_metric"]
     c = counts(summary["trials"])
     test = (best["test"] or {}).get(name)
+    if best.get("folds") and test is not None:
+        std = (best.get("test_std") or {}).get(name)
+        test = f"{test:.4g} ± {std:.4g} over {best['folds']} folds"
+    elif test is not None:
+        test = f"{test:.4g}"
     return (f"{len(summary['trials'])} trials ({c['complete']} complete, {c['pruned']} pruned, "
             f"{c['failed']} failed); best trial {best['trial']}: val {name} "
-            f"{best['val']:.4g}, test {name} {'n/a' if test is None else f'{test:.4g}'} with "
+            f"{best['val']:.4g}, test {name} {'n/a' if test is None else test} with "
             f"{best['train_options']} -> {out}/best")

@@ -56,10 +56,15 @@ def make_pruner():
 def run_trial(job: TrialJob, also: Callable[[dict], None] | None = None) -> dict:
     """Train the trial's run (resumed from its last epoch if it was cut); returns its
     outcome: ``state``, the objective ``value``, ``reason`` of a failure, ``seconds``,
-    ``epochs``. ``also(record)``: called after each epoch, in this process (the live table)."""
+    ``epochs``. ``also(record)``: called after each epoch, in this process (the live table).
+
+    With ``--folds K`` the trial is a ``train --folds`` folder (test groups withheld), its
+    objective the mean val figure over the K folds, reported after each fold (step k: the mean
+    so far), so the pruner can stop a poor setting between folds, not within one."""
     import optuna
 
     from pipeline.train.config import TrainConfig
+    from pipeline.train.folds import train_folds
     from pipeline.train.loop import TrainingDiverged, train
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -87,12 +92,40 @@ def run_trial(job: TrialJob, also: Callable[[dict], None] | None = None) -> dict
             return True
         return False
 
+    def on_fold(k: int, s: dict) -> bool:
+        """With --folds, the objective is the mean val figure over the folds: after fold k,
+        the mean over folds 1..k is reported (step k) and the pruner asked."""
+        done_folds.append((s.get("val") or {}).get(job.metric))
+        known = [v for v in done_folds if v is not None]
+        if not known:
+            return False
+        if k not in reported:
+            trial.report(float(sum(known) / len(known)), k)
+        if k < job.config["folds"] and trial.should_prune():
+            pruned.append(k)
+            return True
+        return False
+
+    def check_epoch(rec: dict) -> bool:  # a fold's epoch: shown and checked, not reported
+        if also is not None:
+            also(rec)
+        if not math.isfinite(rec["train_loss"]):
+            raise TrialFailed(f"training loss {rec['train_loss']} at epoch {rec['epoch']}")
+        return False
+
     t0 = time.time()
+    done_folds: list[float | None] = []
     outcome = {"number": job.number, "trial_id": job.trial_id, "run": Path(job.run).name,
                "state": FAILED, "value": None, "reason": None, "epochs": None}
     try:
-        s = train(job.features, job.labels, job.run, TrainConfig(**job.config), quiet=True,
-                  on_epoch=on_epoch, withhold_test=True)
+        if job.config.get("folds"):
+            s = train_folds(job.features, job.labels, job.run, TrainConfig(**job.config),
+                            quiet=True, on_epoch=check_epoch, on_fold=on_fold,
+                            withhold_test=True)
+            s = {"epochs_run": s["epochs_run"], "val": s["mean"]["val"]}
+        else:
+            s = train(job.features, job.labels, job.run, TrainConfig(**job.config),
+                      quiet=True, on_epoch=on_epoch, withhold_test=True)
     except (DiskFull, KeyboardInterrupt):
         raise  # no trial can go on: the study stops (the same command continues it)
     except (TrialFailed, TrainingDiverged) as e:
