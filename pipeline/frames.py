@@ -23,6 +23,8 @@ from pipeline import media
 from pipeline.clips import ClipRef, find_clips
 from pipeline.errors import MediaError, UsageError, plural
 from pipeline.files import atomic_path
+from pipeline.ids import view_id
+from pipeline.media import augment
 from pipeline.records import Run, ok_records
 from pipeline.runner import Item, Summary, run_items
 
@@ -42,8 +44,20 @@ class FrameOptions:
     sample_rate_hz: int = 16000
     frames: bool = True
     audio: bool = True
+    augment: str | None = None  # the --augment spec (media.augment)
+    views: int = 0  # augmented views per clip, besides the clip itself
+    augment_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.views < 0:
+            raise UsageError(f"--views must be >= 0 (got {self.views})")
+        if self.views and not self.augment:
+            raise UsageError("--views needs --augment SPEC (e.g. --augment hflip,rotate=10)")
+        if self.augment and not self.views:
+            raise UsageError("--augment makes --views K views of each clip: give --views")
+        if self.views and "speed" in self.augmenter().names and not self.fps:
+            raise UsageError("--augment speed needs --fps (a view's frames are sampled at "
+                             "its own times)")
         if self.format not in FORMATS:
             raise UsageError(f"--format must be jpg or png (got {self.format!r})")
         if not 1 <= self.quality <= 100:
@@ -61,9 +75,17 @@ class FrameOptions:
         return media.FrameSampler(fps=self.fps, every=self.every, size=self.size or None,
                                   upscale=self.upscale)
 
+    def augmenter(self) -> augment.Augment:
+        return augment.Augment.parse(self.augment or "", self.augment_seed)
+
     def params(self) -> dict:
         """The parameters recorded in vpipe.json (only those that shape the outputs)."""
         p = asdict(self)
+        if self.views:
+            p["augment"] = self.augmenter().describe()
+        else:  # no views: exactly the parameters of a run before views existed
+            for k in ("augment", "views", "augment_seed"):
+                p.pop(k)
         if not self.frames:
             for k in ("fps", "every", "size", "upscale", "format", "quality"):
                 p.pop(k)
@@ -147,8 +169,10 @@ def clip_outputs(rec: dict) -> list[str]:
     return [rec[k] for k in ("frames_dir", "audio") if rec.get(k)]
 
 
-def extract_clip(item: Item, *, out_dir: Path, opts: FrameOptions) -> dict:
-    """Work for one clip: decode once, write frames and audio.wav, return its record."""
+def extract_clip(item: Item, *, out_dir: Path, opts: FrameOptions) -> dict | list[dict]:
+    """Work for one clip: decode once, write frames and audio.wav, return its record; with
+    ``views``, each view too (decoded again: a view's frames may be sampled at other times),
+    the clip's records then a list, the clip's first."""
     clip: ClipRef = item.data
     if clip.source_ref is not None:
         clip.source_ref.raise_problem()
@@ -163,55 +187,108 @@ def extract_clip(item: Item, *, out_dir: Path, opts: FrameOptions) -> dict:
         # An MPEG-TS/PS declares no durations, only guesses: its frames say where it ends.
         end = info.video_end_s if info.container not in media.UNINDEXED_FORMATS else 0.0
         end = end or _demuxed_end(clip.path)
+    rec = _extract(clip, info, start, end, out_dir, opts)
+    if not opts.views:
+        return rec
+    aug = opts.augmenter()
+    views = [_extract(clip, info, start, end, out_dir, opts, k, aug.draw(clip.clip_id, k))
+             for k in range(1, opts.views + 1)]
+    return [rec, *views]
+
+
+def _extract(clip: ClipRef, info: media.MediaInfo, start: float, end: float, out_dir: Path,
+             opts: FrameOptions, k: int = 0, values: dict | None = None) -> dict:
+    """Decode the clip once into ``OUT/<id>/``: the clip itself, or its view ``k`` drawn as
+    ``values`` (frames transformed, sampled at ``speed`` x their times, audio to match)."""
+    item_id = view_id(clip.clip_id, k) if k else clip.clip_id
+    speed = (values or {}).get("speed", 1.0)
     # The wav ends where the clip's picture does, as subclip cuts it: a soundtrack longer than
     # the picture, or the AAC frame a stream copy keeps past a keyframe clip's end, is cut.
-    max_samples = round((end - start) * opts.sample_rate_hz) if end > start else None
+    duration = (end - start) / speed
+    max_samples = round(duration * opts.sample_rate_hz) if end > start else None
     want_audio = opts.audio and info.has_audio
+    sampler = opts.sampler() if opts.frames else None
+    if sampler is not None and speed != 1.0:  # the view's frame at t shows the clip's at f t
+        sampler = media.FrameSampler(fps=opts.fps / speed, size=sampler.size,
+                                     upscale=sampler.upscale)
+    frame_view = augment.FrameView(values, clip.clip_id, k, opts.augment_seed) if k else None
     ext = opts.format
     timestamps: list[float] = []
     n_samples = 0
-    with atomic_path(out_dir / clip.clip_id) as tmp:
+    with atomic_path(out_dir / item_id) as tmp:
         frames_dir = tmp / "frames"  # empty for extract-audio: one layout for readers
         frames_dir.mkdir(parents=True)
         wav = _open_wav(tmp / "audio.wav", opts.sample_rate_hz) if want_audio else None
+        held: list = []  # a view's audio, changed as a whole before it is written
         try:
             for kind, t, data in media.decode(
                 clip.path,
-                sampler=opts.sampler() if opts.frames else None,
+                sampler=sampler,
                 audio_rate_hz=opts.sample_rate_hz if want_audio else None,
                 span=clip.span,
                 duration_s=clip.duration_s,
             ):
                 if kind == "frame":
+                    if frame_view is not None:
+                        data = frame_view(data, len(timestamps))
                     _save_image(data, frames_dir / f"{len(timestamps):06d}.{ext}", opts)
+                    if speed != 1.0:  # the k-th time of the source's k f/fps: k/fps
+                        t = round(t * opts.fps / speed) / opts.fps
                     timestamps.append(t)
+                elif k:
+                    held.append(data)
                 else:
                     if max_samples is not None:
                         data = data[: max(0, max_samples - n_samples)]
                     wav.writeframesraw(data.tobytes())
                     n_samples += len(data)
+            if wav is not None and k:
+                samples = _view_audio(held, tmp, speed, max_samples, opts, values, clip, k)
+                wav.writeframesraw(samples.tobytes())
+                n_samples = len(samples)
         finally:
             if wav is not None:
                 wav.close()  # fixes the header's length fields
         if opts.frames and not timestamps:
             raise MediaError(f"{clip.path}: no frames decoded")
     return {
-        "id": clip.clip_id,
+        "id": item_id,
         "item": clip.clip_id,
         "source": clip.source,
         "start": round(start, 6),
-        "end": round(end, 6),
+        "end": round(start + duration, 6),
         "fps": round(info.fps, 6),
         "n_frames": len(timestamps),
         "timestamps": timestamps,
-        "frames_dir": f"{clip.clip_id}/frames",
+        "frames_dir": f"{item_id}/frames",
         "frame_format": ext if opts.frames else None,
         "has_audio": want_audio,
-        "audio": f"{clip.clip_id}/audio.wav" if want_audio else None,
+        "audio": f"{item_id}/audio.wav" if want_audio else None,
         "sample_rate": opts.sample_rate_hz if opts.audio else None,
         "n_samples": n_samples,
         **({"source_identity": clip.identity} if clip.identity is not None else {}),
+        **({"view_of": clip.clip_id, "view": k, "augment": values} if k else {}),
     }
+
+
+def _view_audio(held: list, tmp: Path, speed: float, max_samples: int | None,
+                opts: FrameOptions, values: dict, clip: ClipRef, k: int):
+    """A view's samples: the clip's, time-stretched to its speed, then its gain and noise."""
+    import numpy as np
+
+    samples = np.concatenate(held) if held else np.zeros(0, np.int16)
+    if speed != 1.0 and len(samples):
+        raw, stretched = tmp / "audio.unstretched.wav", tmp / "audio.stretched.wav"
+        with _open_wav(raw, opts.sample_rate_hz) as w:  # 0.25 s more: atempo's last window
+            w.writeframesraw(samples.tobytes() + bytes(2 * (opts.sample_rate_hz // 4)))
+        augment.stretch(raw, stretched, speed, opts.sample_rate_hz)
+        with wave.open(str(stretched), "rb") as r:
+            samples = np.frombuffer(r.readframes(r.getnframes()), np.int16)
+        raw.unlink()
+        stretched.unlink()
+    if max_samples is not None:
+        samples = samples[:max_samples]
+    return augment.audio_view(samples, values, clip.clip_id, k, opts.augment_seed)
 
 
 def _open_wav(path: Path, rate: int) -> wave.Wave_write:

@@ -32,3 +32,16 @@ def unique_ids(paths: Sequence[Path]) -> list[str]:
         used.add(cand)
         out.append(cand)
     return out
+
+
+VIEW_MARK = "~"  # never in an id sanitize_id makes: `<clip_id>~<k>` is a view of that clip
+
+
+def view_id(clip_id: str, k: int) -> str:
+    """The id of augmented view ``k`` (1..K) of a clip (``extract-frames --views``)."""
+    return f"{clip_id}{VIEW_MARK}{k}"
+
+
+def view_of(item_id: str) -> str | None:
+    """The clip an item is an augmented view of, or None for a clip."""
+    return item_id.split(VIEW_MARK, 1)[0] if VIEW_MARK in item_id else None

@@ -69,7 +69,7 @@ def _labels(features: Path, labels: Path, quiet: bool) -> dict[str, str]:
     if not features.is_dir():
         raise UsageError(f"{features}: no such feature folder")
     with open_features(features) as store:
-        joined = join_labels(store, read_labels(labels))
+        joined = join_labels(store, read_labels(labels), with_views=True)
         n = len(store)
     if joined.unlabeled and not quiet:
         print(f"vpipe export: {len(joined.unlabeled)} of {n} clips have no label in {labels} "

@@ -208,6 +208,28 @@ def extract_frames(
     no_audio: Annotated[
         bool, typer.Option("--no-audio", help="Frames only: do not write audio.wav.")
     ] = False,
+    augment_spec: Annotated[
+        str | None,
+        typer.Option(
+            "--augment", metavar="SPEC",
+            help="With --views K: the transforms of each view, comma-separated, each NAME or "
+            "NAME=STRENGTH (one value: its usual range, or LOW-HIGH), its values drawn per "
+            "view: hflip[=p], rotate=degrees, crop=min-scale, jitter=s (brightness, contrast, "
+            "saturation in 1+-s), noise=std, speed=LOW-HIGH (audio time-stretched to match; "
+            "needs --fps), gain=dB, anoise=std. E.g. hflip,rotate=10,noise=0.02,speed=0.9-1.1",
+            show_default=False,
+        ),
+    ] = None,
+    views: Annotated[
+        int,
+        typer.Option("--views", min=0, help="Augmented views of each clip besides the clip "
+                     "itself, each an item OUT/<clip_id>~<k>/ (k = 1..K) whose record names "
+                     "the clip and the values drawn. 0: none."),
+    ] = 0,
+    augment_seed: Annotated[
+        int, typer.Option("--augment-seed", help="Seeds every view's values (the same seed, "
+                          "the same views).")
+    ] = 0,
     workers: Workers = None,
     engine: Engine = "local",
     ray_address: RayAddress = None,
@@ -217,13 +239,15 @@ def extract_frames(
     """Sample frames (and pull PCM audio) from each clip in one decoding pass.
 
     Writes OUT/<clip_id>/frames/000000.jpg... and OUT/<clip_id>/audio.wav (16 kHz mono s16),
-    and per clip a manifest record with the frames' timestamps. Re-running resumes.
+    and per clip a manifest record with the frames' timestamps. Re-running resumes. With
+    --augment SPEC --views K, also K augmented views of each clip, OUT/<clip_id>~1..K/.
     """
     from pipeline.frames import extract_frames as run_stage
 
     opts = frame_options(fps=fps, every=every, size=size, upscale=upscale,
                          image_format=image_format, quality=quality, sample_rate=sample_rate,
-                         no_audio=no_audio)
+                         no_audio=no_audio, augment_spec=augment_spec, views=views,
+                         augment_seed=augment_seed)
     summary = run_stage(
         clips, out, opts, workers=workers or _default_workers(), overwrite=overwrite,
         quiet=quiet,
@@ -260,14 +284,16 @@ def extract_audio(
 
 def frame_options(*, fps: float | None, every: int | None, size: int, upscale: bool,
                   image_format: str, quality: int, sample_rate: int,
-                  no_audio: bool) -> FrameOptions:
+                  no_audio: bool, augment_spec: str | None = None, views: int = 0,
+                  augment_seed: int = 0) -> FrameOptions:
     """extract-frames' options as the command gets them, checked as the stage checks them."""
     if fps is not None and every is not None:
         raise UsageError("give --fps or --every, not both")
     return FrameOptions(
         fps=None if every is not None else (FRAMES.fps if fps is None else fps),
         every=every, size=size, upscale=upscale, format=image_format, quality=quality,
-        sample_rate_hz=sample_rate, audio=not no_audio,
+        sample_rate_hz=sample_rate, audio=not no_audio, augment=augment_spec, views=views,
+        augment_seed=augment_seed,
     )
 
 
@@ -275,8 +301,8 @@ def check_extract_frames(params: dict, fetch: bool) -> None:
     """What `vpipe run` checks of an [extract-frames] stage before any stage runs: every
     refusal of the stage's own option checks (--fps with --every, a format, a rate)."""
     names = ("fps", "every", "size", "upscale", "image_format", "quality", "sample_rate",
-             "no_audio")
-    frame_options(**{k: params[k] for k in names})
+             "no_audio", "augment_spec", "views", "augment_seed")
+    frame_options(**{k: params[k] for k in names if k in params})
 
 
 PLAN_CHECKS = {"extract-frames": check_extract_frames}

@@ -74,6 +74,7 @@ def export_features(folder: str | os.PathLike, out_dir: str | os.PathLike,
         params = {"format": opts.format, "compress": opts.compress,
                   "features": str(folder.resolve()), "features_attrs": store.attrs(),
                   "modalities": store.modalities}
+        has_views = bool(store.views())
         if opts.format in GROUPED:
             params["shard_size"] = opts.shard_size
         if labels is not None:  # what was written: other labels are another export
@@ -90,7 +91,8 @@ def export_features(folder: str | os.PathLike, out_dir: str | os.PathLike,
         _remove(Path(out_dir), before)
     work = functools.partial(
         export_item, folder=str(folder), out_dir=Path(out_dir), opts=opts,
-        modalities=modalities, dims=dims, labels=labels, attrs=params["features_attrs"])
+        modalities=modalities, dims=dims, labels=labels, attrs=params["features_attrs"],
+        views=has_views)
     try:
         return run_items(run, items, work, workers=1, quiet=quiet)
     finally:
@@ -140,8 +142,9 @@ def _store(folder: str) -> FeatureStore:
 
 def export_item(item: Item, *, folder: str, out_dir: Path, opts: ExportOptions,
                 modalities: list[str], dims: dict[str, int],
-                labels: Mapping[str, str] | None, attrs: dict) -> dict:
-    """Write one clip's files, or one group's file; its record names them."""
+                labels: Mapping[str, str] | None, attrs: dict, views: bool = False) -> dict:
+    """Write one clip's files, or one group's file; its record names them. ``views``: the
+    store holds augmented views (every parquet file then has a ``view_of`` column)."""
     store = _store(folder)
     if opts.format in PER_CLIP:
         clip = store[item.id]
@@ -149,6 +152,6 @@ def export_item(item: Item, *, folder: str, out_dir: Path, opts: ExportOptions,
         # Only what a resume needs: the manifest keeps a record per clip in memory.
         return {"id": item.id, "status": OK, "error": None, "files": names}
     clips = [store[c] for c in item.data]
-    write_group(out_dir / item.id, opts.format, clips, modalities, dims, labels, attrs)
+    write_group(out_dir / item.id, opts.format, clips, modalities, dims, labels, attrs, views)
     return {"id": item.id, "status": OK, "error": None, "files": [item.id],
             "clips": len(clips), "first": item.data[0], "last": item.data[-1]}

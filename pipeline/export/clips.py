@@ -45,6 +45,8 @@ def clip_fields(clip: ClipFeatures, modalities: Sequence[str],
     modality, the timestamps of timed modalities, the title, the label (None: unlabelled)."""
     out: dict[str, Any] = {"id": clip.clip_id, "source": clip.source, "start": clip.start,
                            "end": clip.end, "rows": {m: clip.n(m) for m in modalities}}
+    if clip.view_of:  # an augmented view (extract-frames --views): the clip it is of
+        out["view_of"] = clip.view_of
     for m in modalities:
         if m in TIMED:
             out[f"{m}_timestamps"] = np.asarray(getattr(clip, f"{m}_timestamps")).tolist()
@@ -72,6 +74,8 @@ def write_clip(clip: ClipFeatures, out_dir: Path, fmt: str, modalities: Sequence
     if fmt == "npz":
         meta = {"source": np.asarray(clip.source), "start": np.float64(clip.start),
                 "end": np.float64(clip.end)}
+        if clip.view_of:
+            meta["view_of"] = np.asarray(clip.view_of)
         if labels is not None and clip.clip_id in labels:
             meta["label"] = np.asarray(labels[clip.clip_id])
         with atomic_path(out_dir / names[0]) as tmp, tmp.open("wb") as f:

@@ -59,11 +59,12 @@ def tar_key(clip_id: str) -> str:
 
 
 def write_group(path: Path, fmt: str, clips: Sequence[ClipFeatures], modalities: Sequence[str],
-                dims: Mapping[str, int], labels: Mapping[str, str] | None, attrs: dict) -> None:
+                dims: Mapping[str, int], labels: Mapping[str, str] | None, attrs: dict,
+                views: bool = False) -> None:
     """Write ``clips`` as one file of ``fmt``, under a temporary name renamed when complete."""
     with atomic_path(path) as tmp:
         if fmt == "parquet":
-            _write_parquet(tmp, clips, modalities, dims, labels, attrs)
+            _write_parquet(tmp, clips, modalities, dims, labels, attrs, views)
         else:
             _write_tar(tmp, clips, modalities, labels)
 
@@ -97,7 +98,7 @@ def _ragged(pa: Any, arrays: Sequence[np.ndarray], dim: int, dtype: Any) -> Any:
 
 def _write_parquet(tmp: Path, clips: Sequence[ClipFeatures], modalities: Sequence[str],
                    dims: Mapping[str, int], labels: Mapping[str, str] | None,
-                   attrs: dict) -> None:
+                   attrs: dict, views: bool = False) -> None:
     pq = require("parquet")
     import pyarrow as pa
 
@@ -107,6 +108,8 @@ def _write_parquet(tmp: Path, clips: Sequence[ClipFeatures], modalities: Sequenc
         "start": pa.array([c.start for c in clips], pa.float64()),
         "end": pa.array([c.end for c in clips], pa.float64()),
     }
+    if views:  # a store with augmented views: the clip each is of ("" for a clip)
+        cols["view_of"] = pa.array([c.view_of for c in clips], pa.string())
     for m in modalities:
         cols[m] = _ragged(pa, [getattr(c, m) for c in clips], dims[m], np.float32)
         if m in TIMED:

@@ -100,6 +100,7 @@ def clip_features(job: ClipJob, examples: Any, enc: Encoders,
         np.asarray(job.times, np.float64),
         enc.embed_audio(ex) if audio is None else audio,
         audio_ts,
+        view_of=str(r.get("view_of") or ""),
     )
 
 

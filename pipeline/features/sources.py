@@ -178,13 +178,18 @@ class FrameFolders:
         """The /image attributes with how the frames were sampled (from their extract-frames
         run)."""
         sampling: dict[str, Any] = {"timestamps": f"{TIMESTAMPS} (from its manifest)"}
+        views = None
         for folder in self.inputs:
             info = read_run_info(folder)
             if info:
-                sampling = {"stage": info.get("stage"), "params": info.get("params", {}),
-                            **sampling}
+                params = dict(info.get("params", {}))
+                # Augmented views are items of their own, not how a clip's frames are sampled
+                # (features of new videos, made without views, are the run's).
+                if params.get("views"):
+                    views = {k: params.pop(k) for k in ("augment", "views", "augment_seed")}
+                sampling = {"stage": info.get("stage"), "params": params, **sampling}
                 break
-        return {**attrs, "sampling": sampling}
+        return {**attrs, "sampling": sampling, **({"views": views} if views else {})}
 
 
 def _check_frames_folder(folder: Path, records: list[dict]) -> None:

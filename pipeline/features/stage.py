@@ -56,10 +56,11 @@ def feature_params(opts: FeatureOptions, enc: Encoders, source: Any,
 
 
 def give_titles(jobs: list[ClipJob], titles: Titles, max_chars: int) -> dict[str, Any]:
-    """Each job's title (its own, else its source's, cut to ``max_chars``); the counts of clips
-    with and without one and the file's ids that matched no clip."""
+    """Each job's title (its own, else its source's, cut to ``max_chars``; an augmented view's
+    is its clip's); the counts of clips with and without one and the file's ids that matched no
+    clip."""
     match = match_titles(titles, [(j.id, str(j.rec.get("source") or j.id)) for j in jobs],
-                         max_chars)
+                         max_chars, {j.id: j.rec["view_of"] for j in jobs if j.rec.get("view_of")})
     for job in jobs:
         job.title = match.by_clip.get(job.id)
     return {"titled": len(match.by_clip), "untitled": len(jobs) - len(match.by_clip),

@@ -112,12 +112,15 @@ class TitleMatch:
     unmatched: list[str]
 
 
-def match_titles(titles: Titles, clips: Sequence[tuple[str, str]], max_chars: int) -> TitleMatch:
-    """Give each ``(clip_id, source_id)`` its title: the clip's own, else its source's."""
+def match_titles(titles: Titles, clips: Sequence[tuple[str, str]], max_chars: int,
+                 views: dict[str, str] | None = None) -> TitleMatch:
+    """Give each ``(clip_id, source_id)`` its title: the clip's own, else its source's; an
+    augmented view (``views``: its id -> its clip's) has its clip's."""
     used: set[str] = set()
     by_clip: dict[str, str] = {}
     for clip_id, source_id in clips:
-        key = clip_id if clip_id in titles.by_id else source_id
+        own = (views or {}).get(clip_id, clip_id)
+        key = own if own in titles.by_id else source_id
         if key in titles.by_id:
             by_clip[clip_id] = cut(titles.by_id[key], max_chars)
             used.add(key)

@@ -13,6 +13,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline.ids import VIEW_MARK, view_of
 from pipeline.shards.index import IndexColumns, read_columns
 from pipeline.shards.schema import (
     MAX_OPEN_SHARDS,
@@ -153,6 +154,11 @@ class FeatureStore:
         """Clip id → its source id."""
         return dict(zip(self.clip_ids, self.column("source"), strict=True))
 
+    def views(self) -> dict[str, str]:
+        """Augmented view id -> the clip it is a view of (``extract-frames --views``; the ids
+        say it: ``<clip_id>~<k>``, and the shards record it in ``/view_of``)."""
+        return {cid: view_of(cid) for cid in self.clip_ids if VIEW_MARK in cid}
+
     def sources(self) -> dict[str, list[str]]:
         """Source id → its clip ids, in index order."""
         out: dict[str, list[str]] = {}
@@ -252,8 +258,9 @@ class FeatureStore:
             key = f"{TEXT}/features"
             arrays[TEXT] = sh.read(key, slice(a, b)) if data is None else data[TEXT][a:b]
             arrays["text_string"] = sh.text_strings[i]
-        return ClipFeatures(self._cols.clip_id(pos), self._cols.source_of(pos),
-                            float(sh.start[i]), float(sh.end[i]), **arrays)
+        cid = self._cols.clip_id(pos)
+        return ClipFeatures(cid, self._cols.source_of(pos), float(sh.start[i]),
+                            float(sh.end[i]), **arrays, view_of=view_of(cid) or "")
 
     def __getitem__(self, clip_id: str) -> ClipFeatures:
         pos = self._position(clip_id)

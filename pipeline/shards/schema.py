@@ -94,6 +94,7 @@ class ClipFeatures:
     # without a title, or a store without text, has (0, dim) rows and "".
     text: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     text_string: str = ""
+    view_of: str = ""  # the clip this is an augmented view of ("" for a clip)
 
     def n(self, modality: str) -> int:
         return int(getattr(self, modality).shape[0])
@@ -138,6 +139,7 @@ def index_rows(path: Path) -> list[dict]:
     with open_shard(path) as f:
         ids = read_dataset(f, "clip_ids")
         src = read_dataset(f, "source")
+        views = read_dataset(f, "view_of") if "view_of" in f else None
         off = {m: read_dataset(f, f"{m}/offsets") for m in MODALITIES}
     return [
         {
@@ -147,6 +149,7 @@ def index_rows(path: Path) -> list[dict]:
             "row": i,
             "n_frames": int(off["image"][i + 1] - off["image"][i]),
             "n_audio": int(off["audio"][i + 1] - off["audio"][i]),
+            **({"view_of": views[i]} if views is not None and views[i] else {}),
         }
         for i, cid in enumerate(ids)
     ]

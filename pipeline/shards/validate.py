@@ -9,6 +9,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline.ids import view_of
 from pipeline.shards.index import parse_index
 from pipeline.shards.schema import (
     CHECKSUMS,
@@ -85,6 +86,12 @@ def _check_layout(f: h5py.File, name: str, rows: list[dict], facts: dict) -> lis
             problems.append(f"{name}: /{k} has {f[k].shape[0]} entries for {n} clips")
     problems += [f"{name}: root attribute {a!r} missing"
                  for a in ROOT_ATTRS if a not in f.attrs]
+    if "view_of" in f:  # augmented views: each names the clip its id says
+        said = list(f["view_of"].asstr()[:])
+        wrong = [c for c, v in zip(ids, said, strict=False) if v != (view_of(c) or "")]
+        if len(said) != n or wrong:
+            problems.append(f"{name}: /view_of disagrees with the clip ids (e.g. "
+                            f"{', '.join(wrong[:3]) or f'{len(said)} entries for {n} clips'})")
     for m in MODALITIES:
         g = f[m]
         off = g["offsets"][:]

@@ -121,7 +121,8 @@ class ShardWriter:
         """Write one clip's rows; returns its row number in the shard."""
         with self._io():
             self._add(clip)
-        self._meta.append((clip.clip_id, clip.source, float(clip.start), float(clip.end)))
+        self._meta.append((clip.clip_id, clip.source, float(clip.start), float(clip.end),
+                           clip.view_of))
         return len(self._meta) - 1
 
     def _add(self, clip: ClipFeatures) -> None:
@@ -168,6 +169,8 @@ class ShardWriter:
                 _checked(f, "source", _utf8([m[1] for m in self._meta]))
                 _checked(f, "start", np.array([m[2] for m in self._meta], dtype="f8"))
                 _checked(f, "end", np.array([m[3] for m in self._meta], dtype="f8"))
+                if any(m[4] for m in self._meta):  # augmented views: the clip each is of
+                    _checked(f, "view_of", _utf8([m[4] for m in self._meta]))
                 for m in MODALITIES:
                     _checked(f, f"{m}/offsets", np.array(self._offsets[m], dtype="i8"))
                 if self.text_dim:

@@ -150,7 +150,7 @@ class FeatureDataset(torch.utils.data.Dataset):
 def _joined(store, labels: str | os.PathLike | Mapping[str, str]) -> dict[str, str]:
     rows = (read_labels(labels) if not isinstance(labels, Mapping)
             else {k: LabelRow(k, str(v), None, 0) for k, v in labels.items()})
-    return join_labels(store, rows).labels
+    return join_labels(store, rows, with_views=True).labels  # a view: its clip's label
 
 
 def _targets(task: str | None, classes: Sequence[str] | None, labels: dict[str, str] | None,

@@ -109,6 +109,8 @@ def summarise(
                        best_epoch, history, stopped, figures, base),
         "n_clips": {s: len(v) for s, v in p.split_ids.items()},
         "n_sources": n_sources,
+        **({"views": {"trained_on": p.views["train"], "left_out": {
+            "val": p.views["val"], "test": p.views["test"]}}} if p.views else {}),
         "unlabeled_clips": len(p.joined.unlabeled),
         "unknown_label_ids": len(p.joined.unknown),
         "seconds_per_epoch": round(float(np.mean([r["seconds"] for r in history])), 3)

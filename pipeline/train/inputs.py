@@ -20,6 +20,7 @@ from pipeline.train.labels import (
     LabelSpace,
     infer_task,
     join_labels,
+    keep_views_in_train,
     read_labels,
     split_by_fold,
     split_by_source,
@@ -45,6 +46,8 @@ class Prepared:
     store_attrs: dict[str, dict] = field(default_factory=dict)
     max_frames: int = 0
     stream: bool = False
+    # Augmented views per split: train's are trained on, val's and test's left out ({}: none)
+    views: dict[str, int] = field(default_factory=dict)
     _data: dict[str, ClipSequences] | None = None
 
     @property
@@ -169,7 +172,7 @@ def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = Fa
     check_config(cfg)
     store = open_store(features)
     rows = read_labels(labels_csv)
-    joined = join_labels(store, rows)
+    joined = join_labels(store, rows, with_views=True)
     if not quiet:
         joined.report(len(store))
     task, reason = (
@@ -191,6 +194,13 @@ def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = Fa
         side = split_by_source(sources, cfg.val_fraction, cfg.test_fraction, cfg.seed,
                                joined.splits)
     split_ids = {s: [c for c in joined.labels if side[c] == s] for s in ("train", "val", "test")}
+    views = store.views()
+    view_counts: dict[str, int] = {}
+    if views:  # on their clip's side (their source's), and only trained on
+        split_ids, view_counts = keep_views_in_train(split_ids, views)
+        used = {c for ids in split_ids.values() for c in ids}
+        joined = replace(joined, labels={c: v for c, v in joined.labels.items() if c in used},
+                         splits={c: v for c, v in joined.splits.items() if c in used})
     if not split_ids["train"]:
         raise UsageError("no labelled clip falls in the train split")
     targets = {
@@ -201,7 +211,7 @@ def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = Fa
         warn_empty_clips(store, list(joined.labels), mods, "vpipe train")
     attrs = {m: store.attrs(m) for m in mods}
     return Prepared(store, task, space.classes, reason, mods, dims, split_ids, targets, joined,
-                    attrs, cfg.max_frames, cfg.stream)
+                    attrs, cfg.max_frames, cfg.stream, views=view_counts)
 
 
 def model_spec(cfg: TrainConfig, p: Prepared) -> ModelSpec:

@@ -190,13 +190,19 @@ class LabelledClips:
             )
 
 
-def join_labels(store: FeatureStore, rows: dict[str, LabelRow]) -> LabelledClips:
-    """Give each clip its own label, else its source's; list the leftovers on both sides."""
+def join_labels(store: FeatureStore, rows: dict[str, LabelRow],
+                with_views: bool = False) -> LabelledClips:
+    """Give each clip its own label, else its source's; list the leftovers on both sides.
+    Augmented views (``extract-frames --views``) are left out, or with ``with_views`` given
+    their clip's label and split (training: :func:`keep_views_in_train`)."""
     labels: dict[str, str] = {}
     splits: dict[str, str | None] = {}
     unlabeled = []
+    views = store.views()
     source_of = store.source_of()
-    clip_set, sources = set(source_of), set(source_of.values())
+    if views and not with_views:
+        source_of = {c: s for c, s in source_of.items() if c not in views}
+    clip_set, sources = set(source_of) - set(views), set(source_of.values())
     known = clip_set | sources
     # Source ids are file stems made safe ("my trailer.mp4" -> my-trailer): a label written
     # with the stem as it was matches through the same rule when it matches nothing as is.
@@ -207,7 +213,8 @@ def join_labels(store: FeatureStore, rows: dict[str, LabelRow]) -> LabelledClips
             renamed[i] = alias
     rows = {renamed.get(i, i): r for i, r in rows.items()}
     for cid, src in source_of.items():
-        row = rows.get(cid) or rows.get(src)  # a clip's own label beats its video's
+        # a clip's own label beats its video's; a view's is its clip's
+        row = rows.get(views.get(cid, cid)) or rows.get(src)
         if row is None:
             unlabeled.append(cid)
             continue
@@ -224,6 +231,17 @@ def join_labels(store: FeatureStore, rows: dict[str, LabelRow]) -> LabelledClips
             f"{', '.join(store.clip_ids[:3]) or 'none'})"
         )
     return LabelledClips(labels, splits, unlabeled, unknown, ambiguous, renamed)
+
+
+def keep_views_in_train(split_ids: dict[str, list[str]], views: dict[str, str]
+                        ) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """The splits with augmented views kept in train only (each is on its clip's side, as its
+    source is): validation and test score original clips. Returns them and the views per
+    split (train: trained on; val, test: left out)."""
+    counts = {s: sum(1 for c in ids if c in views) for s, ids in split_ids.items()}
+    kept = {s: ids if s == "train" else [c for c in ids if c not in views]
+            for s, ids in split_ids.items()}
+    return kept, counts
 
 
 def split_by_source(

@@ -240,6 +240,11 @@ def predict_run(
     check_output(out_path)  # refused before the model runs, not after
     model, spec, store = _open(run, features, checkpoint, prog, strict=new_videos)
     thr = spec.config.threshold if threshold is None else threshold
+    views = store.views()
+    if views:  # augmented views are training data: the clips themselves are predicted
+        originals = store.select([c for c in store.clip_ids if c not in views])
+        store.close()
+        store = originals
     ids = store.clip_ids
     warn_empty_clips(store, ids, spec.modalities, prog)
     if new_videos and len(spec.modalities) > 1:  # e.g. a video without sound, an audio branch

@@ -28,6 +28,9 @@ from pipeline.workflow.plan import RUN_ONLY_FLAGS, Step
 
 # The stages a feature folder can descend from (those that read videos or media folders).
 MEDIA_STAGES = ("subclip", "extract-frames", "extract-audio", "features")
+# Options that made training data, not the features of a clip: not replayed on new videos
+# (augmented views: `vpipe predict` predicts the clips themselves).
+NOT_REPLAYED = {"--augment", "--views", "--augment-seed"}
 
 
 @dataclass
@@ -122,7 +125,7 @@ def read_stage(folder: Path, commands: Mapping[str, Any]) -> Recorded:
     cwd = Path(info["cwd"]) if info.get("cwd") else _guess_cwd(folder, positional)
     kept: list[str] = []
     for opt in options:
-        if opt[0] in ("-o", "--out") or opt[0] in RUN_ONLY_FLAGS:
+        if opt[0] in ("-o", "--out") or opt[0] in RUN_ONLY_FLAGS or opt[0] in NOT_REPLAYED:
             continue
         kept.append(opt[0])
         if len(opt) > 1:
