@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # torch where a model runs: the CLI reads the families' optio
     from torch import nn
 
 from pipeline.features.encoders.registry import encoder_for
-from pipeline.features.hf import HFModelInfo
+from pipeline.hf import HFModelInfo
 from pipeline.features.weights import MissingWeights, WeightsInfo, missing_error
 
 

@@ -81,3 +81,26 @@ def resolve_hf_model(
                 f"or fetch the model into that cache on a machine that is online{hint}"
             ) from None
     return HFModelInfo(name=prefix + name, kind="hub", folder=path, revision=Path(path).name)
+
+
+def load_text_model(folder: str | Path) -> tuple[Any, Any]:
+    """The tokenizer and the ``transformers`` encoder of a found model's folder (no download):
+    what `vpipe features` encodes titles with and `vpipe train --finetune-text` fine-tunes."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return tokenizer, AutoModel.from_pretrained(folder, local_files_only=True)
+
+
+def max_tokens(model: Any) -> int:
+    """How many tokens a title may have: the model's position table (positions past it cannot
+    be encoded; titles are far shorter anyway)."""
+    return int(getattr(model.config, "max_position_embeddings", 512) or 512)
+
+
+def tokenize_titles(tokenizer: Any, titles: list[str], limit: int) -> Any:
+    """The titles' token ids and attention mask, padded to the longest, as torch tensors:
+    the one tokenisation of titles, so that training feeds a title's tokens exactly as the
+    features were encoded from them (special tokens included)."""
+    return tokenizer(titles, padding=True, truncation=True, max_length=limit,
+                     return_tensors="pt")
