@@ -87,9 +87,17 @@ def load_text_model(folder: str | Path) -> tuple[Any, Any]:
     """The tokenizer and the ``transformers`` encoder of a found model's folder (no download):
     what `vpipe features` encodes titles with and `vpipe train --finetune-text` fine-tunes."""
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return tokenizer, AutoModel.from_pretrained(folder, local_files_only=True)
+    # transformers 5 draws a "Loading weights" bar on stderr: vpipe's lines are its own.
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        return tokenizer, AutoModel.from_pretrained(folder, local_files_only=True)
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def max_tokens(model: Any) -> int:
