@@ -251,3 +251,47 @@ def test_a_workflows_train_table_takes_the_options(tmp_path: Path, capsys) -> No
     assert main(["run", str(wf), "--dry-run"]) == 0
     train = [ln for ln in capsys.readouterr().out.splitlines() if " train " in f" {ln} "]
     assert len(train) == 1 and "--finetune-text --text-lr 0.0001" in train[0]
+
+
+@pytest.mark.slow
+def test_predict_on_new_videos_uses_the_finetuned_encoder(tmp_path: Path, weights,
+                                                          monkeypatch) -> None:
+    """`vpipe predict RUN VIDEOS --text` makes the features as the run's were made, then runs
+    the fine-tuned encoder on the titles: the same scores as predict on the run's own feature
+    folder, which differ from the encoder's before training (test above)."""
+    import sys
+
+    import synth
+    from test_features import args
+
+    def vpipe(argv: list[str]) -> int:
+        monkeypatch.setattr(sys, "argv", ["vpipe", *argv])  # the command a stage records
+        return main(argv)
+
+    bert = tiny_bert(tmp_path / "bert")
+    rgb = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220),
+           "yellow": (230, 220, 30)}
+    for i in range(8):
+        synth.make_video(tmp_path / "videos" / f"v{i}.mp4", duration_s=2.0, size=(64, 48),
+                         color=rgb[COLOURS[i % 4]], audio=False)
+    titles = tmp_path / "titles.csv"
+    titles.write_text("id,text\n" + "".join(f"v{i},a {COLOURS[i % 4]} cat\n" for i in range(8)))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,label\n" + "".join(f"v{i},{COLOURS[i % 4]}\n" for i in range(8)))
+    media, feats, run = tmp_path / "media", tmp_path / "features", tmp_path / "run"
+    assert vpipe(["extract-frames", str(tmp_path / "videos"), "-o", str(media), "--fps", "1",
+                 "-q"]) == 0
+    assert vpipe(args(media, feats, weights, "--audio-model", "none", "--text", str(titles),
+                     "--text-model", str(bert))) == 0
+    assert main(["train", str(feats), "--labels", str(labels), *FAST, *TUNE, "-o",
+                 str(run)]) == 0
+    known = _predict(run, feats, tmp_path / "known.jsonl")
+    out = tmp_path / "new.jsonl"
+    assert main(["predict", str(run), str(tmp_path / "videos"), "--text", str(titles),
+                 "--device", "cpu", "-o", str(out), "-q"]) == 0
+    new = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())
+           if r["level"] == "clip"}
+    assert new.keys() == known.keys() and len(new) == 8
+    for cid, line in new.items():
+        assert line["split"] is None
+        assert line["scores"] == pytest.approx(known[cid]["scores"], abs=1e-6)
