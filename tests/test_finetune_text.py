@@ -209,7 +209,7 @@ def test_an_encoder_that_cannot_be_had_is_one_line_before_training(
 
     config = bert / "config.json"
     config.write_text(config.read_text().replace("{", '{"vpipe_test_edit": 1, ', 1))
-    _one_line_exit_2(argv, capsys, f"is not the one at {bert} now")
+    _one_line_exit_2(argv, capsys, f"is not the one at {bert} now (sha256 config.json: ")
     assert not run.exists()  # refused before anything was written
 
     # A finished run whose encoder is gone: evaluate and predict say so in one line too.

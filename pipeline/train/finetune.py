@@ -89,14 +89,15 @@ def load_encoder(record: dict) -> TitleEncoder:
     :class:`TextEncoderUnavailable` naming the model and the cause otherwise."""
     name = record["model"]
     said = f"--finetune-text: the text model {name!r} the features' titles were encoded with"
-    folder = record["weights"].get("kind") == "folder"
-    if folder and not Path(record["where"]).is_dir():
-        raise TextEncoderUnavailable(f"{said} cannot be found: no folder {record['where']}")
+    where = record["where"]
+    if record["weights"].get("kind") == "folder" and not Path(where).is_dir():
+        if not Path(name).is_dir():  # as typed to `vpipe features`, from here: a last try
+            raise TextEncoderUnavailable(f"{said} cannot be found: no folder {where}")
+        where = name
     try:
-        info = resolve_hf_model(record["where"], "--text-model", "text model",
-                                "tokenizer included")
+        info = resolve_hf_model(where, "--text-model", "text model", "tokenizer included")
     except VpipeError as e:
-        where = "" if record["where"] == name else f" (looked for at {record['where']})"
+        where = "" if where == name else f" (looked for at {where})"
         raise TextEncoderUnavailable(
             f"{said} cannot be found{where}: {one_line(str(e)).split('. ')[0]}") from None
     try:
@@ -109,11 +110,25 @@ def load_encoder(record: dict) -> TitleEncoder:
             f"{said} cannot be loaded from {info.folder}: {type(e).__name__}: "
             f"{one_line(str(e)).strip()[:300]}") from None
     now = HFModelInfo(**{**info.attrs(), "tokenizer": type(tokenizer).__name__}).identity()
-    if content_identity(now) != content_identity(record["weights"]):
+    if differs := differences(content_identity(record["weights"]), content_identity(now)):
         raise TextEncoderUnavailable(
-            f"{said} is not the one at {info.folder} now (recorded {record['weights']}, found "
-            f"{now}); fine-tune the encoder that made the features, or make them again")
+            f"{said} is not the one at {info.folder} now ({'; '.join(differs)}); fine-tune "
+            "the encoder that made the features, or make them again with this one")
     return TitleEncoder(model.float(), TitleTokens(tokenizer, max_tokens(model)), record)
+
+
+def differences(recorded: dict, now: dict, where: str = "") -> list[str]:
+    """What differs between two identities, as ``key: recorded then, now`` (a folder's files
+    by name: ``sha256 config.json: 1a2b3c4d5e6f... then, 6f5e4d3c2b1a... now``)."""
+    out = []
+    for k in sorted(set(recorded) | set(now)):
+        a, b = recorded.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{where}{k} ")
+        elif a != b:
+            short = [v[:12] + "..." if isinstance(v, str) and len(v) == 64 else v for v in (a, b)]
+            out.append(f"{where}{k}: {short[0]!r} then, {short[1]!r} now")
+    return out
 
 
 def check_encoder(store: FeatureStore, features: Path, dim: int) -> TitleEncoder:
