@@ -182,6 +182,20 @@ def test_a_resumed_finetuned_run_equals_one_trained_straight(setup, tmp_path: Pa
     assert figures(run) == figures(setup["tuned"])
 
 
+def test_stream_and_folds_fine_tune_too(setup, tmp_path: Path) -> None:
+    """--stream reads the titles per batch and trains the same model as in RAM, to the bit;
+    each --folds run fine-tunes its own copy of the encoder."""
+    base = ["train", str(setup["features"]), "--labels", str(setup["labels"]), *FAST, *TUNE]
+    assert main([*base, "--stream", "-o", str(tmp_path / "stream")]) == 0
+    a, b = _weights(tmp_path / "stream", "last"), _weights(setup["tuned"], "last")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main([*base, "--folds", "2", "-o", str(tmp_path / "folds")]) == 0
+    before = _original(setup["bert"])["embeddings.word_embeddings.weight"]
+    for k in (1, 2):
+        tuned = _weights(tmp_path / "folds" / f"fold-{k}")
+        assert not torch.equal(tuned[ENCODER + "embeddings.word_embeddings.weight"], before)
+
+
 def _one_line_exit_2(argv: list[str], capsys, message: str) -> None:
     capsys.readouterr()
     assert main(argv) == 2
