@@ -11,9 +11,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 # The ground floor every stage uses; it must use nothing above it.
-GROUND_FLOOR = {"pipeline.errors", "pipeline.files", "pipeline.ids", "pipeline.lock",
-                "pipeline.clips", "pipeline.records", "pipeline.runner", "pipeline.engine",
-                "pipeline.media", "pipeline.shards", "pipeline.device"}
+GROUND_FLOOR = {"pipeline.errors", "pipeline.files", "pipeline.hf", "pipeline.ids",
+                "pipeline.lock", "pipeline.clips", "pipeline.records", "pipeline.runner",
+                "pipeline.engine", "pipeline.media", "pipeline.shards", "pipeline.device"}
 # The stages: none imports another (what one needs of another's output is in the ground floor).
 STAGES = {"pipeline.subclip": ("pipeline.segments",), "pipeline.frames": (),
           "pipeline.features": (), "pipeline.train": (), "pipeline.export": ()}

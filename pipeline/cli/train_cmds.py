@@ -182,6 +182,21 @@ def train(
                      "vector: needs text in the store). Old spellings still run, with a note: "
                      "soft is self; with --task caption, soft or none is --caption-attention."),
     ] = TrainConfig.attention,
+    finetune_text: Annotated[
+        bool,
+        typer.Option("--finetune-text", help="Train the title encoder too (the tagging setup's "
+                     "ernie_freeze off): the text model recorded in the features' /text (found "
+                     "in its folder or the Hugging Face cache, checked by content) runs on "
+                     "each clip's stored title inside the model, the TextCNN on top; the "
+                     "checkpoints hold its fine-tuned weights, and evaluate and predict use "
+                     "them (they need the model where features found it). Without it: the "
+                     "stored token features, frozen."),
+    ] = TrainConfig.finetune_text,
+    text_lr: Annotated[
+        float,
+        typer.Option("--text-lr", help="--finetune-text: the encoder's AdamW learning rate "
+                     "(its own parameter group; --lr is the rest's)."),
+    ] = TrainConfig.text_lr,
     caption_attention: Annotated[
         str,
         typer.Option("--caption-attention", help="caption: soft (the decoder attends over the "

@@ -69,6 +69,10 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0: half the cores, 1 to 4 (device.default_threads)
     log: str = "none"  # none | tensorboard: each epoch's figures also as TensorBoard scalars
     attention: str = SELF  # the attention model's pooling: self | text-guided (the title steers)
+    # The title encoder the features recorded, trained in the model (train.finetune) at its
+    # own rate; False: the stored token features, frozen, as before.
+    finetune_text: bool = False
+    text_lr: float = 2e-5
     # caption task (--task caption): the decoder and its vocabulary
     caption_attention: str = "soft"  # soft: attention over the encoded frames per word; none:
     # the mean-pooled features start the decoder
@@ -94,6 +98,8 @@ class ModelSpec:
     vpipe_version: str
     # A user's model (--model module:Class): its import path, source file and sha256.
     model_source: dict | None = None
+    # --finetune-text: the title encoder (recorded model, where found, weights' identity).
+    text_encoder: dict | None = None
 
     @property
     def modalities(self) -> list[str]:
@@ -101,10 +107,12 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         """Plain values only, as ``torch.load(weights_only=True)`` and JSON accept them (no
-        ``model_source`` for vpipe's own models: their files stay as they were)."""
+        ``model_source`` for vpipe's own models, no ``text_encoder`` without
+        ``--finetune-text``: their files stay as they were)."""
         d = asdict(self)
-        if d["model_source"] is None:
-            del d["model_source"]
+        for key in ("model_source", "text_encoder"):
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod
@@ -118,4 +126,5 @@ class ModelSpec:
             feature_attrs=dict(d["feature_attrs"]),
             vpipe_version=d["vpipe_version"],
             model_source=d.get("model_source"),
+            text_encoder=d.get("text_encoder"),
         )

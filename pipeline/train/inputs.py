@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -48,6 +49,10 @@ class Prepared:
     stream: bool = False
     # Augmented views per split: train's are trained on, val's and test's left out ({}: none)
     views: dict[str, int] = field(default_factory=dict)
+    # --finetune-text: the titles' token ids (train.finetune.TitleTokens) and what the run
+    # records of the encoder; None: the text modality is the stored token features.
+    title_tokens: Callable[[str], np.ndarray] | None = None
+    text_encoder: dict | None = None
     _data: dict[str, ClipSequences] | None = None
 
     @property
@@ -57,7 +62,7 @@ class Prepared:
         reads no feature at all."""
         if self._data is None:
             every = ClipSequences(self.store, list(self.joined.labels), self.modalities,
-                                  self.max_frames, self.stream)
+                                  self.max_frames, self.stream, title_tokens=self.title_tokens)
             self._data = {s: every.subset(ids) for s, ids in self.split_ids.items()}
         return self._data
 
@@ -107,7 +112,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError("--folds must be at least 2 (or 0: one train/val/test split)")
     if cfg.max_frames < 0:
         raise UsageError("--max-frames must be 0 (all frames) or more")
-    for name in ("lr", "clip_grad"):  # 0 would leave the weights where they started
+    for name in ("lr", "clip_grad", "text_lr"):  # 0 would leave the weights where they started
         if not _positive(getattr(cfg, name)):
             raise UsageError(f"--{name.replace('_', '-')} must be above 0")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):  # inf: NaN weights
@@ -121,6 +126,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError("--threshold is a score in [0, 1]")
     if not 0 <= cfg.dropout < 1:
         raise UsageError("--dropout must be in [0, 1)")
+    if not cfg.finetune_text and cfg.text_lr != TrainConfig.text_lr:
+        raise UsageError("--text-lr is the fine-tuned text encoder's learning rate: add "
+                         "--finetune-text")
     check_device_name(cfg.device)
     task.check_options(cfg)
 
@@ -210,8 +218,15 @@ def prepare(features: Path, labels_csv: Path, cfg: TrainConfig, quiet: bool = Fa
     if not quiet:
         warn_empty_clips(store, list(joined.labels), mods, "vpipe train")
     attrs = {m: store.attrs(m) for m in mods}
+    encoder = None
+    if cfg.finetune_text:  # found, loaded and the recorded one, before anything is written
+        from pipeline.train.finetune import check_encoder
+
+        encoder = check_encoder(store, features, dims[TEXT])
     return Prepared(store, task, space.classes, reason, mods, dims, split_ids, targets, joined,
-                    attrs, cfg.max_frames, cfg.stream, views=view_counts)
+                    attrs, cfg.max_frames, cfg.stream, views=view_counts,
+                    title_tokens=encoder.tokens if encoder else None,
+                    text_encoder=encoder.record if encoder else None)
 
 
 def model_spec(cfg: TrainConfig, p: Prepared) -> ModelSpec:
@@ -226,6 +241,7 @@ def model_spec(cfg: TrainConfig, p: Prepared) -> ModelSpec:
         feature_attrs=p.store_attrs,
         vpipe_version=__version__,
         model_source=own_model_source(cfg),
+        text_encoder=p.text_encoder,
     )
 
 

@@ -36,7 +36,7 @@ from pipeline.runner import progress
 from pipeline.train.config import ModelSpec, TrainConfig
 from pipeline.train.inputs import Prepared, model_spec, read_options
 from pipeline.train.metrics import improved
-from pipeline.train.model import SequenceModel, build_model
+from pipeline.train.model import SequenceModel, build_model, parameter_groups
 from pipeline.train.runs import (
     features_fingerprint,
     finish_run_folder,
@@ -441,7 +441,7 @@ def new_training(
     model = build_model(spec)
     model.set_normalisation(train_data.frame_stats_of(spec.modalities))
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     return model, opt, scaler
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from pipeline.shards import TEXT
-from pipeline.train.config import ModelSpec
+from pipeline.train.config import ModelSpec, TrainConfig
 from pipeline.train.sequences import ClipSequences, batches
 from pipeline.train.tasks import get_task
 from pipeline.train.text_branch import TextCNN, TextGuidedScore, attend
@@ -111,14 +111,15 @@ class SequenceModel(nn.Module):
         dropout: float = 0.2,
         bidirectional: bool = False,
         text_guided: bool = False,
+        title_branch: TitleBranch | None = None,
     ) -> None:
         super().__init__()
         pool = "attention" if model == "attention" else pool
         self.modalities = list(dims)
         self.text_guided = text_guided and pool == "attention" and TEXT in dims
         branches: dict[str, nn.Module] = {}
-        if TEXT in dims:
-            branches[TEXT] = TitleBranch(dims[TEXT], dropout)
+        if TEXT in dims:  # given: the title encoder fine-tuned inside (train.finetune)
+            branches[TEXT] = title_branch or TitleBranch(dims[TEXT], dropout)
         guide = branches[TEXT].out_dim if self.text_guided else 0
         for m, d in dims.items():
             if m != TEXT:
@@ -136,6 +137,13 @@ class SequenceModel(nn.Module):
             )
         else:
             self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, n_outputs))
+
+    @property
+    def title_tokens(self):
+        """A title's token ids, when the title branch runs its encoder (``--finetune-text``):
+        then the model's ``text`` input is those ids; None: the stored token features."""
+        title = self.branches[TEXT] if TEXT in self.branches else None
+        return getattr(title, "title_tokens", None)
 
     def set_normalisation(self, stats: dict[str, tuple]) -> None:
         """Store per-modality feature mean/std (from the training frames) in the buffers."""
@@ -157,6 +165,23 @@ class SequenceModel(nn.Module):
 def build_model(spec: ModelSpec) -> nn.Module:
     """The model ``spec`` describes (weights not loaded), as its task builds it."""
     return get_task(spec.task).build_model(spec)
+
+
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW's parameter groups: every parameter at the run's ``--lr``, but a fine-tuned title
+    encoder's (``--finetune-text``) at ``--text-lr`` in a second group of its own."""
+    branches = model.branches if isinstance(model, SequenceModel) else {}
+    encoder = getattr(branches[TEXT] if TEXT in branches else None, "encoder", None)
+    if encoder is None:
+        return [{"params": list(model.parameters())}]
+    own = {id(p) for p in encoder.parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) not in own]},
+            {"params": list(encoder.parameters()), "lr": cfg.text_lr}]
+
+
+def title_tokens_of(model: nn.Module):
+    """The model's title tokeniser (a ``--finetune-text`` run's), or None (any other model)."""
+    return getattr(model, "title_tokens", None) if isinstance(model, SequenceModel) else None
 
 
 def to_device(x: dict, device: torch.device) -> dict:

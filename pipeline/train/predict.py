@@ -22,7 +22,7 @@ from pipeline.train.evaluation import (
 )
 from pipeline.train.inputs import open_store
 from pipeline.train.labels import join_labels, read_labels
-from pipeline.train.model import run_model
+from pipeline.train.model import run_model, title_tokens_of
 from pipeline.train.runs import load_run, read_splits
 from pipeline.train.sequences import ClipSequences, present_modalities, warn_empty_clips
 from pipeline.train.tasks import get_task
@@ -115,7 +115,7 @@ def _sequences(model, spec: ModelSpec, store: FeatureStore, ids: list[str], devi
     dev = pick_device(device)
     model.to(dev)
     data = ClipSequences(store, ids, spec.modalities, spec.config.max_frames, stream=stream,
-                         dims=spec.dims)
+                         dims=spec.dims, title_tokens=title_tokens_of(model))
     return data, dev
 
 

@@ -174,7 +174,8 @@ def finish_run_folder(out: Path, summary: dict, done: int, already: int) -> None
 def save_checkpoint(obj: dict, path: Path) -> None:
     # torch's own file writer reports a full disk as a RuntimeError that says neither which
     # file nor why ("unexpected pos 704 vs 598"); written from memory, the failure is an
-    # OSError naming the disk as full. A checkpoint of these models is a few MB at most.
+    # OSError naming the disk as full. A checkpoint of these models is a few MB (with
+    # --finetune-text, the text encoder's size: held in memory once more while written).
     buf = io.BytesIO()
     torch.save(obj, buf)
     with atomic_path(path) as tmp:

@@ -8,10 +8,11 @@ in the batch and carry the true lengths (the mask).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from pipeline.errors import UsageError
 from pipeline.shards import MODALITIES, TEXT, FeatureStore
 
 
@@ -67,8 +68,11 @@ class ClipSequences:
         max_frames: int = 0,
         stream: bool = False,
         dims: dict[str, int] | None = None,
+        title_tokens: Callable[[str], np.ndarray] | None = None,
     ) -> None:
         self.clip_ids = list(clip_ids)
+        # --finetune-text: the text modality is each title's token ids (1-d), not its features
+        self.title_tokens = title_tokens
         self.modalities = list(modalities)
         self.max_frames = max_frames
         self.store = store
@@ -82,7 +86,8 @@ class ClipSequences:
     def subset(self, clip_ids: Sequence[str]) -> ClipSequences:
         """The same sequences for some of the clips, sharing what is already in RAM."""
         sub = ClipSequences(
-            self.store, [], self.modalities, self.max_frames, stream=True, dims=self.dims
+            self.store, [], self.modalities, self.max_frames, stream=True, dims=self.dims,
+            title_tokens=self.title_tokens,
         )
         sub.clip_ids = list(clip_ids)
         sub._ram = self._ram
@@ -92,6 +97,9 @@ class ClipSequences:
         out = {}
         for m in self.modalities:
             a = getattr(clip, m)
+            if m == TEXT and self.title_tokens is not None:
+                out[m] = self._tokens(clip)
+                continue
             if a.shape[0] == 0:
                 out[m] = np.zeros((0, self.dims[m]), np.float32)
                 continue
@@ -100,6 +108,16 @@ class ClipSequences:
                 continue
             out[m] = np.asarray(a[sample_uniform(a.shape[0], self.max_frames)], np.float32)
         return out
+
+    def _tokens(self, clip) -> np.ndarray:
+        """The clip's title as token ids, as many as the rows `vpipe features` stored."""
+        ids = self.title_tokens(clip.text_string)
+        if len(ids) != clip.text.shape[0]:
+            raise UsageError(
+                f"{clip.clip_id}: its title {clip.text_string!r} is {len(ids)} tokens to the "
+                f"text model now, {clip.text.shape[0]} in the features (another tokenizer?); "
+                "make the features again with this text model")
+        return ids
 
     def __len__(self) -> int:
         return len(self.clip_ids)
@@ -124,7 +142,13 @@ class ClipSequences:
         return self.frame_stats_of([modality])[modality]
 
     def frame_stats_of(self, modalities: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """:meth:`frame_stats` of several modalities in one pass over the clips."""
+        """:meth:`frame_stats` of several modalities in one pass over the clips; a title's
+        token ids (--finetune-text): the stats of its stored features, the encoder's before
+        training (a pass of their own, in the same order: the same numbers as without)."""
+        if self.title_tokens is not None and TEXT in modalities:
+            stored = ClipSequences(self.store, self.clip_ids, [TEXT], stream=True, dims=self.dims)
+            rest = self.frame_stats_of([m for m in modalities if m != TEXT])
+            return {**rest, TEXT: stored.frame_stats(TEXT)}
         acc = {m: [np.zeros(self.store.dim(m)), np.zeros(self.store.dim(m)), 0]
                for m in modalities}
         for seqs in self._in_read_order():
@@ -148,9 +172,11 @@ def pad_batch(items: Sequence[dict[str, np.ndarray]], modalities: Sequence[str])
     out = {}
     for m in modalities:
         seqs = [it[m] for it in items]
-        dim = seqs[0].shape[1] if seqs[0].ndim == 2 else 0
         t = max(1, max(s.shape[0] for s in seqs))  # a batch of empty sequences still has T=1
-        x = np.zeros((len(seqs), t, dim), np.float32)
+        if seqs[0].ndim == 1:  # token ids (--finetune-text): (B, T), padded with 0
+            x = np.zeros((len(seqs), t), np.int64)
+        else:
+            x = np.zeros((len(seqs), t, seqs[0].shape[1]), np.float32)
         for i, s in enumerate(seqs):
             x[i, : s.shape[0]] = s
         lengths = torch.tensor([s.shape[0] for s in seqs], dtype=torch.int64)

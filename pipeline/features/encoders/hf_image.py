@@ -1,6 +1,6 @@
 """The Hugging Face image encoders (``--image-model hf:NAME`` / ``hf:DIR``: CLIP and kin): the
 model's projected image embedding (``get_image_features``) behind a module of pixels, its
-weights the model's own (found by :mod:`pipeline.features.hf`), its preprocessing the image
+weights the model's own (found by :mod:`pipeline.hf`), its preprocessing the image
 processor's config, computed the way that library computes it and split as
 :class:`.image.Preprocessing` says.
 """
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 from pipeline.errors import UsageError
 from pipeline.features.encoders.image import ImageEncoder, Preprocessing
 from pipeline.features.encoders.registry import Encoder, register_encoder
-from pipeline.features.hf import HFModelInfo, resolve_hf_model
+from pipeline.hf import HFModelInfo, resolve_hf_model
 
 HF_PREFIX = "hf:"
 

@@ -1,6 +1,6 @@
 """The title encoder (``--text``, ``--text-model``): a frozen Hugging Face ``transformers``
 encoder that turns each title into per-token features. Its weights come through the standard
-hub cache (``HF_HOME``) or a folder saved with ``save_pretrained`` (:mod:`pipeline.features.hf`);
+hub cache (``HF_HOME``) or a folder saved with ``save_pretrained`` (:mod:`pipeline.hf`);
 which one, and its revision or files' sha256, is recorded. The titles themselves are
 :mod:`pipeline.features.text`'s.
 """
@@ -14,7 +14,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pipeline.features.encoders.registry import Encoder, register_encoder
-from pipeline.features.hf import HFModelInfo, resolve_hf_model
+from pipeline.hf import (
+    HFModelInfo,
+    load_text_model,
+    max_tokens,
+    resolve_hf_model,
+    tokenize_titles,
+)
 
 # The other ways on, offline: the title encoder is the one model a run can do without.
 OFFLINE_HINT = ("; or run without titles (leave out --text; for the tagging workflow: "
@@ -50,7 +56,7 @@ class HFText(Encoder):
         return TextEncoder(resolved)  # on the CPU: the bundle moves it
 
 
-# The title encoder's identity: a Hugging Face model's (see :mod:`pipeline.features.hf`).
+# The title encoder's identity: a Hugging Face model's (see :mod:`pipeline.hf`).
 TextModelInfo = HFModelInfo
 
 
@@ -64,20 +70,18 @@ def resolve_text_model(name: str) -> TextModelInfo:
 
 class TextEncoder:
     """A frozen ``transformers`` encoder in inference mode: titles in, the last hidden state of
-    every token out, special tokens ([CLS], [SEP]) included, as the TextCNN reads them."""
+    every token out, special tokens ([CLS], [SEP]) included, as the TextCNN reads them
+    (``vpipe train --finetune-text`` runs the same model on the same tokens, and trains it)."""
 
     def __init__(self, info: TextModelInfo, device: str = "cpu", dtype: Any = None) -> None:
         import torch
-        from transformers import AutoModel, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(info.folder, local_files_only=True)
-        model = AutoModel.from_pretrained(info.folder, local_files_only=True)
+        self.tokenizer, model = load_text_model(info.folder)
         model = model.to(device=device, dtype=dtype or torch.float32)
         self.model = model.eval().requires_grad_(False)  # frozen: never trained here
         self.device = device
         self.dim = int(model.config.hidden_size)
-        # Positions past the model's table cannot be encoded; titles are far shorter anyway.
-        self.max_tokens = int(getattr(model.config, "max_position_embeddings", 512) or 512)
+        self.max_tokens = max_tokens(model)
         self.info = TextModelInfo(**{**asdict(info), "tokenizer": type(self.tokenizer).__name__})
 
     def to(self, device: Any, dtype: Any = None) -> TextEncoder:
@@ -105,10 +109,7 @@ class TextEncoder:
         out: list[np.ndarray] = []
         for start in range(0, len(texts), batch_size):
             batch = list(texts[start : start + batch_size])
-            enc = self.tokenizer(
-                batch, padding=True, truncation=True, max_length=self.max_tokens,
-                return_tensors="pt",
-            ).to(self.device)
+            enc = tokenize_titles(self.tokenizer, batch, self.max_tokens).to(self.device)
             with torch.inference_mode():
                 hidden = self.model(**enc).last_hidden_state.float().cpu().numpy()
             lengths = enc["attention_mask"].sum(dim=1).tolist()

@@ -16,8 +16,8 @@ if TYPE_CHECKING:  # torch where a model runs: the CLI reads the families' optio
     from torch import nn
 
 from pipeline.features.encoders.registry import encoder_for
-from pipeline.features.hf import HFModelInfo
 from pipeline.features.weights import MissingWeights, WeightsInfo, missing_error
+from pipeline.hf import HFModelInfo
 
 
 @dataclass(frozen=True)

@@ -55,12 +55,21 @@ class LabelTask(Task):
         if cfg.model != "attention" and cfg.attention == TEXT_GUIDED:
             raise UsageError("--attention text-guided is the attention model's: add --model "
                              "attention")
+        if cfg.finetune_text and is_own_model(cfg.model):
+            raise UsageError(f"--finetune-text trains the title encoder under vpipe's TextCNN; "
+                             f"--model {cfg.model} takes the stored text features")
 
     def check_modalities(self, cfg: TrainConfig, present: list[str], mods: list[str],
                          features: Path) -> None:
-        """Text-guided pooling needs the title and something it steers."""
+        """Text-guided pooling needs the title and something it steers; fine-tuning the
+        title encoder, the title."""
         from pipeline.shards import TEXT
 
+        if cfg.finetune_text and TEXT not in mods:
+            raise UsageError(
+                f"--finetune-text trains the title encoder: {features} has no text features "
+                "(make them with `vpipe features --text FILE`)" if TEXT not in present else
+                "--finetune-text trains the title encoder: add text to --modalities")
         if cfg.attention != TEXT_GUIDED:
             return
         if TEXT not in present:
@@ -126,10 +135,15 @@ class LabelTask(Task):
 
             return build_own_model(c.model, spec.dims, self.n_outputs(spec.classes),
                                    spec.model_source)
+        title = None
+        if c.finetune_text:  # the recorded encoder, loaded (and checked) from its source
+            from pipeline.train.finetune import title_branch
+
+            title = title_branch(spec)
         return SequenceModel(spec.dims, self.n_outputs(spec.classes), model=c.model,
                              pool=c.pool, hidden=c.hidden, layers=c.layers, dropout=c.dropout,
                              bidirectional=c.bidirectional,
-                             text_guided=c.attention == TEXT_GUIDED)
+                             text_guided=c.attention == TEXT_GUIDED, title_branch=title)
 
     def n_train_items(self, p: Prepared) -> int:
         return len(p.split_ids["train"])

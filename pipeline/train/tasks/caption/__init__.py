@@ -52,6 +52,9 @@ class Caption(Task):
         if cfg.folds:
             raise UsageError("--folds is not supported with --task caption (train one "
                              "train/val/test split, e.g. with --test-fraction)")
+        if cfg.finetune_text:
+            raise UsageError("--finetune-text trains the title encoder of the label tasks' "
+                             "TextCNN; a caption model reads frames and sound")
         if cfg.attention != SELF:
             raise UsageError(f"--attention {cfg.attention!r} is the attention model's pooling; "
                              "a caption model takes --caption-attention soft or none")

@@ -81,3 +81,34 @@ def resolve_hf_model(
                 f"or fetch the model into that cache on a machine that is online{hint}"
             ) from None
     return HFModelInfo(name=prefix + name, kind="hub", folder=path, revision=Path(path).name)
+
+
+def load_text_model(folder: str | Path) -> tuple[Any, Any]:
+    """The tokenizer and the ``transformers`` encoder of a found model's folder (no download):
+    what `vpipe features` encodes titles with and `vpipe train --finetune-text` fine-tunes."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    # transformers 5 draws a "Loading weights" bar on stderr: vpipe's lines are its own.
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        return tokenizer, AutoModel.from_pretrained(folder, local_files_only=True)
+    finally:
+        if shown:
+            logging.enable_progress_bar()
+
+
+def max_tokens(model: Any) -> int:
+    """How many tokens a title may have: the model's position table (positions past it cannot
+    be encoded; titles are far shorter anyway)."""
+    return int(getattr(model.config, "max_position_embeddings", 512) or 512)
+
+
+def tokenize_titles(tokenizer: Any, titles: list[str], limit: int) -> Any:
+    """The titles' token ids and attention mask, padded to the longest, as torch tensors:
+    the one tokenisation of titles, so that training feeds a title's tokens exactly as the
+    features were encoded from them (special tokens included)."""
+    return tokenizer(titles, padding=True, truncation=True, max_length=limit,
+                     return_tensors="pt")
