@@ -300,10 +300,14 @@ def check_against_run(proto_bytes: bytes, model: nn.Module, spec: ModelSpec) -> 
     lengths = [9, 1, 0, 4, 13, 2, 7]
     clips = ragged_clips(spec.dims, lengths, seed=1)
     want = run_values(model, spec, clips)
-    session = onnxruntime.InferenceSession(proto_bytes, providers=["CPUExecutionProvider"])
     feed = dict(zip(input_names(spec.modalities),
                     (t.numpy() for t in flat_inputs(clips, spec.modalities)), strict=True))
-    got = session.run(None, feed)[0]
+    try:
+        session = onnxruntime.InferenceSession(proto_bytes, providers=["CPUExecutionProvider"])
+        got = session.run(None, feed)[0]
+    except Exception as e:  # e.g. a traced size that other batches do not have
+        raise UsageError("onnxruntime cannot run the exported model on a check batch of other "
+                         f"sizes than the traced one ({root_cause(e)}); nothing written") from None
     diff = float(np.max(np.abs(got - want))) if want.size else 0.0
     if got.shape != want.shape or not np.allclose(got, want, rtol=TOLERANCE, atol=TOLERANCE):
         raise UsageError(f"the exported model's values differ from the run's by up to {diff:.3g} "
@@ -350,7 +354,10 @@ def export_model(run: str | Path, out: str | Path, *,
                             "vpipe predict writes (vpipe.* metadata)")
         onnx.checker.check_model(proto)
         data = proto.SerializeToString()
-        diff = check_against_run(data, model, spec)
+        try:
+            diff = check_against_run(data, model, spec)
+        except UsageError as e:
+            raise UsageError(f"{run}: {e}") from None
         tmp.write_bytes(data)
     return {"out": str(out), "task": spec.task, "inputs": input_names(spec.modalities),
             "output": task.value_name, "check_max_diff": diff, "bytes": len(data)}
