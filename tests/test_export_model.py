@@ -278,3 +278,23 @@ def test_the_readme_snippet_runs_the_file_as_predict_does(folders, tmp_path, mon
     want = predicted(tmp_path / "p.jsonl")
     assert scope["classes"] == ["bump", "down", "up"]
     np.testing.assert_allclose(scope["out"], np.stack([want[c] for c in ids]), atol=1e-4)
+
+
+def test_a_workflow_exports_the_run_it_trained(tmp_path, capsys) -> None:
+    """`[export-model]` after `[train]` in a workflow: the command it runs, and the file in
+    the run folder, with the run's identity."""
+    features, labels = feature_set(tmp_path, "regression", titled=False)
+    (tmp_path / "w.toml").write_text(
+        f'name = "exported"\ninputs = ["{features}"]\nwork_dir = "{tmp_path / "work"}"\n'
+        f'labels = "{labels}"\n\n[train]\nepochs = 2\nhidden = 8\ndevice = "cpu"\n\n'
+        "[export-model]\n")
+    assert main(["run", str(tmp_path / "w.toml"), "--dry-run"]) == 0
+    run = tmp_path / "work" / "train"
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"vpipe export-model {run} -o {run / 'model.onnx'}")
+    assert main(["run", str(tmp_path / "w.toml"), "--quiet"]) == 0
+    session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    from pipeline.files import sha256_of
+
+    assert json.loads(meta["vpipe.run"])["checkpoint_sha256"] == sha256_of(run / "best.pt")

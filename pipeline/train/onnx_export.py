@@ -251,7 +251,8 @@ def metadata(run: Path, checkpoint: str, spec: ModelSpec, exporter: str) -> dict
         "vpipe.version": __version__,
         "vpipe.trained_with": spec.vpipe_version,
         "vpipe.run": json.dumps(identity),
-        "vpipe.exported": json.dumps({"at": now_iso(), "exporter": exporter}),
+        "vpipe.exported": json.dumps({"at": now_iso(), "exporter": exporter,
+                                      "command": sys.argv, "cwd": os.getcwd()}),
     }
 
 
