@@ -194,12 +194,33 @@ def input_names(modalities: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- batches
 
 
-def ragged_clips(dims: dict[str, int], lengths: list[int], seed: int) -> list[dict]:
+def ragged_clips(dims: dict[str, int], lengths: list[int], seed: int,
+                 stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[dict]:
     """Clips of random rows, clip ``i`` with ``lengths[i] - j`` rows in the ``j``-th modality
-    (so the modalities' lengths differ, and some clips have none in one)."""
+    (so the modalities' lengths differ, and some clips have none in one); drawn around the
+    training frames' ``stats`` (mean, std) where given, so the model sees rows of its scale."""
     rng = np.random.default_rng(seed)
-    return [{m: rng.standard_normal((max(0, n - j), d)).astype(np.float32)
-             for j, (m, d) in enumerate(dims.items())} for n in lengths]
+    stats = stats or {}
+    clips = []
+    for n in lengths:
+        clip = {}
+        for j, (m, d) in enumerate(dims.items()):
+            mean, std = stats.get(m, (0.0, 1.0))
+            clip[m] = (mean + std * rng.standard_normal((max(0, n - j), d))).astype(np.float32)
+        clips.append(clip)
+    return clips
+
+
+def training_stats(model: nn.Module, modalities: list[str]) -> dict[str, tuple]:
+    """Each modality's training mean and std as the model keeps them (vpipe's models and a
+    user's class behind ``OwnModel`` alike; none found: standard normal rows)."""
+    buffers = dict(model.named_buffers())
+    out = {}
+    for m in modalities:
+        for mean, std in ((f"branches.{m}.mean", f"branches.{m}.std"), (f"mean_{m}", f"std_{m}")):
+            if mean in buffers and std in buffers:
+                out[m] = (buffers[mean].numpy(), buffers[std].numpy())
+    return out
 
 
 def flat_inputs(clips: list[dict], modalities: list[str]) -> list[torch.Tensor]:
@@ -299,7 +320,8 @@ def check_against_run(proto_bytes: bytes, model: nn.Module, spec: ModelSpec) -> 
     import onnxruntime
 
     lengths = [9, 1, 0, 4, 13, 2, 7]
-    clips = ragged_clips(spec.dims, lengths, seed=1)
+    clips = ragged_clips(spec.dims, lengths, seed=1, stats=training_stats(model,
+                                                                          spec.modalities))
     want = run_values(model, spec, clips)
     feed = dict(zip(input_names(spec.modalities),
                     (t.numpy() for t in flat_inputs(clips, spec.modalities)), strict=True))
