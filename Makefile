@@ -12,7 +12,7 @@ help: ## list the targets
 # The exact versions CI and the images use (constraints.txt), within pyproject.toml's ranges.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray,tensorboard,parquet,webdataset,tune]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray,tensorboard,parquet,webdataset,tune,onnx]'
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv/ and install vpipe with the pinned dependencies

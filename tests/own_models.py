@@ -69,3 +69,36 @@ class NoParameters(nn.Module):
 class NotANumber(MeanPool):
     def forward(self, inputs):
         return super().forward(inputs) * float("nan")
+
+
+class Packed(nn.Module):
+    """An LSTM over each modality's valid rows through pack_padded_sequence (which the ONNX
+    exporter cannot trace: the packed batch sizes depend on the lengths' values)."""
+
+    def __init__(self, dims: dict[str, int], n_outputs: int) -> None:
+        super().__init__()
+        self.modalities = list(dims)
+        self.lstms = nn.ModuleDict({m: nn.LSTM(d, 8, batch_first=True) for m, d in dims.items()})
+        self.head = nn.Linear(8 * len(dims), n_outputs)
+
+    def forward(self, inputs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        last = []
+        for m in self.modalities:
+            x, lengths = inputs[m]
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths.clamp(min=1).cpu(),
+                                                       batch_first=True, enforce_sorted=False)
+            _, (h, _) = self.lstms[m](packed)
+            last.append(h[-1] * (lengths > 0).to(x.dtype)[:, None])
+        return self.head(torch.cat(last, dim=1))
+
+
+class Truncating(MeanPool):
+    """MeanPool over the batch's first ``max(lengths)`` rows (all of them: the rest is
+    padding), cut by a Python int that a trace records as the traced batch's constant."""
+
+    def forward(self, inputs):
+        cut = {}
+        for m, (x, lengths) in inputs.items():
+            n = int(lengths.max())
+            cut[m] = (x[:, :n], lengths)
+        return super().forward(cut)

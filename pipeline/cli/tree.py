@@ -10,6 +10,7 @@ from pipeline.cli.app import app
 from pipeline.cli import media_cmds  # noqa: E402,F401  isort: skip
 from pipeline.cli import features_cmds  # noqa: E402,F401  isort: skip
 from pipeline.cli import train_cmds  # noqa: E402,F401  isort: skip
+from pipeline.cli import export_model_cmd  # noqa: E402,F401  isort: skip
 from pipeline.cli import tune_cmd  # noqa: E402,F401  isort: skip
 from pipeline.cli import run_cmd  # noqa: E402,F401  isort: skip
 from pipeline.cli import export_cmd  # noqa: E402,F401  isort: skip

@@ -9,7 +9,8 @@ two models (``lstm``: LRCN, ``attention``: per-modality LSTM with attention pool
 the one training loop of every task; ``folds`` k-fold cross-validation by source over it;
 ``evaluation`` and ``metrics`` the figures and the run's summary; ``runs`` the run folder
 (checkpoints, resume checks, metrics.jsonl, curves.png); ``predict`` evaluation and prediction
-from a run; ``synthetic`` feature sets with known answers for tests and demos.
+from a run; ``onnx_export`` a run's model as an ONNX file; ``synthetic`` feature sets with
+known answers for tests and demos.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from pipeline.train.folds import train_folds
     from pipeline.train.inputs import prepare
     from pipeline.train.loop import train, train_captions
+    from pipeline.train.onnx_export import export_model
     from pipeline.train.predict import evaluate_run, predict_run
     from pipeline.train.runs import load_run
 
@@ -36,9 +38,10 @@ _HOME = {
     "evaluate_run": "pipeline.train.predict",
     "predict_run": "pipeline.train.predict",
     "load_run": "pipeline.train.runs",
+    "export_model": "pipeline.train.onnx_export",
 }
-__all__ = ["TrainConfig", "evaluate_run", "load_run", "predict_run", "prepare", "train",
-           "train_captions", "train_folds"]
+__all__ = ["TrainConfig", "evaluate_run", "export_model", "load_run", "predict_run", "prepare",
+           "train", "train_captions", "train_folds"]
 
 
 def __getattr__(name: str) -> object:

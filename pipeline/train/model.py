@@ -53,21 +53,33 @@ class Branch(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor,
                 guide: torch.Tensor | None = None) -> torch.Tensor:
-        b, t, _ = x.shape
-        steps = torch.arange(t, device=x.device)
-        mask = steps[None, :] < lengths.to(x.device)[:, None]  # (B, T) valid steps
-        x = (x - self.mean) / self.std * mask[..., None]
+        mask = valid_steps(x, lengths)
+        has = (lengths > 0).to(x.device, x.dtype)[:, None]
+        x = self.normalise(x, mask)
         # A clip without rows in this modality (no audio) runs one zero step, zeroed below.
         packed = pack_padded_sequence(
             x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
         )
         out, (h, _) = self.lstm(packed)
-        has = (lengths > 0).to(x.device, x.dtype)[:, None]
         if self.pool == "last":
             # h holds the state at each clip's own last step (forward) and first (backward).
             dirs = 2 if self.lstm.bidirectional else 1
-            return torch.cat(list(h[-dirs:]), dim=1) * has
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=t)
+            return self.pool_steps(None, torch.cat(list(h[-dirs:]), dim=1), mask, has, guide)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return self.pool_steps(out, None, mask, has, guide)
+
+    def normalise(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The inputs standardised with the training frames' statistics, padding kept zero."""
+        return (x - self.mean) / self.std * mask[..., None]
+
+    def pool_steps(self, out: torch.Tensor | None, last: torch.Tensor | None,
+                   mask: torch.Tensor, has: torch.Tensor,
+                   guide: torch.Tensor | None = None) -> torch.Tensor:
+        """The LSTM's outputs ``out`` (B, T, H) over the ``mask``'s valid steps (or ``last``,
+        each clip's final states, for ``pool == "last"``) to one vector per clip; a clip
+        without rows (``has`` 0) gives zeros. Shared by training and ``export-model``."""
+        if self.pool == "last":
+            return last * has
         m = mask.to(out.dtype)[..., None]
         if self.pool == "mean":
             return (out * m).sum(1) / m.sum(1).clamp(min=1.0)
@@ -77,6 +89,12 @@ class Branch(nn.Module):
         scores = scores.masked_fill(~mask.any(1, keepdim=True), 0.0)  # no valid step: no NaN
         weights = torch.softmax(scores.float(), dim=1).to(out.dtype)
         return (weights[..., None] * out).sum(1) * has
+
+
+def valid_steps(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, T) True at each clip's valid steps of a padded batch ``x`` (B, T, D)."""
+    steps = torch.arange(x.shape[1], device=x.device)
+    return steps[None, :] < lengths.to(x.device)[:, None]
 
 
 class TitleBranch(nn.Module):

@@ -32,10 +32,15 @@ class TextCNN(nn.Module):
         self.out_dim = filters * len(windows)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
         # Pad to the widest window so a one-token title still gives every window a position.
-        pad = max(0, max(self.windows) - t)
-        x = nn.functional.pad(x, (0, 0, 0, pad)).transpose(1, 2)  # (B, D, T')
+        pad = max(0, max(self.windows) - x.shape[1])
+        return self.pool_windows(nn.functional.pad(x, (0, 0, 0, pad)), lengths)
+
+    def pool_windows(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` on token rows ``(B, T', D)`` already padded to at least the widest
+        window; any further zero rows change nothing (``export-model`` pads by a fixed
+        ``max(windows) - 1``, which a graph of any title length can do)."""
+        x = x.transpose(1, 2)  # (B, D, T')
         lengths = lengths.to(x.device)
         pooled = []
         for w, conv in zip(self.windows, self.convs, strict=True):

@@ -47,6 +47,7 @@ STAGES: dict[str, StageSpec] = {
     "tune": StageSpec(("features",), "run", labels=True, whole=True, made_at="best"),
     "evaluate": StageSpec(("run", "features"), "metrics", "evaluation.json", labels=True),
     "predict": StageSpec(("run", "features"), "predictions", "predictions.jsonl"),
+    "export-model": StageSpec(("run",), "model", "model.onnx"),
 }
 TOP_LEVEL_KEYS = {"name", "description", "inputs", "work_dir", "labels", "engine", "ray_address"}
 # Options that change how a stage runs but not what it writes (ignored by "up to date"), and

@@ -80,6 +80,16 @@ class Task:
     def build_model(self, spec: ModelSpec) -> torch.nn.Module:
         raise NotImplementedError
 
+    # The name of what an exported model (``vpipe export-model``) gives per clip.
+    value_name: str = ""
+
+    def value_layer(self, spec: ModelSpec) -> torch.nn.Module:
+        """The model's outputs ``(B, n_outputs)`` as the values predict reports, as a torch
+        module (so that ``vpipe export-model`` puts it inside the graph). A task whose
+        predictions are not one forward pass per clip refuses with one line."""
+        raise UsageError(f"a {self.name} run cannot be exported: its predictions are not one "
+                         "forward pass per clip")
+
     def write_run_files(self, p: Prepared, out: Path) -> None:
         """Files of the run folder besides the shared ones (written once training starts)."""
 

@@ -35,8 +35,10 @@ class Classification(LabelTask):
     def loss(self, spec, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out.float(), y)
 
-    def values(self, spec, out: torch.Tensor) -> np.ndarray:
-        return torch.softmax(out.float(), 1).cpu().numpy()
+    value_name = "scores"
+
+    def value_layer(self, spec) -> torch.nn.Module:
+        return torch.nn.Softmax(dim=1)  # class probabilities
 
     def metrics(self, outputs, targets, *, train_mean, top_k, threshold) -> dict:
         return classification_metrics(outputs, targets, top_k)

@@ -106,8 +106,9 @@ class LabelTask(Task):
         raise NotImplementedError
 
     def values(self, spec: ModelSpec, out: torch.Tensor) -> np.ndarray:
-        """Model outputs as values, class or tag probabilities."""
-        raise NotImplementedError
+        """Model outputs as values, class or tag probabilities (through :meth:`value_layer`,
+        the same module an exported model ends with)."""
+        return self.value_layer(spec)(out.float()).cpu().numpy()
 
     def metrics(self, outputs: np.ndarray, targets: np.ndarray, *, train_mean: float,
                 top_k: int, threshold: float) -> dict:

@@ -36,8 +36,10 @@ class Multilabel(LabelTask):
     def loss(self, spec, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(out.float(), y.float())
 
-    def values(self, spec, out: torch.Tensor) -> np.ndarray:
-        return torch.sigmoid(out.float()).cpu().numpy()
+    value_name = "scores"
+
+    def value_layer(self, spec) -> torch.nn.Module:
+        return torch.nn.Sigmoid()  # each tag's probability
 
     def metrics(self, outputs, targets, *, train_mean, top_k, threshold) -> dict:
         return multilabel_metrics(outputs, targets, threshold)

@@ -65,9 +65,10 @@ class Regression(LabelTask):
         mu, sd = spec.target_norm
         return F.mse_loss(out.float()[:, 0], (y.float() - mu) / sd)
 
-    def values(self, spec, out: torch.Tensor) -> np.ndarray:
-        mu, sd = spec.target_norm
-        return (out.float()[:, 0] * sd + mu).cpu().numpy()
+    value_name = "value"
+
+    def value_layer(self, spec) -> torch.nn.Module:
+        return Denormalise(*spec.target_norm)
 
     def metrics(self, outputs, targets, *, train_mean, top_k, threshold) -> dict:
         return regression_metrics(outputs, targets, train_mean)
@@ -80,6 +81,17 @@ class Regression(LabelTask):
 
     def describe(self, classes: list[str], out: np.ndarray, threshold: float) -> dict:
         return {"prediction": float(out)}
+
+
+class Denormalise(torch.nn.Module):
+    """The model's standardised output ``(B, 1)`` back in the labels' units ``(B,)``."""
+
+    def __init__(self, mean: float, std: float) -> None:
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        return out[:, 0] * self.std + self.mean
 
 
 TASK = Regression()

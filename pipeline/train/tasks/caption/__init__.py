@@ -71,6 +71,11 @@ class Caption(Task):
     def build_model(self, spec):
         return build_caption_model(spec)
 
+    def value_layer(self, spec):
+        raise UsageError("a caption run cannot be exported: its captions come from a beam "
+                         "search that runs the decoder once per word (export-model takes "
+                         "regression, classification and multilabel runs)")
+
     def write_run_files(self, p, out: Path) -> None:
         p.vocab.save(out / "vocab.json")
 
