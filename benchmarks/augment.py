@@ -4,13 +4,15 @@
         [--test-per-class 10] [--views 4] [--seeds 0 1 2]
 
 The set: one 2-second video per source, a coloured square (red, green or blue: the label)
-moving over a Game-of-Life texture that differs per source (lavfi ``life`` with its own seed),
+moving over a grey Game-of-Life texture that differs per source (lavfi ``life`` with its own
+seed, density and grey),
 at its own position and speed. The label does not depend on what the views change (a flip, a
 rotation, a crop, noise). Whole sources are split: ``--train-per-class`` training and one
 validation source per class, ``--test-per-class`` test sources. Frames at 2 fps, 112 px;
-features from resnet18 with random weights (pretrained weights cannot be downloaded here: the
-figures say how views change what a model learns from these features, not what pretrained
-features would give); vpipe train's defaults for classification. For each seed: the same
+features from resnet18, with random weights unless ``--image-weights`` gives a file
+(pretrained weights cannot be downloaded here: the figures then say how views change what a
+model learns from random features, not what pretrained ones would give); vpipe train's
+defaults for classification. For each seed: the same
 sources and split trained without views and with ``--views`` views of every clip (the
 training clips' views trained on). Prints test accuracy per seed and the mean.
 """
@@ -41,7 +43,7 @@ def make_source(path: Path, colour: str, seed: int) -> None:
     box = (f"drawbox=x='{x0}+{vx:.2f}*t':y='{y0}+{vy:.2f}*t':w={side}:h={side}:"
            f"color={COLOURS[colour]}:t=fill")
     life = (f"life=s=112x112:r=10:ratio={rng.uniform(0.2, 0.6):.2f}:seed={seed}:"
-            f"mold=10:life_color=0x{rng.randint(0x404040, 0xC0C0C0):06X}:"
+            f"mold=10:life_color=0x{rng.randint(0x40, 0xC0) * 0x010101:06X}:"
             "death_color=0x202020")
     subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", f"{life},{box}",
                     "-t", "2", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "20",
@@ -54,6 +56,8 @@ def main_(argv: list[str] | None = None) -> None:
     ap.add_argument("--test-per-class", type=int, default=10)
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--image-weights", default="none",
+                    help="resnet18 weights (a state-dict file; default none: random weights)")
     args = ap.parse_args(argv)
     per_class = args.train_per_class + 1 + args.test_per_class
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +84,7 @@ def main_(argv: list[str] | None = None) -> None:
             assert main(["extract-frames", str(root / "videos"), "-o", str(root / name),
                          "--fps", "2", "--size", "112", "--no-audio", *views, "-q"]) == 0
             assert main(["features", str(root / name), "-o", str(root / f"feat-{name}"),
-                         "--image-model", "resnet18", "--image-weights", "none",
+                         "--image-model", "resnet18", "--image-weights", args.image_weights,
                          "--audio-model", "none", "-q"]) == 0
         prep = time.perf_counter() - t
         print(f"{3 * per_class} sources ({args.train_per_class} train, 1 val, "

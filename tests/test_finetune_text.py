@@ -309,3 +309,10 @@ def test_predict_on_new_videos_uses_the_finetuned_encoder(tmp_path: Path, weight
     for cid, line in new.items():
         assert line["split"] is None
         assert line["scores"] == pytest.approx(known[cid]["scores"], abs=1e-6)
+
+
+def test_export_model_refuses_a_finetuned_run_in_one_line(setup, tmp_path: Path, capsys) -> None:
+    pytest.importorskip("onnxruntime", reason="export-model needs pip install 'vpipe[onnx]'")
+    _one_line_exit_2(["export-model", str(setup["tuned"]), "-o", str(tmp_path / "m.onnx")],
+                     capsys, "a --finetune-text run holds a transformers title encoder")
+    assert not (tmp_path / "m.onnx").exists()

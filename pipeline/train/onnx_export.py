@@ -356,6 +356,10 @@ def export_model(run: str | Path, out: str | Path, *,
 
     run, out = Path(run), check_output(out)
     model, spec = load_run(run, checkpoint)
+    if getattr(spec.config, "finetune_text", False):
+        raise UsageError(f"{run}: a --finetune-text run holds a transformers title encoder that "
+                         "takes token ids; export-model takes runs on stored title features "
+                         "(train without --finetune-text to export)")
     task = get_task(spec.task)
     try:
         values = task.value_layer(spec)
