@@ -40,13 +40,15 @@ def make_source(path: Path, colour: str, seed: int) -> None:
     x0, y0 = rng.randint(5, 60), rng.randint(5, 60)
     vx, vy = rng.uniform(-15, 15), rng.uniform(-15, 15)
     side = rng.randint(30, 44)
-    box = (f"drawbox=x='{x0}+{vx:.2f}*t':y='{y0}+{vy:.2f}*t':w={side}:h={side}:"
-           f"color={COLOURS[colour]}:t=fill")
     life = (f"life=s=112x112:r=10:ratio={rng.uniform(0.2, 0.6):.2f}:seed={seed}:"
             f"mold=10:life_color=0x{rng.randint(0x40, 0xC0) * 0x010101:06X}:"
-            "death_color=0x202020")
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", f"{life},{box}",
-                    "-t", "2", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "20",
+            "death_color=0x202020[bg]")
+    # (overlay, not drawbox: drawbox's x and y do not follow t)
+    square = f"color=c={COLOURS[colour]}:s={side}x{side}:r=10[sq]"
+    move = f"[bg][sq]overlay=x='{x0}+{vx:.2f}*t':y='{y0}+{vy:.2f}*t':shortest=1[out0]"
+    graph = f"{life};{square};{move}"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", graph, "-t", "2",
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "20",
                     str(path)], check=True)
 
 
