@@ -128,8 +128,8 @@ class CaptionModel(nn.Module):
     def decode(self, mem, mask, state: tuple, max_words: int, beam: int = 1,
                stop_early: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Beam search from ``encode``'s output, all on the device: each clip's best word ids
-        (B, up to max_words + 1), their mean log-prob per word (B,), and how many steps ran until every
-        beam had ended (the columns that count). Nothing in the loop waits for the device: the
+        (B, up to max_words + 1), their mean log-prob per word (B,), and how many steps ran until
+        every beam had ended (the columns that count). Nothing in the loop waits for the device: the
         steps after the last beam ended change nothing. ``stop_early`` (the default on the CPU,
         where asking costs nothing) leaves the loop then instead; the result is the same."""
         h, c = state
