@@ -56,9 +56,11 @@ class ActorEncoders:
     devices: list[dict]
 
     def identity(self) -> dict[str, Any]:
+        """What of the encoders decides the output (as :meth:`Encoders.identity`)."""
         return dict(self.ids)
 
     def attrs(self) -> dict[str, dict]:
+        """The shard attributes of each modality (as :meth:`Encoders.attrs`)."""
         return {k: dict(v) for k, v in self.shard_attrs.items()}
 
 
@@ -86,6 +88,7 @@ def decode_sizing(free_cpus: float, actors: int, store_bytes: float) -> dict[str
     tasks = max(1, int(free_cpus))
     return {"decode_tasks": tasks, "chunks_in_flight": tasks + QUEUED_PER_ACTOR * actors,
             "bytes_in_flight": int(store_bytes * STORE_SHARE)}
+
 
 def chunks(jobs: list[ClipJob], shard_size: int, fps: float | None,
            frames_per_chunk: int = FRAMES_PER_CHUNK) -> list[list[int]]:
@@ -272,6 +275,7 @@ def start_actors(ray: Any, opts: FeatureOptions) -> tuple[list[Any], ActorEncode
 
 
 def stop_actors(ray: Any, actors: list[Any]) -> None:
+    """End the actors (their models with them)."""
     for a in actors:
         ray.kill(a)
 
