@@ -315,6 +315,27 @@ def test_features_on_ray_equal_local(cluster: str, weights, tmp_path: Path, monk
     assert len(list(on_ray.glob("shard-*.h5"))) == n
 
 
+def test_chunks_larger_than_the_bytes_allowed_go_one_at_a_time(cluster: str, weights,
+                                                               tmp_path: Path,
+                                                               monkeypatch) -> None:
+    from pipeline.features import on_ray
+
+    media = make_media(tmp_path / "media", {f"s_{i}": (3, None) for i in range(4)})
+    common = ("--shard-size", "1", "--audio-model", "none")
+    local, on_ray_out = tmp_path / "local", tmp_path / "ray"
+    assert main(feature_args(media, local, weights, *common)) == 0
+    monkeypatch.setattr(on_ray, "STORE_SHARE", 0.0)  # no chunk fits: one in flight at a time
+    waited_on: list[int] = []  # the chunks decoding or encoding, each time the driver waits
+    wait = ray.wait
+    monkeypatch.setattr(ray, "wait", lambda refs, **k: waited_on.append(len(refs))
+                        or wait(refs, **k))
+    assert main(feature_args(media, on_ray_out, weights, *common, "--engine", "ray")) == 0
+    assert_same_features(local, on_ray_out)
+    assert engine_of(on_ray_out)["decode"] == {"decode_tasks": 1, "chunks_in_flight": 3,
+                                               "bytes_in_flight": 0}
+    assert len(waited_on) == 8 and max(waited_on) == 1  # 4 chunks, each decoded then encoded
+
+
 def test_features_with_titles_on_ray_equal_local(cluster: str, weights, text_model: Path,
                                                  tmp_path: Path) -> None:
     from pipeline.shards import open_features
