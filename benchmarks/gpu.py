@@ -409,6 +409,9 @@ def ray(work: Path) -> dict[str, Any]:
                         "--image-weights", "none", "--audio-model", "none", "-q",
                         "--engine", engine)
         out[engine] = {"seconds": round(seconds, 1), "frames_per_s": round(5000 / seconds, 1)}
+    # Which device each actor chose, and the decode tasks and bytes in flight the run sized.
+    info = json.loads((work / "features-ray" / "vpipe.json").read_text()).get("engine", {})
+    out["ray"].update(actors=info.get("actors"), decode=info.get("decode"))
     print(f"  ray: {out}", flush=True)
     return out
 

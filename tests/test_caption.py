@@ -165,6 +165,62 @@ def test_beam_1_is_greedy_and_beam_3_agrees_on_a_clear_task(trained, synth_set) 
     assert [b[: b.index(2)] for b in beam] == [g[: g.index(2)] for g in greedy]  # a clear task
 
 
+@torch.no_grad()
+def _generate_waiting_each_word(model, x: dict, max_words: int, beam: int) -> tuple:
+    """The beam search as it was before it ran on the device alone (a wait on every word, the
+    loop left when every beam has ended): the reference the device-only loop must equal."""
+    import torch.nn.functional as F
+
+    mem, mask, (h, c) = model.encode(x)
+    b, k = h.shape[0], beam
+    mem, mask, h, c = (t.repeat_interleave(k, 0) for t in (mem, mask, h, c))
+    score = torch.full((b, k), float("-inf"))
+    score[:, 0] = 0.0
+    word = torch.full((b * k,), 1, dtype=torch.long)
+    seqs = torch.zeros((b * k, 0), dtype=torch.long)
+    done = torch.zeros(b * k, dtype=torch.bool)
+    for _ in range(max_words + 1):
+        logits, (h, c) = model.step(word, (h, c), mem, mask)
+        logp = F.log_softmax(logits.float(), -1)
+        v = logp.shape[1]
+        logp[done] = float("-inf")
+        logp[done, 0] = 0.0
+        score, idx = (score.reshape(-1, 1) + logp).reshape(b, k * v).topk(k, dim=1)
+        origin = (idx // v + torch.arange(b)[:, None] * k).reshape(-1)
+        word = (idx % v).reshape(-1)
+        seqs = torch.cat([seqs[origin], word[:, None]], 1)
+        h, c, done = h[origin], c[origin], done[origin] | (word == 2)
+        word = word.masked_fill(done, 0)
+        if bool(done.all()):
+            break
+    seqs = seqs.reshape(b, k, -1)
+    n_words = ((seqs != 0).sum(-1)).clamp(min=1).float()
+    best = score.argmax(1)
+    return ([seqs[i, best[i]].tolist() for i in range(b)],
+            [float(score[i, best[i]] / n_words[i, best[i]]) for i in range(b)])
+
+
+def test_decoding_on_the_device_alone_gives_the_captions_of_a_wait_per_word(trained,
+                                                                             synth_set) -> None:
+    from pipeline.shards import open_features
+    from pipeline.train.sequences import ClipSequences, pad_batch
+
+    model, spec = load_run(trained[0])
+    model.eval()
+    with open_features(synth_set[0] / "feats") as store:
+        data = ClipSequences(store, store.clip_ids, spec.modalities)
+        x = pad_batch([data[i] for i in range(len(data))], spec.modalities)
+    ran_on = set()
+    for beam in (1, 2, 3, 5):
+        for max_words in (20, 3):  # 3: most captions cut before <eos>
+            want = _generate_waiting_each_word(model, x, max_words, beam)
+            for stop_early in (True, False):
+                assert model.generate(x, max_words, beam, stop_early) == want
+            ran_on.add(int(model.decode(*model.encode(x), max_words, beam, False)[2]))
+    # Both ways out were taken: every beam ended early (20 words) and none did (3 words).
+    assert min(ran_on) < 21 and 4 in ran_on
+
+
 def test_a_finished_run_is_reported_complete(trained, synth_set, capsys) -> None:
     run, s = trained
     root, csv_path, _, _ = synth_set

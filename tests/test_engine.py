@@ -259,13 +259,50 @@ def feature_media(tmp_path: Path) -> Path:
     return media
 
 
-def test_features_on_ray_equal_local(cluster: str, weights, tmp_path: Path) -> None:
+def test_actors_choose_their_own_device_and_decoding_fills_the_free_cpus() -> None:
+    from pipeline.features.on_ray import actor_device, actor_kind, decode_sizing
+
+    # A driver that would pick CUDA (auto, or cuda asked for) sends no CUDA to a CPU-only actor.
+    assert actor_device("auto", []) == "cpu" and actor_device("cuda", []) == "cpu"
+    assert actor_device("auto", [3]) == "cuda" and actor_device("cpu", [3]) == "cpu"
+    # The cluster's GPUs decide, not the driver's machine: a CPU-only head uses the workers'.
+    assert actor_kind("auto", 2) == "gpu" and actor_kind("cuda:1", 2) == "gpu"
+    assert actor_kind("auto", 0) == "cpu" and actor_kind("cpu", 8) == "cpu"
+    with pytest.raises(UsageError, match="--device cuda: the Ray cluster has no GPU"):
+        actor_kind("cuda", 0)
+    # 16 cores, one GPU actor holding one: 15 decode tasks, 2 chunks queued for the actor, and
+    # the decoded frames in flight at most half the object store.
+    assert decode_sizing(15, 1, 40e9) == {"decode_tasks": 15, "chunks_in_flight": 17,
+                                          "bytes_in_flight": 20_000_000_000}
+    assert decode_sizing(0, 2, 1e9)["decode_tasks"] == 1
+
+
+def test_features_on_ray_equal_local(cluster: str, weights, tmp_path: Path, monkeypatch,
+                                     capsys) -> None:
+    from pipeline.features import stage
+
     media = feature_media(tmp_path)
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     assert main(feature_args(media, local, weights, "--shard-size", "2")) == 1
+
+    def no_models_here(*_a, **_k):
+        raise AssertionError("the driver loaded the models")
+
+    monkeypatch.setattr(stage, "load_encoders", no_models_here)  # the actors' own are theirs
     assert main(feature_args(media, on_ray, weights, "--shard-size", "2", "--engine",
-                             "ray")) == 1
+                             "ray", "--device", "auto")) == 1
     assert_same_features(local, on_ray)
+    engine = engine_of(on_ray)
+    # One CPU actor on the 2-CPU node holds one CPU; the other decodes.
+    assert [(a["type"], a["precision"]) for a in engine["actors"]] == [("cpu", "fp32")]
+    store = ray.cluster_resources()["object_store_memory"]
+    assert engine["decode"] == {"decode_tasks": 1, "chunks_in_flight": 3,
+                                "bytes_in_flight": int(store * 0.5)}
+    assert "device" not in json.loads((on_ray / "vpipe.json").read_text())
+    assert main(feature_args(media, tmp_path / "cuda", weights, "--engine", "ray", "--device",
+                             "cuda")) == 2
+    assert "--device cuda: the Ray cluster has no GPU" in capsys.readouterr().err
+    assert not (tmp_path / "cuda").exists()
     a, b = read_manifest(local), read_manifest(on_ray)
     assert {k: r["status"] for k, r in a.items()} == {k: r["status"] for k, r in b.items()}
     assert b["c_1"]["status"] == "failed" and b["c_1"]["error"] == a["c_1"]["error"]
@@ -276,6 +313,27 @@ def test_features_on_ray_equal_local(cluster: str, weights, tmp_path: Path) -> N
     assert main(feature_args(media, on_ray, weights, "--shard-size", "2", "--engine",
                              "ray")) == 1
     assert len(list(on_ray.glob("shard-*.h5"))) == n
+
+
+def test_chunks_larger_than_the_bytes_allowed_go_one_at_a_time(cluster: str, weights,
+                                                               tmp_path: Path,
+                                                               monkeypatch) -> None:
+    from pipeline.features import on_ray
+
+    media = make_media(tmp_path / "media", {f"s_{i}": (3, None) for i in range(4)})
+    common = ("--shard-size", "1", "--audio-model", "none")
+    local, on_ray_out = tmp_path / "local", tmp_path / "ray"
+    assert main(feature_args(media, local, weights, *common)) == 0
+    monkeypatch.setattr(on_ray, "STORE_SHARE", 0.0)  # no chunk fits: one in flight at a time
+    waited_on: list[int] = []  # the chunks decoding or encoding, each time the driver waits
+    wait = ray.wait
+    monkeypatch.setattr(ray, "wait", lambda refs, **k: waited_on.append(len(refs))
+                        or wait(refs, **k))
+    assert main(feature_args(media, on_ray_out, weights, *common, "--engine", "ray")) == 0
+    assert_same_features(local, on_ray_out)
+    assert engine_of(on_ray_out)["decode"] == {"decode_tasks": 1, "chunks_in_flight": 3,
+                                               "bytes_in_flight": 0}
+    assert len(waited_on) == 8 and max(waited_on) == 1  # 4 chunks, each decoded then encoded
 
 
 def test_features_with_titles_on_ray_equal_local(cluster: str, weights, text_model: Path,

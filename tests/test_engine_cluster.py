@@ -71,6 +71,10 @@ def test_features_on_two_nodes_equal_local(two_nodes: Cluster, weights, tmp_path
                              "ray")) == 0
     assert_same_features(local, on_ray)
     assert {r["status"] for r in read_manifest(on_ray).values()} == {"ok"}
+    # An actor per one-CPU node shares its CPU: both CPUs decode, 2 chunks queued per actor.
+    engine = json.loads((on_ray / "vpipe.json").read_text())["engine"]
+    assert [a["type"] for a in engine["actors"]] == ["cpu", "cpu"]
+    assert engine["decode"]["decode_tasks"] == 2 and engine["decode"]["chunks_in_flight"] == 6
 
 
 def test_a_lost_node_has_its_tasks_done_elsewhere(two_nodes: Cluster, videos: Path,

@@ -653,6 +653,47 @@ def test_a_wav_unlike_its_record_fails_its_clip_naming_the_cause(tmp_path: Path,
             store["va"].audio, reference_audio(frames / "va" / "audio.wav", weights, True))
 
 
+class WavReadWhere:
+    """VGGish's audio input that also says which process read each wav."""
+
+    rate_hz = 16000
+
+    def from_wav(self, path, n_samples=None, rate_hz=None):
+        from pipeline.features.encoders.vggish import wav_examples
+
+        return wav_examples(path, n_samples, rate_hz), os.getpid()
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_a_clips_wav_is_read_by_the_worker_decoding_its_last_frame(tmp_path: Path,
+                                                                   workers: int) -> None:
+    """The log-mel examples of frame folders are made in the loader workers, not in the
+    process that runs the models (there only for a clip without frames); the same examples."""
+    from pipeline.features.encoders.image import Preprocessing
+    from pipeline.features.encoders.vggish import wav_examples
+    from pipeline.features.options import FeatureOptions
+    from pipeline.features.sources import Decoding, FrameFolders
+
+    media = make_media(tmp_path / "m", {"a_0": (5, 2.1), "b_0": (0, 1.5), "c_0": (3, 1.2),
+                                        "d_0": (2, None)})
+    source = FrameFolders([media])
+    jobs = source.clips()
+    for job in jobs:
+        source.prepare(job)
+    dec = Decoding(Preprocessing(crop_size=32, resize_size=32), WavReadWhere())
+    opts = FeatureOptions(workers=workers, batch_size=2)
+    done = {jobs[j].id: (out, err) for b in source.batches(jobs, dec, opts)
+            for j, out, err in b.done}
+    assert list(done) == ["a_0", "b_0", "c_0", "d_0"] and done["d_0"] == (None, None)
+    here = os.getpid()
+    for cid in ("a_0", "b_0", "c_0"):
+        (ex, times), pid = done[cid][0]
+        want = wav_examples(media / cid / "audio.wav")
+        torch.testing.assert_close(ex, want[0], rtol=0, atol=0)
+        np.testing.assert_array_equal(times, want[1])
+        assert ex.shape[0] >= 1 and (pid == here) == (cid == "b_0" or workers == 0), cid
+
+
 def test_from_video_clip_failing_in_the_decoder_fails_only_itself(tmp_path: Path, videos: Path,
                                                                   weights, capsys) -> None:
     """A subclip-style folder whose middle clip file is damaged after it was recorded: the

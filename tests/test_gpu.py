@@ -150,3 +150,21 @@ def test_a_resumed_run_on_another_gpu_draws_the_same_dropout(tmp_path):
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     for k, v in a["model"].items():  # atomics in CUDA's backward: not bit for bit
         torch.testing.assert_close(v, b["model"][k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_caption_beam_search_never_waits_for_the_gpu():
+    """The decode loop runs with CUDA's sync check set to fail on any wait; its captions are
+    those of generate, which waits once at the end."""
+    from pipeline.train.tasks.caption.model import CaptionModel
+
+    torch.manual_seed(0)
+    model = CaptionModel({"image": 8}, 12, hidden=16).cuda().eval()
+    lengths = torch.tensor([5, 3, 1])
+    x = {"image": (torch.randn(3, 5, 8).cuda(), lengths)}
+    enc = model.encode(x)  # packing the sequences needs the lengths on the host
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ids, mean_logp, steps = model.decode(*enc, 10, beam=3, stop_early=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert model.generate(x, 10, beam=3) == (ids[:, :int(steps)].tolist(), mean_logp.tolist())

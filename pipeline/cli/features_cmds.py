@@ -119,9 +119,9 @@ def features(
             show_default=False,
         ),
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = (
-        OPT.device
-    ),
+    device: Annotated[str, typer.Option(
+        "--device", help="auto, cpu, cuda or cuda:N (with --engine ray: each actor takes its "
+        "GPU, else the CPU; cpu: no GPU).")] = OPT.device,
     precision: Annotated[
         str,
         typer.Option(

@@ -6,7 +6,8 @@ saying which clips it completed (with their VGGish examples, or the error that f
 stage loop (:mod:`.stage`) is the same for every source; a new kind of input is a new class here.
 
 - :class:`FrameFolders`: the JPEG/PNG frames and ``audio.wav`` of ``vpipe extract-frames``,
-  decoded, resized and cropped in DataLoader worker processes.
+  decoded, resized and cropped in DataLoader worker processes; a clip's wav is made into its
+  VGGish examples there too, by the worker that decodes the clip's last frame.
 - :class:`DecodedVideos` (``--from-video``): clips (a subclip output folder, or videos) decoded
   by :func:`pipeline.media.decode` in the loader workers, no intermediate files (a ranges-mode
   clip: just its range of the source).
@@ -135,18 +136,23 @@ class FrameFolders:
     def batches(self, jobs: list[ClipJob], dec: Decoding, opts: FeatureOptions
                 ) -> Iterator[Batch]:
         """Every frame of ``jobs`` in order, decoded in loader workers; a clip is done once the
-        batch holding its last frame is out (its VGGish examples read from its wav here)."""
+        batch holding its last frame is out. Its VGGish examples are read from its wav by the
+        worker that decodes its last frame (here for a clip without frames)."""
         counts = np.array([len(j.frames) for j in jobs], dtype=np.int64)
         owner = np.repeat(np.arange(len(jobs)), counts)
         times = np.array([float(t) for j in jobs for t in j.rec["timestamps"]], np.float64)
         remaining = counts.copy()
+        audio: dict[int, tuple[Any, str | None]] = {}  # by job: what a worker made of its wav
         nxt = 0
 
         def completed() -> list[tuple[int, Any, str | None]]:
             nonlocal nxt
             done = []
             while nxt < len(jobs) and remaining[nxt] == 0:
-                done.append(_wav_done(nxt, jobs[nxt], dec))
+                job = jobs[nxt]
+                ex, error = audio.pop(nxt) if nxt in audio else clip_audio(job, dec.audio)
+                done.append((nxt, None, job.error) if job.error is not None
+                            else (nxt, ex, error))
                 nxt += 1
             return done
 
@@ -156,13 +162,17 @@ class FrameFolders:
             c = dec.preprocessing.crop_size
             yield Batch(torch.zeros((0, 3, c, c), dtype=torch.uint8), owner, times, done)
             return
+        last = np.cumsum(counts) - 1  # a clip's last frame, where its audio is read
+        wavs = {int(last[j]): job for j, job in enumerate(jobs) if counts[j]}
         pos = 0
-        for imgs, errors in _frame_loader(paths, dec, opts):
+        for imgs, errors, wav_out in _frame_loader(paths, dec, opts, wavs):
             n = imgs.shape[0]
             own = owner[pos : pos + n]
             for k in range(n):
                 if errors[k] and jobs[own[k]].error is None:
                     jobs[own[k]].error = errors[k]
+                if wav_out[k] is not None:
+                    audio[int(own[k])] = wav_out[k]
             np.subtract.at(remaining, own, 1)
             yield Batch(imgs, own, times[pos : pos + n], done + completed())
             done = []
@@ -221,50 +231,59 @@ def frame_files(rec: dict, folder: Path) -> list[Path]:
     return [frames / f"{i:06d}.{ext}" for i in range(int(rec["n_frames"]))]
 
 
-def _wav_done(j: int, job: ClipJob, dec: Decoding) -> tuple[int, Any, str | None]:
-    if job.error is not None:
-        return j, None, job.error
-    if dec.audio is None or job.audio_path is None:
-        return j, None, None
-    try:  # a wav unlike its record (cut short...) fails its clip, named, as one unreadable
+def clip_audio(job: ClipJob, audio: Any) -> tuple[Any, str | None]:
+    """A clip's audio examples from its wav (None without an audio encoder or a wav), or the
+    error that fails the clip: a wav unlike its record (cut short...), named, as one
+    unreadable."""
+    if audio is None or job.audio_path is None:
+        return None, None
+    try:
         rec = job.rec
-        ex = dec.audio.from_wav(job.audio_path, rec.get("n_samples"), rec.get("sample_rate"))
-        return j, ex, None
+        return audio.from_wav(job.audio_path, rec.get("n_samples"), rec.get("sample_rate")), None
     except VpipeError as e:
-        return j, None, str(e)
+        return None, str(e)
     except Exception as e:  # an unreadable wav fails this clip only
-        return j, None, f"{job.audio_path}: cannot read audio ({type(e).__name__}: {e})"
+        return None, f"{job.audio_path}: cannot read audio ({type(e).__name__}: {e})"
 
 
 class FrameFiles(torch.utils.data.Dataset):
-    """Frame files → (uint8 tensor (3, crop, crop), error or None); runs in loader workers."""
+    """Frame files → (uint8 tensor (3, crop, crop), error or None, the clip's audio or None);
+    runs in loader workers. ``wavs``: the clip whose audio is read with frame i, by i (its last
+    frame): its examples (:func:`clip_audio`) travel with that frame."""
 
-    def __init__(self, paths: Sequence[str], preprocessing: Preprocessing) -> None:
+    def __init__(self, paths: Sequence[str], preprocessing: Preprocessing,
+                 wavs: dict[int, ClipJob] | None = None, audio: Any = None) -> None:
         self.paths = list(paths)
         self.pre = preprocessing
+        self.wavs = (wavs or {}) if audio is not None else {}
+        self.audio = audio
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str | None]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str | None, Any]:
+        job = self.wavs.get(i)
+        wav = clip_audio(job, self.audio) if job is not None else None
         try:
-            return self.pre.load_uint8(self.paths[i]), None
+            return self.pre.load_uint8(self.paths[i]), None, wav
         except Exception as e:  # a corrupt frame fails its clip, not the run
             c = self.pre.crop_size
             blank = torch.zeros((3, c, c), dtype=torch.uint8)
-            return blank, f"{self.paths[i]}: cannot read frame ({e})"
+            return blank, f"{self.paths[i]}: cannot read frame ({e})", wav
 
 
-def stack_frames(batch: list[tuple[torch.Tensor, str | None]]
-                 ) -> tuple[torch.Tensor, list[str | None]]:
-    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+def stack_frames(batch: list[tuple[torch.Tensor, str | None, Any]]
+                 ) -> tuple[torch.Tensor, list[str | None], list[Any]]:
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch], [b[2] for b in batch]
 
 
-def _frame_loader(paths: Sequence[str], dec: Decoding, opts: FeatureOptions) -> DataLoader:
-    """A DataLoader over frame files in order, batches mixing clips, workers prefetching."""
+def _frame_loader(paths: Sequence[str], dec: Decoding, opts: FeatureOptions,
+                  wavs: dict[int, ClipJob]) -> DataLoader:
+    """A DataLoader over frame files in order, batches mixing clips, workers prefetching (and
+    reading each clip's wav with its last frame)."""
     w = opts.workers if len(paths) > opts.batch_size else 0  # a tiny job: no process start-up
     return DataLoader(
-        FrameFiles(paths, dec.preprocessing),
+        FrameFiles(paths, dec.preprocessing, wavs, dec.audio),
         batch_size=opts.batch_size,
         shuffle=False,
         num_workers=w,

@@ -155,9 +155,6 @@ def extract_features(
     videos) into shards in ``out_dir``, here or on ``engine`` (a
     :class:`~pipeline.engine.RayEngine`: :mod:`.on_ray`). ``on_shard`` is called with each
     finished shard (tests use it to interrupt a run)."""
-    import h5py
-    import torch
-
     inputs = [Path(p) for p in inputs]
     opts.check()
     check_out_dir(out_dir, [*inputs, *([opts.text] if opts.text else [])])  # before any loading
@@ -167,8 +164,34 @@ def extract_features(
     text_counts = give_titles(jobs, titles, opts.text_max_chars) if titles else None
     if not quiet:  # seconds of loading before the bar: say what
         print(loading_line(len(jobs), opts), file=sys.stderr, flush=True)
-    enc = load_encoders(opts)
-    out = Path(out_dir)
+    actors: list = []
+    if engine is None:
+        enc = load_encoders(opts)
+    else:  # the actors load the models; this process keeps what they report
+        from pipeline.features.on_ray import start_actors
+
+        engine.connect()
+        actors, enc = start_actors(engine.ray, opts)
+    try:
+        return _write_features(jobs, source, enc, actors, inputs, Path(out_dir), opts,
+                               overwrite=overwrite, quiet=quiet, on_shard=on_shard,
+                               engine=engine, text_counts=text_counts)
+    finally:
+        if actors:
+            from pipeline.features.on_ray import stop_actors
+
+            stop_actors(engine.ray, actors)
+
+
+def _write_features(jobs: list[ClipJob], source: Any, enc: Any, actors: list, inputs: list[Path],
+                    out: Path, opts: FeatureOptions, *, overwrite: bool, quiet: bool,
+                    on_shard: Callable[[Path], None] | None, engine: Any,
+                    text_counts: dict | None) -> Summary:
+    """The run in ``out``, its encoders loaded here (``enc``: :class:`Encoders`) or in the Ray
+    ``actors`` (``enc``: what they reported)."""
+    import h5py
+    import torch
+
     params = feature_params(opts, enc, source, inputs)
     versions = {"torch": torch.__version__, "h5py": h5py.__version__}
     run = Run(out, STAGE, params, overwrite=overwrite, versions=versions,
@@ -182,7 +205,8 @@ def extract_features(
     tracker = Tracker(run, quiet=quiet, unit="frame")
     # Where the models ran (this process's device; Ray's actors say theirs in "engine"): run
     # information, not a parameter, as --device may change on resume.
-    run.extra["device"] = {**describe_device(enc.device), **enc.math}
+    if engine is None:
+        run.extra["device"] = {**describe_device(enc.device), **enc.math}
     if text_counts is not None:
         run.extra["text"] = text_counts
         tracker.summary.note = title_note(text_counts, str(opts.text))
@@ -206,9 +230,10 @@ def extract_features(
             from pipeline.features.on_ray import encode_on_ray
 
             engine.start(out, inputs)
-            run.extra["engine"] = engine.describe()
-            encode_on_ray(todo, source, enc, opts, tracker, out, on_shard, engine,
-                          shard_attrs(enc, source, opts))
+            run.extra["engine"] = {**engine.describe(), "actors": enc.devices}
+            run.extra["engine"]["decode"] = encode_on_ray(
+                todo, source, actors, enc, opts, tracker, out, on_shard, engine,
+                shard_attrs(enc, source, opts))
         else:
             throughput = encode(todo, source, enc, opts, tracker, out, on_shard)
             if todo:

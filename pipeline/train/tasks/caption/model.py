@@ -116,40 +116,62 @@ class CaptionModel(nn.Module):
         return torch.stack(logits, 1)
 
     @torch.no_grad()
-    def generate(self, inputs: dict, max_words: int, beam: int = 1) -> tuple[list, list]:
+    def generate(self, inputs: dict, max_words: int, beam: int = 1,
+                 stop_early: bool | None = None) -> tuple[list, list]:
         """Word ids of each clip's caption (up to ``<eos>``) and its mean log-prob per word."""
-        mem, mask, (h, c) = self.encode(inputs)
-        b, k = h.shape[0], max(1, beam)
+        mem, mask, state = self.encode(inputs)
+        seqs, mean_logp, steps = self.decode(mem, mask, state, max_words, beam, stop_early)
+        steps = int(steps)  # the one wait for the device
+        return seqs[:, :steps].tolist(), mean_logp.tolist()
+
+    @torch.no_grad()
+    def decode(self, mem, mask, state: tuple, max_words: int, beam: int = 1,
+               stop_early: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Beam search from ``encode``'s output, all on the device: each clip's best word ids
+        (B, up to max_words + 1), their mean log-prob per word (B,), and how many steps ran until
+        every beam had ended (the columns that count). Nothing in the loop waits for the device: the
+        steps after the last beam ended change nothing. ``stop_early`` (the default on the CPU,
+        where asking costs nothing) leaves the loop then instead; the result is the same."""
+        h, c = state
+        b, k, dev = h.shape[0], max(1, beam), h.device
+        stop_early = dev.type == "cpu" if stop_early is None else stop_early
         rep = lambda x: None if x is None else x.repeat_interleave(k, 0)  # noqa: E731
         mem, mask, h, c = rep(mem), rep(mask), rep(h), rep(c)
         # Beam 0 of each clip starts alive; the others at -inf so the first step fills them.
-        score = torch.full((b, k), float("-inf"), device=h.device)
+        score = torch.full((b, k), float("-inf"), device=dev)
         score[:, 0] = 0.0
-        word = torch.full((b * k,), BOS_ID, dtype=torch.long, device=h.device)
-        seqs = torch.zeros((b * k, 0), dtype=torch.long, device=h.device)
-        done = torch.zeros(b * k, dtype=torch.bool, device=h.device)
+        word = torch.full((b * k,), BOS_ID, dtype=torch.long, device=dev)
+        seqs = torch.zeros((b * k, 0), dtype=torch.long, device=dev)
+        done = torch.zeros(b * k, dtype=torch.bool, device=dev)
+        first = torch.arange(b, device=dev)[:, None] * k
+        stay = torch.arange(b * k, device=dev)
+        pad_only = torch.full((self.head.out_features,), float("-inf"), device=dev)
+        pad_only[PAD_ID] = 0.0
+        steps = torch.zeros((), dtype=torch.long, device=dev)
         for _ in range(max_words + 1):
+            ended = done.all()
+            steps = steps + (~ended).long()
             logits, (h, c) = self.step(word, (h, c), mem, mask)
             logp = F.log_softmax(logits.float(), -1)
             v = logp.shape[1]
             # A finished beam only extends with <pad> at no cost, keeping its score.
-            logp[done] = float("-inf")
-            logp[done, PAD_ID] = 0.0
+            logp = torch.where(done[:, None], pad_only, logp)
             total = (score.reshape(-1, 1) + logp).reshape(b, k * v)
-            score, idx = total.topk(k, dim=1)
-            origin = (idx // v + torch.arange(b, device=h.device)[:, None] * k).reshape(-1)
-            word = (idx % v).reshape(-1)
+            top, idx = total.topk(k, dim=1)
+            # Once all have ended, a step keeps every beam as it is (topk could reorder ties).
+            score = torch.where(ended, score, top)
+            origin = torch.where(ended, stay, (idx // v + first).reshape(-1))
+            word = torch.where(ended, PAD_ID, (idx % v).reshape(-1))
             seqs = torch.cat([seqs[origin], word[:, None]], 1)
             h, c, done = h[origin], c[origin], done[origin] | (word == EOS_ID)
             word = word.masked_fill(done, PAD_ID)
-            if bool(done.all()):
+            if stop_early and bool(done.all()):
                 break
         seqs = seqs.reshape(b, k, -1)
         n_words = ((seqs != PAD_ID).sum(-1)).clamp(min=1).float()  # <eos> counted, as scored
         best = score.argmax(1)  # beams are ranked by total log-prob, as topk keeps them
-        ids = [seqs[i, best[i]].tolist() for i in range(b)]
-        mean_logp = [float(score[i, best[i]] / n_words[i, best[i]]) for i in range(b)]
-        return ids, mean_logp
+        rows = torch.arange(b, device=dev)
+        return seqs[rows, best], score[rows, best] / n_words[rows, best], steps
 
 
 def build_caption_model(spec: ModelSpec) -> CaptionModel:
