@@ -40,7 +40,8 @@ def embed_batches(batches: Iterable[Batch], jobs: list[ClipJob], enc: Encoders,
         audio = audio_rows(batch.done, enc)
         for (j, examples, error), rows in zip(batch.done, audio, strict=True):
             job = jobs[j]
-            clip = None if error is not None else clip_features(job, examples, enc, rows)
+            clip = None if error is not None else clip_features(job, examples, enc, rows,
+                                                                batch.video.get(j))
             job.rows, job.times = [], []  # free the rows: they are in the clip now
             if clip is None or enc.text is None:
                 yield job, clip, error
@@ -85,13 +86,13 @@ def audio_rows(done: list[tuple[int, Any, str | None]], enc: Encoders
 
 
 def clip_features(job: ClipJob, examples: Any, enc: Encoders,
-                  audio: np.ndarray | None = None) -> shards.ClipFeatures:
-    """A finished clip's rows, its audio rows (``audio``, else encoded here) and its record's
-    fields, as a shard stores them."""
+                  audio: np.ndarray | None = None, windows: Any = None) -> shards.ClipFeatures:
+    """A finished clip's rows, its audio rows (``audio``, else encoded here), its video rows
+    (its ``windows`` encoded here) and its record's fields, as a shard stores them."""
     ex, audio_ts = examples if examples is not None else (None, np.zeros(0))
     r = job.rec
     image = np.stack(job.rows) if job.rows else np.zeros((0, enc.image.dim), np.float32)
-    return shards.ClipFeatures(
+    clip = shards.ClipFeatures(
         job.id,
         str(r.get("source") or job.id),
         float(r.get("start") or 0.0),
@@ -101,6 +102,12 @@ def clip_features(job: ClipJob, examples: Any, enc: Encoders,
         enc.embed_audio(ex) if audio is None else audio,
         audio_ts,
     )
+    if enc.video is not None:
+        clip.video = enc.embed_video(windows)
+        if windows is not None:
+            clip.video_start, clip.video_end = windows.start, windows.end
+            clip.video_padded, clip.video_dropped = windows.padded, windows.dropped
+    return clip
 
 
 def failed_record(job: ClipJob, error: str) -> dict:
@@ -121,6 +128,7 @@ def ok_record(rec: dict, row: dict) -> dict:
         "row": row["row"],
         "n_frames": row["n_frames"],
         "n_audio": row["n_audio"],
+        **({"n_video": row["n_video"]} if "n_video" in row else {}),
     }
 
 

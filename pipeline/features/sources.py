@@ -63,10 +63,12 @@ class Decoding:
     preprocessing: Preprocessing
     audio: Any
     pin_memory: bool = False
+    video: Any = None  # the video encoder's input (windows of frames at its rate), or None
 
     @classmethod
     def of(cls, enc: Encoders) -> Decoding:
-        return cls(enc.image.preprocessing, enc.audio_input, enc.device.type == "cuda")
+        return cls(enc.image.preprocessing, enc.audio_input, enc.device.type == "cuda",
+                   enc.video_input)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Batch:
     owners: np.ndarray
     times: np.ndarray
     done: list[tuple[int, Any, str | None]]
+    video: dict[int, Any] = field(default_factory=dict)  # job index -> its VideoWindows
 
 
 def _worker_init(_: int) -> None:
@@ -310,7 +313,7 @@ class DecodedVideos:
                  for j, job in enumerate(jobs)]
         w = min(opts.workers, len(jobs))
         stream = VideoFrameStream(clips, dec.preprocessing, opts.batch_size, self.fps,
-                                  self.every, dec.audio)
+                                  self.every, dec.audio, dec.video)
         loader = DataLoader(
             stream,
             batch_size=None,  # the workers batch frames themselves (a worker's clips mix)
@@ -320,7 +323,8 @@ class DecodedVideos:
             prefetch_factor=4 if w else None,
         )
         for imgs, owners, times, events in loader:
-            yield Batch(imgs, owners, times, [(j, ex, err) for j, _n, ex, err in events])
+            yield Batch(imgs, owners, times, [(j, ex, err) for j, _n, ex, err, _w in events],
+                        {j: win for j, _n, _ex, err, win in events if win is not None})
 
     def params(self) -> dict:
         return {"from_video": True, "fps": self.fps, "every": self.every, "frames": None}
@@ -344,10 +348,11 @@ def iter_video_batches(
     fps: float | None,
     every: int | None,
     audio: Any,
+    video: Any = None,
 ) -> Iterator[tuple]:
     """Decode clips (this loader worker's share) into batches ``(uint8 frames, owner clip,
-    timestamps, events)``; an event ``(clip, n_frames, audio examples, error)`` follows the
-    clip's last frame, so a failed clip fails alone."""
+    timestamps, events)``; an event ``(clip, n_frames, audio examples, error, video windows)``
+    follows the clip's last frame, so a failed clip fails alone."""
     from PIL import Image
 
     from pipeline import media
@@ -385,13 +390,29 @@ def iter_video_batches(
                     imgs, owners, times, events = [], [], [], []
             # The same examples as from these samples written to a wav (both paths agree).
             ex = audio.from_pcm(np.concatenate(pcm), audio.rate_hz) if pcm else None
-            events.append((j, n, ex, None))
+            win = video_windows(path, span, duration_s, video) if video is not None else None
+            events.append((j, n, ex, None, win))
         except VpipeError as e:
-            events.append((j, n, None, str(e)))
+            events.append((j, n, None, str(e), None))
         except Exception as e:  # one odd clip must not stop the others
-            events.append((j, n, None, f"{path}: cannot decode ({type(e).__name__}: {e})"))
+            events.append((j, n, None, f"{path}: cannot decode ({type(e).__name__}: {e})", None))
     if imgs or events:
         yield batch()
+
+
+def video_windows(path: str, span: tuple[float, float] | None, duration_s: float | None,
+                  video: Any) -> Any:
+    """The clip's frames at the video model's rate, resized and cropped, cut into windows."""
+    from pipeline import media
+    from pipeline.features.encoders.video import cut_windows
+
+    w, pre = video.windowing, video.preprocessing
+    frames, times = [], []
+    for _kind, t, data in media.decode(path, sampler=media.FrameSampler(fps=w.fps), span=span,
+                                       duration_s=duration_s):
+        frames.append(pre.uint8_frame(data))
+        times.append(t)
+    return cut_windows(frames, times, w, pre.crop_size)
 
 
 class VideoFrameStream(IterableDataset):

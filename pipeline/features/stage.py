@@ -25,6 +25,7 @@ from pipeline import shards
 from pipeline.device import describe_device
 from pipeline.features.batching import LoaderMeter
 from pipeline.features.embed import commit_shard, embed_batches, failed_record, ok_record
+from pipeline.features.encoders import check_encoders
 from pipeline.features.encoders.loaded import Encoders, load_encoders
 from pipeline.features.options import FeatureOptions, loader_workers, recorded_options
 from pipeline.features.sources import ClipJob, Decoding, source_for
@@ -88,6 +89,9 @@ class ShardSink:
         self.writer: shards.ShardWriter | None = None
         self.members: list[ClipJob] = []
         self.bytes = 0
+        # Over the run: windows written, clips padded to one window, windows cut short by
+        # their clip's end (dropped).
+        self.video = {"windows": 0, "padded_clips": 0, "dropped_windows": 0}
 
     def add(self, job: ClipJob, clip: shards.ClipFeatures) -> None:
         if self.writer is None:
@@ -96,6 +100,7 @@ class ShardSink:
                 image_dim=self.enc.image.dim,
                 audio_dim=self.enc.audio_dim,
                 text_dim=self.enc.text_dim,
+                video_dim=self.enc.video_dim,
                 attrs=self.attrs,
                 dtype=self.opts.dtype,
                 compression=None if self.opts.compression == "none" else self.opts.compression,
@@ -103,7 +108,12 @@ class ShardSink:
         self.writer.add(clip)
         self.members.append(job)
         itemsize = np.dtype(self.opts.dtype).itemsize
-        self.bytes += (clip.image.size + clip.audio.size + clip.text.size) * itemsize
+        self.bytes += (clip.image.size + clip.audio.size + clip.text.size
+                       + clip.video.size) * itemsize
+        if self.enc.video is not None:
+            self.video["windows"] += clip.n("video")
+            self.video["padded_clips"] += int(clip.video_padded > 0)
+            self.video["dropped_windows"] += clip.video_dropped
         if len(self.members) >= self.opts.shard_size or self.bytes >= SHARD_MAX_BYTES:
             self.close()
 
@@ -137,6 +147,8 @@ def loading_line(n_clips: int, opts: FeatureOptions) -> str:
         models.append(f"{opts.audio_model} ({opts.audio_weights})")
     if opts.text:
         models.append(opts.text_model)
+    if opts.video_model != "none":
+        models.append(f"{opts.video_model} ({opts.video_weights})")
     return f"vpipe features: {n_clips} clips; loading {', '.join(models)} ..."
 
 
@@ -158,7 +170,7 @@ def extract_features(
     import torch
 
     inputs = [Path(p) for p in inputs]
-    opts.check()
+    check_encoders(opts)  # every family's usage errors before anything is said or written
     check_out_dir(out_dir, [*inputs, *([opts.text] if opts.text else [])])  # before any loading
     titles = read_titles(opts.text) if opts.text else None  # a bad file: exit 2, before work
     source = source_for(inputs, opts)
@@ -209,7 +221,9 @@ def extract_features(
             encode_on_ray(todo, source, enc, opts, tracker, out, on_shard, engine,
                           shard_attrs(enc, source, opts))
         else:
-            throughput = encode(todo, source, enc, opts, tracker, out, on_shard)
+            throughput, video = encode(todo, source, enc, opts, tracker, out, on_shard)
+            if enc.video is not None:
+                run.extra["video"] = video
             if todo:
                 layout = "channels_last" if enc.channels_last else "contiguous"
                 run.extra["model_batch"] = {**enc.batching.report(), "memory_format": layout}
@@ -224,9 +238,10 @@ def extract_features(
 
 def encode(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions,
            tracker: Tracker, out: Path, on_shard: Callable[[Path], None] | None
-           ) -> dict[str, Any]:
-    """The loop: image rows batch by batch, audio rows per finished clip, shards as they fill.
-    Returns what the loader delivered against what the model consumed (``throughput``)."""
+           ) -> tuple[dict[str, Any], dict[str, int]]:
+    """The loop: image rows batch by batch, audio and video rows per finished clip, shards as
+    they fill. Returns what the loader delivered against what the model consumed
+    (``throughput``) and the video windows' counts."""
     sink = ShardSink(out, enc, opts, tracker, shard_attrs(enc, source, opts), on_shard)
     total = sum(len(j.frames) for j in jobs)
     tracker.start(total=total or None)
@@ -246,7 +261,7 @@ def encode(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions
         sink.close()
     finally:
         sink.abort()
-    return batches.report(enc.batching)
+    return batches.report(enc.batching), sink.video
 
 
 def shard_attrs(enc: Encoders, source: Any, opts: FeatureOptions) -> dict:

@@ -1,0 +1,160 @@
+"""The video modality's shared parts: a clip's frames at the model's rate cut into windows of
+``frames`` frames every ``stride`` frames (:func:`cut_windows`), the windows' preprocessing
+split as the image one is (:class:`VideoPreprocessing`: resize and crop on uint8 frames in the
+loader workers, scale and normalise batched beside the model), and :class:`VideoEncoder`, what
+a video family (:mod:`.torchvision_video`) loads.
+
+Windows: frame k of a clip at ``fps`` is the frame on screen at k/fps (``media.decode``'s
+``--fps`` rule). Window i holds frames i*S .. i*S+T-1; its ``start`` is its first frame's time
+and its ``end`` the end of its last frame (+1/fps). A clip of fewer than T frames (but at least
+one) is one window, its last frame repeated up to T (``padded``: how many repeats); the frames
+after the last whole window are dropped (``dropped``: windows started but cut short).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch where a model runs: the CLI reads the families' options
+    import torch
+    from torch import nn
+
+from pipeline.features.weights import WeightsInfo
+
+
+@dataclass(frozen=True)
+class VideoPreprocessing:
+    """The weights' ``VideoClassification`` preset: resize (to height x width, or the shorter
+    side), centre crop, ``/255``, normalise; torchvision resizes the uint8 frames with
+    ``antialias=False`` for these weights, and so does this."""
+
+    resize_size: tuple[int, ...]
+    crop_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    antialias: bool = False
+    preset: str = ""
+
+    def attrs(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["resize_size"], d["crop_size"] = list(self.resize_size), list(self.crop_size)
+        return {**d, "decode": "PyAV rgb24 frame, uint8 tensor", "scale": "1/255",
+                "layout": "N, C, T, H, W"}
+
+    def uint8_frame(self, rgb: np.ndarray) -> torch.Tensor:
+        """One decoded RGB frame (H, W, 3) resized and cropped as the preset does: (3, h, w)."""
+        import torch
+        import torchvision.transforms.functional as F
+        from torchvision.transforms import InterpolationMode
+
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+        x = F.resize(x, list(self.resize_size), interpolation=InterpolationMode(self.interpolation),
+                     antialias=self.antialias)
+        return F.center_crop(x, list(self.crop_size))
+
+    def normalize(self, windows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """uint8 windows (N, T, 3, h, w) -> normalised float (N, 3, T, h, w), batched."""
+        import torch
+
+        dtype = dtype or torch.float32
+        x = windows.to(dtype) / 255
+        mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(1, 1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=dtype, device=x.device).view(1, 1, 3, 1, 1)
+        return ((x - mean) / std).permute(0, 2, 1, 3, 4)
+
+
+@dataclass(frozen=True)
+class Windowing:
+    """How a clip becomes windows: frames at ``fps``, ``frames`` (T) a window, one every
+    ``stride`` (S) frames."""
+
+    fps: float
+    frames: int
+    stride: int
+
+    def attrs(self) -> dict[str, Any]:
+        return {"fps": self.fps, "frames": self.frames, "stride": self.stride}
+
+
+@dataclass
+class VideoWindows:
+    """A clip's windows as uint8 (V, T, 3, h, w), their true times, and what was padded or
+    dropped."""
+
+    frames: Any  # torch.Tensor
+    start: np.ndarray
+    end: np.ndarray
+    padded: int = 0
+    dropped: int = 0
+
+
+def window_starts(n_frames: int, w: Windowing) -> tuple[list[int], int, int]:
+    """The first frame of each window of a clip of ``n_frames`` frames, the frames of padding
+    and the windows dropped (started within the clip, cut short by its end)."""
+    t, s = w.frames, w.stride
+    if n_frames == 0:
+        return [], 0, 0
+    if n_frames < t:
+        return [0], t - n_frames, 0
+    starts = list(range(0, n_frames - t + 1, s))
+    dropped = len(range(starts[-1] + s, n_frames, s))
+    return starts, 0, dropped
+
+
+def cut_windows(frames: list[torch.Tensor], times: list[float], w: Windowing,
+                crop: tuple[int, int]) -> VideoWindows:
+    """A clip's preprocessed frames (at ``w.fps``, with their times) as windows."""
+    import torch
+
+    starts, padded, dropped = window_starts(len(frames), w)
+    if not starts:
+        return VideoWindows(torch.zeros((0, w.frames, 3, *crop), dtype=torch.uint8),
+                            np.zeros(0), np.zeros(0))
+    if padded:
+        frames = frames + [frames[-1]] * padded
+    stack = torch.stack(frames)
+    wins = torch.stack([stack[i:i + w.frames] for i in starts])
+    ts = np.asarray(times, np.float64)
+    last = [min(i + w.frames, len(times)) - 1 for i in starts]
+    end = ts[last] + 1.0 / w.fps
+    return VideoWindows(wins, ts[starts], np.round(end, 6), padded, dropped)
+
+
+@dataclass(frozen=True)
+class VideoInput:
+    """What loader workers need to make a clip's windows (sent to them instead of the model)."""
+
+    preprocessing: VideoPreprocessing
+    windowing: Windowing
+
+
+@dataclass
+class VideoEncoder:
+    """A clip-level video encoder (windows in, one feature row per window out), with its
+    preprocessing, windowing and provenance."""
+
+    name: str
+    model: nn.Module
+    dim: int
+    preprocessing: VideoPreprocessing
+    windowing: Windowing
+    weights: WeightsInfo
+    layer: str
+
+    @property
+    def input(self) -> VideoInput:
+        return VideoInput(self.preprocessing, self.windowing)
+
+    def attrs(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "weights": self.weights.attrs(),
+            "layer": self.layer,
+            "dim": self.dim,
+            **self.windowing.attrs(),
+            "preprocessing": self.preprocessing.attrs(),
+        }

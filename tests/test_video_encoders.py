@@ -1,0 +1,301 @@
+"""`vpipe features --video-model`: clip-level video features (torchvision video classifiers).
+
+Clips are frame-numbered synthetic videos at 10 frames/s; the video model sees them at 5
+frames/s (frame k at k/5 s), in windows of T=4 frames every S=3, so every count and time below
+is derived from the clip's length: a 2.0 s clip has 10 frames at 5/s (0.0 .. 1.8 s), windows
+start at frames 0, 3, 6 (0.0, 0.6, 1.2 s) and end at their last frame + 0.2 s; the window that
+would start at frame 9 is cut short (dropped). A 0.5 s clip has 3 frames: one window, its last
+frame repeated once (padded). r3d_18's weights are a seeded random state dict the test saves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from synth import make_video
+
+from pipeline.cli import main
+from pipeline.features.encoders.video import Windowing, cut_windows, window_starts
+from pipeline.shards import open_features, read_index
+
+R3D_URL_FILE = "r3d_18-b3b3357e.pth"
+
+
+@pytest.fixture(scope="module")
+def r3d_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("vw") / "r3d.pth"
+    torch.save(torchvision.models.video.r3d_18().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("vclips")
+    make_video(d / "long.mp4", duration_s=2.0, fps=10, audio=False)
+    make_video(d / "short.mp4", duration_s=0.5, fps=10, audio=False)
+    return d
+
+
+def video_args(clips: Path, out: Path, weights: str, *extra: str) -> list[str]:
+    return ["features", str(clips), "-o", str(out), "--from-video", "--fps", "1",
+            "--image-model", "resnet18", "--image-weights", "none", "--audio-model", "none",
+            "--video-model", "r3d_18", "--video-weights", weights, "--video-fps", "5",
+            "--video-frames", "4", "--video-stride", "3", "--precision", "fp32",
+            "--workers", "0", "-q", *extra]
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory: pytest.TempPathFactory, clips: Path, r3d_file: Path) -> Path:
+    out = tmp_path_factory.mktemp("vf") / "features"
+    assert main(video_args(clips, out, str(r3d_file))) == 0
+    return out
+
+
+def reference_rows(video: Path, weights_file: Path, starts: list[int], t: int) -> np.ndarray:
+    """torchvision's r3d_18 with fc removed on its weights' own transforms of the frames at
+    5/s, window by window (the last frame repeated where a window runs out)."""
+    from pipeline.media import iter_frames
+
+    frames = [torch.from_numpy(f).permute(2, 0, 1) for _, f in iter_frames(video, fps=5)]
+    model = torchvision.models.video.r3d_18()
+    model.load_state_dict(torch.load(weights_file))
+    model.fc = torch.nn.Identity()
+    model.eval()
+    preset = torchvision.models.video.R3D_18_Weights.DEFAULT.transforms()
+    rows = []
+    with torch.no_grad():
+        for s in starts:
+            win = [frames[min(k, len(frames) - 1)] for k in range(s, s + t)]
+            rows.append(model(preset(torch.stack(win))[None])[0].numpy())
+    return np.stack(rows)
+
+
+def test_windows_counts_times_and_features_equal_torchvision(done: Path, clips: Path,
+                                                             r3d_file: Path) -> None:
+    with open_features(done) as store:
+        long, short = store["long"], store["short"]
+        np.testing.assert_allclose(long.video_times, [[0.0, 0.8], [0.6, 1.4], [1.2, 2.0]])
+        np.testing.assert_allclose(short.video_times, [[0.0, 0.6]])
+        assert (long.video_padded, short.video_padded) == (0, 1)
+        ref = reference_rows(clips / "long.mp4", r3d_file, [0, 3, 6], 4)
+        assert np.abs(long.video - ref).max() <= 1e-4 * np.abs(ref).max()
+        ref = reference_rows(clips / "short.mp4", r3d_file, [0], 4)
+        assert np.abs(short.video - ref).max() <= 1e-4 * np.abs(ref).max()
+        attrs = store.attrs("video")
+        assert (attrs["model"], attrs["dim"], attrs["fps"], attrs["frames"], attrs["stride"]) == (
+            "r3d_18", 512, 5.0, 4, 3)
+        assert attrs["preprocessing"]["preset"] == "R3D_18_Weights.KINETICS400_V1.transforms()"
+        assert attrs["weights"]["kind"] == "file" and attrs["precision"] == "fp32"
+        assert long.image.shape == (2, 512)  # the image encoder runs beside it
+    info = json.loads((done / "vpipe.json").read_text())
+    assert info["video"] == {"windows": 4, "padded_clips": 1, "dropped_windows": 1}
+    assert (info["params"]["video_model"], info["params"]["video_frames"]) == ("r3d_18", 4)
+    assert {r["clip_id"]: r["n_video"] for r in read_index(done)} == {"long": 3, "short": 1}
+
+
+def test_window_frames_are_those_at_the_recorded_times() -> None:
+    """Frame k carries the number k: each window holds frames start..start+T-1."""
+    w = Windowing(fps=5.0, frames=4, stride=3)
+    frames = [torch.full((3, 2, 2), k, dtype=torch.uint8) for k in range(11)]
+    win = cut_windows(frames, [k / 5 for k in range(11)], w, (2, 2))
+    assert [[int(f[0, 0, 0]) for f in x] for x in win.frames] == [
+        [0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+    np.testing.assert_allclose(win.start, [0.0, 0.6, 1.2])
+    np.testing.assert_allclose(win.end, [0.8, 1.4, 2.0])
+    assert (win.padded, win.dropped) == (0, 1)  # the window at frame 9 is cut short
+    assert window_starts(12, Windowing(5.0, 4, 4)) == ([0, 4, 8], 0, 0)
+    assert window_starts(13, Windowing(5.0, 4, 2)) == ([0, 2, 4, 6, 8], 0, 2)
+    assert window_starts(0, w) == ([], 0, 0)
+    short = cut_windows(frames[:2], [0.0, 0.2], w, (2, 2))
+    assert [int(f[0, 0, 0]) for f in short.frames[0]] == [0, 1, 1, 1]
+    assert (short.padded, short.end.tolist()) == (2, [0.4])
+
+
+def test_hub_cache_default_weights_equal_the_file(tmp_path: Path, clips: Path, r3d_file: Path,
+                                                  done: Path, monkeypatch) -> None:
+    ckpt = tmp_path / "torch" / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / R3D_URL_FILE).symlink_to(r3d_file)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    out = tmp_path / "f"
+    assert main(video_args(clips, out, "default")) == 0
+    with open_features(out) as hub, open_features(done) as ref:
+        w = hub.attrs("video")["weights"]
+        assert (w["kind"], w["name"]) == ("hub", "R3D_18_Weights.KINETICS400_V1")
+        np.testing.assert_array_equal(hub["long"].video, ref["long"].video)
+
+
+def test_offline_default_weights_fail_clearly(tmp_path: Path, clips: Path, monkeypatch,
+                                              capsys) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    for var in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    out = tmp_path / "f"
+    assert main(video_args(clips, out, "default")) == 1
+    err = capsys.readouterr().err
+    assert "vpipe: error: r3d_18 KINETICS400_V1 weights are not in the cache" in err
+    assert f"$TORCH_HOME/hub/checkpoints/{R3D_URL_FILE}" in err
+    assert "--video-weights PATH" in err and "--video-weights none" in err
+    assert not out.exists() or not list(out.iterdir())
+
+
+@pytest.mark.parametrize(("extra", "said"), [
+    (["--video-fps", "0"], "--video-fps must be > 0"),
+    (["--video-frames", "0"], "--video-frames must be > 0"),
+    (["--video-model", "resnet18"], "--video-model 'resnet18': not a torchvision video "
+     "classifier; use one of mc3_18, mvit_v1_b"),
+    (["--video-model", "r3d18"], "did you mean r3d_18"),
+    (["--video-model", "s3d", "--video-frames", "4"], "--video-frames 4: s3d needs at least 14"),
+    (["--video-weights", "KINETICS"], "--video-weights KINETICS: neither default, none, one of "
+     "r3d_18's weights (KINETICS400_V1), nor an existing file"),
+])
+def test_bad_video_options_are_usage_errors(tmp_path: Path, clips: Path, extra: list[str],
+                                            said: str, capsys) -> None:
+    out = tmp_path / "f"
+    argv = video_args(clips, out, "none")
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        argv[argv.index(flag) + 1] = value
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert said in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_video_model_needs_from_video(tmp_path: Path, clips: Path, capsys) -> None:
+    argv = video_args(clips, tmp_path / "f", "none")
+    argv.remove("--from-video")
+    argv[argv.index("--fps"):argv.index("--fps") + 2] = []
+    assert main(argv) == 2
+    assert "--video-model reads the clips' frames from video: add --from-video" in (
+        capsys.readouterr().err)
+
+
+def test_a_video_model_as_image_model_points_to_video_model(tmp_path: Path, clips: Path,
+                                                            capsys) -> None:
+    argv = ["features", str(clips), "-o", str(tmp_path / "f"), "--from-video",
+            "--image-model", "r3d_18", "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--image-model 'r3d_18': a video classifier" in err
+    assert "--video-model r3d_18" in err and "loading" not in err
+
+
+def test_s3d_rows_equal_torchvision_on_one_window(tmp_path: Path) -> None:
+    """s3d ends in a 1x1x1 conv: its input, averaged as the model averages, is the feature."""
+    from types import SimpleNamespace
+
+    from pipeline.features.encoders.torchvision_video import TorchvisionVideo
+
+    torch.manual_seed(5)
+    ref = torchvision.models.video.s3d().eval()
+    path = tmp_path / "s3d.pth"
+    torch.save(ref.state_dict(), path)
+    opts = SimpleNamespace(video_weights=str(path), video_fps=None, video_frames=14,
+                           video_stride=None, from_video=True)
+    enc = TorchvisionVideo.load("s3d", opts, TorchvisionVideo.resolve("s3d", opts, []))
+    assert (enc.dim, enc.windowing) == (1024, Windowing(15.0, 14, 14))
+    rng = np.random.default_rng(0)
+    rgb = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8) for _ in range(14)]
+    win = torch.stack([enc.preprocessing.uint8_frame(f) for f in rgb])[None]
+    with torch.no_grad():
+        got = enc.model(enc.preprocessing.normalize(win)).numpy()
+        ref.classifier[1] = torch.nn.Identity()
+        preset = torchvision.models.video.S3D_Weights.DEFAULT.transforms()
+        want = ref(preset(torch.stack([torch.from_numpy(f).permute(2, 0, 1) for f in rgb]))[None])
+    want = want.numpy()
+    assert got.shape == (1, 1024)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+# --------------------------------------------------------------------------- the store, read
+
+
+def video_store(folder: Path, n_sources: int = 24, dim: int = 8) -> Path:
+    """Shards of clips whose video rows carry their label (regression: the mean of column 0),
+    the image rows noise; returns the labels CSV."""
+    from pipeline.shards import ClipFeatures, ShardWriter, rebuild_index, shard_name
+    from pipeline.train.synthetic import write_labels
+
+    rng = np.random.default_rng(0)
+    attrs = {"image": {"model": "synthetic", "weights": "none", "layer": "none"},
+             "audio": {"model": "synthetic", "weights": "none"},
+             "video": {"model": "synthetic", "weights": "none", "fps": 5.0, "frames": 4,
+                       "stride": 4}}
+    folder.mkdir(parents=True)
+    w = ShardWriter(folder / shard_name(0), image_dim=dim, audio_dim=128, video_dim=dim,
+                    attrs=attrs)
+    labels = {}
+    for s in range(n_sources):
+        v = int(rng.integers(2, 6))
+        y = float(rng.normal())
+        video = rng.normal(0, 0.1, (v, dim)).astype(np.float32)
+        video[:, 0] += y
+        clip = ClipFeatures(f"s{s}_0", f"s{s}", 0.0, v * 0.8,
+                            rng.normal(0, 1, (3, dim)).astype(np.float32), np.arange(3.0),
+                            np.zeros((0, 128), np.float32), np.zeros(0), video=video,
+                            video_start=np.arange(v) * 0.8, video_end=np.arange(1, v + 1) * 0.8,
+                            video_padded=int(s == 0))
+        w.add(clip)
+        labels[clip.clip_id] = f"{y:.4f}"
+    w.close()
+    rebuild_index(folder)
+    return write_labels(folder.parent / "labels.csv", labels)
+
+
+def test_inspect_checks_and_summarises_the_video_group(done: Path, capsys) -> None:
+    assert main(["inspect", str(done)]) == 0
+    out = capsys.readouterr().out
+    assert "  video: 4 windows x 512 (r3d_18, weights r3d.pth, 4 frames at 5.0/s every 3)" in out
+
+
+def test_store_index_export_and_dataset_have_video(tmp_path: Path) -> None:
+    from pipeline.train.dataset import FeatureDataset
+
+    d = tmp_path / "features"
+    csv_path = video_store(d)
+    with open_features(d) as store:
+        assert store.modalities == ["image", "audio", "video"] and store.has_video
+        c = store["s0_0"]
+        assert c.video_padded == 1 and c.video_times.shape == (c.video.shape[0], 2)
+        np.testing.assert_allclose(c.video_times[:, 1] - c.video_times[:, 0], 0.8)
+        assert store.column("n_video").tolist() == [r["n_video"] for r in read_index(d)]
+    assert main(["export", str(d), "-o", str(tmp_path / "npz"), "-q"]) == 0
+    with np.load(tmp_path / "npz" / "s0_0.npz") as z, open_features(d) as store:
+        np.testing.assert_array_equal(z["video"], store["s0_0"].video)
+        np.testing.assert_array_equal(z["video_start"], store["s0_0"].video_start)
+        np.testing.assert_array_equal(z["video_end"], store["s0_0"].video_end)
+    ds = FeatureDataset(d, labels=csv_path, modalities=("video",))
+    with open_features(d) as store:
+        np.testing.assert_array_equal(ds[0]["video"].numpy(), store[ds[0]["id"]].video)
+    ds.close()
+
+
+@pytest.mark.parametrize("model", ["lstm", "attention"])
+def test_train_on_video_features_through_the_cli(tmp_path: Path, model: str) -> None:
+    d = tmp_path / "features"
+    csv_path = video_store(d)
+    run = tmp_path / "run"
+    argv = ["train", str(d), "--labels", str(csv_path), "-o", str(run), "--modalities", "video",
+            "--model", model, "--epochs", "2", "--hidden", "8", "-q"]
+    assert main(argv) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["modalities"] == ["video"]
+    assert "test" in json.loads((run / "summary.json").read_text())
+    assert main(["predict", str(run), str(d), "-o", str(tmp_path / "pred.jsonl"), "-q"]) == 0
+
+
+def test_video_modality_absent_from_a_store_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    from pipeline.train.synthetic import make_feature_set
+
+    csv_path, _ = make_feature_set(tmp_path / "f", "regression", n_sources=6)
+    argv = ["train", str(tmp_path / "f"), "--labels", str(csv_path), "-o", str(tmp_path / "r"),
+            "--modalities", "video", "-q"]
+    assert main(argv) == 2
+    assert "no video features in these shards (make them with `vpipe features " \
+           "--from-video --video-model NAME`)" in capsys.readouterr().err
