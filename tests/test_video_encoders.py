@@ -299,3 +299,57 @@ def test_video_modality_absent_from_a_store_is_a_usage_error(tmp_path: Path, cap
     assert main(argv) == 2
     assert "no video features in these shards (make them with `vpipe features " \
            "--from-video --video-model NAME`)" in capsys.readouterr().err
+
+
+def test_one_decode_serves_image_audio_and_video(tmp_path: Path, monkeypatch) -> None:
+    """Adding --video-model opens no file more than image + audio alone: its frames come from
+    the same decode (every container open is counted, the plan's demux pass included)."""
+    import importlib
+
+    decode_mod = importlib.import_module("pipeline.media.decode")  # not media.decode, a function
+    probe_mod = importlib.import_module("pipeline.media.probe")
+
+    clip = make_video(tmp_path / "v" / "a.mp4", duration_s=1.0, fps=10, audio=True)
+    opened: list[str] = []
+    real = probe_mod.open_container
+
+    def counted(path, *a, **k):
+        opened.append(str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(probe_mod, "open_container", counted)
+    monkeypatch.setattr(decode_mod, "open_container", counted)
+    base = ["features", str(clip.parent), "--from-video", "--fps", "1", "--image-model",
+            "resnet18", "--image-weights", "none", "--audio-weights", "none",
+            "--no-audio-postprocess", "--workers", "0", "--precision", "fp32", "-q"]
+    assert main([*base, "-o", str(tmp_path / "iv")]) == 0
+    without = opened.count(str(clip))
+    opened.clear()
+    assert main([*base, "-o", str(tmp_path / "iva"), "--video-model", "r3d_18",
+                 "--video-weights", "none", "--video-frames", "4", "--video-fps", "5"]) == 0
+    assert opened.count(str(clip)) == without
+    with open_features(tmp_path / "iva") as store, open_features(tmp_path / "iv") as ref:
+        c = store["a"]
+        assert c.n("video") == 1 and c.n("audio") == ref["a"].n("audio") > 0
+        np.testing.assert_array_equal(c.audio, ref["a"].audio)
+        np.testing.assert_array_equal(c.image_timestamps, ref["a"].image_timestamps)
+
+
+@pytest.mark.parametrize("span", [None, (0.5, 1.7)])
+def test_the_windows_frames_are_the_frames_at_their_times(tmp_path: Path, span) -> None:
+    """The video encoder's frames (decode's second sampler, at 5/s) are the frame-numbered
+    video's frames on screen at k/5 s, and the image frames are those of the image sampler
+    alone: one decode, two rates (whole file and a range of it)."""
+    from synth import frame_index
+
+    from pipeline.media import FrameSampler, decode
+
+    v = make_video(tmp_path / "n.mp4", duration_s=2.0, fps=10, audio=False)
+    both = list(decode(v, sampler=FrameSampler(fps=1), span=span, also=FrameSampler(fps=5)))
+    alone = list(decode(v, sampler=FrameSampler(fps=1), span=span))
+    first = 0 if span is None else 5
+    n = 10 if span is None else 6
+    got = [(t, frame_index(x)) for kind, t, x in both if kind == "also"]
+    assert got == [(round(k / 5, 6), first + 2 * k) for k in range(n)]
+    assert [(t, frame_index(x)) for kind, t, x in both if kind == "frame"] == [
+        (t, frame_index(x)) for _, t, x in alone]

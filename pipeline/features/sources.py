@@ -356,6 +356,7 @@ def iter_video_batches(
     from PIL import Image
 
     from pipeline import media
+    from pipeline.features.encoders.video import cut_windows
 
     info = torch.utils.data.get_worker_info()
     mine = clips if info is None else clips[info.id :: info.num_workers]
@@ -370,15 +371,21 @@ def iter_video_batches(
         x = torch.stack(imgs) if imgs else torch.zeros((0, 3, c, c), dtype=torch.uint8)
         return x, np.array(owners, np.int64), np.array(times, np.float64), list(events)
 
+    # With a video encoder, its frames (at its rate) come from the same decode as the image's.
+    also = media.FrameSampler(fps=video.windowing.fps) if video is not None else None
     for j, path, span, duration_s in mine:
-        n, pcm = 0, []
+        n, pcm, clip_frames, clip_times = 0, [], [], []
         try:
             for kind, t, data in media.decode(
                 path, sampler=sampler, audio_rate_hz=audio.rate_hz if audio else None,
-                span=span, duration_s=duration_s,
+                span=span, duration_s=duration_s, also=also,
             ):
                 if kind == "audio":
                     pcm.append(data)
+                    continue
+                if kind == "also":
+                    clip_frames.append(video.preprocessing.uint8_frame(data))
+                    clip_times.append(t)
                     continue
                 # Through PIL, as the JPEG path and the weights' own transforms resize.
                 imgs.append(preprocessing.uint8_from_image(Image.fromarray(data)))
@@ -390,7 +397,11 @@ def iter_video_batches(
                     imgs, owners, times, events = [], [], [], []
             # The same examples as from these samples written to a wav (both paths agree).
             ex = audio.from_pcm(np.concatenate(pcm), audio.rate_hz) if pcm else None
-            win = video_windows(path, span, duration_s, video) if video is not None else None
+            win = None
+            if video is not None:
+                win = cut_windows(clip_frames, clip_times, video.windowing,
+                                  video.preprocessing.crop_size)
+            del clip_frames
             events.append((j, n, ex, None, win))
         except VpipeError as e:
             events.append((j, n, None, str(e), None))
@@ -398,21 +409,6 @@ def iter_video_batches(
             events.append((j, n, None, f"{path}: cannot decode ({type(e).__name__}: {e})", None))
     if imgs or events:
         yield batch()
-
-
-def video_windows(path: str, span: tuple[float, float] | None, duration_s: float | None,
-                  video: Any) -> Any:
-    """The clip's frames at the video model's rate, resized and cropped, cut into windows."""
-    from pipeline import media
-    from pipeline.features.encoders.video import cut_windows
-
-    w, pre = video.windowing, video.preprocessing
-    frames, times = [], []
-    for _kind, t, data in media.decode(path, sampler=media.FrameSampler(fps=w.fps), span=span,
-                                       duration_s=duration_s):
-        frames.append(pre.uint8_frame(data))
-        times.append(t)
-    return cut_windows(frames, times, w, pre.crop_size)
 
 
 class VideoFrameStream(IterableDataset):
