@@ -353,3 +353,26 @@ def test_the_windows_frames_are_the_frames_at_their_times(tmp_path: Path, span) 
     assert got == [(round(k / 5, 6), first + 2 * k) for k in range(n)]
     assert [(t, frame_index(x)) for kind, t, x in both if kind == "frame"] == [
         (t, frame_index(x)) for _, t, x in alone]
+
+
+def test_video_on_ray_equals_local(done: Path, clips: Path, r3d_file: Path,
+                                   tmp_path: Path) -> None:
+    """--engine ray on a local cluster: the decode tasks cut the windows, the actors encode
+    them; the shards' video rows, times and padding equal the local engine's."""
+    ray = pytest.importorskip("ray", reason="the Ray engine needs pip install 'vpipe[ray]'")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    try:
+        out = tmp_path / "ray"
+        assert main([*video_args(clips, out, str(r3d_file)), "--engine", "ray"]) == 0
+    finally:
+        ray.shutdown()
+    with open_features(out) as on_ray, open_features(done) as local:
+        assert sorted(on_ray.clip_ids) == sorted(local.clip_ids)
+        assert on_ray.attrs("video") == local.attrs("video")
+        for cid in local.clip_ids:
+            a, b = on_ray[cid], local[cid]
+            assert np.abs(a.video - b.video).max() <= 1e-5 * np.abs(b.video).max()
+            np.testing.assert_array_equal(a.video_times, b.video_times)
+            assert a.video_padded == b.video_padded
