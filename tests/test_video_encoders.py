@@ -276,13 +276,32 @@ def test_store_index_export_and_dataset_have_video(tmp_path: Path) -> None:
     ds.close()
 
 
-@pytest.mark.parametrize("model", ["lstm", "attention"])
-def test_train_on_video_features_through_the_cli(tmp_path: Path, model: str) -> None:
+def captions_for(csv_path: Path) -> Path:
+    """Captions that say the label's sign, one per clip (for --task caption)."""
+    import csv
+
+    rows = list(csv.reader(csv_path.open()))[1:]
+    out = csv_path.with_name("captions.csv")
+    with out.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "caption"])
+        for cid, y in rows:
+            w.writerow([cid, f"the value is {'high' if float(y) > 0 else 'low'}"])
+    return out
+
+
+@pytest.mark.parametrize(("model", "task"), [("lstm", "regression"), ("attention", "regression"),
+                                             ("lstm", "caption")])
+def test_train_on_video_features_through_the_cli(tmp_path: Path, model: str, task: str,
+                                                 monkeypatch) -> None:
     d = tmp_path / "features"
     csv_path = video_store(d)
+    if task == "caption":
+        csv_path = captions_for(csv_path)
+        monkeypatch.setenv("PATH", "")  # METEOR's Java scorer left out, as test_caption does
     run = tmp_path / "run"
     argv = ["train", str(d), "--labels", str(csv_path), "-o", str(run), "--modalities", "video",
-            "--model", model, "--epochs", "2", "--hidden", "8", "-q"]
+            "--model", model, "--task", task, "--epochs", "2", "--hidden", "8", "-q"]
     assert main(argv) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["modalities"] == ["video"]
@@ -376,3 +395,53 @@ def test_video_on_ray_equals_local(done: Path, clips: Path, r3d_file: Path,
             assert np.abs(a.video - b.video).max() <= 1e-5 * np.abs(b.video).max()
             np.testing.assert_array_equal(a.video_times, b.video_times)
             assert a.video_padded == b.video_padded
+
+
+def test_predict_on_new_videos_makes_video_features_as_the_run_did(tmp_path: Path, r3d_file,
+                                                                   monkeypatch, capsys) -> None:
+    """`vpipe predict RUN VIDEOS` replays `features --from-video --video-model ...` on a new
+    video; its predictions equal those from the same features command run by hand."""
+    for i, rgb in enumerate([(30, 30, 30), (200, 40, 40), (40, 200, 40), (220, 220, 220)]):
+        make_video(tmp_path / "videos" / f"v{i}.mp4", duration_s=1.0, fps=10, size=(64, 48),
+                   color=rgb, audio=False)
+    fresh = make_video(tmp_path / "new" / "blue.mp4", duration_s=1.0, fps=10, size=(64, 48),
+                       color=(40, 40, 200), audio=False)
+    (tmp_path / "labels.csv").write_text("id,label\nv0,1\nv1,2\nv2,3\nv3,4\n")
+    monkeypatch.chdir(tmp_path)
+
+    def vpipe(*argv: str) -> int:  # a stage records the command line it ran as (sys.argv)
+        monkeypatch.setattr("sys.argv", ["vpipe", *argv])
+        return main(list(argv))
+
+    feats = ["--from-video", "--fps", "1", "--image-model", "resnet18", "--image-weights",
+             "none", "--audio-model", "none", "--video-model", "r3d_18", "--video-weights",
+             str(r3d_file), "--video-fps", "5", "--video-frames", "4", "--precision", "fp32",
+             "--workers", "0", "-q"]
+    assert vpipe("features", "videos", "-o", "feats", *feats) == 0
+    assert vpipe("train", "feats", "--labels", "labels.csv", "-o", "run", "--modalities",
+                 "video", "--epochs", "1", "--hidden", "8", "--val-fraction", "0.25",
+                 "--test-fraction", "0.25", "--device", "cpu", "-q") == 0
+    capsys.readouterr()
+    assert main(["predict", "run", str(fresh), "-o", "auto.jsonl"]) == 0
+    assert "--video-model r3d_18" in capsys.readouterr().err
+    assert main(["features", str(fresh.parent), "-o", "hand", *feats]) == 0
+    assert main(["predict", "run", "hand", "-o", "hand.jsonl", "-q"]) == 0
+    auto, hand = ([json.loads(x) for x in Path(p).read_text().splitlines()]
+                  for p in ("auto.jsonl", "hand.jsonl"))
+    assert [p["id"] for p in auto] == [p["id"] for p in hand] and auto
+    for a, h in zip(auto, hand, strict=True):
+        assert a["prediction"] == pytest.approx(h["prediction"], rel=1e-6, abs=1e-6)
+
+
+def test_same_video_options_resume_and_other_ones_are_refused(done: Path, clips: Path,
+                                                              r3d_file: Path, capsys) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in done.glob("shard-*.h5")}
+    capsys.readouterr()
+    argv = video_args(clips, done, str(r3d_file))
+    argv.remove("-q")
+    assert main(argv) == 0
+    assert "0 done, 2 already done" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in done.glob("shard-*.h5")} == before
+    argv[argv.index("--video-stride") + 1] = "4"
+    assert main(argv) == 2
+    assert "video_stride" in capsys.readouterr().err
