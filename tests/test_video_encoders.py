@@ -112,6 +112,12 @@ def test_window_frames_are_those_at_the_recorded_times() -> None:
     assert window_starts(12, Windowing(5.0, 4, 4)) == ([0, 4, 8], 0, 0)
     assert window_starts(13, Windowing(5.0, 4, 2)) == ([0, 2, 4, 6, 8], 0, 2)
     assert window_starts(0, w) == ([], 0, 0)
+    for n in range(12):  # the streaming cutter makes the windows the arithmetic says
+        for t, s in ((1, 1), (3, 1), (3, 2), (4, 4), (2, 5)):
+            cut = cut_windows(frames[:n], [k / 5 for k in range(n)], Windowing(5.0, t, s), (2, 2))
+            starts, padded, dropped = window_starts(n, Windowing(5.0, t, s))
+            assert [int(x[0, 0, 0, 0]) for x in cut.frames] == starts
+            assert (cut.padded, cut.dropped) == (padded, dropped)
     short = cut_windows(frames[:2], [0.0, 0.2], w, (2, 2))
     assert [int(f[0, 0, 0]) for f in short.frames[0]] == [0, 1, 1, 1]
     assert (short.padded, short.end.tolist()) == (2, [0.4])
@@ -445,3 +451,32 @@ def test_same_video_options_resume_and_other_ones_are_refused(done: Path, clips:
     argv[argv.index("--video-stride") + 1] = "4"
     assert main(argv) == 2
     assert "video_stride" in capsys.readouterr().err
+
+
+def test_a_long_clips_windows_are_handed_over_as_they_complete(tmp_path: Path) -> None:
+    """A loader worker holds at most WINDOW_BATCH_FRAMES frames of windows: a clip of 9
+    windows of 16 frames comes out in two hand-overs (8, then 1 with the clip's end), the same
+    windows as cutting the whole clip at once."""
+    from pipeline.features.encoders.image import Preprocessing
+    from pipeline.features.encoders.video import (
+        WINDOW_BATCH_FRAMES,
+        VideoInput,
+        VideoPreprocessing,
+    )
+    from pipeline.features.sources import iter_video_batches
+    from pipeline.media import iter_frames
+
+    v = make_video(tmp_path / "long.mp4", duration_s=6.0, fps=25, size=(32, 24), audio=False)
+    pre = VideoPreprocessing((16,), (16, 16), (0.5,) * 3, (0.25,) * 3)
+    video = VideoInput(pre, Windowing(25.0, 16, 16))
+    batches = list(iter_video_batches([(0, str(v), None, None)], Preprocessing(), 64, 1.0, None,
+                                      None, video))
+    handed = [chunk for b in batches for _, chunk in b[4]]
+    assert [c.frames.shape[0] for c in handed] == [WINDOW_BATCH_FRAMES // 16, 1]
+    assert (handed[-1].padded, handed[-1].dropped) == (0, 1)  # 150 frames: 9 x 16 + 6
+    assert batches[-1][3] == [(0, 6, None, None)]  # the clip's end, after its last windows
+
+    frames = [pre.uint8_frame(f) for _, f in iter_frames(v, fps=25)]
+    whole = cut_windows(frames, [k / 25 for k in range(len(frames))], video.windowing, (16, 16))
+    assert torch.equal(torch.cat([c.frames for c in handed]), whole.frames)
+    np.testing.assert_array_equal(np.concatenate([c.start for c in handed]), whole.start)

@@ -48,6 +48,9 @@ class ClipJob:
     times: list[float] = field(default_factory=list)
     error: str | None = None
     title: str | None = None  # with --text: the clip's title, after the cut (None: it has none)
+    # With a video encoder: (rows, start, end) of its windows so far, and (padded, dropped).
+    video: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    video_counts: tuple[int, int] = (0, 0)
 
     @property
     def id(self) -> str:
@@ -80,7 +83,8 @@ class Batch:
     owners: np.ndarray
     times: np.ndarray
     done: list[tuple[int, Any, str | None]]
-    video: dict[int, Any] = field(default_factory=dict)  # job index -> its VideoWindows
+    # (job index, VideoWindows) made since the last batch: a clip's windows as they complete.
+    video: list[tuple[int, Any]] = field(default_factory=list)
 
 
 def _worker_init(_: int) -> None:
@@ -322,9 +326,8 @@ class DecodedVideos:
             worker_init_fn=_worker_init if w else None,
             prefetch_factor=4 if w else None,
         )
-        for imgs, owners, times, events in loader:
-            yield Batch(imgs, owners, times, [(j, ex, err) for j, _n, ex, err, _w in events],
-                        {j: win for j, _n, _ex, err, win in events if win is not None})
+        for imgs, owners, times, events, video in loader:
+            yield Batch(imgs, owners, times, [(j, ex, err) for j, _n, ex, err in events], video)
 
     def params(self) -> dict:
         return {"from_video": True, "fps": self.fps, "every": self.every, "frames": None}
@@ -351,12 +354,13 @@ def iter_video_batches(
     video: Any = None,
 ) -> Iterator[tuple]:
     """Decode clips (this loader worker's share) into batches ``(uint8 frames, owner clip,
-    timestamps, events)``; an event ``(clip, n_frames, audio examples, error, video windows)``
-    follows the clip's last frame, so a failed clip fails alone."""
+    timestamps, events, video windows)``; an event ``(clip, n_frames, audio examples, error)``
+    follows the clip's last frame, so a failed clip fails alone. With a video encoder
+    (``video``), the same decode gives its frames, cut into windows as they complete."""
     from PIL import Image
 
     from pipeline import media
-    from pipeline.features.encoders.video import cut_windows
+    from pipeline.features.encoders.video import WindowStream
 
     info = torch.utils.data.get_worker_info()
     mine = clips if info is None else clips[info.id :: info.num_workers]
@@ -369,12 +373,16 @@ def iter_video_batches(
 
     def batch() -> tuple:
         x = torch.stack(imgs) if imgs else torch.zeros((0, 3, c, c), dtype=torch.uint8)
-        return x, np.array(owners, np.int64), np.array(times, np.float64), list(events)
+        return (x, np.array(owners, np.int64), np.array(times, np.float64), list(events),
+                windows.take() if windows is not None else [])
 
     # With a video encoder, its frames (at its rate) come from the same decode as the image's.
     also = media.FrameSampler(fps=video.windowing.fps) if video is not None else None
+    windows = WindowStream(video) if video is not None else None
     for j, path, span, duration_s in mine:
-        n, pcm, clip_frames, clip_times = 0, [], [], []
+        n, pcm = 0, []
+        if windows is not None:
+            windows.start(j)
         try:
             for kind, t, data in media.decode(
                 path, sampler=sampler, audio_rate_hz=audio.rate_hz if audio else None,
@@ -384,8 +392,9 @@ def iter_video_batches(
                     pcm.append(data)
                     continue
                 if kind == "also":
-                    clip_frames.append(video.preprocessing.uint8_frame(data))
-                    clip_times.append(t)
+                    if windows.push(data, t):  # a batch's worth of windows: hand them over
+                        yield batch()
+                        imgs, owners, times, events = [], [], [], []
                     continue
                 # Through PIL, as the JPEG path and the weights' own transforms resize.
                 imgs.append(preprocessing.uint8_from_image(Image.fromarray(data)))
@@ -397,16 +406,17 @@ def iter_video_batches(
                     imgs, owners, times, events = [], [], [], []
             # The same examples as from these samples written to a wav (both paths agree).
             ex = audio.from_pcm(np.concatenate(pcm), audio.rate_hz) if pcm else None
-            win = None
-            if video is not None:
-                win = cut_windows(clip_frames, clip_times, video.windowing,
-                                  video.preprocessing.crop_size)
-            del clip_frames
-            events.append((j, n, ex, None, win))
+            if windows is not None:
+                windows.finish()
+            events.append((j, n, ex, None))
+            continue
         except VpipeError as e:
-            events.append((j, n, None, str(e), None))
+            error = str(e)
         except Exception as e:  # one odd clip must not stop the others
-            events.append((j, n, None, f"{path}: cannot decode ({type(e).__name__}: {e})", None))
+            error = f"{path}: cannot decode ({type(e).__name__}: {e})"
+        if windows is not None:
+            windows.fail()
+        events.append((j, n, None, error))
     if imgs or events:
         yield batch()
 

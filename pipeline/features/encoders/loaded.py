@@ -14,11 +14,9 @@ from pipeline.device import autocast_dtype, cuda_math, pick_device, pick_precisi
 from pipeline.features.batching import CallSize, ModelBatch
 from pipeline.features.encoders import resolve_encoders
 from pipeline.features.encoders.image import ImageEncoder
-from pipeline.features.encoders.video import VideoWindows
+from pipeline.features.encoders.video import WINDOW_BATCH_FRAMES, VideoWindows
 from pipeline.features.options import FeatureOptions
 from pipeline.runner import usable_cores
-
-VIDEO_CALL_FRAMES = 128  # frames (windows x T) in one call of the video model
 
 
 @dataclass
@@ -57,8 +55,8 @@ class Encoders:
             return np.zeros((0, self.video_dim), np.float32)
         cast = autocast_dtype(self.precision)
         pre = self.video.preprocessing
-        if self.video_calls.limit is None:  # at most VIDEO_CALL_FRAMES frames a call
-            self.video_calls.limit = max(1, VIDEO_CALL_FRAMES // windows.frames.shape[1])
+        if self.video_calls.limit is None:  # at most WINDOW_BATCH_FRAMES frames a call
+            self.video_calls.limit = max(1, WINDOW_BATCH_FRAMES // windows.frames.shape[1])
 
         def call(x: torch.Tensor) -> np.ndarray:
             x = pre.normalize(x.to(self.device, non_blocking=True))

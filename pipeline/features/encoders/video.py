@@ -24,6 +24,10 @@ if TYPE_CHECKING:  # torch where a model runs: the CLI reads the families' optio
 
 from pipeline.features.weights import WeightsInfo
 
+# Frames (windows x T) a loader worker gathers before handing its windows over, and at most
+# in one call of the video model.
+WINDOW_BATCH_FRAMES = 128
+
 
 @dataclass(frozen=True)
 class VideoPreprocessing:
@@ -105,23 +109,108 @@ def window_starts(n_frames: int, w: Windowing) -> tuple[list[int], int, int]:
     return starts, 0, dropped
 
 
-def cut_windows(frames: list[torch.Tensor], times: list[float], w: Windowing,
-                crop: tuple[int, int]) -> VideoWindows:
-    """A clip's preprocessed frames (at ``w.fps``, with their times) as windows."""
+class WindowCutter:
+    """A clip's preprocessed frames (at ``w.fps``, in order, with their times) into windows as
+    they complete, holding at most one window's frames: a long clip never sits in memory."""
+
+    def __init__(self, w: Windowing, crop: tuple[int, int]) -> None:
+        self.w, self.crop = w, crop
+        self.n = 0  # frames pushed
+        self.next_start = 0  # the first frame of the next window
+        self.buffer: list[tuple[Any, float]] = []  # frames from next_start on
+        self.made = 0
+
+    def push(self, frame: torch.Tensor, t: float) -> list[tuple[Any, float, float]]:
+        """Add the next frame; returns the windows it completes: (T frames, start, end)."""
+        i, self.n = self.n, self.n + 1
+        if i < self.next_start:  # a stride longer than a window skips frames
+            return []
+        self.buffer.append((frame, t))
+        if len(self.buffer) < self.w.frames:
+            return []
+        out = [self._window(self.buffer)]
+        self.next_start += self.w.stride
+        self.buffer = self.buffer[self.w.stride:]
+        return out
+
+    def _window(self, frames: list[tuple[Any, float]], padded: int = 0
+                ) -> tuple[Any, float, float]:
+        import torch
+
+        self.made += 1
+        stack = [f for f, _ in frames] + [frames[-1][0]] * padded
+        end = round(frames[-1][1] + 1.0 / self.w.fps, 6)
+        return torch.stack(stack), frames[0][1], end
+
+    def finish(self) -> tuple[list[tuple[Any, float, float]], int, int]:
+        """The clip's end: its one padded window if it made none, and (padded, dropped)."""
+        if self.made == 0 and self.buffer:
+            padded = self.w.frames - len(self.buffer)
+            return [self._window(self.buffer, padded)], padded, 0
+        return [], 0, len(range(self.next_start, self.n, self.w.stride))
+
+
+def windows_of(made: list[tuple[Any, float, float]], crop: tuple[int, int], w: Windowing,
+               padded: int = 0, dropped: int = 0) -> VideoWindows:
+    """Windows as :class:`WindowCutter` makes them, stacked into one :class:`VideoWindows`."""
     import torch
 
-    starts, padded, dropped = window_starts(len(frames), w)
-    if not starts:
-        return VideoWindows(torch.zeros((0, w.frames, 3, *crop), dtype=torch.uint8),
-                            np.zeros(0), np.zeros(0))
-    if padded:
-        frames = frames + [frames[-1]] * padded
-    stack = torch.stack(frames)
-    wins = torch.stack([stack[i:i + w.frames] for i in starts])
-    ts = np.asarray(times, np.float64)
-    last = [min(i + w.frames, len(times)) - 1 for i in starts]
-    end = ts[last] + 1.0 / w.fps
-    return VideoWindows(wins, ts[starts], np.round(end, 6), padded, dropped)
+    if not made:
+        frames = torch.zeros((0, w.frames, 3, *crop), dtype=torch.uint8)
+    else:
+        frames = torch.stack([x for x, _, _ in made])
+    return VideoWindows(frames, np.array([s for _, s, _ in made], np.float64),
+                        np.array([e for _, _, e in made], np.float64), padded, dropped)
+
+
+def cut_windows(frames: list[torch.Tensor], times: list[float], w: Windowing,
+                crop: tuple[int, int]) -> VideoWindows:
+    """A whole clip's preprocessed frames (at ``w.fps``, with their times) as windows."""
+    cutter = WindowCutter(w, crop)
+    made = [x for f, t in zip(frames, times, strict=True) for x in cutter.push(f, t)]
+    last, padded, dropped = cutter.finish()
+    return windows_of(made + last, crop, w, padded, dropped)
+
+
+class WindowStream:
+    """A loader worker's side of the windows: each clip's windows as they complete (the frames
+    preprocessed as they come), handed out with the worker's batches (:meth:`take`), so that
+    a worker holds at most a batch's windows however long its clips are."""
+
+    def __init__(self, video: VideoInput) -> None:
+        self.video = video
+        self.pending: dict[int, list] = {}  # clip -> windows made since the last take
+        self.counts: dict[int, tuple[int, int]] = {}  # finished clip -> (padded, dropped)
+        self.clip, self.cutter = -1, None
+
+    def start(self, clip: int) -> None:
+        self.clip = clip
+        self.cutter = WindowCutter(self.video.windowing, self.video.preprocessing.crop_size)
+
+    def push(self, rgb: np.ndarray, t: float) -> bool:
+        """A frame of the clip at the model's rate; True once a batch's windows are waiting."""
+        made = self.cutter.push(self.video.preprocessing.uint8_frame(rgb), t)
+        waiting = self.pending.setdefault(self.clip, [])
+        waiting.extend(made)
+        frames = sum(len(x) for x in self.pending.values()) * self.video.windowing.frames
+        return frames >= WINDOW_BATCH_FRAMES
+
+    def finish(self) -> None:
+        last, padded, dropped = self.cutter.finish()
+        self.pending.setdefault(self.clip, []).extend(last)
+        self.counts[self.clip] = (padded, dropped)
+
+    def fail(self) -> None:
+        self.pending.pop(self.clip, None)
+
+    def take(self) -> list[tuple[int, VideoWindows]]:
+        """The windows made since the last take, per clip; a finished clip's last ones carry
+        its padded/dropped counts."""
+        w, crop = self.video.windowing, self.video.preprocessing.crop_size
+        out = [(j, windows_of(made, crop, w, *self.counts.pop(j, (0, 0))))
+               for j, made in self.pending.items()]
+        self.pending = {}
+        return out
 
 
 @dataclass(frozen=True)
