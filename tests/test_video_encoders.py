@@ -480,3 +480,38 @@ def test_a_long_clips_windows_are_handed_over_as_they_complete(tmp_path: Path) -
     whole = cut_windows(frames, [k / 25 for k in range(len(frames))], video.windowing, (16, 16))
     assert torch.equal(torch.cat([c.frames for c in handed]), whole.frames)
     np.testing.assert_array_equal(np.concatenate([c.start for c in handed]), whole.start)
+
+
+def test_a_tiny_videomae_equals_its_own_forward(tmp_path: Path, clips: Path) -> None:
+    """hf:DIR (a VideoMAE saved with save_pretrained): each window's row is the mean of the
+    model's last hidden state over its tokens, on the frames its own processor prepares."""
+    from PIL import Image
+    from transformers import VideoMAEConfig, VideoMAEImageProcessor, VideoMAEModel
+
+    from pipeline.media import iter_frames
+
+    torch.manual_seed(0)
+    model = VideoMAEModel(VideoMAEConfig(
+        image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32,
+        num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)).eval()
+    proc = VideoMAEImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32,
+                                                                          "width": 32})
+    model.save_pretrained(tmp_path / "vmae")
+    proc.save_pretrained(tmp_path / "vmae")
+    out = tmp_path / "f"
+    argv = video_args(clips, out, "default")
+    argv[argv.index("r3d_18")] = f"hf:{tmp_path / 'vmae'}"
+    i = argv.index("--video-frames")
+    del argv[i:i + 2]  # the config's num_frames (4)
+    assert main(argv) == 0
+    frames = [Image.fromarray(f) for _, f in iter_frames(clips / "long.mp4", fps=5)]
+    with torch.no_grad():
+        want = np.stack([
+            model(**proc([frames[s:s + 4]], return_tensors="pt")).last_hidden_state.mean(1)[0]
+            .numpy() for s in (0, 3, 6)])
+    with open_features(out) as store:
+        got = store["long"].video
+        assert store.attrs("video")["layer"] == "last_hidden_state, mean over the tokens"
+        assert store.attrs("video")["weights"]["kind"] == "folder"
+    assert got.shape == (3, 32)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

@@ -195,10 +195,11 @@ def features(
         str,
         typer.Option(
             "--video-model",
-            help="none, or a torchvision video classifier (r3d_18, mc3_18, r2plus1d_18, s3d, "
-            "mvit_v1_b, mvit_v2_s, swin3d_t/s/b): one row per window of --video-frames frames "
-            "at --video-fps, the input of its classifier's last linear layer, into /video. "
-            "Needs --from-video.",
+            help="none, a torchvision video classifier (r3d_18, mc3_18, r2plus1d_18, s3d, "
+            "mvit_v1_b, mvit_v2_s, swin3d_t/s/b: the input of its classifier's last linear "
+            "layer), or hf:NAME / hf:DIR, a transformers video model (VideoMAE, X-CLIP: its "
+            "pooled video embedding): one row per window of --video-frames frames at "
+            "--video-fps into /video. Needs --from-video.",
         ),
     ] = OPT.video_model,
     video_weights: Annotated[

@@ -22,6 +22,7 @@ from pipeline.features.encoders.video import (
     VideoEncoder,
     VideoPreprocessing,
     Windowing,
+    check_windowing,
 )
 from pipeline.features.weights import (
     RANDOM_SEED,
@@ -64,13 +65,7 @@ class TorchvisionVideo(Encoder):
     @classmethod
     def check(cls, name: str, opts: Any) -> None:
         check_video_model(name)
-        if not opts.from_video:
-            raise UsageError("--video-model reads the clips' frames from video: add "
-                             "--from-video (videos, or a `vpipe subclip` output folder)")
-        for flag, v in (("--video-fps", opts.video_fps), ("--video-frames", opts.video_frames),
-                        ("--video-stride", opts.video_stride)):
-            if v is not None and not v > 0:
-                raise UsageError(f"{flag} must be > 0 (got {v:g})")
+        check_windowing(opts)
         w = preset_weights(name)
         least = int(w.meta.get("min_temporal_size", 1))
         if opts.video_frames is not None and opts.video_frames < least:

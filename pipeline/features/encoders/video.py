@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # torch where a model runs: the CLI reads the families' optio
     import torch
     from torch import nn
 
+from pipeline.errors import UsageError
 from pipeline.features.weights import WeightsInfo
 
 # Frames (windows x T) a loader worker gathers before handing its windows over, and at most
@@ -69,6 +70,17 @@ class VideoPreprocessing:
         mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(1, 1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=dtype, device=x.device).view(1, 1, 3, 1, 1)
         return ((x - mean) / std).permute(0, 2, 1, 3, 4)
+
+
+def check_windowing(opts: Any) -> None:
+    """UsageError for window options that cannot work (any video family's check)."""
+    if not opts.from_video:
+        raise UsageError("--video-model reads the clips' frames from video: add "
+                         "--from-video (videos, or a `vpipe subclip` output folder)")
+    for flag, v in (("--video-fps", opts.video_fps), ("--video-frames", opts.video_frames),
+                    ("--video-stride", opts.video_stride)):
+        if v is not None and not v > 0:
+            raise UsageError(f"{flag} must be > 0 (got {v:g})")
 
 
 @dataclass(frozen=True)
@@ -231,7 +243,7 @@ class VideoEncoder:
     dim: int
     preprocessing: VideoPreprocessing
     windowing: Windowing
-    weights: WeightsInfo
+    weights: Any  # WeightsInfo, or an hf: model's HFModelInfo
     layer: str
 
     @property
@@ -241,7 +253,8 @@ class VideoEncoder:
     def attrs(self) -> dict[str, Any]:
         return {
             "model": self.name,
-            "weights": self.weights.attrs(),
+            "weights": self.weights.attrs() if isinstance(self.weights, WeightsInfo)
+            else self.weights.identity(),
             "layer": self.layer,
             "dim": self.dim,
             **self.windowing.attrs(),
