@@ -192,30 +192,36 @@ def test_a_video_model_as_image_model_points_to_video_model(tmp_path: Path, clip
     assert "--video-model r3d_18" in err and "loading" not in err
 
 
-def test_s3d_rows_equal_torchvision_on_one_window(tmp_path: Path) -> None:
-    """s3d ends in a 1x1x1 conv: its input, averaged as the model averages, is the feature."""
+@pytest.mark.parametrize(("name", "frames", "dim"), [
+    ("s3d", 14, 1024), ("r2plus1d_18", 4, 512), ("mvit_v2_s", 16, 768)])
+def test_rows_equal_torchvision_on_one_window(tmp_path: Path, name: str, frames: int,
+                                              dim: int) -> None:
+    """The classifier's last linear layer removed (s3d's is a 1x1x1 conv, averaged as the
+    model does; MViT's the head's Linear): rows equal torchvision's own model, its last layer
+    replaced by Identity, on its own preset's transform of the same frames (weights from a
+    state-dict file), within 1e-4 in fp32."""
     from types import SimpleNamespace
 
-    from pipeline.features.encoders.torchvision_video import TorchvisionVideo
+    from pipeline.features.encoders.torchvision_video import TorchvisionVideo, classifier_last
 
     torch.manual_seed(5)
-    ref = torchvision.models.video.s3d().eval()
-    path = tmp_path / "s3d.pth"
+    ref = torchvision.models.get_model(name).eval()
+    path = tmp_path / f"{name}.pth"
     torch.save(ref.state_dict(), path)
-    opts = SimpleNamespace(video_weights=str(path), video_fps=None, video_frames=14,
+    opts = SimpleNamespace(video_weights=str(path), video_fps=None, video_frames=frames,
                            video_stride=None, from_video=True)
-    enc = TorchvisionVideo.load("s3d", opts, TorchvisionVideo.resolve("s3d", opts, []))
-    assert (enc.dim, enc.windowing) == (1024, Windowing(15.0, 14, 14))
+    enc = TorchvisionVideo.load(name, opts, TorchvisionVideo.resolve(name, opts, []))
+    assert enc.dim == dim and enc.windowing.frames == frames
     rng = np.random.default_rng(0)
-    rgb = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8) for _ in range(14)]
+    rgb = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8) for _ in range(frames)]
     win = torch.stack([enc.preprocessing.uint8_frame(f) for f in rgb])[None]
     with torch.no_grad():
         got = enc.model(enc.preprocessing.normalize(win)).numpy()
-        ref.classifier[1] = torch.nn.Identity()
-        preset = torchvision.models.video.S3D_Weights.DEFAULT.transforms()
+        ref.set_submodule(classifier_last(ref)[0], torch.nn.Identity())
+        preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
         want = ref(preset(torch.stack([torch.from_numpy(f).permute(2, 0, 1) for f in rgb]))[None])
     want = want.numpy()
-    assert got.shape == (1, 1024)
+    assert got.shape == (1, dim)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
