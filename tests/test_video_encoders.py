@@ -83,6 +83,7 @@ def test_windows_counts_times_and_features_equal_torchvision(done: Path, clips: 
         np.testing.assert_allclose(long.video_times, [[0.0, 0.8], [0.6, 1.4], [1.2, 2.0]])
         np.testing.assert_allclose(short.video_times, [[0.0, 0.6]])
         assert (long.video_padded, short.video_padded) == (0, 1)
+        assert (long.video_dropped, short.video_dropped) == (1, 0)
         ref = reference_rows(clips / "long.mp4", r3d_file, [0, 3, 6], 4)
         assert np.abs(long.video - ref).max() <= 1e-4 * np.abs(ref).max()
         ref = reference_rows(clips / "short.mp4", r3d_file, [0], 4)
@@ -406,7 +407,9 @@ def test_video_on_ray_equals_local(done: Path, clips: Path, r3d_file: Path,
             a, b = on_ray[cid], local[cid]
             assert np.abs(a.video - b.video).max() <= 1e-5 * np.abs(b.video).max()
             np.testing.assert_array_equal(a.video_times, b.video_times)
-            assert a.video_padded == b.video_padded
+            assert (a.video_padded, a.video_dropped) == (b.video_padded, b.video_dropped)
+    assert json.loads((out / "vpipe.json").read_text())["video"] == {
+        "windows": 4, "padded_clips": 1, "dropped_windows": 1}
 
 
 def test_predict_on_new_videos_makes_video_features_as_the_run_did(tmp_path: Path, r3d_file,

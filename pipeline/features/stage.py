@@ -89,9 +89,6 @@ class ShardSink:
         self.writer: shards.ShardWriter | None = None
         self.members: list[ClipJob] = []
         self.bytes = 0
-        # Over the run: windows written, clips padded to one window, windows cut short by
-        # their clip's end (dropped).
-        self.video = {"windows": 0, "padded_clips": 0, "dropped_windows": 0}
 
     def add(self, job: ClipJob, clip: shards.ClipFeatures) -> None:
         if self.writer is None:
@@ -110,10 +107,6 @@ class ShardSink:
         itemsize = np.dtype(self.opts.dtype).itemsize
         self.bytes += (clip.image.size + clip.audio.size + clip.text.size
                        + clip.video.size) * itemsize
-        if self.enc.video is not None:
-            self.video["windows"] += clip.n("video")
-            self.video["padded_clips"] += int(clip.video_padded > 0)
-            self.video["dropped_windows"] += clip.video_dropped
         if len(self.members) >= self.opts.shard_size or self.bytes >= SHARD_MAX_BYTES:
             self.close()
 
@@ -221,15 +214,15 @@ def extract_features(
             encode_on_ray(todo, source, enc, opts, tracker, out, on_shard, engine,
                           shard_attrs(enc, source, opts))
         else:
-            throughput, video = encode(todo, source, enc, opts, tracker, out, on_shard)
-            if enc.video is not None:
-                run.extra["video"] = video
+            throughput = encode(todo, source, enc, opts, tracker, out, on_shard)
             if todo:
                 layout = "channels_last" if enc.channels_last else "contiguous"
                 run.extra["model_batch"] = {**enc.batching.report(), "memory_format": layout}
                 run.extra["throughput"] = throughput
                 if enc.audio_calls.report() is not None:
                     run.extra["audio_calls"] = enc.audio_calls.report()
+        if enc.video is not None:  # the whole store's, from its shards, whichever engine
+            run.extra["video"] = shards.video_counts(shards.shard_paths(out))
     except BaseException as e:
         end_run(tracker, e, lambda: [job.id for job in jobs])
         raise
@@ -238,10 +231,10 @@ def extract_features(
 
 def encode(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions,
            tracker: Tracker, out: Path, on_shard: Callable[[Path], None] | None
-           ) -> tuple[dict[str, Any], dict[str, int]]:
+           ) -> dict[str, Any]:
     """The loop: image rows batch by batch, audio and video rows per finished clip, shards as
     they fill. Returns what the loader delivered against what the model consumed
-    (``throughput``) and the video windows' counts."""
+    (``throughput``)."""
     sink = ShardSink(out, enc, opts, tracker, shard_attrs(enc, source, opts), on_shard)
     total = sum(len(j.frames) for j in jobs)
     tracker.start(total=total or None)
@@ -261,7 +254,7 @@ def encode(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions
         sink.close()
     finally:
         sink.abort()
-    return batches.report(enc.batching), sink.video
+    return batches.report(enc.batching)
 
 
 def shard_attrs(enc: Encoders, source: Any, opts: FeatureOptions) -> dict:

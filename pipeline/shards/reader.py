@@ -40,6 +40,7 @@ class _Shard:
     text_strings: list[str] | None = None  # None: a shard without /text
     text_dim: int = 0
     video_padded: np.ndarray | None = None  # None: a shard without /video
+    video_dropped: np.ndarray | None = None
     # Datasets looked up once: h5py's path lookup cost more than the read of a clip's rows.
     datasets: dict[str, h5py.Dataset] = field(default_factory=dict)
 
@@ -59,6 +60,7 @@ class _Shard:
                 if VIDEO in f:
                     self.offsets[VIDEO] = read_dataset(f, f"{VIDEO}/offsets")
                     self.video_padded = read_dataset(f, f"{VIDEO}/padded")
+                    self.video_dropped = read_dataset(f, f"{VIDEO}/dropped")
             except DamagedFeatures:
                 f.close()
                 raise
@@ -272,6 +274,7 @@ class FeatureStore:
                 k = f"{VIDEO}/{key}"
                 arrays[name] = sh.read(k, slice(a, b)) if data is None else data[k][a:b]
             arrays["video_padded"] = int(sh.video_padded[i])
+            arrays["video_dropped"] = int(sh.video_dropped[i])
         return ClipFeatures(self._cols.clip_id(pos), self._cols.source_of(pos),
                             float(sh.start[i]), float(sh.end[i]), **arrays)
 

@@ -28,7 +28,8 @@ MODALITIES = ("image", "audio")
 TEXT = "text"
 # Clip-level video features: a group only in shards made with ``vpipe features --video-model``;
 # one row per window, each with its true start and end (seconds from the clip start), and per
-# clip the frames of padding its one window got (a clip shorter than a window).
+# clip the frames of padding its one window got (a clip shorter than a window) and the windows
+# dropped at its end (cut short by it).
 VIDEO = "video"
 
 
@@ -99,8 +100,8 @@ class ClipFeatures:
     text: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     text_string: str = ""
     # The windows' features (V, dim), their start and end times, the frames of padding (a clip
-    # shorter than one window) and the windows dropped (cut short by the clip's end; counted
-    # in vpipe.json, not stored); a store without video has (0, 0) rows.
+    # shorter than one window) and the windows dropped (cut short by the clip's end); a store
+    # without video has (0, 0) rows.
     video: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     video_start: np.ndarray = field(default_factory=lambda: np.zeros(0))
     video_end: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -172,6 +173,20 @@ def index_rows(path: Path) -> list[dict]:
         for i, r in enumerate(rows):
             r["n_video"] = int(video[i + 1] - video[i])
     return rows
+
+
+def video_counts(paths: list[Path]) -> dict[str, int]:
+    """What the shards' /video groups hold: windows, clips padded to one window, windows
+    dropped at a clip's end (``vpipe.json``'s ``video``, for either engine)."""
+    out = {"windows": 0, "padded_clips": 0, "dropped_windows": 0}
+    for path in paths:
+        with open_shard(path) as f:
+            if VIDEO not in f:
+                continue
+            out["windows"] += int(f[VIDEO]["features"].shape[0])
+            out["padded_clips"] += int(np.count_nonzero(read_dataset(f, f"{VIDEO}/padded")))
+            out["dropped_windows"] += int(read_dataset(f, f"{VIDEO}/dropped").sum())
+    return out
 
 
 def shard_paths(folder: str | os.PathLike) -> list[Path]:

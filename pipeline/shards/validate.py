@@ -174,7 +174,7 @@ def _check_video(f: h5py.File, name: str, n: int, facts: dict, index: list[dict]
                  row_of: dict[str, int]) -> list[str]:
     """What is wrong with a shard's /video group (features, times, offsets, padding, attrs)."""
     g = f[VIDEO]
-    need = ("features", "start", "end", "offsets", "padded")
+    need = ("features", "start", "end", "offsets", "padded", "dropped")
     missing = [f"{VIDEO}/{d}" for d in need if d not in g]
     if missing:
         return [f"{name}: missing datasets {', '.join(missing)}"]
@@ -186,8 +186,8 @@ def _check_video(f: h5py.File, name: str, n: int, facts: dict, index: list[dict]
                 for a in GROUP_ATTRS[VIDEO] if a not in attrs]
     problems += [f"{name}: /{VIDEO} has {rows} rows, {g[k].shape[0]} {k} times"
                  for k in ("start", "end") if g[k].shape[0] != rows]
-    if g["padded"].shape[0] != n:
-        problems.append(f"{name}: /{VIDEO}/padded has {g['padded'].shape[0]} entries for {n}")
+    problems += [f"{name}: /{VIDEO}/{k} has {g[k].shape[0]} entries for {n} clips"
+                 for k in ("padded", "dropped") if g[k].shape[0] != n]
     bad = _offsets_problems(name, VIDEO, off, n, rows)
     if not bad:
         counts = np.diff(off)

@@ -66,6 +66,7 @@ class ShardWriter:
         self._video_rows = 0
         self._video_offsets = [0]
         self._video_padded: list[int] = []
+        self._video_dropped: list[int] = []
         self.tmp.unlink(missing_ok=True)
         self._file = _ShardFile(self.tmp)
         try:
@@ -179,6 +180,7 @@ class ShardWriter:
         self._video_rows += n
         self._video_offsets.append(self._video_rows)
         self._video_padded.append(int(clip.video_padded))
+        self._video_dropped.append(int(clip.video_dropped))
 
     def _add_text(self, clip: ClipFeatures) -> None:
         feats = np.asarray(clip.text, dtype=self.dtype)
@@ -211,6 +213,7 @@ class ShardWriter:
                 if self.video_dim:
                     _checked(f, f"{VIDEO}/offsets", np.array(self._video_offsets, dtype="i8"))
                     _checked(f, f"{VIDEO}/padded", np.array(self._video_padded, dtype="i8"))
+                    _checked(f, f"{VIDEO}/dropped", np.array(self._video_dropped, dtype="i8"))
                 f.close()
             self._file.close()
         except BaseException:
