@@ -36,6 +36,7 @@ class Encoders:
     # A clip's audio examples go in one call, unless one ran out of memory.
     audio_calls: CallSize = field(default_factory=lambda: CallSize("audio examples of a clip"))
     video: Any = None  # the clip-level video encoder (.dim, .model, .input, .attrs), or None
+    video_precision: str = "fp32"  # the video model's (see load_encoders)
     video_calls: CallSize = field(default_factory=lambda: CallSize("video windows of a clip"))
 
     @property
@@ -53,7 +54,7 @@ class Encoders:
         one call, so memory does not grow with the clip)."""
         if self.video is None or windows is None or not windows.frames.shape[0]:
             return np.zeros((0, self.video_dim), np.float32)
-        cast = autocast_dtype(self.precision)
+        cast = autocast_dtype(self.video_precision)
         pre = self.video.preprocessing
         if self.video_calls.limit is None:  # at most WINDOW_BATCH_FRAMES frames a call
             self.video_calls.limit = max(1, WINDOW_BATCH_FRAMES // windows.frames.shape[1])
@@ -123,7 +124,7 @@ class Encoders:
         if self.text is not None:
             out["text"] = {**self.text.attrs(), "precision": self.precision}
         if self.video is not None:
-            out["video"] = {**self.video.attrs(), "precision": self.precision}
+            out["video"] = {**self.video.attrs(), "precision": self.video_precision}
         return out
 
     def identity(self) -> dict[str, Any]:
@@ -170,12 +171,16 @@ def load_encoders(opts: FeatureOptions) -> Encoders:
         # Compiled on its first call (tens of seconds on a CPU), for the one call size.
         image.model = torch.compile(image.model, dynamic=False)
     video = loaded.get("video")
+    # The video model on a CPU stays fp32 unless bf16 is asked for: oneDNN's bf16 Conv3d is
+    # ~34x slower there (r2plus1d_18, one 16-frame window, 2 cores: fp32 3.8 s, bf16 129 s).
+    video_precision = ("fp32" if device.type == "cpu" and opts.precision == "auto"
+                       else precision)
     if video is not None:  # whole-model weights in half precision, as the image model's
         video.model.to(device)
-        if cast is not None:
-            video.model.to(cast)
+        if autocast_dtype(video_precision) is not None:
+            video.model.to(autocast_dtype(video_precision))
     if text is not None:  # the title encoder follows the image encoder's device and precision
         text.to(device, cast)
     batching = ModelBatch(device.type, opts.batch_size, compiled=opts.compile)
     return Encoders(image, audio, device, precision, text, batching, channels_last, identities,
-                    math, video=video)
+                    math, video=video, video_precision=video_precision)
