@@ -230,7 +230,9 @@ def features(
     `vpipe subclip` folder) instead and decodes them in the loader workers. With --engine
     ray, Ray tasks decode and a pool of actors (one per GPU, else one per node) encodes.
     With --text, each clip's title is encoded by a frozen transformers model into /text
-    (per token, [CLS] and [SEP] included).
+    (per token, [CLS] and [SEP] included). With --video-model (and --from-video), windows of
+    each clip at the model's rate go through a video model into /video (one row per window,
+    from the same decode as the frames and the audio).
     """
     preload_torch(image_model)
     from pipeline.features import extract_features
