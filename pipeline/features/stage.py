@@ -221,6 +221,8 @@ def extract_features(
                 run.extra["throughput"] = throughput
                 if enc.audio_calls.report() is not None:
                     run.extra["audio_calls"] = enc.audio_calls.report()
+                if enc.video_calls.report() is not None:  # a call that ran out of memory
+                    run.extra["video_calls"] = enc.video_calls.report()
         if enc.video is not None:  # the whole store's, from its shards, whichever engine
             run.extra["video"] = shards.video_counts(shards.shard_paths(out))
     except BaseException as e:
