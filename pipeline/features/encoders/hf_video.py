@@ -137,7 +137,7 @@ def load_hf_video(info: HFModelInfo, windowing: Windowing) -> VideoEncoder:
     except (OSError, ValueError, KeyError) as e:  # no weights, no processor config, unknown type
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--video-model {info.name}: cannot load it ({first})") from None
-    pre = FramewisePreprocessing(hf_preprocessing(proc, info.name))
+    pre = FramewisePreprocessing(hf_preprocessing(proc, info.name, "--video-model"))
     enc = video_embedding(model.float().eval().requires_grad_(False))
     c = pre.image.crop_size
     try:
