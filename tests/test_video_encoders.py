@@ -235,6 +235,32 @@ def test_inspect_checks_and_summarises_the_video_group(done: Path, capsys) -> No
     assert "  video: 4 windows x 512 (r3d_18, weights r3d.pth, 4 frames at 5.0/s every 3)" in out
 
 
+def test_a_clip_that_does_not_decode_fails_alone_with_one_line(tmp_path: Path, clips: Path,
+                                                               capsys) -> None:
+    """With --video-model as without: a truncated clip fails with one line naming it (its
+    windows dropped with it); the other clip is whole."""
+    import shutil
+
+    from synth import make_truncated
+
+    from pipeline.records import read_manifest
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(clips / "short.mp4", src / "good.mp4")
+    long = make_video(tmp_path / "v" / "long.mp4", duration_s=4.0, fps=10, audio=False)
+    make_truncated(long, src / "cut.mp4", keep=0.5)
+    out = tmp_path / "f"
+    argv = video_args(src, out, "none")
+    argv.remove("-q")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"vpipe features: {src / 'cut.mp4'}: truncated" in err
+    assert read_manifest(out)["cut"]["status"] == "failed"
+    with open_features(out) as store:
+        assert store.clip_ids == ["good"] and store["good"].n("video") == 1
+
+
 def test_one_decode_serves_image_audio_and_video(tmp_path: Path, monkeypatch) -> None:
     """Adding --video-model opens no file more than image + audio alone: its frames come from
     the same decode (every container open is counted, the plan's demux pass included)."""
