@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -419,36 +420,58 @@ def test_a_long_clips_windows_are_handed_over_as_they_complete(tmp_path: Path) -
     np.testing.assert_array_equal(np.concatenate([c.start for c in handed]), whole.start)
 
 
-def test_a_tiny_videomae_equals_its_own_forward(tmp_path: Path, clips: Path) -> None:
-    """hf:DIR (a VideoMAE saved with save_pretrained): each window's row is the mean of the
-    model's last hidden state over its tokens, on the frames its own processor prepares."""
+def tiny_video_model(kind: str) -> tuple[Any, Any]:
+    """A tiny transformers video model (4 frames of 32 px) and its own forward to rows."""
+    from transformers import VideoMAEConfig, VideoMAEModel, XCLIPConfig, XCLIPModel
+
+    torch.manual_seed(0)
+    if kind == "videomae":
+        model = VideoMAEModel(VideoMAEConfig(
+            image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32,
+            num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)).eval()
+        return model, lambda px: model(pixel_values=px).last_hidden_state.mean(1)
+    small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2}
+    model = XCLIPModel(XCLIPConfig(
+        text_config={**small, "vocab_size": 100, "max_position_embeddings": 16},
+        vision_config={**small, "image_size": 32, "patch_size": 16, "num_frames": 4,
+                       "mit_hidden_size": 16, "mit_intermediate_size": 32,
+                       "mit_num_hidden_layers": 1, "mit_num_attention_heads": 2},
+        projection_dim=16, prompt_layers=1, prompt_num_attention_heads=2)).eval()
+    return model, lambda px: model.get_video_features(pixel_values=px).pooler_output
+
+
+@pytest.mark.parametrize(("kind", "layer", "dim"), [
+    ("videomae", "last_hidden_state, mean over the tokens", 32),
+    ("xclip", "get_video_features (the projected video embedding)", 16)])
+def test_a_tiny_transformers_video_model_equals_its_own_forward(
+        tmp_path: Path, clips: Path, kind: str, layer: str, dim: int) -> None:
+    """hf:DIR (saved with save_pretrained): each window's row is the model's pooled video
+    embedding (VideoMAE: its last hidden state's mean over the tokens; X-CLIP:
+    get_video_features) on the frames its own processor prepares, within 1e-4 in fp32."""
     from PIL import Image
-    from transformers import VideoMAEConfig, VideoMAEImageProcessor, VideoMAEModel
+    from transformers import VideoMAEImageProcessor
 
     from pipeline.media import iter_frames
 
-    torch.manual_seed(0)
-    model = VideoMAEModel(VideoMAEConfig(
-        image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32,
-        num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)).eval()
+    model, forward = tiny_video_model(kind)
     proc = VideoMAEImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32,
                                                                           "width": 32})
-    model.save_pretrained(tmp_path / "vmae")
-    proc.save_pretrained(tmp_path / "vmae")
+    model.save_pretrained(tmp_path / kind)
+    proc.save_pretrained(tmp_path / kind)
     out = tmp_path / "f"
     argv = video_args(clips, out, "default")
-    argv[argv.index("r3d_18")] = f"hf:{tmp_path / 'vmae'}"
+    argv[argv.index("r3d_18")] = f"hf:{tmp_path / kind}"
     i = argv.index("--video-frames")
     del argv[i:i + 2]  # the config's num_frames (4)
     assert main(argv) == 0
     frames = [Image.fromarray(f) for _, f in iter_frames(clips / "long.mp4", fps=5)]
     with torch.no_grad():
-        want = np.stack([
-            model(**proc([frames[s:s + 4]], return_tensors="pt")).last_hidden_state.mean(1)[0]
-            .numpy() for s in (0, 3, 6)])
+        want = np.stack([forward(proc([frames[s:s + 4]], return_tensors="pt")
+                                 ["pixel_values"])[0].numpy() for s in (0, 3, 6)])
     with open_features(out) as store:
         got = store["long"].video
-        assert store.attrs("video")["layer"] == "last_hidden_state, mean over the tokens"
+        assert store.attrs("video")["layer"] == layer
         assert store.attrs("video")["weights"]["kind"] == "folder"
-    assert got.shape == (3, 32)
+    assert got.shape == (3, dim)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
