@@ -163,6 +163,8 @@ def test_offline_default_weights_fail_clearly(tmp_path: Path, clips: Path, monke
      "classifier; use one of mc3_18, mvit_v1_b"),
     (["--video-model", "r3d18"], "did you mean r3d_18"),
     (["--video-model", "s3d", "--video-frames", "4"], "--video-frames 4: s3d needs at least 14"),
+    (["--video-model", "mvit_v2_s", "--video-frames", "32"], "--video-frames 32: mvit_v2_s "
+     "takes exactly 16 frames a window"),
     (["--video-weights", "KINETICS"], "--video-weights KINETICS: neither default, none, one of "
      "r3d_18's weights (KINETICS400_V1), nor an existing file"),
 ])

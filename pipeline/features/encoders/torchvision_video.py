@@ -36,6 +36,9 @@ from pipeline.features.weights import (
 from pipeline.files import sha256_of
 
 HEADS = ("fc", "head", "classifier")
+# Models whose window length is fixed to their min_temporal_size (MViT: 16 frames; measured in
+# torchvision 0.29: 8 frames fail in both).
+FIXED_LENGTH = ("mvit_",)
 WHERE_NAMES = "torchvision.models.list_models(module=torchvision.models.video)"
 
 
@@ -71,6 +74,10 @@ class TorchvisionVideo(Encoder):
         if opts.video_frames is not None and opts.video_frames < least:
             raise UsageError(f"--video-frames {opts.video_frames}: {name} needs at least "
                              f"{least} frames a window")
+        if name.startswith(FIXED_LENGTH) and opts.video_frames not in (None, least):
+            raise UsageError(f"--video-frames {opts.video_frames}: {name} takes exactly "
+                             f"{least} frames a window (its positional embeddings are sized "
+                             "for them)")
 
     @classmethod
     def resolve(cls, name: str, opts: Any, missing: list) -> Any:
