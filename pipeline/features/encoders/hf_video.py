@@ -1,9 +1,10 @@
 """The Hugging Face video encoders (``--video-model hf:NAME`` / ``hf:DIR``): a transformers video
 model's pooled video embedding, one row per window: ``get_video_features`` where the model has
-it (X-CLIP's video side), else the mean of the last hidden state over the tokens (VideoMAE,
-V-JEPA 2: what their video classification heads pool). Weights are the model's own (found by
+it (X-CLIP's video side), else the mean of the last hidden state over the tokens (VideoMAE:
+what its video classification head pools). Weights are the model's own (found by
 :mod:`pipeline.features.hf`), preprocessing its image processor's config (as
-:func:`.hf_image.hf_preprocessing` reads it), applied frame by frame.
+:func:`.hf_image.hf_preprocessing` reads it), applied frame by frame; models that ship only a
+video processor config (V-JEPA 2) are not supported yet.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pipeline.features.hf import HFModelInfo, resolve_hf_model
 
 @register_encoder
 class HFVideo(Encoder):
-    """``--video-model hf:NAME``: a transformers video model (VideoMAE, X-CLIP, V-JEPA 2)."""
+    """``--video-model hf:NAME``: a transformers video model (VideoMAE, X-CLIP)."""
 
     modality: ClassVar[str] = "video"
     label: ClassVar[str] = "hf:NAME"
