@@ -232,7 +232,8 @@ print('torch' in sys.modules)
                          text=True)
     assert run.stdout.splitlines() == [
         "1.5 2.0", "True False",
-        "[('audio_gain', 3.0), ('audio_pca', 'release'), ('audio_postprocess', False)]", "False"]
+        "[('audio_gain', 3.0), ('audio_pca', 'release'), ('audio_postprocess', False), "
+        "('video_fps', None), ('video_frames', None), ('video_stride', None)]", "False"]
 
 
 

@@ -27,13 +27,14 @@ OPT = FeatureOptions  # the defaults, written once in the options dataclass
 
 def with_encoder_options(command: Callable[..., None]) -> Callable[..., None]:
     """Give ``command`` (which takes ``**encoder_options``) a Typer option for each option an
-    encoder family declares, after its modality's ``--<modality>-weights``: the flag, help and
-    default come from the family's declaration alone, and so do workflows' keys (they are the
-    command's options)."""
+    encoder family declares, after its modality's ``--<modality>-weights`` (else last): the
+    flag, help and default come from the family's declaration alone, and so do workflows' keys
+    (they are the command's options)."""
     sig = signature(command, eval_str=True)
     params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
     for opt in reversed(declared_options()):
-        at = next(i for i, p in enumerate(params) if p.name == opt.name.split("_")[0] + "_weights")
+        weights = opt.name.split("_")[0] + "_weights"
+        at = next((i for i, p in enumerate(params) if p.name == weights), len(params) - 1)
         params.insert(at + 1, Parameter(
             opt.name, Parameter.POSITIONAL_OR_KEYWORD, default=opt.default,
             annotation=Annotated[opt.type, typer.Option(opt.flags, help=opt.help)],
@@ -190,6 +191,26 @@ def features(
             "is the research setup's ERNIE 1.0.",
         ),
     ] = OPT.text_model,
+    video_model: Annotated[
+        str,
+        typer.Option(
+            "--video-model",
+            help="none, a torchvision video classifier (r3d_18, mc3_18, r2plus1d_18, s3d, "
+            "mvit_v1_b, mvit_v2_s, swin3d_t/s/b: the input of its classifier's last linear "
+            "layer), or hf:NAME / hf:DIR, a transformers video model (VideoMAE, X-CLIP: its "
+            "pooled video embedding): one row per window of --video-frames frames at "
+            "--video-fps into /video. Needs --from-video.",
+        ),
+    ] = OPT.video_model,
+    video_weights: Annotated[
+        str,
+        typer.Option(
+            "--video-weights",
+            help="default (the model's DEFAULT weights, from the torch hub cache), a "
+            "registered weights name (e.g. KINETICS400_V1), none (seeded random init), or a "
+            "state-dict file.",
+        ),
+    ] = OPT.video_weights,
     engine: Engine = "local",
     ray_address: RayAddress = None,
     overwrite: Overwrite = False,
@@ -209,7 +230,9 @@ def features(
     `vpipe subclip` folder) instead and decodes them in the loader workers. With --engine
     ray, Ray tasks decode and a pool of actors (one per GPU, else one per node) encodes.
     With --text, each clip's title is encoded by a frozen transformers model into /text
-    (per token, [CLS] and [SEP] included).
+    (per token, [CLS] and [SEP] included). With --video-model (and --from-video), windows of
+    each clip at the model's rate go through a video model into /video (one row per window,
+    from the same decode as the frames and the audio).
     """
     preload_torch(image_model)
     from pipeline.features import extract_features
@@ -233,6 +256,8 @@ def features(
         text=None if text is None else str(text),
         text_max_chars=text_max_chars,
         text_model=text_model,
+        video_model=video_model,
+        video_weights=video_weights,
         **encoder_options,
     )
     runner = engine_for_options(engine, ray_address, None, quiet, "features")
@@ -281,6 +306,12 @@ def inspect(
         lines.insert(3, f"  text: {summary['text_rows']} token rows x {dims.get('text', 0)} "
                         f"({txt.get('model')}, {summary['titled']} of {summary['clips']} clips "
                         f"titled, cut at {txt.get('max_chars')} chars)")
+    vid = summary.get("video_attrs", {})
+    if vid:
+        lines.insert(-1, f"  video: {summary['video_rows']} windows x {dims.get('video', 0)} "
+                         f"({vid.get('model')}, weights {_weights_name(vid.get('weights'))}, "
+                         f"{vid.get('frames')} frames at {vid.get('fps')}/s every "
+                         f"{vid.get('stride')})")
     typer.echo("\n".join(lines))
     for p in problems:
         typer.echo(f"invalid: {p}", err=True)

@@ -84,7 +84,8 @@ def train(
         typer.Option(
             "--modalities",
             help="Comma-separated: image, audio, text (the titles of `vpipe features --text`, "
-            "through a TextCNN) (default: every modality in the shards).",
+            "through a TextCNN), video (the windows of `vpipe features --video-model`, a "
+            "sequence like the frames) (default: every modality in the shards).",
             show_default=False,
         ),
     ] = TrainConfig.modalities,

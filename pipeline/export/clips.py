@@ -1,9 +1,10 @@
 """What one clip becomes in every format: its arrays per modality, its fields, its files.
 
 Every modality the store holds is exported (``FeatureStore.modalities``: image and audio with
-their timestamps, the title's text rows and string when made with ``--text``; a modality added
-to the schema comes out the same way). A modality with no rows in a clip is a ``(0, dim)``
-array, as the store holds it.
+their timestamps, the title's text rows and string when made with ``--text``, the video
+windows' rows with their ``video_start``/``video_end`` when made with ``--video-model``; a
+modality added to the schema comes out the same way). A modality with no rows in a clip is a
+``(0, dim)`` array, as the store holds it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.files import atomic_path
-from pipeline.shards import MODALITIES, TEXT, ClipFeatures
+from pipeline.shards import MODALITIES, TEXT, VIDEO, ClipFeatures
 
 TIMED = MODALITIES  # the modalities whose rows carry timestamps
+# The per-row times of each modality that has them, as ClipFeatures names them.
+TIMES = {**{m: (f"{m}_timestamps",) for m in TIMED}, VIDEO: ("video_start", "video_end")}
 TITLE = "text_string"  # the title a clip's text rows encode ("" without one)
 
 
@@ -27,8 +30,7 @@ def array_names(modalities: Sequence[str]) -> list[str]:
     names = []
     for m in modalities:
         names.append(m)
-        if m in TIMED:
-            names.append(f"{m}_timestamps")
+        names += TIMES.get(m, ())
         if m == TEXT:
             names.append(TITLE)
     return names
@@ -48,8 +50,8 @@ def clip_fields(clip: ClipFeatures, modalities: Sequence[str],
     if clip.view_of:  # an augmented view (extract-frames --views): the clip it is of
         out["view_of"] = clip.view_of
     for m in modalities:
-        if m in TIMED:
-            out[f"{m}_timestamps"] = np.asarray(getattr(clip, f"{m}_timestamps")).tolist()
+        for name in TIMES.get(m, ()):
+            out[name] = np.asarray(getattr(clip, name)).tolist()
     if TEXT in modalities:
         out[TITLE] = clip.text_string
     if labels is not None:

@@ -2,7 +2,8 @@
 
 ``parquet``: one row per clip: ``clip_id``, ``source``, ``start``, ``end``; per modality ``m`` a
 list column of its rows (``list<fixed_size_list<float32, dim>>``), ``m_timestamps``
-(``list<float64>``) for timed modalities, ``text_string`` with text, ``label`` (string, null
+(``list<float64>``) for timed modalities (``video_start``, ``video_end`` for video),
+``text_string`` with text, ``label`` (string, null
 when the clip has none) with labels. The schema's metadata ``vpipe`` holds the features'
 attributes as JSON.
 
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UsageError
-from pipeline.export.clips import TIMED, TITLE, clip_fields
+from pipeline.export.clips import TIMES, TITLE, clip_fields
 from pipeline.files import atomic_path
 from pipeline.shards import TEXT, ClipFeatures
 
@@ -112,9 +113,8 @@ def _write_parquet(tmp: Path, clips: Sequence[ClipFeatures], modalities: Sequenc
         cols["view_of"] = pa.array([c.view_of for c in clips], pa.string())
     for m in modalities:
         cols[m] = _ragged(pa, [getattr(c, m) for c in clips], dims[m], np.float32)
-        if m in TIMED:
-            cols[f"{m}_timestamps"] = _ragged(
-                pa, [getattr(c, f"{m}_timestamps") for c in clips], 0, np.float64)
+        for name in TIMES.get(m, ()):
+            cols[name] = _ragged(pa, [getattr(c, name) for c in clips], 0, np.float64)
     if TEXT in modalities:
         cols[TITLE] = pa.array([c.text_string for c in clips], pa.string())
     if labels is not None:

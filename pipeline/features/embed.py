@@ -30,6 +30,11 @@ def embed_batches(batches: Iterable[Batch], jobs: list[ClipJob], enc: Encoders,
     encoded together (or the batches end)."""
     waiting: list[tuple[ClipJob, shards.ClipFeatures]] = []
     for batch in batches:
+        for j, windows in batch.video:  # a clip's windows as they complete, encoded now
+            job = jobs[j]
+            job.video.append((enc.embed_video(windows), windows.start, windows.end))
+            p, d = job.video_counts
+            job.video_counts = (p + windows.padded, d + windows.dropped)
         if batch.images.shape[0]:
             y = enc.embed_images(batch.images)
             for k in range(y.shape[0]):
@@ -41,7 +46,7 @@ def embed_batches(batches: Iterable[Batch], jobs: list[ClipJob], enc: Encoders,
         for (j, examples, error), rows in zip(batch.done, audio, strict=True):
             job = jobs[j]
             clip = None if error is not None else clip_features(job, examples, enc, rows)
-            job.rows, job.times = [], []  # free the rows: they are in the clip now
+            job.rows, job.times, job.video = [], [], []  # free the rows: they are in the clip
             if clip is None or enc.text is None:
                 yield job, clip, error
             else:
@@ -86,12 +91,12 @@ def audio_rows(done: list[tuple[int, Any, str | None]], enc: Encoders
 
 def clip_features(job: ClipJob, examples: Any, enc: Encoders,
                   audio: np.ndarray | None = None) -> shards.ClipFeatures:
-    """A finished clip's rows, its audio rows (``audio``, else encoded here) and its record's
-    fields, as a shard stores them."""
+    """A finished clip's rows, its audio rows (``audio``, else encoded here), its windows'
+    rows and its record's fields, as a shard stores them."""
     ex, audio_ts = examples if examples is not None else (None, np.zeros(0))
     r = job.rec
     image = np.stack(job.rows) if job.rows else np.zeros((0, enc.image.dim), np.float32)
-    return shards.ClipFeatures(
+    clip = shards.ClipFeatures(
         job.id,
         str(r.get("source") or job.id),
         float(r.get("start") or 0.0),
@@ -102,6 +107,14 @@ def clip_features(job: ClipJob, examples: Any, enc: Encoders,
         audio_ts,
         view_of=str(r.get("view_of") or ""),
     )
+    if enc.video is not None:
+        parts = job.video or [(np.zeros((0, enc.video_dim), np.float32), np.zeros(0),
+                               np.zeros(0))]
+        rows, starts, ends = zip(*parts, strict=True)
+        clip.video, clip.video_start, clip.video_end = (np.concatenate(x)
+                                                        for x in (rows, starts, ends))
+        clip.video_padded, clip.video_dropped = job.video_counts
+    return clip
 
 
 def failed_record(job: ClipJob, error: str) -> dict:
@@ -122,6 +135,7 @@ def ok_record(rec: dict, row: dict) -> dict:
         "row": row["row"],
         "n_frames": row["n_frames"],
         "n_audio": row["n_audio"],
+        **({"n_video": row["n_video"]} if "n_video" in row else {}),
     }
 
 

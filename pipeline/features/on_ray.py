@@ -168,7 +168,7 @@ class FeatureActor:
         opts = self.opts
         writer = shards.ShardWriter(
             Path(path), image_dim=self.enc.image.dim, audio_dim=self.enc.audio_dim,
-            text_dim=self.enc.text_dim, attrs=attrs,
+            text_dim=self.enc.text_dim, video_dim=self.enc.video_dim, attrs=attrs,
             dtype=opts.dtype, compression=None if opts.compression == "none" else opts.compression,
         )
         try:

@@ -52,6 +52,10 @@ class BaseOptions:
     text: str | None = None
     text_max_chars: int = DEFAULT_MAX_CHARS
     text_model: str = DEFAULT_TEXT_MODEL
+    # --video-model: windows of the clip through a video classifier (none: no /video group);
+    # recorded through its family's identity only when on, so other runs' parameters stay.
+    video_model: str = "none"
+    video_weights: str = "default"
     # Speed only: not part of the recorded parameters.
     batch_size: int = 0  # 0: chosen by timing the run's first frames (.batching)
     workers: int | None = None  # None: loader_workers() for the run's device
@@ -78,6 +82,13 @@ class BaseOptions:
             raise UsageError("--batch-size must be 0 (chosen by measuring) or more")
         if self.text_max_chars < 0:
             raise UsageError("--text-max-chars must be 0 (no cut) or more")
+        if self.video_model == "none":
+            given = [f"--{k.replace('_', '-')}" for k in ("video_fps", "video_frames",
+                                                          "video_stride")
+                     if getattr(self, k, None) is not None]
+            if given:
+                raise UsageError(f"{'/'.join(given)} shape the windows of --video-model: "
+                                 "give one (e.g. --video-model r2plus1d_18)")
         if self.from_video:
             self.sampler()  # validates fps/every
         elif self.fps is not None or self.every is not None:
@@ -89,6 +100,8 @@ class BaseOptions:
         names = {"image": self.image_model, "audio": self.audio_model}
         if self.text:
             names["text"] = self.text_model
+        if self.video_model != "none":
+            names["video"] = self.video_model
         return names
 
     def sampling(self) -> tuple[float | None, int | None]:

@@ -49,6 +49,9 @@ class ClipJob:
     times: list[float] = field(default_factory=list)
     error: str | None = None
     title: str | None = None  # with --text: the clip's title, after the cut (None: it has none)
+    # With a video encoder: (rows, start, end) of its windows so far, and (padded, dropped).
+    video: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    video_counts: tuple[int, int] = (0, 0)
 
     @property
     def id(self) -> str:
@@ -64,10 +67,12 @@ class Decoding:
     preprocessing: Preprocessing
     audio: Any
     pin_memory: bool = False
+    video: Any = None  # the video encoder's input (windows of frames at its rate), or None
 
     @classmethod
     def of(cls, enc: Encoders) -> Decoding:
-        return cls(enc.image.preprocessing, enc.audio_input, enc.device.type == "cuda")
+        return cls(enc.image.preprocessing, enc.audio_input, enc.device.type == "cuda",
+                   enc.video_input)
 
 
 @dataclass
@@ -79,6 +84,8 @@ class Batch:
     owners: np.ndarray
     times: np.ndarray
     done: list[tuple[int, Any, str | None]]
+    # (job index, VideoWindows) made since the last batch: a clip's windows as they complete.
+    video: list[tuple[int, Any]] = field(default_factory=list)
 
 
 def _worker_init(_: int) -> None:
@@ -334,7 +341,7 @@ class DecodedVideos:
                  for j, job in enumerate(jobs)]
         w = min(opts.workers, len(jobs))
         stream = VideoFrameStream(clips, dec.preprocessing, opts.batch_size, self.fps,
-                                  self.every, dec.audio)
+                                  self.every, dec.audio, dec.video)
         loader = DataLoader(
             stream,
             batch_size=None,  # the workers batch frames themselves (a worker's clips mix)
@@ -343,8 +350,8 @@ class DecodedVideos:
             worker_init_fn=_worker_init if w else None,
             prefetch_factor=4 if w else None,
         )
-        for imgs, owners, times, events in loader:
-            yield Batch(imgs, owners, times, [(j, ex, err) for j, _n, ex, err in events])
+        for imgs, owners, times, events, video in loader:
+            yield Batch(imgs, owners, times, [(j, ex, err) for j, _n, ex, err in events], video)
 
     def params(self) -> dict:
         return {"from_video": True, "fps": self.fps, "every": self.every, "frames": None}
@@ -368,13 +375,16 @@ def iter_video_batches(
     fps: float | None,
     every: int | None,
     audio: Any,
+    video: Any = None,
 ) -> Iterator[tuple]:
     """Decode clips (this loader worker's share) into batches ``(uint8 frames, owner clip,
-    timestamps, events)``; an event ``(clip, n_frames, audio examples, error)`` follows the
-    clip's last frame, so a failed clip fails alone."""
+    timestamps, events, video windows)``; an event ``(clip, n_frames, audio examples, error)``
+    follows the clip's last frame, so a failed clip fails alone. With a video encoder
+    (``video``), the same decode gives its frames, cut into windows as they complete."""
     from PIL import Image
 
     from pipeline import media
+    from pipeline.features.encoders.video import WindowStream
 
     info = torch.utils.data.get_worker_info()
     mine = clips if info is None else clips[info.id :: info.num_workers]
@@ -387,17 +397,28 @@ def iter_video_batches(
 
     def batch() -> tuple:
         x = torch.stack(imgs) if imgs else torch.zeros((0, 3, c, c), dtype=torch.uint8)
-        return x, np.array(owners, np.int64), np.array(times, np.float64), list(events)
+        return (x, np.array(owners, np.int64), np.array(times, np.float64), list(events),
+                windows.take() if windows is not None else [])
 
+    # With a video encoder, its frames (at its rate) come from the same decode as the image's.
+    also = media.FrameSampler(fps=video.windowing.fps) if video is not None else None
+    windows = WindowStream(video) if video is not None else None
     for j, path, span, duration_s in mine:
         n, pcm = 0, []
+        if windows is not None:
+            windows.start(j)
         try:
             for kind, t, data in media.decode(
                 path, sampler=sampler, audio_rate_hz=audio.rate_hz if audio else None,
-                span=span, duration_s=duration_s,
+                span=span, duration_s=duration_s, also=also,
             ):
                 if kind == "audio":
                     pcm.append(data)
+                    continue
+                if kind == "also":
+                    if windows.push(data, t):  # a batch's worth of windows: hand them over
+                        yield batch()
+                        imgs, owners, times, events = [], [], [], []
                     continue
                 # Through PIL, as the JPEG path and the weights' own transforms resize.
                 imgs.append(preprocessing.uint8_from_image(Image.fromarray(data)))
@@ -409,11 +430,17 @@ def iter_video_batches(
                     imgs, owners, times, events = [], [], [], []
             # The same examples as from these samples written to a wav (both paths agree).
             ex = audio.from_pcm(np.concatenate(pcm), audio.rate_hz) if pcm else None
+            if windows is not None:
+                windows.finish()
             events.append((j, n, ex, None))
+            continue
         except VpipeError as e:
-            events.append((j, n, None, str(e)))
+            error = str(e)
         except Exception as e:  # one odd clip must not stop the others
-            events.append((j, n, None, f"{path}: cannot decode ({type(e).__name__}: {e})"))
+            error = f"{path}: cannot decode ({type(e).__name__}: {e})"
+        if windows is not None:
+            windows.fail()
+        events.append((j, n, None, error))
     if imgs or events:
         yield batch()
 

@@ -25,6 +25,7 @@ from pipeline import shards
 from pipeline.device import describe_device
 from pipeline.features.batching import LoaderMeter
 from pipeline.features.embed import commit_shard, embed_batches, failed_record, ok_record
+from pipeline.features.encoders import check_encoders
 from pipeline.features.encoders.loaded import Encoders, load_encoders
 from pipeline.features.options import FeatureOptions, loader_workers, recorded_options
 from pipeline.features.sources import ClipJob, Decoding, source_for
@@ -97,6 +98,7 @@ class ShardSink:
                 image_dim=self.enc.image.dim,
                 audio_dim=self.enc.audio_dim,
                 text_dim=self.enc.text_dim,
+                video_dim=self.enc.video_dim,
                 attrs=self.attrs,
                 dtype=self.opts.dtype,
                 compression=None if self.opts.compression == "none" else self.opts.compression,
@@ -104,7 +106,8 @@ class ShardSink:
         self.writer.add(clip)
         self.members.append(job)
         itemsize = np.dtype(self.opts.dtype).itemsize
-        self.bytes += (clip.image.size + clip.audio.size + clip.text.size) * itemsize
+        self.bytes += (clip.image.size + clip.audio.size + clip.text.size
+                       + clip.video.size) * itemsize
         if len(self.members) >= self.opts.shard_size or self.bytes >= SHARD_MAX_BYTES:
             self.close()
 
@@ -138,6 +141,8 @@ def loading_line(n_clips: int, opts: FeatureOptions) -> str:
         models.append(f"{opts.audio_model} ({opts.audio_weights})")
     if opts.text:
         models.append(opts.text_model)
+    if opts.video_model != "none":
+        models.append(f"{opts.video_model} ({opts.video_weights})")
     return f"vpipe features: {n_clips} clips; loading {', '.join(models)} ..."
 
 
@@ -156,7 +161,7 @@ def extract_features(
     :class:`~pipeline.engine.RayEngine`: :mod:`.on_ray`). ``on_shard`` is called with each
     finished shard (tests use it to interrupt a run)."""
     inputs = [Path(p) for p in inputs]
-    opts.check()
+    check_encoders(opts)  # every family's usage errors before anything is said or written
     check_out_dir(out_dir, [*inputs, *([opts.text] if opts.text else [])])  # before any loading
     titles = read_titles(opts.text) if opts.text else None  # a bad file: exit 2, before work
     source = source_for(inputs, opts)
@@ -242,6 +247,10 @@ def _write_features(jobs: list[ClipJob], source: Any, enc: Any, actors: list, in
                 run.extra["throughput"] = throughput
                 if enc.audio_calls.report() is not None:
                     run.extra["audio_calls"] = enc.audio_calls.report()
+                if enc.video_calls.report() is not None:  # a call that ran out of memory
+                    run.extra["video_calls"] = enc.video_calls.report()
+        if enc.video is not None:  # the whole store's, from its shards, whichever engine
+            run.extra["video"] = shards.video_counts(shards.shard_paths(out))
     except BaseException as e:
         end_run(tracker, e, lambda: [job.id for job in jobs])
         raise
@@ -251,8 +260,9 @@ def _write_features(jobs: list[ClipJob], source: Any, enc: Any, actors: list, in
 def encode(jobs: list[ClipJob], source: Any, enc: Encoders, opts: FeatureOptions,
            tracker: Tracker, out: Path, on_shard: Callable[[Path], None] | None
            ) -> dict[str, Any]:
-    """The loop: image rows batch by batch, audio rows per finished clip, shards as they fill.
-    Returns what the loader delivered against what the model consumed (``throughput``)."""
+    """The loop: image rows batch by batch, audio and video rows per finished clip, shards as
+    they fill. Returns what the loader delivered against what the model consumed
+    (``throughput``)."""
     sink = ShardSink(out, enc, opts, tracker, shard_attrs(enc, source, opts), on_shard)
     total = sum(len(j.frames) for j in jobs)
     tracker.start(total=total or None)

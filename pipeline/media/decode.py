@@ -79,6 +79,7 @@ def decode(
     audio_rate_hz: int | None = None,
     span: tuple[float, float] | None = None,
     duration_s: float | None = None,
+    also: FrameSampler | None = None,
 ) -> Iterator[tuple[str, float, np.ndarray]]:
     """One demux/decode pass over a clip yielding ``("frame", t, rgb)`` for sampled frames and
     ``("audio", t, int16 mono samples)`` chunks resampled to ``audio_rate_hz`` (mono is a
@@ -96,11 +97,15 @@ def decode(
     the clip ends, from its first frame, when its cut says so (a subclip's end - start): its
     last frame is on screen until then, as in a span, and no audio is given past it; without
     it, the last frame lasts what the file says.
+
+    ``also``: a second sampler over the same decoded frames (another rate, for another
+    encoder), its frames yielded as ``("also", t, rgb)``: one decode serves both.
     """
     import av
 
     if span is not None:
-        yield from decode_span(path, span, sampler=sampler, audio_rate_hz=audio_rate_hz)
+        yield from decode_span(path, span, sampler=sampler, audio_rate_hz=audio_rate_hz,
+                               also=also)
         return
     path = Path(path)
     c = open_container(path)
@@ -113,23 +118,32 @@ def decode(
         v.thread_type = "AUTO"  # frame threads: decoding is the cost here
         origin = float(v.start_time * v.time_base) if v.start_time is not None else 0.0
         frames = _FramePicker(sampler, origin, v, duration_s) if sampler is not None else None
+        second = _FramePicker(also, origin, v, duration_s, "also") if also is not None else None
         audio = AudioAligner(a, audio_rate_hz, origin, duration_s) if a is not None else None
-        plan = _plan_samples(path, sampler, origin, duration_s) if sampler is not None else None
+        demuxed = demux_video(path) if sampler is not None else None
+        plan = _plan_samples(demuxed, sampler, origin, duration_s) if demuxed else None
         if plan is not None:
             frames.plan = plan
+            if second is not None:
+                second.plan = _plan_samples(demuxed, also, origin, duration_s)
+        wanted = plan if second is None or plan is None else {**second.plan, **plan}
         ctx = v.codec_context
         try:
             for packet in c.demux(*streams):
                 if plan is not None and packet.stream is v and packet.pts is not None:
                     # Frames no reference depends on are not even decoded unless sampled.
-                    ctx.skip_frame = "DEFAULT" if packet.pts in plan else "NONREF"
+                    ctx.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
                 for frame in packet.decode():
                     if packet.stream is v:
                         yield from frames.push(frame)
+                        if second is not None:
+                            yield from second.push(frame)
                     else:
                         yield from audio.push(frame)
             if frames is not None:
                 yield from frames.flush()
+                if second is not None:
+                    yield from second.flush()
                 frames.check_complete(path, c)
             if audio is not None:
                 yield from audio.flush()
@@ -147,14 +161,14 @@ def _last_frame_s(last_t: float, duration_s: float | None, own_s: float) -> floa
     return duration_s - last_t if duration_s is not None and duration_s > last_t else own_s
 
 
-def _plan_samples(path: Path, s: FrameSampler, origin: float, duration_s: float | None = None
-                  ) -> dict[int, list[float]] | None:
-    """Which frames (by pts) the sampler keeps, and their timestamps, from a demux pass.
+def _plan_samples(d: tuple | None, s: FrameSampler, origin: float,
+                  duration_s: float | None = None) -> dict[int, list[float]] | None:
+    """Which frames (by pts) the sampler keeps, and their timestamps, from a demux pass
+    (``d``: :func:`demux_video`'s, None when pts are missing or repeated).
 
     Knowing them before decoding lets the decoder skip the other non-reference frames. Same
     rules as the streaming picker; None (no plan: decode all) when pts are missing or repeated.
     """
-    d = demux_video(path)
     if d is None:
         return None
     pts, _, last_dur, tb = d
@@ -178,8 +192,9 @@ class _FramePicker:
     """Applies a FrameSampler to decoded frames in order (keeps one frame back for --fps)."""
 
     def __init__(self, sampler: FrameSampler, origin: float, stream,
-                 duration_s: float | None = None) -> None:
+                 duration_s: float | None = None, kind: str = "frame") -> None:
         self.s = sampler
+        self.kind = kind  # what its frames are yielded as
         self.origin = origin
         self.duration_s = duration_s
         self.stream = stream
@@ -217,11 +232,11 @@ class _FramePicker:
             if ticks:
                 rgb = self._rgb(frame)
                 for n, tick in enumerate(ticks):  # a frame on screen at several ticks
-                    yield "frame", tick, rgb if n == 0 else rgb.copy()
+                    yield self.kind, tick, rgb if n == 0 else rgb.copy()
             return
         if self.s.every is not None:
             if i % self.s.every == 0:
-                yield "frame", round(t, 6), self._rgb(frame)
+                yield self.kind, round(t, 6), self._rgb(frame)
             return
         # The frame on screen at tick time k/fps is the last one whose pts <= k/fps; a tiny
         # tolerance absorbs pts rounding in coarse time bases.
@@ -235,7 +250,7 @@ class _FramePicker:
         rgb = None
         while self.k / self.s.fps < limit:
             rgb = self._rgb(self.prev[1]) if rgb is None else rgb.copy()
-            yield "frame", round(self.k / self.s.fps, 6), rgb
+            yield self.kind, round(self.k / self.s.fps, 6), rgb
             self.k += 1
 
     def flush(self) -> Iterator[tuple[str, float, np.ndarray]]:
@@ -273,6 +288,7 @@ def decode_span(
     *,
     sampler: FrameSampler | None,
     audio_rate_hz: int | None = None,
+    also: FrameSampler | None = None,
 ) -> Iterator[tuple[str, float, np.ndarray]]:
     """:func:`decode` of the range [start_s, end_s) of a file, as if it were a clip cut there
     frame-exactly: the frames of the file's grid in the range, sampled from the first of them
@@ -290,7 +306,7 @@ def decode_span(
     path = Path(path)
     start_s, end_s = span
     if sampler is not None:
-        yield from _SpanFrames(path, start_s, end_s, sampler).run()
+        yield from _SpanFrames(path, start_s, end_s, sampler, also).run()
     if audio_rate_hz:
         yield from _span_audio(path, start_s, end_s, audio_rate_hz)
 
@@ -324,8 +340,10 @@ def _span_audio(path: Path, start_s: float, end_s: float, rate: int
 class _SpanFrames:
     """The video half of :func:`decode_span`."""
 
-    def __init__(self, path: Path, start_s: float, end_s: float, sampler: FrameSampler) -> None:
+    def __init__(self, path: Path, start_s: float, end_s: float, sampler: FrameSampler,
+                 also: FrameSampler | None = None) -> None:
         self.path, self.start_s, self.end_s, self.s = path, start_s, end_s, sampler
+        self.also = also  # decode's second sampler: its frames come as "also"
 
     def _seek(self, c, v, key_pts: int | None) -> None:
         """To the keyframe at or before the start; a file without a seek index (MPEG-TS/PS)
@@ -355,11 +373,10 @@ class _SpanFrames:
             raise MediaError(f"{self.path}: unreadable video data ({av_reason(e)})") from None
         return sorted(pts), key
 
-    def _plan(self, pts: list[int]) -> dict[int, list[float]]:
+    def _plan(self, pts: list[int], s: FrameSampler) -> dict[int, list[float]]:
         times = [round(p * self.tb - self.c0 - self.start_s, 6) for p in pts]
-        if self.s.every is not None:
-            return {p: [t] for p, t in zip(pts[:: self.s.every], times[:: self.s.every],
-                                           strict=True)}
+        if s.every is not None:
+            return {p: [t] for p, t in zip(pts[:: s.every], times[:: s.every], strict=True)}
         arr = np.asarray(times)
         frame_s = float(np.median(np.diff(arr))) if len(arr) > 1 else self.end_rel
         tol = 1e-6 + 1e-3 * frame_s
@@ -367,9 +384,9 @@ class _SpanFrames:
         end = arr[-1] + 0.75 * (self.end_rel - arr[-1])
         plan: dict[int, list[float]] = {}
         k = 0
-        while k / self.s.fps < end:
-            j = max(0, int(np.searchsorted(arr, k / self.s.fps + tol, side="right")) - 1)
-            plan.setdefault(pts[j], []).append(round(k / self.s.fps, 6))
+        while k / s.fps < end:
+            j = max(0, int(np.searchsorted(arr, k / s.fps + tol, side="right")) - 1)
+            plan.setdefault(pts[j], []).append(round(k / s.fps, 6))
             k += 1
         return plan
 
@@ -392,16 +409,18 @@ class _SpanFrames:
             if not pts:
                 raise MediaError(f"{self.path}: no video frames in "
                                  f"{self.start_s:.3f}-{self.end_s:.3f}s")
-            plan = self._plan(pts)
-            n_wanted = sum(len(t) for t in plan.values())
+            plans = [(_FramePicker(self.s, 0.0, v), self._plan(pts, self.s))]
+            if self.also is not None:
+                plans.append((_FramePicker(self.also, 0.0, v, kind="also"),
+                              self._plan(pts, self.also)))
+            n_wanted = sum(len(t) for _, plan in plans for t in plan.values())
             v.thread_type = "AUTO"
-            picker = _FramePicker(self.s, 0.0, v)
             self._seek(c, v, key)
-            if not (yield from self._decode(c, v, key, plan, picker)):
+            if not (yield from self._decode(c, v, key, plans)):
                 c.seek(0)  # the seek went past the keyframe (a file without a seek index)
-                yield from self._decode(c, v, key, plan, picker)
-            if plan:
-                missing = sum(len(t) for t in plan.values())
+                yield from self._decode(c, v, key, plans)
+            if any(plan for _, plan in plans):
+                missing = sum(len(t) for _, plan in plans for t in plan.values())
                 raise MediaError(
                     f"{self.path}: {missing} of the {n_wanted} sampled frames of "
                     f"{self.start_s:.3f}-{self.end_s:.3f}s did not decode"
@@ -409,9 +428,10 @@ class _SpanFrames:
         finally:
             c.close()
 
-    def _decode(self, c, v, key: int, plan: dict[int, list[float]], picker: _FramePicker):
-        """Decode from the keyframe packet ``key`` to the range's end, yielding the planned
-        frames; returns False (nothing yielded) when the demuxer starts past that packet."""
+    def _decode(self, c, v, key: int, plans: list[tuple[_FramePicker, dict]]):
+        """Decode from the keyframe packet ``key`` to the range's end, yielding each picker's
+        planned frames; returns False (nothing yielded) when the demuxer starts past that
+        packet."""
         import av
 
         ctx = v.codec_context
@@ -428,12 +448,15 @@ class _SpanFrames:
                     started = True
                 if packet.dts is not None and packet.dts >= self.end_pts:
                     break  # every frame shown before the end is decoded before this one
-                ctx.skip_frame = "DEFAULT" if packet.pts in plan else "NONREF"
+                wanted = any(packet.pts in plan for _, plan in plans)
+                ctx.skip_frame = "DEFAULT" if wanted else "NONREF"
                 for frame in packet.decode():
-                    yield from self._emit(picker, plan, frame)
+                    for picker, plan in plans:
+                        yield from self._emit(picker, plan, frame)
             ctx.skip_frame = "DEFAULT"
             for frame in v.decode(None):  # the frames the decoder holds back
-                yield from self._emit(picker, plan, frame)
+                for picker, plan in plans:
+                    yield from self._emit(picker, plan, frame)
         except av.error.FFmpegError as e:
             raise MediaError(f"{self.path}: decoding failed ({av_reason(e)})") from None
         return started
@@ -445,4 +468,4 @@ class _SpanFrames:
         if ticks:
             rgb = picker._rgb(frame)
             for n, tick in enumerate(ticks):
-                yield "frame", tick, rgb if n == 0 else rgb.copy()
+                yield picker.kind, tick, rgb if n == 0 else rgb.copy()

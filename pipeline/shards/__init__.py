@@ -8,6 +8,8 @@ thousands of clips is a handful of HDF5 objects (see README "HDF5 schema")::
     /image/features (F, D)    /image/timestamps (F,)  /image/offsets (n+1,)
     /audio/features (A, 128)  /audio/timestamps (A,)  /audio/offsets (n+1,)
     /text/features (W, D)     /text/strings (n,)      /text/offsets (n+1,)   (with --text)
+    /video/features (V, D)    /video/start, /video/end (V,)  /video/offsets (n+1,)
+    /video/padded (n,)        /video/dropped (n,)    (with --video-model: a row per window)
 
 A shard is written under a temporary name and renamed when complete; every dataset with data
 carries an HDF5 fletcher32 checksum (schema 2), so a changed byte fails the read of its chunk.
@@ -26,18 +28,20 @@ from pipeline.shards.schema import (
     MODALITIES,
     SCHEMA_VERSION,
     TEXT,
+    VIDEO,
     ClipFeatures,
     DamagedFeatures,
     next_shard_number,
     shard_name,
     shard_paths,
+    video_counts,
 )
 from pipeline.shards.validate import validate
 from pipeline.shards.writer import ShardWriter
 
 __all__ = [
-    "INDEX", "MAX_OPEN_SHARDS", "MODALITIES", "SCHEMA_VERSION", "TEXT", "ClipFeatures",
+    "INDEX", "MAX_OPEN_SHARDS", "MODALITIES", "SCHEMA_VERSION", "TEXT", "VIDEO", "ClipFeatures",
     "DamagedFeatures", "FeatureStore",
     "ShardWriter", "add_to_index", "next_shard_number", "open_features", "read_index",
-    "rebuild_index", "shard_name", "shard_paths", "validate",
+    "rebuild_index", "shard_name", "shard_paths", "validate", "video_counts",
 ]

@@ -80,14 +80,15 @@ class IndexColumns:
 
     ``ids`` are utf-8 bytes in index order with an argsort beside them (a lookup is a binary
     search); shard and source are codes into their name lists; ``row``, ``n_frames``, ``n_audio``
-    int32. A clip id listed twice keeps its last line (the last shard written wins).
+    int32, and ``n_video`` where the store has video (None where it has not). A clip id listed
+    twice keeps its last line (the last shard written wins).
     """
 
     def __init__(self, ids: np.ndarray, shard: np.ndarray, row: np.ndarray, source: np.ndarray,
                  n_frames: np.ndarray, n_audio: np.ndarray, shard_names: list[str],
-                 source_names: list[str]) -> None:
+                 source_names: list[str], n_video: np.ndarray | None = None) -> None:
         self.ids, self.shard, self.row, self.source = ids, shard, row, source
-        self.n_frames, self.n_audio = n_frames, n_audio
+        self.n_frames, self.n_audio, self.n_video = n_frames, n_audio, n_video
         self.shard_names, self.source_names = shard_names, source_names
         self._sorted = np.argsort(ids, kind="stable").astype(np.int32)
 
@@ -95,7 +96,9 @@ class IndexColumns:
     def from_rows(cls, rows: Iterable[dict]) -> IndexColumns:
         """From index rows (dicts with INDEX_FIELDS), one at a time."""
         ids: list[bytes] = []
-        cols = {k: array("i") for k in ("shard", "row", "source", "n_frames", "n_audio")}
+        cols = {k: array("i") for k in ("shard", "row", "source", "n_frames", "n_audio",
+                                        "n_video")}
+        video = False
         codes: dict[str, dict[str, int]] = {"shard": {}, "source": {}}
         for r in rows:
             ids.append(str(r["clip_id"]).encode("utf-8", "surrogateescape"))
@@ -103,6 +106,8 @@ class IndexColumns:
                 cols[k].append(codes[k].setdefault(str(r[k]), len(codes[k])))
             for k in ("row", "n_frames", "n_audio"):
                 cols[k].append(int(r[k]))
+            video = video or "n_video" in r
+            cols["n_video"].append(int(r.get("n_video", 0)))
         arr = {k: np.frombuffer(v, dtype=np.int32) if len(v) else np.zeros(0, np.int32)
                for k, v in cols.items()}
         id_arr = np.array(ids, dtype=f"S{max(map(len, ids), default=1)}")
@@ -113,7 +118,8 @@ class IndexColumns:
             keep = (len(id_arr) - 1 - last_rev)[np.argsort(first)]  # both sorted by id
             id_arr, arr = id_arr[keep], {k: v[keep] for k, v in arr.items()}
         return cls(id_arr, arr["shard"], arr["row"], arr["source"], arr["n_frames"],
-                   arr["n_audio"], list(codes["shard"]), list(codes["source"]))
+                   arr["n_audio"], list(codes["shard"]), list(codes["source"]),
+                   arr["n_video"] if video else None)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -154,18 +160,20 @@ class IndexColumns:
         """One clip's index row, as ``index.jsonl`` has it."""
         return {"clip_id": self.clip_id(i), "source": self.source_of(i),
                 "shard": self.shard_of(i), "row": int(self.row[i]),
-                "n_frames": int(self.n_frames[i]), "n_audio": int(self.n_audio[i])}
+                "n_frames": int(self.n_frames[i]), "n_audio": int(self.n_audio[i]),
+                **({"n_video": int(self.n_video[i])} if self.n_video is not None else {})}
 
     def take(self, positions: np.ndarray) -> IndexColumns:
         """The rows at ``positions``, in that order (the name lists are shared)."""
         p = np.asarray(positions, dtype=np.int64)
         return IndexColumns(self.ids[p], self.shard[p], self.row[p], self.source[p],
                             self.n_frames[p], self.n_audio[p], self.shard_names,
-                            self.source_names)
+                            self.source_names,
+                            None if self.n_video is None else self.n_video[p])
 
     def nbytes(self) -> int:
         arrays = (self.ids, self.shard, self.row, self.source, self.n_frames, self.n_audio,
-                  self._sorted)
+                  self._sorted, *(() if self.n_video is None else (self.n_video,)))
         return sum(a.nbytes for a in arrays)
 
 

@@ -19,6 +19,7 @@ from pipeline.shards.schema import (
     MAX_OPEN_SHARDS,
     MODALITIES,
     TEXT,
+    VIDEO,
     ClipFeatures,
     DamagedFeatures,
     index_rows,
@@ -39,6 +40,8 @@ class _Shard:
     row_of: dict[str, int] = field(default_factory=dict)  # from the shard's own /clip_ids
     text_strings: list[str] | None = None  # None: a shard without /text
     text_dim: int = 0
+    video_padded: np.ndarray | None = None  # None: a shard without /video
+    video_dropped: np.ndarray | None = None
     # Datasets looked up once: h5py's path lookup cost more than the read of a clip's rows.
     datasets: dict[str, h5py.Dataset] = field(default_factory=dict)
 
@@ -55,6 +58,10 @@ class _Shard:
                     self.offsets[TEXT] = read_dataset(f, f"{TEXT}/offsets")
                     self.text_strings = list(read_dataset(f, f"{TEXT}/strings"))
                     self.text_dim = int(f[TEXT]["features"].shape[1])
+                if VIDEO in f:
+                    self.offsets[VIDEO] = read_dataset(f, f"{VIDEO}/offsets")
+                    self.video_padded = read_dataset(f, f"{VIDEO}/padded")
+                    self.video_dropped = read_dataset(f, f"{VIDEO}/dropped")
             except DamagedFeatures:
                 f.close()
                 raise
@@ -143,7 +150,8 @@ class FeatureStore:
 
     def column(self, name: str) -> np.ndarray | list[str]:
         """One index column for all clips, in ``clip_ids`` order: ``n_frames``, ``n_audio``,
-        ``row`` as arrays; ``source``, ``shard`` as lists of names."""
+        ``row`` (and ``n_video`` with video) as arrays; ``source``, ``shard`` as lists of
+        names."""
         c = self._cols
         if name in ("source", "shard"):
             names = c.source_names if name == "source" else c.shard_names
@@ -190,11 +198,18 @@ class FeatureStore:
         return self.dim(TEXT) > 0
 
     @property
+    def has_video(self) -> bool:
+        """Whether the store was made with ``vpipe features --video-model`` (/video)."""
+        return self.dim(VIDEO) > 0
+
+    @property
     def modalities(self) -> list[str]:
         """The modalities its shards hold, in schema order: the timed ones (``MODALITIES``,
-        each with timestamps, in every shard) and ``text`` when made with ``--text``. What
+        each with timestamps, in every shard), ``text`` when made with ``--text`` and
+        ``video`` (windows with start/end times) when made with ``--video-model``. What
         export and the Dataset go through, so that a new modality needs no change there."""
-        return [*MODALITIES, TEXT] if self.has_text else list(MODALITIES)
+        return [*MODALITIES, *([TEXT] if self.has_text else []),
+                *([VIDEO] if self.has_video else [])]
 
     def __len__(self) -> int:
         return len(self._cols)
@@ -258,6 +273,14 @@ class FeatureStore:
             key = f"{TEXT}/features"
             arrays[TEXT] = sh.read(key, slice(a, b)) if data is None else data[TEXT][a:b]
             arrays["text_string"] = sh.text_strings[i]
+        if sh.video_padded is not None:
+            a, b = int(sh.offsets[VIDEO][i]), int(sh.offsets[VIDEO][i + 1])
+            for key, name in (("features", VIDEO), ("start", "video_start"),
+                              ("end", "video_end")):
+                k = f"{VIDEO}/{key}"
+                arrays[name] = sh.read(k, slice(a, b)) if data is None else data[k][a:b]
+            arrays["video_padded"] = int(sh.video_padded[i])
+            arrays["video_dropped"] = int(sh.video_dropped[i])
         cid = self._cols.clip_id(pos)
         return ClipFeatures(cid, self._cols.source_of(pos), float(sh.start[i]),
                             float(sh.end[i]), **arrays, view_of=view_of(cid) or "")
@@ -293,6 +316,9 @@ class FeatureStore:
                 data[f"{m}_timestamps"] = sh.read(f"{m}/timestamps")
             if sh.text_strings is not None:
                 data[TEXT] = sh.read(f"{TEXT}/features")
+            if sh.video_padded is not None:
+                for key in ("features", "start", "end"):
+                    data[f"{VIDEO}/{key}"] = sh.read(f"{VIDEO}/{key}")
             for pos in group[np.argsort(c.row[group], kind="stable")]:
                 yield self._clip(sh, int(c.row[pos]), int(pos), data)
 

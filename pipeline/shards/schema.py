@@ -26,6 +26,11 @@ MODALITIES = ("image", "audio")
 # The title's token features: a group only in shards made with ``vpipe features --text``;
 # rows per clip, no timestamps, and the text each clip was given in /text/strings.
 TEXT = "text"
+# Clip-level video features: a group only in shards made with ``vpipe features --video-model``;
+# one row per window, each with its true start and end (seconds from the clip start), and per
+# clip the frames of padding its one window got (a clip shorter than a window) and the windows
+# dropped at its end (cut short by it).
+VIDEO = "video"
 
 
 def _open_shard_cap() -> int:
@@ -95,6 +100,19 @@ class ClipFeatures:
     text: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     text_string: str = ""
     view_of: str = ""  # the clip this is an augmented view of ("" for a clip)
+    # The windows' features (V, dim), their start and end times, the frames of padding (a clip
+    # shorter than one window) and the windows dropped (cut short by the clip's end); a store
+    # without video has (0, 0) rows.
+    video: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    video_start: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    video_end: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    video_padded: int = 0
+    video_dropped: int = 0
+
+    @property
+    def video_times(self) -> np.ndarray:
+        """(V, 2): each window's start and end, seconds from the clip start."""
+        return np.stack([self.video_start, self.video_end], axis=1).reshape(-1, 2)
 
     def n(self, modality: str) -> int:
         return int(getattr(self, modality).shape[0])
@@ -102,7 +120,7 @@ class ClipFeatures:
     def __repr__(self) -> str:
         """A line to read, not the arrays: ``ClipFeatures('t_0', source='t', 10.0-40.0 s,
         image (30, 2048), audio (31, 128))``."""
-        parts = [f"{m} {tuple(getattr(self, m).shape)}" for m in ("image", "audio", "text")
+        parts = [f"{m} {tuple(getattr(self, m).shape)}" for m in ("image", "audio", "text", "video")
                  if getattr(self, m).shape[0]]
         return (f"ClipFeatures({self.clip_id!r}, source={self.source!r}, "
                 f"{self.start:g}-{self.end:g} s, {', '.join(parts) or 'no rows'})")
@@ -141,7 +159,8 @@ def index_rows(path: Path) -> list[dict]:
         src = read_dataset(f, "source")
         views = read_dataset(f, "view_of") if "view_of" in f else None
         off = {m: read_dataset(f, f"{m}/offsets") for m in MODALITIES}
-    return [
+        video = read_dataset(f, f"{VIDEO}/offsets") if VIDEO in f else None
+    rows = [
         {
             "clip_id": cid,
             "source": src[i],
@@ -153,6 +172,24 @@ def index_rows(path: Path) -> list[dict]:
         }
         for i, cid in enumerate(ids)
     ]
+    if video is not None:  # only with video: the rows of other stores stay as they were
+        for i, r in enumerate(rows):
+            r["n_video"] = int(video[i + 1] - video[i])
+    return rows
+
+
+def video_counts(paths: list[Path]) -> dict[str, int]:
+    """What the shards' /video groups hold: windows, clips padded to one window, windows
+    dropped at a clip's end (``vpipe.json``'s ``video``, for either engine)."""
+    out = {"windows": 0, "padded_clips": 0, "dropped_windows": 0}
+    for path in paths:
+        with open_shard(path) as f:
+            if VIDEO not in f:
+                continue
+            out["windows"] += int(f[VIDEO]["features"].shape[0])
+            out["padded_clips"] += int(np.count_nonzero(read_dataset(f, f"{VIDEO}/padded")))
+            out["dropped_windows"] += int(read_dataset(f, f"{VIDEO}/dropped").sum())
+    return out
 
 
 def shard_paths(folder: str | os.PathLike) -> list[Path]:

@@ -15,6 +15,7 @@ from pipeline.shards.schema import (
     CHECKSUMS,
     MODALITIES,
     TEXT,
+    VIDEO,
     DamagedFeatures,
     read_attrs,
     read_dataset,
@@ -26,6 +27,7 @@ GROUP_ATTRS = {
     "image": ("model", "weights", "layer", "dim", "preprocessing", "sampling"),
     "audio": ("model", "weights", "sample_rate", "window_s", "hop_s", "postprocess", "dim"),
     TEXT: ("model", "weights", "dim", "max_chars", "tokenizer"),
+    VIDEO: ("model", "weights", "layer", "dim", "fps", "frames", "stride", "preprocessing"),
 }
 
 
@@ -51,6 +53,7 @@ def _verify_checksums(f: h5py.File, name: str) -> list[str]:
 def _check_shard(path: Path, rows: list[dict]) -> tuple[dict, list[str]]:
     """Facts about one shard and what is wrong with it (against its index rows)."""
     facts: dict[str, Any] = {"clips": 0, "image": 0, "audio": 0, "text": 0, "titled": 0,
+                             "video": 0,
                              "dims": {}, "models": {}, "checksums": False}
     name = path.name
     try:
@@ -119,6 +122,8 @@ def _check_layout(f: h5py.File, name: str, rows: list[dict], facts: dict) -> lis
                                     f"{int(counts[i])}")
     if TEXT in f:
         problems += _check_text(f, name, n, facts)
+    if VIDEO in f:
+        problems += _check_video(f, name, n, facts, rows, row_of)
     index_ids = [None] * n
     for r in rows:
         if 0 <= r["row"] < n:
@@ -172,6 +177,35 @@ def _check_text(f: h5py.File, name: str, n: int, facts: dict) -> list[str]:
     return problems
 
 
+def _check_video(f: h5py.File, name: str, n: int, facts: dict, index: list[dict],
+                 row_of: dict[str, int]) -> list[str]:
+    """What is wrong with a shard's /video group (features, times, offsets, padding, attrs)."""
+    g = f[VIDEO]
+    need = ("features", "start", "end", "offsets", "padded", "dropped")
+    missing = [f"{VIDEO}/{d}" for d in need if d not in g]
+    if missing:
+        return [f"{name}: missing datasets {', '.join(missing)}"]
+    rows, off, attrs = g["features"].shape[0], g["offsets"][:], read_attrs(g)
+    facts[VIDEO] = rows
+    facts["dims"][VIDEO] = int(g["features"].shape[1])
+    facts["models"][VIDEO] = attrs.get("model")
+    problems = [f"{name}: /{VIDEO} attribute {a!r} missing"
+                for a in GROUP_ATTRS[VIDEO] if a not in attrs]
+    problems += [f"{name}: /{VIDEO} has {rows} rows, {g[k].shape[0]} {k} times"
+                 for k in ("start", "end") if g[k].shape[0] != rows]
+    problems += [f"{name}: /{VIDEO}/{k} has {g[k].shape[0]} entries for {n} clips"
+                 for k in ("padded", "dropped") if g[k].shape[0] != n]
+    bad = _offsets_problems(name, VIDEO, off, n, rows)
+    if not bad:
+        counts = np.diff(off)
+        for r in index:
+            i = row_of.get(r["clip_id"], r["row"])
+            if i < n and "n_video" in r and int(counts[i]) != r["n_video"]:
+                bad.append(f"{name}: {r['clip_id']}: index n_video {r['n_video']} != "
+                           f"{int(counts[i])}")
+    return problems + bad
+
+
 def validate(folder: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
     """Summary of a feature folder and every inconsistency between its shards and its index."""
     folder = Path(folder)
@@ -188,6 +222,7 @@ def validate(folder: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
         problems.append("index.jsonl: a clip id appears more than once")
     summary: dict[str, Any] = {"folder": str(folder), "shards": len(paths), "clips": 0,
                                "frames": 0, "audio_rows": 0, "text_rows": 0, "titled": 0,
+                               "video_rows": 0,
                                "dims": {}, "models": {},
                                "bytes": sum(p.stat().st_size for p in paths),
                                "no_checksums": 0}
@@ -200,7 +235,8 @@ def validate(folder: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
         summary["audio_rows"] += facts["audio"]
         summary["text_rows"] += facts[TEXT]
         summary["titled"] += facts["titled"]
-        for m in (*MODALITIES, TEXT):
+        summary["video_rows"] += facts[VIDEO]
+        for m in (*MODALITIES, TEXT, VIDEO):
             for key in ("dims", "models"):
                 if m in facts[key]:
                     old = summary[key].setdefault(m, facts[key][m])
@@ -210,6 +246,7 @@ def validate(folder: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
         problems.append(f"index.jsonl has {len(index)} clips, shards hold {summary['clips']}")
     # Model attributes from the first shard that opens (a damaged one is reported above).
     summary["image_attrs"], summary["audio_attrs"], summary["text_attrs"] = {}, {}, {}
+    summary["video_attrs"] = {}
     for p in paths:
         try:
             with h5py.File(p, "r") as f:
@@ -217,6 +254,8 @@ def validate(folder: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
                 summary["audio_attrs"] = read_attrs(f["audio"])
                 if TEXT in f:
                     summary["text_attrs"] = read_attrs(f[TEXT])
+                if VIDEO in f:
+                    summary["video_attrs"] = read_attrs(f[VIDEO])
             break
         except (OSError, KeyError):
             continue

@@ -21,6 +21,7 @@ from pipeline.shards.schema import (
     MODALITIES,
     SCHEMA_VERSION,
     TEXT,
+    VIDEO,
     ClipFeatures,
     attr_value,
     index_rows,
@@ -33,7 +34,7 @@ class ShardWriter:
     ``attrs`` maps a modality ("image", "audio") to its attributes (model, weights, dim, …);
     both groups are always created (a modality not computed has dim 0 and no rows). A /text
     group (``attrs["text"]``) is written only with ``text_dim``: stores without text keep
-    today's layout.
+    today's layout; so is a /video group (``attrs["video"]``), only with ``video_dim``.
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class ShardWriter:
         image_dim: int,
         audio_dim: int = 128,
         text_dim: int = 0,
+        video_dim: int = 0,
         attrs: dict[str, dict[str, Any]] | None = None,
         root_attrs: dict[str, Any] | None = None,
         dtype: str = "float32",
@@ -53,13 +55,18 @@ class ShardWriter:
         self.dtype = np.dtype(dtype)
         self.dims = {"image": int(image_dim), "audio": int(audio_dim)}
         self.clips: list[ClipFeatures | None] = []
-        self._meta: list[tuple[str, str, float, float]] = []
+        self._meta: list[tuple[str, str, float, float, str]] = []
         self._rows = {m: 0 for m in MODALITIES}
         self._offsets: dict[str, list[int]] = {m: [0] for m in MODALITIES}
         self.text_dim = int(text_dim)
         self._text_rows = 0
         self._text_offsets = [0]
         self._text_strings: list[str] = []
+        self.video_dim = int(video_dim)
+        self._video_rows = 0
+        self._video_offsets = [0]
+        self._video_padded: list[int] = []
+        self._video_dropped: list[int] = []
         self.tmp.unlink(missing_ok=True)
         self._file = _ShardFile(self.tmp)
         try:
@@ -109,13 +116,23 @@ class ShardWriter:
                              dtype=self.dtype, chunks=(256, self.text_dim), **opts)
             for k, v in {"dim": self.text_dim, **attrs.get(TEXT, {})}.items():
                 g.attrs[k] = attr_value(v)
+        if self.video_dim:
+            g = self._f.create_group(VIDEO)
+            g.create_dataset("features", shape=(0, self.video_dim),
+                             maxshape=(None, self.video_dim), dtype=self.dtype,
+                             chunks=(256, self.video_dim), **opts)
+            for key in ("start", "end"):
+                g.create_dataset(key, shape=(0,), maxshape=(None,), dtype="f8", chunks=(4096,),
+                                 fletcher32=True)
+            for k, v in {"dim": self.video_dim, **attrs.get(VIDEO, {})}.items():
+                g.attrs[k] = attr_value(v)
 
     def __len__(self) -> int:
         return len(self._meta)
 
     @property
     def n_rows(self) -> int:
-        return sum(self._rows.values()) + self._text_rows
+        return sum(self._rows.values()) + self._text_rows + self._video_rows
 
     def add(self, clip: ClipFeatures) -> int:
         """Write one clip's rows; returns its row number in the shard."""
@@ -145,6 +162,26 @@ class ShardWriter:
             self._offsets[m].append(self._rows[m])
         if self.text_dim:
             self._add_text(clip)
+        if self.video_dim:
+            self._add_video(clip)
+
+    def _add_video(self, clip: ClipFeatures) -> None:
+        feats = np.asarray(clip.video, dtype=self.dtype)
+        n = feats.shape[0]
+        if n and feats.shape[1] != self.video_dim:
+            raise ValueError(f"{clip.clip_id}: video dim {feats.shape[1]} != {self.video_dim}")
+        if len(clip.video_start) != n or len(clip.video_end) != n:
+            raise ValueError(f"{clip.clip_id}: {n} video rows but other window times")
+        if n:
+            g, a = self._f[VIDEO], self._video_rows
+            for key, data in (("features", feats), ("start", clip.video_start),
+                              ("end", clip.video_end)):
+                g[key].resize(a + n, axis=0)
+                g[key][a : a + n] = data
+        self._video_rows += n
+        self._video_offsets.append(self._video_rows)
+        self._video_padded.append(int(clip.video_padded))
+        self._video_dropped.append(int(clip.video_dropped))
 
     def _add_text(self, clip: ClipFeatures) -> None:
         feats = np.asarray(clip.text, dtype=self.dtype)
@@ -176,6 +213,10 @@ class ShardWriter:
                 if self.text_dim:
                     _checked(f, f"{TEXT}/offsets", np.array(self._text_offsets, dtype="i8"))
                     _checked(f, f"{TEXT}/strings", _utf8(self._text_strings))
+                if self.video_dim:
+                    _checked(f, f"{VIDEO}/offsets", np.array(self._video_offsets, dtype="i8"))
+                    _checked(f, f"{VIDEO}/padded", np.array(self._video_padded, dtype="i8"))
+                    _checked(f, f"{VIDEO}/dropped", np.array(self._video_dropped, dtype="i8"))
                 f.close()
             self._file.close()
         except BaseException:

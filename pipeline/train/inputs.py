@@ -14,7 +14,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.device import check_device_name
 from pipeline.errors import UsageError
-from pipeline.shards import MODALITIES, TEXT, FeatureStore, open_features
+from pipeline.shards import MODALITIES, TEXT, VIDEO, FeatureStore, open_features
 from pipeline.train.config import LOGS, MODELS, POOLS, ModelSpec, TrainConfig, is_own_model
 from pipeline.train.labels import (
     LabelledClips,
@@ -158,13 +158,17 @@ def resolve_modalities(store: FeatureStore, cfg: TrainConfig, features: Path) ->
     """The modalities a run uses: ``--modalities`` or every one present, each checked."""
     present = present_modalities(store)
     mods = list(dict.fromkeys(cfg.modalities or present))  # --modalities image,image: once
-    unknown = [m for m in mods if m not in (*MODALITIES, TEXT)]
+    unknown = [m for m in mods if m not in (*MODALITIES, TEXT, VIDEO)]
     if unknown:
-        raise UsageError(f"--modalities: unknown {', '.join(unknown)} (use image, audio, text)")
+        raise UsageError(f"--modalities: unknown {', '.join(unknown)} (use image, audio, text, "
+                         "video)")
     absent = [m for m in mods if m not in present]
     if TEXT in absent:
         raise UsageError(f"{features}: no text features in these shards (make them with "
                          "`vpipe features --text FILE`)")
+    if VIDEO in absent:
+        raise UsageError(f"{features}: no video features in these shards (make them with "
+                         "`vpipe features --from-video --video-model NAME`)")
     if absent or not mods:
         raise UsageError(
             f"{features}: no {' or '.join(absent or MODALITIES)} features in these shards "

@@ -13,14 +13,19 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from pipeline.errors import UsageError
-from pipeline.shards import MODALITIES, TEXT, FeatureStore
+from pipeline.shards import MODALITIES, TEXT, VIDEO, FeatureStore
+
+# The index column that counts a clip's rows, per modality read as a sequence.
+ROW_COUNTS = {"image": "n_frames", "audio": "n_audio", VIDEO: "n_video"}
 
 
 def present_modalities(store: FeatureStore) -> list[str]:
     """The modalities that have a dimension and at least one row in the folder; ``text`` when
-    the shards have titles (made with ``vpipe features --text``)."""
-    key = {"image": "n_frames", "audio": "n_audio"}
-    present = [m for m in MODALITIES if store.dim(m) > 0 and (store.column(key[m]) > 0).any()]
+    the shards have titles (made with ``vpipe features --text``); ``video`` (a sequence of
+    windows) when made with ``--video-model``."""
+    key = ROW_COUNTS
+    seqs = [*MODALITIES, *([VIDEO] if store.has_video else [])]
+    present = [m for m in seqs if store.dim(m) > 0 and (store.column(key[m]) > 0).any()]
     return [*present, TEXT] if store.has_text else present
 
 
@@ -31,7 +36,7 @@ def warn_empty_clips(
     silent clips): the model gets an empty sequence for them. Returns those clip ids."""
     if not modalities or not clip_ids:
         return []
-    key = {"image": "n_frames", "audio": "n_audio"}
+    key = ROW_COUNTS
     # Titles are not counted here: `vpipe features --text` reported the clips without one.
     modalities = [m for m in modalities if m in key]
     if not modalities:

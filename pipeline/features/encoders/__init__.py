@@ -3,10 +3,11 @@
 holds :class:`~.loaded.Encoders`, the set a run uses on its device and precision.
 
 Families: :mod:`.torchvision_image` and :mod:`.hf_image` (the ``image`` modality, sharing
-:mod:`.image`'s :class:`Preprocessing`), :mod:`.vggish` (``audio``) and :mod:`.hf_text`
-(``text``). A new one is a new module here, imported below so that it registers; the stage,
-the sources, the Ray actors and ``vpipe run``'s checks see encoders only through this
-module. Importing it (the CLI does, for the families' options) imports no torch:
+:mod:`.image`'s :class:`Preprocessing`), :mod:`.vggish` (``audio``), :mod:`.hf_text`
+(``text``), :mod:`.torchvision_video` and :mod:`.hf_video` (``video``, sharing
+:mod:`.video`'s windows). A new one is a new module here, imported below so that it
+registers; the stage, the sources, the Ray actors and ``vpipe run``'s checks see encoders only
+through this module. Importing it (the CLI does, for the families' options) imports no torch:
 :class:`~.loaded.Encoders` and :func:`~.loaded.load_encoders`, which do, are in
 :mod:`.loaded`.
 """
@@ -16,7 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.features.encoders import hf_image, hf_text, torchvision_image, vggish  # registers
+from pipeline.features.encoders import (  # registers
+    hf_image,
+    hf_text,
+    hf_video,
+    torchvision_image,
+    torchvision_video,
+    vggish,
+)
 from pipeline.features.encoders.image import ImageEncoder, Preprocessing
 from pipeline.features.encoders.registry import (
     MODALITIES,
@@ -34,7 +42,7 @@ __all__ = [
     "check_encoders", "declared_options", "encoder_for", "encoders_of", "plan_identity",
     "register_encoder", "resolve_encoders",
 ]
-FAMILIES = (hf_image, hf_text, torchvision_image, vggish)
+FAMILIES = (hf_image, hf_text, hf_video, torchvision_image, torchvision_video, vggish)
 
 
 @dataclass(frozen=True)

@@ -94,12 +94,13 @@ def _size(size: Any, key: str) -> int | None:
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
-def hf_preprocessing(proc: Any, name: str) -> Preprocessing:
+def hf_preprocessing(proc: Any, name: str, option: str = "--image-model") -> Preprocessing:
     """The numbers of a Hugging Face image processor: shortest-side (or height x width)
-    resize with its resample, centre crop, 1/255 and its mean/std. UsageError for a config
-    this split cannot reproduce (another rescale, a non-square input, an odd resample)."""
+    resize with its resample, centre crop, 1/255 and its mean/std. UsageError (naming
+    ``option``) for a config this split cannot reproduce (another rescale, a non-square
+    input, an odd resample)."""
     def refuse(why: str) -> UsageError:
-        return UsageError(f"--image-model {name}: {type(proc).__name__} {why}")
+        return UsageError(f"{option} {name}: {type(proc).__name__} {why}")
 
     if not getattr(proc, "do_resize", False):
         raise refuse("does not resize: frames of any size cannot be batched")

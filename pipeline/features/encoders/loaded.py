@@ -14,6 +14,7 @@ from pipeline.device import autocast_dtype, cuda_math, pick_device, pick_precisi
 from pipeline.features.batching import CallSize, ModelBatch
 from pipeline.features.encoders import resolve_encoders
 from pipeline.features.encoders.image import ImageEncoder
+from pipeline.features.encoders.video import WINDOW_BATCH_FRAMES, VideoWindows
 from pipeline.features.options import FeatureOptions
 from pipeline.runner import usable_cores
 
@@ -34,6 +35,40 @@ class Encoders:
     math: dict[str, Any] = field(default_factory=dict)  # CUDA's math settings (device.cuda_math)
     # A clip's audio examples go in one call, unless one ran out of memory.
     audio_calls: CallSize = field(default_factory=lambda: CallSize("audio examples of a clip"))
+    video: Any = None  # the clip-level video encoder (.dim, .model, .input, .attrs), or None
+    video_precision: str = "fp32"  # the video model's (see load_encoders)
+    video_calls: CallSize = field(default_factory=lambda: CallSize("video windows of a clip"))
+
+    @property
+    def video_dim(self) -> int:
+        return self.video.dim if self.video is not None else 0
+
+    @property
+    def video_input(self) -> Any:
+        """What loader workers need to cut a clip into windows (None: no video encoder)."""
+        return self.video.input if self.video is not None else None
+
+    def embed_video(self, windows: VideoWindows | None) -> np.ndarray:
+        """A clip's windows (uint8 (V, T, 3, h, w)) -> float32 rows (V, dim), normalised as
+        the weights' preset says, a few windows a call (a long clip's windows never meet in
+        one call, so memory does not grow with the clip)."""
+        if self.video is None or windows is None or not windows.frames.shape[0]:
+            return np.zeros((0, self.video_dim), np.float32)
+        cast = autocast_dtype(self.video_precision)
+        pre = self.video.preprocessing
+        if self.video_calls.limit is None:
+            # On CUDA at most WINDOW_BATCH_FRAMES frames a call; on a CPU one window a call,
+            # the fastest per window (r2plus1d_18, 2 cores: 0.86 s alone, 0.96 in twos,
+            # 1.09 in fours: benchmarks/video_features.py).
+            self.video_calls.limit = (max(1, WINDOW_BATCH_FRAMES // windows.frames.shape[1])
+                                      if self.device.type == "cuda" else 1)
+
+        def call(x: torch.Tensor) -> np.ndarray:
+            x = pre.normalize(x.to(self.device, non_blocking=True))
+            with torch.inference_mode():
+                return self.video.model(x.to(cast) if cast else x).float().cpu().numpy()
+
+        return self.video_calls.run(windows.frames, call)
 
     @property
     def audio_dim(self) -> int:
@@ -92,6 +127,8 @@ class Encoders:
         out = {"image": {**self.image.attrs(), "precision": self.precision}, "audio": audio}
         if self.text is not None:
             out["text"] = {**self.text.attrs(), "precision": self.precision}
+        if self.video is not None:
+            out["video"] = {**self.video.attrs(), "precision": self.video_precision}
         return out
 
     def identity(self) -> dict[str, Any]:
@@ -103,6 +140,9 @@ class Encoders:
             "precision": self.precision,
             # Only with --text, so that the parameters of runs without it stay as they were.
             **ids.get("text", {}),
+            # Only with --video-model, likewise.
+            **({"video_model": self.video.name, **ids["video"]} if self.video is not None
+               else {}),
         }
 
 
@@ -134,8 +174,17 @@ def load_encoders(opts: FeatureOptions) -> Encoders:
     if opts.compile:
         # Compiled on its first call (tens of seconds on a CPU), for the one call size.
         image.model = torch.compile(image.model, dynamic=False)
+    video = loaded.get("video")
+    # The video model on a CPU stays fp32 unless bf16 is asked for: oneDNN's bf16 Conv3d is
+    # ~34x slower there (r2plus1d_18, one 16-frame window, 2 cores: fp32 3.8 s, bf16 129 s).
+    video_precision = ("fp32" if device.type == "cpu" and opts.precision == "auto"
+                       else precision)
+    if video is not None:  # whole-model weights in half precision, as the image model's
+        video.model.to(device)
+        if autocast_dtype(video_precision) is not None:
+            video.model.to(autocast_dtype(video_precision))
     if text is not None:  # the title encoder follows the image encoder's device and precision
         text.to(device, cast)
     batching = ModelBatch(device.type, opts.batch_size, compiled=opts.compile)
     return Encoders(image, audio, device, precision, text, batching, channels_last, identities,
-                    math)
+                    math, video=video, video_precision=video_precision)

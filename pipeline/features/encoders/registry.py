@@ -3,7 +3,7 @@ and ``vpipe run`` read: one class per family of networks, registered with
 :func:`register_encoder`, found with :func:`encoder_for`.
 
 A family is a class of class methods (nothing is built until :meth:`Encoder.load`), with the
-modality it feeds (``image``, ``audio``, ``text``; ``video`` next): a family owns its options,
+modality it feeds (``image``, ``audio``, ``text``, ``video``): a family owns its options,
 its usage checks, where its weights come from, what it records, and its preprocessing.
 Nothing outside a family's module asks which family it is.
 
@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from pipeline.errors import UsageError
 
-MODALITIES = ("image", "audio", "text")
+MODALITIES = ("image", "audio", "text", "video")
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,13 @@ class EncoderOption:
     # Recorded in the run's parameters as given (a re-run with another value is refused);
     # False where the family records what the value resolves to instead (a file's digest).
     recorded: bool = False
+    # The value's type where the default (None: "decided later") does not say it.
+    value_type: type | None = None
 
     @property
-    def type(self) -> type:
+    def type(self) -> Any:
+        if self.value_type is not None:
+            return self.value_type | None
         return type(self.default)
 
 

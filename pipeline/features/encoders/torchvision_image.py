@@ -100,6 +100,13 @@ def check_image_model(model_name: str) -> None:
         )
     if model_name in names:
         return
+    import torchvision
+
+    if model_name in torchvision.models.list_models(module=torchvision.models.video):
+        raise UsageError(
+            f"--image-model {model_name!r}: a video classifier (it takes windows of frames, "
+            f"not one frame): give it as --video-model {model_name} (with --from-video)"
+        )
     import difflib
 
     near = difflib.get_close_matches(model_name, names, n=3, cutoff=0.6)
