@@ -40,9 +40,10 @@ t = time.perf_counter()
 from pipeline.cli import main
 code = main(sys.argv[1:])
 wall = time.perf_counter() - t
-peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-           resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-print(json.dumps({"code": code, "wall_s": wall, "peak_mb": peak / 1024}))
+main_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+worker_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"code": code, "wall_s": wall, "peak_mb": max(main_kb, worker_kb) / 1024,
+                  "main_mb": main_kb / 1024, "worker_mb": worker_kb / 1024}))
 """
 
 
@@ -162,6 +163,8 @@ def memory(work: Path, a: argparse.Namespace) -> dict:
         r = stage(c, work / f"f-mem{seconds:g}", a.model, "auto", "--video-stride",
                   str(a.memory_stride))
         out[f"{seconds:g}s"] = {"peak_mb": round(r["peak_mb"], 1),
+                                 "main_mb": round(r["main_mb"], 1),
+                                 "worker_mb": round(r["worker_mb"], 1),
                                  "wall_s": round(r["wall_s"], 1)}
         print(seconds, out[f"{seconds:g}s"], flush=True)
     return out

@@ -249,7 +249,7 @@ def _write_features(jobs: list[ClipJob], source: Any, enc: Any, actors: list, in
                     run.extra["audio_calls"] = enc.audio_calls.report()
                 if enc.video_calls.report() is not None:  # a call that ran out of memory
                     run.extra["video_calls"] = enc.video_calls.report()
-        if enc.video is not None:  # the whole store's, from its shards, whichever engine
+        if shards.VIDEO in enc.attrs():  # the whole store's, from its shards, whichever engine
             run.extra["video"] = shards.video_counts(shards.shard_paths(out))
     except BaseException as e:
         end_run(tracker, e, lambda: [job.id for job in jobs])
