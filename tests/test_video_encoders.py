@@ -427,6 +427,14 @@ def tiny_video_model(kind: str) -> tuple[Any, Any]:
     from transformers import VideoMAEConfig, VideoMAEModel, XCLIPConfig, XCLIPModel
 
     torch.manual_seed(0)
+    if kind == "vjepa2":
+        from transformers import VJEPA2Config, VJEPA2Model
+
+        model = VJEPA2Model(VJEPA2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2.0,
+            crop_size=32, frames_per_clip=4, patch_size=16, tubelet_size=2, pred_hidden_size=16,
+            pred_num_hidden_layers=1, pred_num_attention_heads=2, pred_num_mask_tokens=2)).eval()
+        return model, lambda px: model.get_vision_features(pixel_values_videos=px).mean(1)
     if kind == "videomae":
         model = VideoMAEModel(VideoMAEConfig(
             image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32,
@@ -445,7 +453,8 @@ def tiny_video_model(kind: str) -> tuple[Any, Any]:
 
 @pytest.mark.parametrize(("kind", "layer", "dim"), [
     ("videomae", "last_hidden_state, mean over the tokens", 32),
-    ("xclip", "get_video_features (the projected video embedding)", 16)])
+    ("xclip", "get_video_features (the projected video embedding)", 16),
+    ("vjepa2", "get_vision_features (the encoder's tokens), mean over the tokens", 32)])
 def test_a_tiny_transformers_video_model_equals_its_own_forward(
         tmp_path: Path, clips: Path, kind: str, layer: str, dim: int) -> None:
     """hf:DIR (saved with save_pretrained): each window's row is the model's pooled video
@@ -457,10 +466,21 @@ def test_a_tiny_transformers_video_model_equals_its_own_forward(
     from pipeline.media import iter_frames
 
     model, forward = tiny_video_model(kind)
-    proc = VideoMAEImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32,
-                                                                          "width": 32})
+    if kind == "vjepa2":  # V-JEPA 2 ships a video processor config only
+        from transformers import VJEPA2VideoProcessor
+
+        video_proc = VJEPA2VideoProcessor(size={"shortest_edge": 36},
+                                          crop_size={"height": 32, "width": 32})
+        video_proc.save_pretrained(tmp_path / kind)
+
+        def proc(windows, return_tensors):
+            return {"pixel_values": video_proc([[np.asarray(f) for f in w] for w in windows],
+                                               return_tensors=return_tensors)["pixel_values_videos"]}
+    else:
+        proc = VideoMAEImageProcessor(size={"shortest_edge": 36},
+                                      crop_size={"height": 32, "width": 32})
+        proc.save_pretrained(tmp_path / kind)
     model.save_pretrained(tmp_path / kind)
-    proc.save_pretrained(tmp_path / kind)
     out = tmp_path / "f"
     argv = video_args(clips, out, "default")
     argv[argv.index("r3d_18")] = f"hf:{tmp_path / kind}"

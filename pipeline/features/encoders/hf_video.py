@@ -1,10 +1,10 @@
 """The Hugging Face video encoders (``--video-model hf:NAME`` / ``hf:DIR``): a transformers video
 model's pooled video embedding, one row per window: ``get_video_features`` where the model has
-it (X-CLIP's video side), else the mean of the last hidden state over the tokens (VideoMAE:
-what its video classification head pools). Weights are the model's own (found by
-:mod:`pipeline.hf`), preprocessing its image processor's config (as
-:func:`.hf_image.hf_preprocessing` reads it), applied frame by frame; models that ship only a
-video processor config (V-JEPA 2) are not supported yet.
+it (X-CLIP's video side); V-JEPA 2's ``get_vision_features`` (its encoder's tokens) averaged
+over the tokens; else the mean of the last hidden state over the tokens (VideoMAE: what its
+video classification head pools). Weights are the model's own (found by :mod:`pipeline.hf`),
+preprocessing its image processor's config, or its video processor's where it ships only that
+(V-JEPA 2), as :func:`.hf_image.hf_preprocessing` reads them, applied frame by frame.
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ class HFVideo(Encoder):
         return load_hf_video(*resolved)
 
 
+VIDEO_PROCESSOR = "video_preprocessor_config.json"
+
+
 def config_frames(folder: Path, name: str) -> int:
     """The clip length a model's config.json states (num_frames, frames_per_clip)."""
     cfg = json.loads((folder / "config.json").read_text())
@@ -123,6 +126,10 @@ def video_embedding(model: nn.Module) -> nn.Module:
             if hasattr(self.model, "get_video_features"):
                 out = self.model.get_video_features(pixel_values=x)
                 return out if isinstance(out, torch.Tensor) else out.pooler_output
+            if hasattr(self.model, "get_vision_features"):  # V-JEPA 2: its encoder's tokens
+                out = self.model.get_vision_features(pixel_values_videos=x)
+                out = out if isinstance(out, torch.Tensor) else out.last_hidden_state
+                return out.mean(dim=1)
             return self.model(pixel_values=x).last_hidden_state.mean(dim=1)
 
     return VideoEmbedding(model)
@@ -134,7 +141,12 @@ def load_hf_video(info: HFModelInfo, windowing: Windowing) -> VideoEncoder:
 
     try:
         model = AutoModel.from_pretrained(info.folder, local_files_only=True)
-        proc = AutoImageProcessor.from_pretrained(info.folder, local_files_only=True)
+        if (Path(info.folder) / VIDEO_PROCESSOR).is_file():  # V-JEPA 2 ships only this one
+            from transformers import AutoVideoProcessor
+
+            proc = AutoVideoProcessor.from_pretrained(info.folder, local_files_only=True)
+        else:
+            proc = AutoImageProcessor.from_pretrained(info.folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:  # no weights, no processor config, unknown type
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--video-model {info.name}: cannot load it ({first})") from None
@@ -150,5 +162,7 @@ def load_hf_video(info: HFModelInfo, windowing: Windowing) -> VideoEncoder:
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     layer = ("get_video_features (the projected video embedding)"
              if hasattr(model, "get_video_features")
+             else "get_vision_features (the encoder's tokens), mean over the tokens"
+             if hasattr(model, "get_vision_features")
              else "last_hidden_state, mean over the tokens")
     return VideoEncoder(info.name, enc, dim, pre, windowing, info, layer)
