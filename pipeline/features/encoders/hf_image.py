@@ -21,11 +21,10 @@ from pipeline.hf import HFModelInfo, resolve_hf_model
 HF_PREFIX = "hf:"
 
 
-@register_encoder
-class HFImage(Encoder):
-    """``--image-model hf:NAME``: a Hugging Face model with an image embedding."""
+class HFNamed(Encoder):
+    """A family whose models are named ``hf:NAME`` or ``hf:DIR`` (image, video): it claims the
+    prefix and refuses an empty name, naming its modality's option."""
 
-    modality: ClassVar[str] = "image"
     label: ClassVar[str] = "hf:NAME"
     collects_missing: ClassVar[bool] = False  # the hub lookup raises its own error
 
@@ -34,9 +33,20 @@ class HFImage(Encoder):
         return name.startswith(HF_PREFIX)
 
     @classmethod
-    def check(cls, name: str, opts: Any) -> None:
+    def check_name(cls, name: str) -> None:
         if not name[len(HF_PREFIX):].strip():
-            raise UsageError(f"--image-model {name!r}: give hf:ORG/NAME or hf:DIR")
+            raise UsageError(f"--{cls.modality}-model {name!r}: give hf:ORG/NAME or hf:DIR")
+
+
+@register_encoder
+class HFImage(HFNamed):
+    """``--image-model hf:NAME``: a Hugging Face model with an image embedding."""
+
+    modality: ClassVar[str] = "image"
+
+    @classmethod
+    def check(cls, name: str, opts: Any) -> None:
+        cls.check_name(name)
 
     @classmethod
     def resolve(cls, name: str, opts: Any, missing: list) -> Any:

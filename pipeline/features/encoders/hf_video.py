@@ -21,29 +21,22 @@ if TYPE_CHECKING:
     from torch import nn
 
 from pipeline.errors import UsageError
-from pipeline.features.encoders.hf_image import HF_PREFIX, hf_preprocessing
+from pipeline.features.encoders.hf_image import HF_PREFIX, HFNamed, hf_preprocessing
 from pipeline.features.encoders.image import Preprocessing
-from pipeline.features.encoders.registry import Encoder, register_encoder
+from pipeline.features.encoders.registry import register_encoder
 from pipeline.features.encoders.video import VideoEncoder, Windowing, check_windowing
 from pipeline.hf import HFModelInfo, resolve_hf_model
 
 
 @register_encoder
-class HFVideo(Encoder):
-    """``--video-model hf:NAME``: a transformers video model (VideoMAE, X-CLIP)."""
+class HFVideo(HFNamed):
+    """``--video-model hf:NAME``: a transformers video model (VideoMAE, X-CLIP, V-JEPA 2)."""
 
     modality: ClassVar[str] = "video"
-    label: ClassVar[str] = "hf:NAME"
-    collects_missing: ClassVar[bool] = False  # the hub lookup raises its own error
-
-    @classmethod
-    def claims(cls, name: str) -> bool:
-        return name.startswith(HF_PREFIX)
 
     @classmethod
     def check(cls, name: str, opts: Any) -> None:
-        if not name[len(HF_PREFIX):].strip():
-            raise UsageError(f"--video-model {name!r}: give hf:ORG/NAME or hf:DIR")
+        cls.check_name(name)
         check_windowing(opts)
         if opts.video_weights.lower() != "default":
             raise UsageError(f"--video-weights {opts.video_weights}: {name} brings its own "
