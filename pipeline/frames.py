@@ -58,6 +58,9 @@ class FrameOptions:
         if self.views and "speed" in self.augmenter().names and not self.fps:
             raise UsageError("--augment speed needs --fps (a view's frames are sampled at "
                              "its own times)")
+        if self.views and not self.audio and self.augmenter().names <= augment.AUDIO_ONLY:
+            raise UsageError(f"--augment {self.augment}: changes only the audio, and --no-audio "
+                             "writes none: every view would be a copy of its clip")
         if self.format not in FORMATS:
             raise UsageError(f"--format must be jpg or png (got {self.format!r})")
         if not 1 <= self.quality <= 100:

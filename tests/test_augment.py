@@ -174,6 +174,12 @@ def test_gain_scales_the_audio_by_its_decibels(numbered_video, tmp_path):
     (["--augment", "speed=0.2-1", "--views", "1"], "outside 0.5..2"),
     (["--augment", "speed=0.9-1.1", "--views", "1", "--every", "5"], "needs --fps"),
     (["--augment", "hflip,hflip", "--views", "1"], "hflip given twice"),
+    # a range's high end would be ignored (the flip is drawn with probability LOW)
+    (["--augment", "hflip=0.2-0.9", "--views", "1"], "hflip=0.2-0.9: a probability, one"),
+    # the strength 1.5 makes factors -0.5..2.5: the message says so, not just the limits
+    (["--augment", "jitter=1.5", "--views", "1"], "jitter=1.5: draws -0.5..2.5, outside 0..10"),
+    # audio-only transforms with no audio written: every view a copy of its clip
+    (["--augment", "gain,anoise", "--views", "1", "--no-audio"], "every view would be a copy"),
 ])
 def test_a_bad_spec_is_one_line_before_anything_is_written(numbered_video, tmp_path, capsys,
                                                           args, said):
