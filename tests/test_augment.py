@@ -274,3 +274,32 @@ def test_views_train_with_their_clip_and_never_reach_val_or_test(tmp_path, monke
         "v00", "v00"]  # the clip, then its source
     made, = Path("run/predict-cache").glob("*/extract-frames/manifest.jsonl")
     assert [json.loads(ln)["id"] for ln in made.read_text().splitlines()] == ["v00"]
+
+
+@pytest.fixture(scope="module")
+def view_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Features (resnet18, random weights as asked) of 8 one-colour videos, 1 view each."""
+    root = tmp_path_factory.mktemp("view_store")
+    for i in range(8):
+        synth.make_video(root / f"videos/v{i}.mp4", duration_s=0.6, fps=10, audio=False,
+                         color=(200, 30, 30) if i % 2 else (30, 30, 200))
+    assert main(["extract-frames", str(root / "videos"), "-o", str(root / "media"), "--fps", "4",
+                 "--size", "32", "--no-audio", "--augment", "hflip", "--views", "1",
+                 "-q"]) == 0
+    assert main(["features", str(root / "media"), "-o", str(root / "feat"), "--image-model",
+                 "resnet18", "--image-weights", "none", "--audio-model", "none", "--workers",
+                 "0", "-q"]) == 0
+    return root
+
+
+def test_a_caption_run_says_it_leaves_the_views_out(view_store, tmp_path, capsys):
+    captions = tmp_path / "captions.csv"
+    captions.write_text("id,caption\n" + "".join(
+        f"v{i},a {'red' if i % 2 else 'blue'} picture\n" for i in range(8)))
+    assert main(["train", str(view_store / "feat"), "--labels", str(captions), "--task",
+                 "caption", "-o", str(tmp_path / "run"), "--epochs", "1", "--threads", "1",
+                 "--device", "cpu", "--val-fraction", "0.25", "--test-fraction", "0.25"]) == 0
+    err = capsys.readouterr().err
+    assert "vpipe train: 8 augmented views left out (captioning trains on the clips" in err
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    assert sorted(c for ids in splits.values() for c in ids) == [f"v{i}" for i in range(8)]
