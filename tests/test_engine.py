@@ -240,6 +240,19 @@ def test_an_unreachable_cluster_is_one_line_and_leaves_nothing(videos: Path,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("device", ["gpu", "cudax", "cuda:one"])
+def test_a_device_name_that_cannot_work_is_refused_before_ray_is_reached(
+        device: str, weights, tmp_path: Path, capsys) -> None:
+    """The local engine refuses --device gpu; Ray's actors would take their own device and
+    ignore it: refused the same, before the cluster (here: none at the address) is asked."""
+    out = tmp_path / "features"
+    assert main(feature_args(feature_media(tmp_path), out, weights, "--engine", "ray",
+                             "--ray-address", "127.0.0.1:1", "--device", device)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"vpipe: error: --device {device!r}: use auto, cpu or cuda[:N]"]
+    assert not out.exists()
+
+
 def shlex_join(words: list[str]) -> str:
     import shlex
 
