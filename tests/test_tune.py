@@ -150,6 +150,8 @@ def test_other_options_into_the_same_out_are_refused(store, done, change, capsys
     ("lr=0..1e-2:log", 4, "must start above 0"),
     ("learning-rate=0.1,0.2", 4, "--learning-rate is not a train option"),
     ("device=cpu,cuda", 4, "--device does not change what is learned"),
+    # --seed deals the sources into the splits: trials of other seeds, other val clips
+    ("seed=0..5", 4, "--seed draws the split too: each trial would be scored on other val"),
     ("dropout=0..1", 4, "--dropout must be in [0, 1)"),
     ("hidden=8..16.5", 4, "'16.5' is not a whole number"),
     ("hidden", 4, "write OPTION=LOW..HIGH[:log] or OPTION=A,B,C"),
