@@ -166,6 +166,24 @@ def test_gain_scales_the_audio_by_its_decibels(numbered_video, tmp_path):
     assert np.array_equal(view, expected.astype(np.int16))
 
 
+def test_audio_only_views_of_a_clip_without_audio_are_said_to_be_copies(tmp_path, capsys):
+    silent = synth.make_video(tmp_path / "silent.mp4", duration_s=1.0, fps=10, audio=False)
+    sound = synth.make_video(tmp_path / "sound.mp4", duration_s=1.0, fps=10)
+    out = tmp_path / "media"
+    assert main(["extract-frames", str(silent), str(sound), "-o", str(out), "--fps", "2",
+                 "--augment", "gain", "--views", "2", "-q"]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "vpipe extract-frames: warning: --augment gain changes only the audio: the views of 1 "
+        "clip without audio are copies of their clip (e.g. silent)"]
+    recs = records(out)
+    assert all(np.array_equal(a, b) for a, b in zip(frames_of(out, recs[0]),
+                                                    frames_of(out, recs[1]), strict=True))
+    # a spec that changes the frames too says nothing
+    assert main(["extract-frames", str(silent), "-o", str(tmp_path / "m2"), "--fps", "2",
+                 "--augment", "gain,hflip=1", "--views", "1", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize(("args", "said"), [
     (["--views", "2"], "--views needs --augment"),
     (["--augment", "hflip"], "give --views"),
