@@ -328,6 +328,20 @@ def test_features_on_ray_equal_local(cluster: str, weights, tmp_path: Path, monk
     assert len(list(on_ray.glob("shard-*.h5"))) == n
 
 
+def test_an_actor_refusing_its_options_is_one_line_naming_the_cause(cluster: str, weights,
+                                                                    tmp_path: Path,
+                                                                    capsys) -> None:
+    """fp16 on the CPU actors of a CPU-only cluster: the actor's own usage error, exit 2, not
+    Ray's "the actor died" with the cause left out."""
+    out = tmp_path / "features"
+    assert main(feature_args(feature_media(tmp_path), out, weights, "--engine", "ray",
+                             "--precision", "fp16")) == 2
+    said = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("vpipe")]
+    assert said == ["vpipe: error: on a Ray node: --precision fp16 needs a CUDA device; use "
+                    "bf16 or fp32 on a CPU"]
+    assert not out.exists()
+
+
 def test_chunks_larger_than_the_bytes_allowed_go_one_at_a_time(cluster: str, weights,
                                                                tmp_path: Path,
                                                                monkeypatch) -> None:
