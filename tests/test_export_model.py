@@ -235,7 +235,12 @@ def test_a_users_own_model_exports_or_fails_in_one_line(tmp_path, capsys) -> Non
 def test_refusals_before_any_export(tmp_path, capsys, monkeypatch) -> None:
     """Not a run, a bad checkpoint name, a folder as the file, the extra missing: one line."""
     (tmp_path / "folder").mkdir()
+    (tmp_path / "labels.csv").write_text("id,label\n")
     cases = [
+        # a file where the output's folder would be made: one line, not a FileExistsError
+        (["export-model", str(tmp_path), "-o", str(tmp_path / "labels.csv" / "m.onnx")],
+         f"{tmp_path / 'labels.csv' / 'm.onnx'}: {tmp_path / 'labels.csv'} is a file, not a "
+         "folder"),
         (["export-model", str(tmp_path), "-o", str(tmp_path / "m.onnx")],
          f"{tmp_path / 'best.pt'}: no such checkpoint"),
         (["export-model", str(tmp_path), "-o", str(tmp_path / "m.onnx"), "--checkpoint", "x"],
