@@ -321,3 +321,16 @@ def test_a_caption_run_says_it_leaves_the_views_out(view_store, tmp_path, capsys
     assert "vpipe train: 8 augmented views left out (captioning trains on the clips" in err
     splits = json.loads((tmp_path / "run" / "splits.json").read_text())
     assert sorted(c for ids in splits.values() for c in ids) == [f"v{i}" for i in range(8)]
+
+
+def test_a_label_given_to_a_view_says_views_take_their_clips(view_store, tmp_path, capsys):
+    feat = view_store / "feat"
+    only_views = tmp_path / "views.csv"
+    only_views.write_text("id,label\nv0~1,red\nv1~1,blue\n")
+    assert main(["train", str(feat), "--labels", str(only_views), "-o",
+                 str(tmp_path / "run")]) == 2
+    hint = "(an augmented view of {}: views take their clip's label)"
+    assert capsys.readouterr().err == (
+        f"vpipe: error: no label id matches a clip or source id in {feat} (labels e.g. v0~1 "
+        f"{hint.format('v0')}, v1~1 {hint.format('v1')}; clips e.g. v0, v1, v2)\n")
+    assert not (tmp_path / "run").exists()
