@@ -165,6 +165,17 @@ def test_bad_input_is_a_usage_error_before_anything_is_written(store, tmp_path, 
     assert not out.exists()
 
 
+def test_a_search_whose_every_trial_fails_says_why_in_its_one_line(store, tmp_path, capsys):
+    """Every trial refused the same way (the store has no titles to fine-tune on): the line
+    gives a trial's reason, not only where to look for it."""
+    out = tmp_path / "out"
+    assert main(tune_args(store, out, "--quiet", search="finetune-text=true", trials=2)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"vpipe: error: no trial of {out} finished (2 failed, e.g. trial 0: UsageError: "
+        f"--finetune-text trains the title encoder: {store[0]} has no text features (make "
+        f"them with `vpipe features --text FILE`); see {out / 'summary.json'})"]
+
+
 def test_a_failed_trial_is_recorded_with_its_reason_and_the_study_goes_on(store, tmp_path):
     out = tmp_path / "out"
     # lr 1e30 overflows the weights in the first steps: a NaN loss.
