@@ -150,7 +150,7 @@ def warn_cuda_unusable() -> None:
 
 def check_device_name(name: str) -> None:
     """Refuse a device name that can never work, without looking for the device itself."""
-    if name not in ("auto", "cpu") and not name.startswith("cuda"):
+    if name not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", name):
         raise UsageError(f"--device {name!r}: use {DEVICE_CHOICES}")
 
 

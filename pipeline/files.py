@@ -162,6 +162,10 @@ def check_out_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
         raise UsageError(f"{where}: the root of a file system; choose a folder of its own")
     if target.exists() and not target.is_dir():
         raise UsageError(f"{where}: an existing file, not a folder; choose another --out")
+    above = next((p for p in Path(out).parents if p.exists()), None)
+    if above is not None and not above.is_dir():  # -o labels.csv/run: no folder can be made
+        raise UsageError(f"{where}: {quote_path(above)} is a file, not a folder; choose "
+                         "another --out")
     for given in inputs:
         path = _resolved(given)
         if path is None:

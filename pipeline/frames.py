@@ -58,6 +58,9 @@ class FrameOptions:
         if self.views and "speed" in self.augmenter().names and not self.fps:
             raise UsageError("--augment speed needs --fps (a view's frames are sampled at "
                              "its own times)")
+        if self.views and not self.audio and self.augmenter().names <= augment.AUDIO_ONLY:
+            raise UsageError(f"--augment {self.augment}: changes only the audio, and --no-audio "
+                             "writes none: every view would be a copy of its clip")
         if self.format not in FORMATS:
             raise UsageError(f"--format must be jpg or png (got {self.format!r})")
         if not 1 <= self.quality <= 100:
@@ -128,6 +131,13 @@ def extract_frames(
         note = mixed_rates_note(ok_records(out_dir), opts.every)
         if note:
             print(f"vpipe {stage}: warning: {note}", file=sys.stderr)
+    if opts.views and opts.augmenter().names <= augment.AUDIO_ONLY:
+        silent = sorted({r["view_of"] for r in ok_records(out_dir)
+                         if r.get("view_of") and not r.get("has_audio")})
+        if silent:  # each such view is its clip's frames again, under another id
+            print(f"vpipe {stage}: warning: --augment {opts.augment} changes only the audio: "
+                  f"the views of {plural(len(silent), 'clips')} without audio are copies of "
+                  f"their clip (e.g. {', '.join(silent[:3])})", file=sys.stderr)
     return summary
 
 

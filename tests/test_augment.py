@@ -166,6 +166,24 @@ def test_gain_scales_the_audio_by_its_decibels(numbered_video, tmp_path):
     assert np.array_equal(view, expected.astype(np.int16))
 
 
+def test_audio_only_views_of_a_clip_without_audio_are_said_to_be_copies(tmp_path, capsys):
+    silent = synth.make_video(tmp_path / "silent.mp4", duration_s=1.0, fps=10, audio=False)
+    sound = synth.make_video(tmp_path / "sound.mp4", duration_s=1.0, fps=10)
+    out = tmp_path / "media"
+    assert main(["extract-frames", str(silent), str(sound), "-o", str(out), "--fps", "2",
+                 "--augment", "gain", "--views", "2", "-q"]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "vpipe extract-frames: warning: --augment gain changes only the audio: the views of 1 "
+        "clip without audio are copies of their clip (e.g. silent)"]
+    recs = records(out)
+    assert all(np.array_equal(a, b) for a, b in zip(frames_of(out, recs[0]),
+                                                    frames_of(out, recs[1]), strict=True))
+    # a spec that changes the frames too says nothing
+    assert main(["extract-frames", str(silent), "-o", str(tmp_path / "m2"), "--fps", "2",
+                 "--augment", "gain,hflip=1", "--views", "1", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize(("args", "said"), [
     (["--views", "2"], "--views needs --augment"),
     (["--augment", "hflip"], "give --views"),
@@ -174,6 +192,12 @@ def test_gain_scales_the_audio_by_its_decibels(numbered_video, tmp_path):
     (["--augment", "speed=0.2-1", "--views", "1"], "outside 0.5..2"),
     (["--augment", "speed=0.9-1.1", "--views", "1", "--every", "5"], "needs --fps"),
     (["--augment", "hflip,hflip", "--views", "1"], "hflip given twice"),
+    # a range's high end would be ignored (the flip is drawn with probability LOW)
+    (["--augment", "hflip=0.2-0.9", "--views", "1"], "hflip=0.2-0.9: a probability, one"),
+    # the strength 1.5 makes factors -0.5..2.5: the message says so, not just the limits
+    (["--augment", "jitter=1.5", "--views", "1"], "jitter=1.5: draws -0.5..2.5, outside 0..10"),
+    # audio-only transforms with no audio written: every view a copy of its clip
+    (["--augment", "gain,anoise", "--views", "1", "--no-audio"], "every view would be a copy"),
 ])
 def test_a_bad_spec_is_one_line_before_anything_is_written(numbered_video, tmp_path, capsys,
                                                           args, said):
@@ -268,3 +292,45 @@ def test_views_train_with_their_clip_and_never_reach_val_or_test(tmp_path, monke
         "v00", "v00"]  # the clip, then its source
     made, = Path("run/predict-cache").glob("*/extract-frames/manifest.jsonl")
     assert [json.loads(ln)["id"] for ln in made.read_text().splitlines()] == ["v00"]
+
+
+@pytest.fixture(scope="module")
+def view_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Features (resnet18, random weights as asked) of 8 one-colour videos, 1 view each."""
+    root = tmp_path_factory.mktemp("view_store")
+    for i in range(8):
+        synth.make_video(root / f"videos/v{i}.mp4", duration_s=0.6, fps=10, audio=False,
+                         color=(200, 30, 30) if i % 2 else (30, 30, 200))
+    assert main(["extract-frames", str(root / "videos"), "-o", str(root / "media"), "--fps", "4",
+                 "--size", "32", "--no-audio", "--augment", "hflip", "--views", "1",
+                 "-q"]) == 0
+    assert main(["features", str(root / "media"), "-o", str(root / "feat"), "--image-model",
+                 "resnet18", "--image-weights", "none", "--audio-model", "none", "--workers",
+                 "0", "-q"]) == 0
+    return root
+
+
+def test_a_caption_run_says_it_leaves_the_views_out(view_store, tmp_path, capsys):
+    captions = tmp_path / "captions.csv"
+    captions.write_text("id,caption\n" + "".join(
+        f"v{i},a {'red' if i % 2 else 'blue'} picture\n" for i in range(8)))
+    assert main(["train", str(view_store / "feat"), "--labels", str(captions), "--task",
+                 "caption", "-o", str(tmp_path / "run"), "--epochs", "1", "--threads", "1",
+                 "--device", "cpu", "--val-fraction", "0.25", "--test-fraction", "0.25"]) == 0
+    err = capsys.readouterr().err
+    assert "vpipe train: 8 augmented views left out (captioning trains on the clips" in err
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    assert sorted(c for ids in splits.values() for c in ids) == [f"v{i}" for i in range(8)]
+
+
+def test_a_label_given_to_a_view_says_views_take_their_clips(view_store, tmp_path, capsys):
+    feat = view_store / "feat"
+    only_views = tmp_path / "views.csv"
+    only_views.write_text("id,label\nv0~1,red\nv1~1,blue\n")
+    assert main(["train", str(feat), "--labels", str(only_views), "-o",
+                 str(tmp_path / "run")]) == 2
+    hint = "(an augmented view of {}: views take their clip's label)"
+    assert capsys.readouterr().err == (
+        f"vpipe: error: no label id matches a clip or source id in {feat} (labels e.g. v0~1 "
+        f"{hint.format('v0')}, v1~1 {hint.format('v1')}; clips e.g. v0, v1, v2)\n")
+    assert not (tmp_path / "run").exists()

@@ -240,6 +240,19 @@ def test_an_unreachable_cluster_is_one_line_and_leaves_nothing(videos: Path,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("device", ["gpu", "cudax", "cuda:one"])
+def test_a_device_name_that_cannot_work_is_refused_before_ray_is_reached(
+        device: str, weights, tmp_path: Path, capsys) -> None:
+    """The local engine refuses --device gpu; Ray's actors would take their own device and
+    ignore it: refused the same, before the cluster (here: none at the address) is asked."""
+    out = tmp_path / "features"
+    assert main(feature_args(feature_media(tmp_path), out, weights, "--engine", "ray",
+                             "--ray-address", "127.0.0.1:1", "--device", device)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"vpipe: error: --device {device!r}: use auto, cpu or cuda[:N]"]
+    assert not out.exists()
+
+
 def shlex_join(words: list[str]) -> str:
     import shlex
 
@@ -313,6 +326,20 @@ def test_features_on_ray_equal_local(cluster: str, weights, tmp_path: Path, monk
     assert main(feature_args(media, on_ray, weights, "--shard-size", "2", "--engine",
                              "ray")) == 1
     assert len(list(on_ray.glob("shard-*.h5"))) == n
+
+
+def test_an_actor_refusing_its_options_is_one_line_naming_the_cause(cluster: str, weights,
+                                                                    tmp_path: Path,
+                                                                    capsys) -> None:
+    """fp16 on the CPU actors of a CPU-only cluster: the actor's own usage error, exit 2, not
+    Ray's "the actor died" with the cause left out."""
+    out = tmp_path / "features"
+    assert main(feature_args(feature_media(tmp_path), out, weights, "--engine", "ray",
+                             "--precision", "fp16")) == 2
+    said = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("vpipe")]
+    assert said == ["vpipe: error: on a Ray node: --precision fp16 needs a CUDA device; use "
+                    "bf16 or fp32 on a CPU"]
+    assert not out.exists()
 
 
 def test_chunks_larger_than_the_bytes_allowed_go_one_at_a_time(cluster: str, weights,

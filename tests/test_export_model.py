@@ -235,7 +235,15 @@ def test_a_users_own_model_exports_or_fails_in_one_line(tmp_path, capsys) -> Non
 def test_refusals_before_any_export(tmp_path, capsys, monkeypatch) -> None:
     """Not a run, a bad checkpoint name, a folder as the file, the extra missing: one line."""
     (tmp_path / "folder").mkdir()
+    (tmp_path / "labels.csv").write_text("id,label\n")
     cases = [
+        # a file where the output's folder would be made: one line, not a FileExistsError
+        (["export-model", str(tmp_path), "-o", str(tmp_path / "labels.csv" / "m.onnx")],
+         f"{tmp_path / 'labels.csv' / 'm.onnx'}: {tmp_path / 'labels.csv'} is a file, not a "
+         "folder"),
+        # an existing file that is no model: kept, not replaced by the model
+        (["export-model", str(tmp_path), "-o", str(tmp_path / "labels.csv")],
+         f"-o {tmp_path / 'labels.csv'}: an existing file that is not an .onnx model"),
         (["export-model", str(tmp_path), "-o", str(tmp_path / "m.onnx")],
          f"{tmp_path / 'best.pt'}: no such checkpoint"),
         (["export-model", str(tmp_path), "-o", str(tmp_path / "m.onnx"), "--checkpoint", "x"],
@@ -247,6 +255,7 @@ def test_refusals_before_any_export(tmp_path, capsys, monkeypatch) -> None:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"vpipe: error: {says}"), err
+    assert (tmp_path / "labels.csv").read_text() == "id,label\n"
     import sys
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed

@@ -408,6 +408,8 @@ def test_an_output_folder_that_is_holds_or_sits_in_an_input_is_refused(
         str(tmp_path): f"holds the input {videos}",
         "/": "the root of a file system",
         str(blank): "an existing file, not a folder",
+        # a file where the folder's parent would be: one line, not a NotADirectoryError
+        str(blank / "clips"): f"{blank} is a file, not a folder",
         str(dangling): f"a link to {tmp_path / 'nowhere'}, which does not exist",
     }
     for out, why in cases.items():

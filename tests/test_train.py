@@ -817,6 +817,10 @@ def test_predict_and_evaluate_write_into_a_folder_that_does_not_exist_yet(sets, 
     err = capsys.readouterr().err
     assert f"vpipe: error: {tmp_path / 'new'} is a folder; give a file name" in err
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["dir"]
+    # A file where the file's folder would be: one line, not a FileExistsError traceback.
+    assert main(["predict", str(run), str(folder), "-o", str(preds / "p.jsonl")]) == 2
+    assert capsys.readouterr().err == (
+        f"vpipe: error: {preds / 'p.jsonl'}: {preds} is a file, not a folder\n")
     assert main(["predict", str(run), str(folder), "-o", str(preds), "--threshold", "1.5"]) == 2
     assert capsys.readouterr().err == "vpipe: error: --threshold is a score in [0, 1]\n"
 

@@ -150,6 +150,8 @@ def test_other_options_into_the_same_out_are_refused(store, done, change, capsys
     ("lr=0..1e-2:log", 4, "must start above 0"),
     ("learning-rate=0.1,0.2", 4, "--learning-rate is not a train option"),
     ("device=cpu,cuda", 4, "--device does not change what is learned"),
+    # --seed deals the sources into the splits: trials of other seeds, other val clips
+    ("seed=0..5", 4, "--seed draws the split too: each trial would be scored on other val"),
     ("dropout=0..1", 4, "--dropout must be in [0, 1)"),
     ("hidden=8..16.5", 4, "'16.5' is not a whole number"),
     ("hidden", 4, "write OPTION=LOW..HIGH[:log] or OPTION=A,B,C"),
@@ -161,6 +163,17 @@ def test_bad_input_is_a_usage_error_before_anything_is_written(store, tmp_path, 
     assert main(tune_args(store, out, search=search, trials=trials)) == 2
     assert says in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_search_whose_every_trial_fails_says_why_in_its_one_line(store, tmp_path, capsys):
+    """Every trial refused the same way (the store has no titles to fine-tune on): the line
+    gives a trial's reason, not only where to look for it."""
+    out = tmp_path / "out"
+    assert main(tune_args(store, out, "--quiet", search="finetune-text=true", trials=2)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"vpipe: error: no trial of {out} finished (2 failed, e.g. trial 0: UsageError: "
+        f"--finetune-text trains the title encoder: {store[0]} has no text features (make "
+        f"them with `vpipe features --text FILE`); see {out / 'summary.json'})"]
 
 
 def test_a_failed_trial_is_recorded_with_its_reason_and_the_study_goes_on(store, tmp_path):

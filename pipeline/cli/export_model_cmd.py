@@ -17,7 +17,8 @@ from pipeline.train.config import DEFAULT_CHECKPOINT
 def export_model(
     run: Annotated[Path, typer.Argument(help="Run folder written by `vpipe train`.")],
     out: Annotated[
-        Path, typer.Option("-o", "--out", help="The ONNX file to write (e.g. model.onnx).",
+        Path, typer.Option("-o", "--out", help="The ONNX file to write (e.g. model.onnx); "
+                           "an existing file of another name is refused, not replaced.",
                            show_default=False),
     ],
     checkpoint: Annotated[

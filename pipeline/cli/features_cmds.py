@@ -260,6 +260,7 @@ def features(
         video_weights=video_weights,
         **encoder_options,
     )
+    opts.check()  # a bad option is one line before a Ray cluster is joined (seconds)
     runner = engine_for_options(engine, ray_address, None, quiet, "features")
     summary = extract_features(inputs, out, opts, overwrite=overwrite, quiet=quiet,
                                engine=runner)

@@ -27,7 +27,8 @@ Search = Annotated[
         help="The options searched, as OPTION=LOW..HIGH[:log] (a range: of whole numbers for "
         "an integer option) or OPTION=A,B,C (choices), separated by spaces or given as "
         "several --search: e.g. 'lr=1e-4..1e-2:log hidden=64,128,256 dropout=0..0.5 "
-        "batch-size=16,32,64'. Any vpipe train option that changes what is learned.",
+        "batch-size=16,32,64'. Any vpipe train option that changes what is learned (not "
+        "--seed: it draws the split).",
         show_default=False,
     ),
 ]

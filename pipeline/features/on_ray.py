@@ -289,7 +289,7 @@ def _ready(ray: Any, actors: list[Any]) -> tuple[list[Any], ActorEncoders]:
         said = ray.get([a.describe.remote() for a in actors])
     except ray.exceptions.RayError as e:
         stop_actors(ray, actors)
-        cause = getattr(e, "cause", None)
+        cause = getattr(e, "cause", None) or _init_error(e)
         if isinstance(cause, VpipeError):
             raise type(cause)(f"on a Ray node: {cause}") from None
         raise VpipeError(f"a Ray actor could not load the encoders: {_first_line(e)}") from None
@@ -308,6 +308,29 @@ def _stops_the_stage(e: Exception) -> bool:
     from pipeline.errors import DiskFull
 
     return isinstance(e, DiskFull)
+
+
+def _init_error(e: BaseException) -> Exception | None:
+    """The vpipe error an actor's ``__init__`` raised (``--precision fp16`` on a CPU actor),
+    read from the error's text: Ray's ActorDiedError keeps only the text of its cause, a
+    traceback whose last ``pipeline...Error: message`` line is the one to show."""
+    import importlib
+    import re
+
+    from pipeline.errors import UsageError, VpipeError
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # Ray colours the task's name
+    for line in reversed(text.splitlines()):
+        m = re.match(r"\s*(pipeline(?:\.\w+)*)\.(\w+): (.+)$", line)
+        if m is None:
+            continue
+        try:
+            cls = getattr(importlib.import_module(m[1]), m[2], None)
+        except ImportError:
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, VpipeError):  # its exit code, not its
+            return (UsageError if issubclass(cls, UsageError) else VpipeError)(m[3])  # args
+    return None
 
 
 def _first_line(e: BaseException) -> str:

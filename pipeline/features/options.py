@@ -66,8 +66,9 @@ class BaseOptions:
     def check(self) -> None:
         """Refuse option values that cannot work (a UsageError, before anything is read); the
         encoders' own options are their families' to check (:mod:`.encoders`)."""
-        from pipeline.device import PRECISIONS
+        from pipeline.device import PRECISIONS, check_device_name
 
+        check_device_name(self.device)  # here too, as Ray's actors only see it once they start
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype {self.dtype!r}: use float32 or float16")
         if self.compression not in COMPRESSIONS:

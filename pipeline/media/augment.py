@@ -42,6 +42,7 @@ TRANSFORMS: dict[str, tuple[str, str]] = {
     "gain": ("6", "sym"),
     "anoise": ("0.005", "max"),
 }
+AUDIO_ONLY = frozenset({"gain", "anoise"})  # they change nothing in a view's frames
 ORDER = tuple(TRANSFORMS)  # the order transforms are applied in (and recorded)
 SPEED_LIMITS = (0.5, 2.0)  # atempo's range in every ffmpeg vpipe runs with (5.1 and on)
 _NUM = r"\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?"
@@ -112,6 +113,9 @@ def _range(name: str, text: str) -> tuple[float, float]:
         raise UsageError(f"--augment: {name}={text}: not a number or a range a-b") from None
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
         raise UsageError(f"--augment: {name}={text}: not a range low-high")
+    if m and kind == "prob":  # one probability: a range's high end would be ignored
+        raise UsageError(f"--augment: {name}={text}: a probability, one number 0..1 "
+                         f"(e.g. {name}=0.5)")
     if not m:
         s = lo
         if s < 0:
@@ -120,8 +124,10 @@ def _range(name: str, text: str) -> tuple[float, float]:
                   "crop": (s, 1.0), "range": (s, s)}[kind]
     limits = {"prob": (0, 1), "crop": (0.1, 1), "unit": (0, 10), "max": (0, 1),
               "sym": (-180, 180) if name == "rotate" else (-60, 60), "range": SPEED_LIMITS}[kind]
-    if lo < limits[0] or hi > limits[1]:
-        raise UsageError(f"--augment: {name}={text}: outside {_fmt(limits[0])}..{_fmt(limits[1])}")
+    if lo < limits[0] or hi > limits[1]:  # say what was drawn from: jitter=1.5 is -0.5..2.5
+        drawn = _fmt(lo) if lo == hi else f"{_fmt(lo)}..{_fmt(hi)}"
+        raise UsageError(f"--augment: {name}={text}: draws {drawn}, outside "
+                         f"{_fmt(limits[0])}..{_fmt(limits[1])}")
     return lo, hi
 
 

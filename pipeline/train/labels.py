@@ -220,15 +220,18 @@ def join_labels(store: FeatureStore, rows: dict[str, LabelRow],
             continue
         labels[cid] = row.label
         splits[cid] = row.split
-    unknown = [i for i in rows if i not in known]
+    # A view's own row is never used (it takes its clip's): said with the id, which the
+    # store's clip ids would otherwise seem to hold.
+    unknown = [f"{i} (an augmented view of {views[i]}: views take their clip's label)"
+               if i in views else i for i in rows if i not in known]
     # Source "x" has clip "x_0"; a video x_0.mp4 has source id "x_0": one id, two meanings.
     # A whole video's one clip has its source's id: that is the same video, not two meanings.
     ambiguous = [i for i in rows if i in clip_set and i in sources and source_of[i] != i]
     if not labels:
         raise UsageError(
             f"no label id matches a clip or source id in {store.folder} "
-            f"(labels e.g. {', '.join(list(rows)[:3])}; clips e.g. "
-            f"{', '.join(store.clip_ids[:3]) or 'none'})"
+            f"(labels e.g. {', '.join(unknown[:3])}; clips e.g. "
+            f"{', '.join([c for c in store.clip_ids if c not in views][:3]) or 'none'})"
         )
     return LabelledClips(labels, splits, unlabeled, unknown, ambiguous, renamed)
 

@@ -355,6 +355,9 @@ def export_model(run: str | Path, out: str | Path, *,
     import onnx
 
     run, out = Path(run), check_output(out)
+    if out.is_file() and out.suffix.lower() != ".onnx":  # -o labels.csv: replaced, unasked
+        raise UsageError(f"-o {out}: an existing file that is not an .onnx model; give the "
+                         "model a name of its own (e.g. model.onnx)")
     model, spec = load_run(run, checkpoint)
     if getattr(spec.config, "finetune_text", False):
         raise UsageError(f"{run}: a --finetune-text run holds a transformers title encoder that "

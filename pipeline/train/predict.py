@@ -198,10 +198,14 @@ def run_splits(run: str | Path) -> dict[str, str]:
 
 
 def check_output(path: str | Path) -> Path:
-    """A result file's path; a folder given as the file is refused."""
+    """A result file's path; a folder given as the file, or a file where its folders would
+    be made (-o labels.csv/preds.jsonl), is refused."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{path} is a folder; give a file name (e.g. {path / 'preds.jsonl'})")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UsageError(f"{path}: {above} is a file, not a folder")
     return path
 
 

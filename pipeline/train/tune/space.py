@@ -24,6 +24,9 @@ NOT_SEARCHED = {
     **dict.fromkeys(("task", "val_fraction", "test_fraction", "folds", *NOT_OPTIONS),
                     "would change the splits the trials are compared on"),
     "modalities": "cannot be searched (a list)",
+    # --seed also deals the sources into train/val/test (and folds): trials drawing other seeds
+    # would each be scored on other val clips, and the best be the luckiest split
+    "seed": "draws the split too: each trial would be scored on other val clips",
 }
 
 

@@ -257,8 +257,10 @@ def finish(out: Path, study, dims: list[Dimension], task, features: Path, labels
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     counts = summ.counts(trials)
     write_info(out, {"ended": now_iso(), "counts": counts, "result": summ.result(summary)})
-    if best is None:
-        raise UsageError(f"no trial of {out} finished ({counts['failed']} failed: see "
+    if best is None:  # the first reason: often the same for all (an option the store lacks)
+        why = next((f", e.g. trial {t['trial']}: {t['reason']}" for t in summary["trials"]
+                    if t.get("reason")), "")
+        raise UsageError(f"no trial of {out} finished ({counts['failed']} failed{why}; see "
                          f"{out / 'summary.json'})")
     return summary
 

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, plural
 from pipeline.files import read_user_text, table_records
 from pipeline.train.config import TrainConfig
 from pipeline.train.inputs import Prepared, check_config, open_store, resolve_modalities
@@ -84,6 +84,9 @@ def prepare_captions(features: Path, captions_csv: Path, cfg: TrainConfig,
                                  for i, s in rows.splits.items()})
     if not quiet:
         joined.report(len(store))
+        if store.views():  # made for training, and unused here: said, not silently dropped
+            print(f"vpipe train: {plural(len(store.views()), 'augmented views')} left out "
+                  "(captioning trains on the clips themselves)", file=sys.stderr)
     mods = resolve_modalities(store, cfg, features)
     source_of = store.source_of()
     clip_sources = {c: source_of[c] for c in joined.labels}
