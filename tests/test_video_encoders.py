@@ -82,7 +82,7 @@ def test_windows_counts_times_and_features_equal_torchvision(done: Path, clips: 
     with open_features(done) as store:
         long, short = store["long"], store["short"]
         np.testing.assert_allclose(long.video_times, [[0.0, 0.8], [0.6, 1.4], [1.2, 2.0]])
-        np.testing.assert_allclose(short.video_times, [[0.0, 0.6]])
+        np.testing.assert_allclose(short.video_times, [[0.0, 0.5]])  # the clip's end
         assert (long.video_padded, short.video_padded) == (0, 1)
         assert (long.video_dropped, short.video_dropped) == (1, 0)
         ref = reference_rows(clips / "long.mp4", r3d_file, [0, 3, 6], 4)
@@ -123,6 +123,9 @@ def test_window_frames_are_those_at_the_recorded_times() -> None:
     short = cut_windows(frames[:2], [0.0, 0.2], w, (2, 2))
     assert [int(f[0, 0, 0]) for f in short.frames[0]] == [0, 1, 1, 1]
     assert (short.padded, short.end.tolist()) == (2, [0.4])
+    # A clip of 0.3 s: its window ends where the clip does; a later end changes nothing.
+    assert [cut_windows(frames[:2], [0.0, 0.2], w, (2, 2), until=u).end.tolist()
+            for u in (0.3, 0.5)] == [[0.3], [0.4]]
 
 
 def test_hub_cache_default_weights_equal_the_file(tmp_path: Path, clips: Path, r3d_file: Path,
@@ -409,7 +412,7 @@ def test_a_long_clips_windows_are_handed_over_as_they_complete(tmp_path: Path) -
     v = make_video(tmp_path / "long.mp4", duration_s=6.0, fps=25, size=(32, 24), audio=False)
     pre = VideoPreprocessing((16,), (16, 16), (0.5,) * 3, (0.25,) * 3)
     video = VideoInput(pre, Windowing(25.0, 16, 16))
-    batches = list(iter_video_batches([(0, str(v), None, None)], Preprocessing(), 64, 1.0, None,
+    batches = list(iter_video_batches([(0, str(v), None, None, None)], Preprocessing(), 64, 1.0, None,
                                       None, video))
     handed = [chunk for b in batches for _, chunk in b[4]]
     assert [c.frames.shape[0] for c in handed] == [WINDOW_BATCH_FRAMES // 16, 1]

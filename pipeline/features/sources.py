@@ -337,7 +337,7 @@ class DecodedVideos:
                 ) -> Iterator[Batch]:
         if not jobs:
             return
-        clips = [(j, str(job.ref.path), job.ref.span, job.ref.duration_s)
+        clips = [(j, str(job.ref.path), job.ref.span, job.ref.duration_s, clip_length(job.rec))
                  for j, job in enumerate(jobs)]
         w = min(opts.workers, len(jobs))
         stream = VideoFrameStream(clips, dec.preprocessing, opts.batch_size, self.fps,
@@ -368,8 +368,13 @@ class DecodedVideos:
         return {**attrs, "sampling": sampling, "preprocessing": pre}
 
 
+def clip_length(rec: dict) -> float | None:
+    """A clip's seconds as its record says (a plain video's: its probed duration), or None."""
+    return rec["end"] - rec["start"] if rec.get("end") is not None else None
+
+
 def iter_video_batches(
-    clips: Sequence[tuple[int, str, tuple[float, float] | None, float | None]],
+    clips: Sequence[tuple[int, str, tuple[float, float] | None, float | None, float | None]],
     preprocessing: Preprocessing,
     batch_size: int,
     fps: float | None,
@@ -377,10 +382,11 @@ def iter_video_batches(
     audio: Any,
     video: Any = None,
 ) -> Iterator[tuple]:
-    """Decode clips (this loader worker's share) into batches ``(uint8 frames, owner clip,
-    timestamps, events, video windows)``; an event ``(clip, n_frames, audio examples, error)``
-    follows the clip's last frame, so a failed clip fails alone. With a video encoder
-    (``video``), the same decode gives its frames, cut into windows as they complete."""
+    """Decode clips ``(index, path, span, duration to decode, length)`` (this loader worker's
+    share) into batches ``(uint8 frames, owner clip, timestamps, events, video windows)``; an
+    event ``(clip, n_frames, audio examples, error)`` follows the clip's last frame, so a
+    failed clip fails alone. With a video encoder (``video``), the same decode gives its
+    frames, cut into windows as they complete (none ending after the clip's length)."""
     from PIL import Image
 
     from pipeline import media
@@ -403,10 +409,10 @@ def iter_video_batches(
     # With a video encoder, its frames (at its rate) come from the same decode as the image's.
     also = media.FrameSampler(fps=video.windowing.fps) if video is not None else None
     windows = WindowStream(video) if video is not None else None
-    for j, path, span, duration_s in mine:
+    for j, path, span, duration_s, length in mine:
         n, pcm = 0, []
         if windows is not None:
-            windows.start(j)
+            windows.start(j, length)
         try:
             for kind, t, data in media.decode(
                 path, sampler=sampler, audio_rate_hz=audio.rate_hz if audio else None,

@@ -6,7 +6,7 @@ a video family (:mod:`.torchvision_video`) loads.
 
 Windows: frame k of a clip at ``fps`` is the frame on screen at k/fps (``media.decode``'s
 ``--fps`` rule). Window i holds frames i*S .. i*S+T-1; its ``start`` is its first frame's time
-and its ``end`` the end of its last frame (+1/fps). A clip of fewer than T frames (but at least
+and its ``end`` the end of its last frame (+1/fps, or the clip's end where that comes first). A clip of fewer than T frames (but at least
 one) is one window, its last frame repeated up to T (``padded``: how many repeats); the frames
 after the last whole window are dropped (``dropped``: windows started but cut short).
 """
@@ -125,8 +125,9 @@ class WindowCutter:
     """A clip's preprocessed frames (at ``w.fps``, in order, with their times) into windows as
     they complete, holding at most one window's frames: a long clip never sits in memory."""
 
-    def __init__(self, w: Windowing, crop: tuple[int, int]) -> None:
+    def __init__(self, w: Windowing, crop: tuple[int, int], until: float | None = None) -> None:
         self.w, self.crop = w, crop
+        self.until = until  # the clip's length, where known: no window ends after it
         self.n = 0  # frames pushed
         self.next_start = 0  # the first frame of the next window
         self.buffer: list[tuple[Any, float]] = []  # frames from next_start on
@@ -151,7 +152,10 @@ class WindowCutter:
 
         self.made += 1
         stack = [f for f, _ in frames] + [frames[-1][0]] * padded
-        end = round(frames[-1][1] + 1.0 / self.w.fps, 6)
+        end = frames[-1][1] + 1.0 / self.w.fps
+        if self.until is not None and frames[-1][1] < self.until < end:
+            end = self.until
+        end = round(end, 6)
         return torch.stack(stack), frames[0][1], end
 
     def finish(self) -> tuple[list[tuple[Any, float, float]], int, int]:
@@ -176,9 +180,10 @@ def windows_of(made: list[tuple[Any, float, float]], crop: tuple[int, int], w: W
 
 
 def cut_windows(frames: list[torch.Tensor], times: list[float], w: Windowing,
-                crop: tuple[int, int]) -> VideoWindows:
-    """A whole clip's preprocessed frames (at ``w.fps``, with their times) as windows."""
-    cutter = WindowCutter(w, crop)
+                crop: tuple[int, int], until: float | None = None) -> VideoWindows:
+    """A whole clip's preprocessed frames (at ``w.fps``, with their times) as windows; the
+    clip lasts ``until`` seconds where known."""
+    cutter = WindowCutter(w, crop, until)
     made = [x for f, t in zip(frames, times, strict=True) for x in cutter.push(f, t)]
     last, padded, dropped = cutter.finish()
     return windows_of(made + last, crop, w, padded, dropped)
@@ -195,9 +200,11 @@ class WindowStream:
         self.counts: dict[int, tuple[int, int]] = {}  # finished clip -> (padded, dropped)
         self.clip, self.cutter = -1, None
 
-    def start(self, clip: int) -> None:
+    def start(self, clip: int, until: float | None = None) -> None:
+        """A new clip, ``until`` seconds long where known."""
         self.clip = clip
-        self.cutter = WindowCutter(self.video.windowing, self.video.preprocessing.crop_size)
+        self.cutter = WindowCutter(self.video.windowing, self.video.preprocessing.crop_size,
+                                   until)
 
     def push(self, rgb: np.ndarray, t: float) -> bool:
         """A frame of the clip at the model's rate; True once a batch's windows are waiting."""
