@@ -412,8 +412,8 @@ def test_a_long_clips_windows_are_handed_over_as_they_complete(tmp_path: Path) -
     v = make_video(tmp_path / "long.mp4", duration_s=6.0, fps=25, size=(32, 24), audio=False)
     pre = VideoPreprocessing((16,), (16, 16), (0.5,) * 3, (0.25,) * 3)
     video = VideoInput(pre, Windowing(25.0, 16, 16))
-    batches = list(iter_video_batches([(0, str(v), None, None, None)], Preprocessing(), 64, 1.0, None,
-                                      None, video))
+    batches = list(iter_video_batches([(0, str(v), None, None, None)], Preprocessing(), 64,
+                                      1.0, None, None, video))
     handed = [chunk for b in batches for _, chunk in b[4]]
     assert [c.frames.shape[0] for c in handed] == [WINDOW_BATCH_FRAMES // 16, 1]
     assert (handed[-1].padded, handed[-1].dropped) == (0, 1)  # 150 frames: 9 x 16 + 6

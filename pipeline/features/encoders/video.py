@@ -6,9 +6,10 @@ a video family (:mod:`.torchvision_video`) loads.
 
 Windows: frame k of a clip at ``fps`` is the frame on screen at k/fps (``media.decode``'s
 ``--fps`` rule). Window i holds frames i*S .. i*S+T-1; its ``start`` is its first frame's time
-and its ``end`` the end of its last frame (+1/fps, or the clip's end where that comes first). A clip of fewer than T frames (but at least
-one) is one window, its last frame repeated up to T (``padded``: how many repeats); the frames
-after the last whole window are dropped (``dropped``: windows started but cut short).
+and its ``end`` the end of its last frame (+1/fps, or the clip's end where that comes first).
+A clip of fewer than T frames (but at least one) is one window, its last frame repeated up to
+T (``padded``: how many repeats); the frames after the last whole window are dropped
+(``dropped``: windows started but cut short).
 """
 
 from __future__ import annotations
