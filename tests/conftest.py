@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,27 @@ PCA_FILE = "vggish_pca_params-970ea276.pth"
 
 # Two cores: keep torch from oversubscribing when pytest runs beside ffmpeg.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@contextmanager
+def ray_cluster() -> Iterator[str]:
+    """A local Ray cluster of 2 CPUs in this process (any earlier one shut down first); yields
+    its address, and is shut down on leaving."""
+    ray = pytest.importorskip("ray", reason="the Ray engine needs pip install 'vpipe[ray]'")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def local_ray() -> Iterator[str]:
+    """A local Ray cluster for one test (test_engine's module shares one: ``cluster``)."""
+    with ray_cluster() as address:
+        yield address
 
 
 def pytest_configure(config: pytest.Config) -> None:

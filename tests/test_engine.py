@@ -26,6 +26,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="the Ray engine needs pip install 'vpipe[ray]'")
 
 import synth  # noqa: E402
+from conftest import ray_cluster  # noqa: E402
 from test_features import args as feature_args  # noqa: E402
 from test_features import assert_same_features, make_media  # noqa: E402
 
@@ -39,12 +40,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    """A local Ray cluster of 2 CPUs; yields its address."""
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    """A local Ray cluster of 2 CPUs for the module; yields its address."""
+    with ray_cluster() as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

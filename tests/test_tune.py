@@ -250,17 +250,10 @@ def test_without_optuna_tune_says_how_to_install_it(store, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_trials_run_as_ray_tasks(store, tmp_path):
-    ray = pytest.importorskip("ray", reason="--engine ray needs pip install 'vpipe[ray]'")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
-    try:
-        out = tmp_path / "on-ray"
-        assert main(tune_args(store, out, "--quiet", "--engine", "ray", "--jobs", "2",
-                              trials=2)) == 0
-    finally:
-        ray.shutdown()
+def test_trials_run_as_ray_tasks(store, tmp_path, local_ray):
+    out = tmp_path / "on-ray"
+    assert main(tune_args(store, out, "--quiet", "--engine", "ray", "--jobs", "2",
+                          trials=2)) == 0
     s = read(out / "summary.json")
     assert [t["state"] for t in s["trials"]] == ["complete"] * 2
     assert s["best"]["options"]["lr"] == LEARNS and s["best"]["test"]

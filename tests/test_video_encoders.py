@@ -321,19 +321,12 @@ def test_the_windows_frames_are_the_frames_at_their_times(tmp_path: Path, span) 
         (t, frame_index(x)) for _, t, x in alone]
 
 
-def test_video_on_ray_equals_local(done: Path, clips: Path, r3d_file: Path,
-                                   tmp_path: Path) -> None:
+def test_video_on_ray_equals_local(done: Path, clips: Path, r3d_file: Path, tmp_path: Path,
+                                   local_ray: str) -> None:
     """--engine ray on a local cluster: the decode tasks cut the windows, the actors encode
     them; the shards' video rows, times and padding equal the local engine's."""
-    ray = pytest.importorskip("ray", reason="the Ray engine needs pip install 'vpipe[ray]'")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
-    try:
-        out = tmp_path / "ray"
-        assert main([*video_args(clips, out, str(r3d_file)), "--engine", "ray"]) == 0
-    finally:
-        ray.shutdown()
+    out = tmp_path / "ray"
+    assert main([*video_args(clips, out, str(r3d_file)), "--engine", "ray"]) == 0
     with open_features(out) as on_ray, open_features(done) as local:
         assert sorted(on_ray.clip_ids) == sorted(local.clip_ids)
         assert on_ray.attrs("video") == local.attrs("video")
